@@ -1,0 +1,53 @@
+"""flowplug: move datapoints from parallel producers to one consumer, through pluggable transports."""
+
+from .config import parse_size
+from .dataflow import DataFlow, DataFlowLike, DataFromGenerator, DataFromList
+from .errors import (
+    ConfigError,
+    DataTooLarge,
+    FlowplugError,
+    PluginError,
+    RunnerTimeout,
+    StateError,
+    TransportClosed,
+    TransportNotFound,
+    WorkerDied,
+    WorkerError,
+)
+from .hookspecs import hookimpl
+from .plugins import available_transports, get_transport, reload_plugins
+from .runner import Runner
+from .transport import EMPTY, Endpoint, Option, Sender, Transport
+from .worker import WorkerInfo, worker_info
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMPTY",
+    "ConfigError",
+    "DataFlow",
+    "DataFlowLike",
+    "DataFromGenerator",
+    "DataFromList",
+    "DataTooLarge",
+    "Endpoint",
+    "FlowplugError",
+    "Option",
+    "PluginError",
+    "Runner",
+    "RunnerTimeout",
+    "Sender",
+    "StateError",
+    "Transport",
+    "TransportClosed",
+    "TransportNotFound",
+    "WorkerDied",
+    "WorkerError",
+    "WorkerInfo",
+    "available_transports",
+    "get_transport",
+    "hookimpl",
+    "parse_size",
+    "reload_plugins",
+    "worker_info",
+]

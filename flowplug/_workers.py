@@ -1,0 +1,174 @@
+"""Consumer-side management of workers: start, watch for deaths, stop with a ladder."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any
+
+from .errors import StateError
+from .transport import Endpoint
+from .worker import WorkerInfo, process_main, run_worker
+
+
+@dataclass(frozen=True)
+class Death:
+    """A worker that ended on its own."""
+
+    worker_id: int
+    pid: int | None
+    exitcode: int | None
+
+    def describe(self) -> str:
+        code = self.exitcode
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        return f"worker {self.worker_id} (pid {self.pid}) {how}"
+
+
+class ProcessWorkers:
+    """Worker processes, a watcher thread that notices deaths, and the stop ladder."""
+
+    def __init__(
+        self,
+        dfs: Sequence[Any],
+        endpoint: Endpoint,
+        infos: Sequence[WorkerInfo],
+        start_method: str,
+    ):
+        self._ctx = mp.get_context(start_method)
+        self._start_method = start_method
+        self._dfs = dfs
+        self._endpoint = endpoint
+        self._infos = infos
+        self.procs: list[Any] = []
+        #: the first unexpected death, set by the watcher thread; read by the consumer.
+        self.death: Death | None = None
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._watcher: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._start_method != "fork":
+            self._check_picklable()
+        parent = os.getpid()
+        # PR_SET_PDEATHSIG fires when the forking *thread* ends, so it is only safe from the
+        # main thread; from others the workers rely on their parent watchdog alone.
+        death_signal = threading.current_thread() is threading.main_thread()
+        # Block SIGINT across the fork so no worker can see a Ctrl-C before it ignores it.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for df, info in zip(self._dfs, self._infos, strict=True):
+                proc = self._ctx.Process(
+                    target=process_main,
+                    args=(df, self._endpoint, info, parent, death_signal),
+                    name=f"flowplug-worker-{info.id}",
+                    daemon=True,
+                )
+                proc.start()
+                self.procs.append(proc)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        self._watcher = threading.Thread(
+            target=self._watch, name="flowplug-death-watcher", daemon=True
+        )
+        self._watcher.start()
+
+    def _check_picklable(self) -> None:
+        for what, obj in (("dataflow", self._dfs[0]), ("transport endpoint", self._endpoint)):
+            try:
+                pickle.dumps(obj)
+            except Exception as exc:
+                raise StateError(
+                    f"start_method={self._start_method!r} must pickle the {what} "
+                    f"{obj!r} to send it to the workers, and that failed: {exc}. "
+                    "Make it picklable (or pass a factory whose result is), "
+                    "or use start_method='fork'."
+                ) from exc
+
+    def _watch(self) -> None:
+        waiting = {p.sentinel: (i, p) for i, p in enumerate(self.procs)}
+        while waiting:
+            ready = wait([*waiting, self._wake_r])
+            if self._wake_r in ready:
+                return
+            for sentinel in ready:
+                i, proc = waiting.pop(sentinel)
+                proc.join(0)
+                if not self._stopping and self.death is None:
+                    self.death = Death(self._infos[i].id, proc.pid, proc.exitcode)
+
+    def alive(self) -> int:
+        return sum(p.is_alive() for p in self.procs)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """terminate -> join -> kill, bounded by ``2 * timeout`` in all.
+
+        Workers repeat their dataflow forever, so there is nothing to wait for before
+        SIGTERM; a worker that ignores it (or is stuck in C code) gets SIGKILL.
+        """
+        self._stopping = True
+        for proc in self.procs:
+            if proc.exitcode is None:
+                proc.terminate()
+        for grace in (timeout, timeout):
+            deadline = time.monotonic() + grace
+            for proc in self.procs:
+                proc.join(max(0.0, deadline - time.monotonic()))
+            stuck = [p for p in self.procs if p.exitcode is None]
+            if not stuck:
+                break
+            for proc in stuck:
+                proc.kill()
+        os.write(self._wake_w, b"x")
+        if self._watcher is not None:
+            self._watcher.join()
+        for proc in self.procs:
+            if proc.exitcode is not None:
+                proc.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+class ThreadWorkers:
+    """Worker threads of the consumer process. Threads cannot die silently: errors are sent."""
+
+    def __init__(self, dfs: Sequence[Any], endpoint: Endpoint, infos: Sequence[WorkerInfo]):
+        self._stop = threading.Event()
+        self.death: Death | None = None
+        self.threads = [
+            threading.Thread(
+                target=run_worker,
+                args=(df, endpoint, info, self._stop),
+                name=f"flowplug-worker-{info.id}",
+                daemon=True,
+            )
+            for df, info in zip(dfs, infos, strict=True)
+        ]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def alive(self) -> int:
+        return sum(t.is_alive() for t in self.threads)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        for t in self.threads:
+            t.join(timeout)

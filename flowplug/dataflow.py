@@ -1,0 +1,92 @@
+"""The DataFlow protocol and the basic sources."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class DataFlowLike(Protocol):
+    """What a runner accepts: anything iterable with a ``reset_state()``.
+
+    Nobody has to inherit from :class:`DataFlow`; tensorpack dataflows fit as they are.
+    """
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def reset_state(self) -> None: ...
+
+
+class DataFlow:
+    """Base class of a dataflow: an iterable of datapoints.
+
+    Subclasses implement ``__iter__``; ``__len__`` raises :class:`NotImplementedError`
+    when the size is unknown; ``reset_state()`` is called once, in the process or thread
+    that will iterate, before the first iteration (seed random generators there).
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} has no known length")
+
+    def reset_state(self) -> None:
+        """Prepare for iteration in this process; called once."""
+
+
+class DataFromList(DataFlow):
+    """Yield the items of a list, in order or shuffled once per pass.
+
+    >>> list(DataFromList([1, 2, 3]))
+    [1, 2, 3]
+    """
+
+    def __init__(self, items: Iterable[Any], shuffle: bool = False):
+        self.items = list(items)
+        self.shuffle = shuffle
+        self._rng = random.Random()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def reset_state(self) -> None:
+        self._rng = random.Random()
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self.shuffle:
+            yield from self.items
+            return
+        order = list(range(len(self.items)))
+        self._rng.shuffle(order)
+        for i in order:
+            yield self.items[i]
+
+
+class DataFromGenerator(DataFlow):
+    """Yield from a generator function or a zero-argument callable returning an iterable.
+
+    Each pass calls ``gen()`` again, so the source can be iterated more than once.
+
+    >>> list(DataFromGenerator(lambda: range(3)))
+    [0, 1, 2]
+    """
+
+    def __init__(self, gen: Callable[[], Iterable[Any]], size: int | None = None):
+        if not callable(gen):
+            raise TypeError(
+                f"DataFromGenerator needs a generator function or a zero-argument callable, "
+                f"got {type(gen).__name__}; wrap an iterable as DataFromGenerator(lambda: it)"
+            )
+        self.gen = gen
+        self.size = size
+
+    def __len__(self) -> int:
+        if self.size is None:
+            raise NotImplementedError("DataFromGenerator has no known length; pass size=")
+        return self.size
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self.gen()

@@ -1,0 +1,82 @@
+"""Every exception flowplug raises. All derive from :class:`FlowplugError`."""
+
+from __future__ import annotations
+
+
+class FlowplugError(Exception):
+    """Base class of every flowplug error."""
+
+
+class TransportNotFound(FlowplugError, LookupError):
+    """No installed transport has the requested name.
+
+    The message lists the available names and, for a near miss, suggests one.
+    """
+
+    def __init__(self, name: str, available: list[str], suggestion: str | None = None):
+        self.name = name
+        self.available = available
+        self.suggestion = suggestion
+        listed = ", ".join(available) if available else "none (is flowplug installed?)"
+        msg = f"no transport {name!r}; available: {listed}."
+        if suggestion:
+            msg += f" Did you mean {suggestion!r}?"
+        super().__init__(msg)
+
+
+class PluginError(FlowplugError):
+    """A plugin failed to load, failed inside its hook, or registered something invalid."""
+
+
+class ConfigError(FlowplugError, ValueError):
+    """A setting is unknown, has the wrong type, or a value that cannot be used."""
+
+
+class StateError(FlowplugError, RuntimeError):
+    """An object was used in a state that does not allow it.
+
+    Examples: ``reset_state()`` called twice, a runner iterated from two threads at
+    once, or a closed runner iterated.
+    """
+
+
+class WorkerError(FlowplugError):
+    """A worker's dataflow raised; the message carries the remote traceback.
+
+    :ivar worker_id: index of the worker that failed.
+    :ivar exc_type: name of the original exception type (e.g. ``"ValueError"``).
+    :ivar remote_traceback: the formatted traceback from inside the worker.
+    """
+
+    def __init__(self, message: str, *, worker_id: int, exc_type: str, remote_traceback: str):
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.exc_type = exc_type
+        self.remote_traceback = remote_traceback
+
+
+class WorkerDied(FlowplugError):
+    """A worker process ended without reporting an error (a signal, ``os._exit``...).
+
+    :ivar worker_id: index of the worker.
+    :ivar pid: its process id.
+    :ivar exitcode: its exit code; negative for a signal, as in :mod:`multiprocessing`.
+    """
+
+    def __init__(self, message: str, *, worker_id: int, pid: int | None, exitcode: int | None):
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.pid = pid
+        self.exitcode = exitcode
+
+
+class RunnerTimeout(FlowplugError, TimeoutError):
+    """No datapoint arrived within the runner's ``timeout``."""
+
+
+class TransportClosed(FlowplugError):
+    """The other side of a transport is gone; raised by a sender after ``close()``."""
+
+
+class DataTooLarge(FlowplugError, ValueError):
+    """One datapoint is larger than a transport can ever hold; names the option to raise."""

@@ -1,0 +1,167 @@
+"""What runs inside a worker: death signal, worker_info, the send loop, error reports."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import TransportClosed
+
+if TYPE_CHECKING:
+    from .transport import Endpoint
+
+#: exit code of a worker process that reported its error to the consumer before exiting.
+EXIT_REPORTED = 3
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Who am I? Returned by :func:`worker_info` inside a worker."""
+
+    #: this worker's index, ``0 <= id < num_workers``.
+    id: int
+    #: how many workers the runner has.
+    num_workers: int
+    #: a seed for this worker: different per worker, fixed by the runner's ``seed``.
+    seed: int
+
+
+@dataclass(frozen=True)
+class RemoteFailure:
+    """An exception raised inside a worker, as sent to the consumer (strings only)."""
+
+    worker_id: int
+    phase: str  # "reset_state" or "iteration"
+    exc_type: str
+    message: str
+    traceback: str
+
+
+_local = threading.local()
+_process_info: WorkerInfo | None = None
+
+
+def worker_info() -> WorkerInfo | None:
+    """Return the :class:`WorkerInfo` of the calling worker, or None in the consumer.
+
+    A dataflow can use it in ``reset_state()`` or ``__iter__`` to shard or seed itself.
+    """
+    return getattr(_local, "info", None) or _process_info
+
+
+def run_worker(
+    df: Any,
+    endpoint: Endpoint,
+    info: WorkerInfo,
+    stop: threading.Event | None = None,
+) -> bool:
+    """Reset ``df``, then send its datapoints forever (repeating passes) until stopped.
+
+    Exceptions are reported to the consumer as a :class:`RemoteFailure`.
+
+    :returns: true when an error was reported.
+    """
+    _local.info = info
+    try:
+        sender = endpoint.connect(info.id)
+    except Exception:
+        traceback.print_exc()
+        return False
+    phase = "reset_state"
+    try:
+        df.reset_state()
+        phase = "iteration"
+        send = sender.send
+        while stop is None or not stop.is_set():
+            sent = 0
+            for dp in df:
+                send(dp)
+                sent += 1
+            if sent == 0:
+                raise RuntimeError(
+                    f"dataflow {type(df).__name__} yielded no datapoint in a whole pass; "
+                    "a runner repeats passes forever, so it would spin"
+                )
+        return False
+    except TransportClosed:
+        return False
+    except BaseException as exc:  # SystemExit, KeyboardInterrupt in a thread: report them too
+        if stop is not None and stop.is_set():
+            return False
+        failure = RemoteFailure(
+            worker_id=info.id,
+            phase=phase,
+            exc_type=type(exc).__name__,
+            message=str(exc),
+            traceback="".join(traceback.format_exception(exc)),
+        )
+        try:
+            sender.send(failure)
+        except Exception:
+            return False
+        return True
+    finally:
+        try:
+            sender.close()
+        except Exception:
+            pass
+
+
+def process_main(
+    df: Any, endpoint: Endpoint, info: WorkerInfo, parent_pid: int, death_signal: bool
+) -> None:
+    """Entry point of a worker process (fork, spawn or forkserver)."""
+    global _process_info
+    _process_info = info
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if death_signal:
+        _set_death_signal()
+    _start_parent_watchdog(parent_pid)
+    _seed_globals(info.seed)
+    reported = run_worker(df, endpoint, info)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_REPORTED if reported else 0)
+
+
+def _set_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when the thread that forked it ends."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # the watchdog thread still covers it
+
+
+def _start_parent_watchdog(parent_pid: int, interval: float = 0.5) -> None:
+    """Exit when the consumer is gone, on every platform (PR_SET_PDEATHSIG's fallback)."""
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            threading.Event().wait(interval)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="flowplug-parent-watchdog", daemon=True).start()
+
+
+def _seed_globals(seed: int) -> None:
+    """Give each worker process its own random streams (forked copies share them)."""
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed % 2**32)

@@ -1,0 +1,1 @@
+"""The ``queue`` transport: worker processes send through a multiprocessing.Queue."""

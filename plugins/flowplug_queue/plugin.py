@@ -1,0 +1,10 @@
+"""Registers the ``queue`` transport (hookimpls only; cheap to import)."""
+
+import flowplug
+
+
+@flowplug.hookimpl
+def flowplug_register_transports(register):
+    from .transport import QueueTransport  # imported here so that loading plugin.py stays cheap
+
+    register(QueueTransport)

@@ -1,0 +1,1 @@
+"""The ``thread`` transport: workers are threads of the consumer, joined by a queue.Queue."""

@@ -1,0 +1,10 @@
+"""Registers the ``zmq`` transport (hookimpls only; cheap to import)."""
+
+import flowplug
+
+
+@flowplug.hookimpl
+def flowplug_register_transports(register):
+    from .transport import ZmqTransport  # imported here so that loading plugin.py stays cheap
+
+    register(ZmqTransport)
