@@ -11,6 +11,7 @@ from .errors import (
     StateError,
     TransportClosed,
     TransportNotFound,
+    UnknownLength,
     WorkerDied,
     WorkerError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Transport",
     "TransportClosed",
     "TransportNotFound",
+    "UnknownLength",
     "WorkerDied",
     "WorkerError",
     "WorkerInfo",

@@ -106,7 +106,7 @@ class ProcessWorkers:
                 return
             for sentinel in ready:
                 i, proc = waiting.pop(sentinel)
-                proc.join(0)
+                proc.join(1.0)  # the sentinel closes a moment before the exit status is ready
                 if not self._stopping and self.death is None:
                     self.death = Death(self._infos[i].id, proc.pid, proc.exitcode)
 
@@ -138,6 +138,9 @@ class ProcessWorkers:
         for proc in self.procs:
             if proc.exitcode is not None:
                 proc.close()
+        # Drop what the workers were started with, so the transport's resources can go.
+        self.procs = []
+        self._dfs = self._endpoint = None
         os.close(self._wake_r)
         os.close(self._wake_w)
 

@@ -70,6 +70,14 @@ class WorkerDied(FlowplugError):
         self.exitcode = exitcode
 
 
+class UnknownLength(FlowplugError, NotImplementedError, TypeError):
+    """``len()`` of a runner whose dataflow has no known length.
+
+    A :class:`NotImplementedError`, as tensorpack's ``__len__`` raises, and a
+    :class:`TypeError`, so that ``list(runner)`` treats it as "no length hint".
+    """
+
+
 class RunnerTimeout(FlowplugError, TimeoutError):
     """No datapoint arrived within the runner's ``timeout``."""
 

@@ -18,7 +18,14 @@ from typing import Any
 from . import plugins
 from ._workers import ProcessWorkers, ThreadWorkers
 from .config import resolve_settings, validate_options
-from .errors import ConfigError, RunnerTimeout, StateError, WorkerDied, WorkerError
+from .errors import (
+    ConfigError,
+    RunnerTimeout,
+    StateError,
+    UnknownLength,
+    WorkerDied,
+    WorkerError,
+)
 from .transport import EMPTY, Transport
 from .worker import EXIT_REPORTED, RemoteFailure, WorkerInfo
 
@@ -178,7 +185,7 @@ class Runner:
 
     def __len__(self) -> int:
         if self._size is None:
-            raise NotImplementedError("the dataflow has no known length")
+            raise UnknownLength("the dataflow has no known length")
         return self._size
 
     # ------------------------------------------------------------------ iteration

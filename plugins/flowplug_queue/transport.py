@@ -63,6 +63,8 @@ class QueueTransport(flowplug.Transport):
     def close(self) -> None:
         q = getattr(self, "_queue", None)
         if q is not None:
-            self._queue = None
+            self._queue = self._get = None
             q.cancel_join_thread()
             q.close()
+            # The consumer never put, so close() left the pipe open; its fds go with
+            # the last reference (the Runner drops the endpoint's on stop).

@@ -22,6 +22,8 @@ class ThreadSender(flowplug.Sender):
         self._closed = closed
 
     def send(self, obj: Any) -> None:
+        if self._closed.is_set():
+            raise flowplug.TransportClosed("the consumer closed the thread transport")
         while True:
             try:
                 self._put(obj, timeout=_STOP_CHECK)
