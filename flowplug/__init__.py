@@ -1,4 +1,4 @@
-"""flowplug: move datapoints from parallel producers to one consumer, through pluggable transports."""
+"""flowplug: move datapoints from parallel producers to one consumer via pluggable transports."""
 
 from .config import parse_size
 from .dataflow import DataFlow, DataFlowLike, DataFromGenerator, DataFromList

@@ -74,7 +74,9 @@ def _parse_setting(key: str, value: Any, where: str) -> Any:
         try:
             seconds = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: timeout must be a number of seconds, got {value!r}") from None
+            raise ConfigError(
+                f"{where}: timeout must be a number of seconds, got {value!r}"
+            ) from None
         if seconds <= 0:
             raise ConfigError(f"{where}: timeout must be positive, got {value!r}")
         return seconds
@@ -92,10 +94,20 @@ def _to_int(value: Any, where: str, key: str) -> int:
 
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-    "t": 1000**4, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
 }
 
 

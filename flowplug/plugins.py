@@ -74,7 +74,9 @@ class TransportRegistry:
 
     def load_entry_points(self) -> None:
         """Import every allowed entry point of the group; record failures, never raise."""
-        only = _env_list("FLOWPLUG_PLUGINS") if _env_flag("FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD") else None
+        only = None
+        if _env_flag("FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD"):
+            only = _env_list("FLOWPLUG_PLUGINS")
         blocked = set(_env_list("FLOWPLUG_BLOCK_PLUGINS"))
         for ep in metadata.entry_points(group=GROUP):
             if ep.name in blocked or (only is not None and ep.name not in only):

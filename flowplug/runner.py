@@ -110,9 +110,7 @@ class Runner:
         self.transport_name = cls.name
         self.num_workers = settings.num_workers
         self.capacity = settings.capacity
-        self.start_method = settings.start_method or (
-            "fork" if cls.crosses_processes else None
-        )
+        self.start_method = settings.start_method or ("fork" if cls.crosses_processes else None)
         self.timeout = settings.timeout
         self.seed = secrets.randbits(31) if seed is None else seed
         self._transport_cls = cls
@@ -201,8 +199,7 @@ class Runner:
                 self.reset_state()
             if self._closed:
                 raise StateError(
-                    "this runner is closed"
-                    + (f" after: {self._failure}" if self._failure else "")
+                    "this runner is closed" + (f" after: {self._failure}" if self._failure else "")
                 )
             yield from self._epoch()
         finally:
@@ -278,10 +275,7 @@ class Runner:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self._run else "new"
-        return (
-            f"<Runner transport={self.transport_name!r} num_workers={self.num_workers} "
-            f"{state}>"
-        )
+        return f"<Runner transport={self.transport_name!r} num_workers={self.num_workers} {state}>"
 
 
 def _as_factory(df: Any) -> bool:
@@ -325,4 +319,3 @@ def _worker_died(death: Any, why: str = "") -> WorkerDied:
         pid=death.pid,
         exitcode=death.exitcode,
     )
-

@@ -33,10 +33,23 @@ def dumps(obj: Any) -> list[Any]:
     try:
         stream = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
     except Exception as exc:
-        raise TypeError(
-            f"datapoint of type {type(obj).__name__} cannot be pickled: {exc}"
-        ) from exc
+        raise _not_picklable(obj, exc) from exc
     return [stream, *buffers]
+
+
+def dumps_bytes(obj: Any) -> bytes:
+    """Serialize ``obj`` into one bytes object (buffers in-band).
+
+    :raises TypeError: as :func:`dumps`.
+    """
+    try:
+        return pickle.dumps(obj, protocol=5)
+    except Exception as exc:
+        raise _not_picklable(obj, exc) from exc
+
+
+def _not_picklable(obj: Any, exc: Exception) -> TypeError:
+    return TypeError(f"datapoint of type {type(obj).__name__} cannot be pickled: {exc}")
 
 
 def loads(frames: list[Any]) -> Any:

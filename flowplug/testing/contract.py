@@ -137,7 +137,7 @@ def assert_same(got: Any, want: Any) -> None:
             assert_same(got[key], want[key])
     elif isinstance(want, (list, tuple)):
         assert type(got) is type(want) and len(got) == len(want)
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             assert_same(g, w)
     else:
         assert got == want and type(got) is type(want)
@@ -252,7 +252,7 @@ class TransportContract:
     def test_timeout(self, transport):
         with fp.Runner(Slow(1.5), transport=transport, timeout=0.3) as runner:
             start = time.monotonic()
-            with pytest.raises(fp.RunnerTimeout, match="0.3"):
+            with pytest.raises(fp.RunnerTimeout, match=r"0\.3"):
                 next(iter(runner))
             assert time.monotonic() - start < 3
         # closing after a timeout works (the with block did it) and is idempotent

@@ -68,9 +68,7 @@ def leaked(before: Snapshot, settle: float = 5.0, own_shm_only: bool = True) -> 
         found = {
             "children": sorted(now.children - before.children),
             "threads": sorted(
-                t.name
-                for t in threading.enumerate()
-                if t.ident in now.threads - before.threads
+                t.name for t in threading.enumerate() if t.ident in now.threads - before.threads
             ),
             "fds": sorted(now.fds - before.fds),
             "shm": sorted(shm),

@@ -13,6 +13,7 @@ import queue
 from typing import Any
 
 import flowplug
+from flowplug.serialize import dumps_bytes
 
 
 class QueueSender(flowplug.Sender):
@@ -21,11 +22,7 @@ class QueueSender(flowplug.Sender):
         self._put = q.put
 
     def send(self, obj: Any) -> None:
-        try:
-            data = pickle.dumps(obj, protocol=5)
-        except Exception as exc:
-            raise TypeError(f"datapoint of type {type(obj).__name__} cannot be pickled: {exc}") from exc
-        self._put(data)
+        self._put(dumps_bytes(obj))
 
     def close(self) -> None:
         # Flush the feeder thread: the worker leaves with os._exit, which would drop

@@ -22,15 +22,13 @@ class ThreadSender(flowplug.Sender):
         self._closed = closed
 
     def send(self, obj: Any) -> None:
-        if self._closed.is_set():
-            raise flowplug.TransportClosed("the consumer closed the thread transport")
-        while True:
+        while not self._closed.is_set():
             try:
                 self._put(obj, timeout=_STOP_CHECK)
                 return
             except queue.Full:
-                if self._closed.is_set():
-                    raise flowplug.TransportClosed("the consumer closed the thread transport") from None
+                pass
+        raise flowplug.TransportClosed("the consumer closed the thread transport")
 
 
 class ThreadEndpoint(flowplug.Endpoint):
