@@ -87,16 +87,17 @@ class ProcessWorkers:
         self._watcher.start()
 
     def _check_picklable(self) -> None:
-        for what, obj in (("dataflow", self._dfs[0]), ("transport endpoint", self._endpoint)):
-            try:
-                pickle.dumps(obj)
-            except Exception as exc:
-                raise StateError(
-                    f"start_method={self._start_method!r} must pickle the {what} "
-                    f"{obj!r} to send it to the workers, and that failed: {exc}. "
-                    "Make it picklable (or pass a factory whose result is), "
-                    "or use start_method='fork'."
-                ) from exc
+        # Only the dataflow: the endpoint may hold multiprocessing objects that pickle
+        # only while a process is being spawned, and is the transport's to get right.
+        df = self._dfs[0]
+        try:
+            pickle.dumps(df)
+        except Exception as exc:
+            raise StateError(
+                f"start_method={self._start_method!r} must pickle the dataflow {df!r} "
+                f"to send it to the workers, and that failed: {exc}. Make it picklable "
+                "(or pass a factory whose result is), or use start_method='fork'."
+            ) from exc
 
     def _watch(self) -> None:
         waiting = {p.sentinel: (i, p) for i, p in enumerate(self.procs)}

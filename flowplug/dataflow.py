@@ -6,6 +6,8 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
+from .errors import UnknownLength
+
 
 @runtime_checkable
 class DataFlowLike(Protocol):
@@ -22,8 +24,8 @@ class DataFlowLike(Protocol):
 class DataFlow:
     """Base class of a dataflow: an iterable of datapoints.
 
-    Subclasses implement ``__iter__``; ``__len__`` raises :class:`NotImplementedError`
-    when the size is unknown; ``reset_state()`` is called once, in the process or thread
+    Subclasses implement ``__iter__``; ``__len__`` raises :class:`~flowplug.UnknownLength`
+    (a :class:`NotImplementedError`) when the size is unknown; ``reset_state()`` is called once, in the process or thread
     that will iterate, before the first iteration (seed random generators there).
     """
 
@@ -31,7 +33,7 @@ class DataFlow:
         raise NotImplementedError
 
     def __len__(self) -> int:
-        raise NotImplementedError(f"{type(self).__name__} has no known length")
+        raise UnknownLength(f"{type(self).__name__} has no known length")
 
     def reset_state(self) -> None:
         """Prepare for iteration in this process; called once."""
@@ -85,7 +87,7 @@ class DataFromGenerator(DataFlow):
 
     def __len__(self) -> int:
         if self.size is None:
-            raise NotImplementedError("DataFromGenerator has no known length; pass size=")
+            raise UnknownLength("DataFromGenerator has no known length; pass size=")
         return self.size
 
     def __iter__(self) -> Iterator[Any]:

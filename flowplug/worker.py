@@ -8,6 +8,7 @@ import random
 import signal
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -145,16 +146,32 @@ def _set_death_signal() -> None:
         pass  # the watchdog thread still covers it
 
 
-def _start_parent_watchdog(parent_pid: int, interval: float = 0.5) -> None:
-    """Exit when the consumer is gone, on every platform (PR_SET_PDEATHSIG's fallback)."""
-    if os.getppid() != parent_pid:
+def _start_parent_watchdog(consumer_pid: int, interval: float = 0.5) -> None:
+    """Exit when the consumer is gone, on every platform (PR_SET_PDEATHSIG's fallback).
+
+    The parent is the consumer under fork and spawn, the forkserver under forkserver; a
+    change of parent means it died. The consumer itself is also checked by pid.
+    """
+    parent = os.getppid()
+
+    def gone() -> bool:
+        if os.getppid() != parent:
+            return True
+        try:
+            os.kill(consumer_pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+
+    if gone():
         os._exit(1)
 
     def watch() -> None:
-        while True:
-            threading.Event().wait(interval)
-            if os.getppid() != parent_pid:
-                os._exit(1)
+        while not gone():
+            time.sleep(interval)
+        os._exit(1)
 
     threading.Thread(target=watch, name="flowplug-parent-watchdog", daemon=True).start()
 
