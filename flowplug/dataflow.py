@@ -25,8 +25,9 @@ class DataFlow:
     """Base class of a dataflow: an iterable of datapoints.
 
     Subclasses implement ``__iter__``; ``__len__`` raises :class:`~flowplug.UnknownLength`
-    (a :class:`NotImplementedError`) when the size is unknown; ``reset_state()`` is called once, in the process or thread
-    that will iterate, before the first iteration (seed random generators there).
+    (a :class:`NotImplementedError`) when the size is unknown; ``reset_state()`` is called
+    once, in the process or thread that will iterate, before the first iteration (seed
+    random generators there).
     """
 
     def __iter__(self) -> Iterator[Any]:
