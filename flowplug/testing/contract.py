@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -82,6 +83,8 @@ class DieAfter(fp.DataFlow):
         yield from range(self.k)
         if self.how == "exit":
             os._exit(7)
+        if self.how == "sysexit":
+            sys.exit(7)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -233,9 +236,17 @@ class TransportContract:
             with pytest.raises(fp.WorkerError, match=r"worker 0 .*reset_state.*data file"):
                 next(iter(runner))
 
-    def test_dead_worker_raises_worker_died(self, transport, crosses_processes):
+    def test_dead_worker_is_reported(self, transport, crosses_processes):
+        """A process that dies without a word raises WorkerDied, quickly. A thread cannot
+        die alone (os._exit would end the consumer): one that calls sys.exit() is reported
+        as a WorkerError."""
         if not crosses_processes:
-            pytest.skip("capability: workers are threads, which cannot die silently")
+            runner = fp.Runner(DieAfter(3, "sysexit"), transport=transport)
+            with pytest.raises(fp.WorkerError, match="SystemExit"):
+                for _ in range(5):
+                    list(runner)
+            runner.close()
+            return
         for how in ("exit", "kill"):
             runner = fp.Runner(DieAfter(3, how), transport=transport, num_workers=1)
             start = time.monotonic()
