@@ -21,6 +21,13 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def docs(session: nox.Session) -> None:
+    """Build the documentation site; broken references and links fail the build."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", "-d", "site", env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session(default=False)
 def demo(session: nox.Session) -> None:
     """Install flowplug and push arrays through every transport (the README's main job)."""
     session.install("-e", ".")
