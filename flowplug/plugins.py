@@ -197,8 +197,9 @@ class TransportRegistry:
         raise TransportNotFound(name, available, close[0] if close else None)
 
 
-def _entry_points() -> metadata.EntryPoints:
-    return metadata.entry_points(group=GROUP)
+def _entry_points() -> list[metadata.EntryPoint]:
+    # Sorted, so that which of two clashing plugins registers first is the same everywhere.
+    return sorted(metadata.entry_points(group=GROUP), key=lambda ep: ep.name)
 
 
 def _info(ep: metadata.EntryPoint) -> PluginInfo:
