@@ -24,13 +24,13 @@ from .worker import WorkerInfo, worker_info
 __version__ = "0.1.0"
 
 __all__ = [
-    "EMPTY",
     "ConfigError",
     "DataFlow",
     "DataFlowLike",
     "DataFromGenerator",
     "DataFromList",
     "DataTooLarge",
+    "EMPTY",
     "Endpoint",
     "FlowplugError",
     "Option",
