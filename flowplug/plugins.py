@@ -94,11 +94,13 @@ class TransportRegistry:
         :param where: the config file or variable that named them, for the error.
         :raises flowplug.ConfigError: a name is not an installed entry point.
         """
+        known = self.plugins.keys() | self.broken.keys() | self.conflicts.keys()
+        missing = [name for name in names if name not in known]
+        if not missing:
+            return  # the common case, on every Runner(): nothing to scan
         eps = {ep.name: ep for ep in _entry_points()}
         new = []
-        for name in names:
-            if name in self.plugins or name in self.broken or name in self.conflicts:
-                continue
+        for name in missing:
             if name not in eps:
                 installed = sorted(eps)
                 close = difflib.get_close_matches(name, installed, n=1)
