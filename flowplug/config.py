@@ -195,7 +195,7 @@ def _config_files(path: str | os.PathLike[str] | None) -> list[tuple[str, str, d
         if not file.is_file():
             raise ConfigError(f"config file {file} does not exist")
         if file.name == PYPROJECT:
-            table = _read_toml(file).get("tool", {}).get("flowplug")
+            table = _tool_flowplug(file)
             if table is None:
                 raise ConfigError(f"{file} has no [tool.flowplug] table")
             return [(f"{file} [tool.flowplug]", "tool.flowplug.", _as_table(table, file))]
@@ -206,10 +206,15 @@ def _config_files(path: str | os.PathLike[str] | None) -> list[tuple[str, str, d
         found.append((str(file), "", _read_toml(file)))
     file = Path.cwd() / PYPROJECT
     if file.is_file():
-        table = _read_toml(file).get("tool", {}).get("flowplug")
+        table = _tool_flowplug(file)
         if table is not None:
             found.append((f"{file} [tool.flowplug]", "tool.flowplug.", _as_table(table, file)))
     return found
+
+
+def _tool_flowplug(file: Path) -> Any:
+    tool = _read_toml(file).get("tool", {})
+    return tool.get("flowplug") if isinstance(tool, dict) else None
 
 
 def _read_toml(file: Path) -> dict[str, Any]:
