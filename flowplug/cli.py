@@ -143,6 +143,14 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
             check("ok", f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
             check("FAIL", f"{dist} is not installed ({purpose} needs it): pip install {dist}")
+    # The config first: its plugins = [...] load before the transports are listed.
+    try:
+        settings = config.load_config()
+    except FlowplugError as exc:
+        check("FAIL", f"config: {exc}")
+    else:
+        files = ", ".join(settings.files) or "defaults only"
+        check("ok", f"config: transport {settings.transport!r} from {files}")
     registry = plugins.get_registry()
     names = ", ".join(sorted(registry.transports)) or "none"
     autoload = "on" if registry.autoload else "off (FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD)"
@@ -151,13 +159,6 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         check("FAIL", broken.describe())
     for err in registry.conflicts.values():
         check("FAIL", str(err))
-    try:
-        settings = config.load_config()
-    except FlowplugError as exc:
-        check("FAIL", f"config: {exc}")
-    else:
-        files = ", ".join(settings.files) or "defaults only"
-        check("ok", f"config: transport {settings.transport!r} from {files}")
     failed = sum(status == "FAIL" for status, _ in checks)
     print(f"{failed} problem(s) to fix" if failed else "no problems found")
     return 1 if failed else 0
