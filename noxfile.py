@@ -32,3 +32,12 @@ def demo(session: nox.Session) -> None:
     """Install flowplug and push arrays through every transport (the README's main job)."""
     session.install("-e", ".")
     session.run("flowplug", "demo", *session.posargs)
+
+
+@nox.session(default=False)
+def example_plugin(session: nox.Session) -> None:
+    """Install plugins/flowplug-example like a user would and run the contract suite on it."""
+    session.install("-e", ".[test]")
+    session.install("./plugins/flowplug-example")
+    session.run("flowplug", "transports")
+    session.run("pytest", "-n", "auto", "plugins/flowplug-example/tests", *session.posargs)

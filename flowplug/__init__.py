@@ -1,6 +1,6 @@
 """flowplug: move datapoints from parallel producers to one consumer via pluggable transports."""
 
-from .config import parse_size
+from .config import Settings, load_config, parse_size
 from .dataflow import DataFlow, DataFlowLike, DataFromGenerator, DataFromList
 from .errors import (
     ConfigError,
@@ -24,13 +24,13 @@ from .worker import WorkerInfo, worker_info
 __version__ = "0.1.0"
 
 __all__ = [
-    "EMPTY",
     "ConfigError",
     "DataFlow",
     "DataFlowLike",
     "DataFromGenerator",
     "DataFromList",
     "DataTooLarge",
+    "EMPTY",
     "Endpoint",
     "FlowplugError",
     "Option",
@@ -38,6 +38,7 @@ __all__ = [
     "Runner",
     "RunnerTimeout",
     "Sender",
+    "Settings",
     "StateError",
     "Transport",
     "TransportClosed",
@@ -49,6 +50,7 @@ __all__ = [
     "available_transports",
     "get_transport",
     "hookimpl",
+    "load_config",
     "parse_size",
     "reload_plugins",
     "worker_info",

@@ -1,4 +1,4 @@
-"""The ``flowplug`` command.
+"""The ``flowplug`` command: list transports, show the config, check the platform.
 
 Exit codes: 0 ok, 1 failure, 2 usage error. Errors are one line; ``--debug`` shows the
 traceback.
@@ -8,17 +8,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
 import sys
 import time
 from collections.abc import Sequence
+from importlib import metadata
 from typing import Any
 
-from . import plugins
-from .errors import FlowplugError
+from . import _shm_names, config, plugins
+from .errors import ConfigError, FlowplugError
+
+
+def _registry() -> plugins.TransportRegistry:
+    """The registry, plus the plugins a valid config file names (autoload off)."""
+    registry = plugins.get_registry()
+    try:
+        settings = config.gather_settings()
+    except ConfigError:
+        return registry  # `flowplug config` and `flowplug doctor` report a bad config
+    if settings.plugins:
+        registry.ensure(settings.plugins, settings.source("plugins"))
+    return registry
 
 
 def _cmd_transports(args: argparse.Namespace) -> int:
-    registry = plugins.get_registry()
+    registry = _registry()
     rows = []
     for name, cls in sorted(registry.transports.items()):
         origin = registry.origin[name]
@@ -36,8 +53,15 @@ def _cmd_transports(args: argparse.Namespace) -> int:
             }
         )
     broken = [b.describe() for b in registry.broken.values()]
+    conflicts = [str(err) for err in registry.conflicts.values()]
     if args.json:
-        print(json.dumps({"transports": rows, "broken": broken}, indent=2, default=str))
+        print(
+            json.dumps(
+                {"transports": rows, "broken": broken, "conflicts": conflicts},
+                indent=2,
+                default=str,
+            )
+        )
         return 0
     for row in rows:
         kind = "processes" if row["crosses_processes"] else "threads"
@@ -47,7 +71,170 @@ def _cmd_transports(args: argparse.Namespace) -> int:
             print(f"    {opt['name']}: {opt['type']} = {opt['default']!r}  {opt['help']}")
     for line in broken:
         print(f"BROKEN  {line}")
+    for line in conflicts:
+        print(f"CONFLICT  {line}")
     return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    settings = config.load_config(args.file)
+    registry = plugins.get_registry()
+    values = {key: getattr(settings, key) for key in config.SETTINGS}
+    values["plugins"] = list(values["plugins"])
+    shown = {key: {"value": value, "source": settings.source(key)} for key, value in values.items()}
+    # The selected transport's every option (declared defaults included), then any other
+    # table the files set.
+    tables: dict[str, dict[str, Any]] = {}
+    selected = registry.transports.get(settings.transport)
+    if selected is not None:
+        options = settings.options_for(selected)
+        tables[settings.transport] = {
+            k: {"value": v, "source": settings.source(f"transports.{settings.transport}.{k}")}
+            for k, v in options.items()
+        }
+    for name, options in settings.transports.items():
+        if name not in tables:
+            tables[name] = {
+                k: {"value": v, "source": settings.source(f"transports.{name}.{k}")}
+                for k, v in options.items()
+            }
+    if args.json:
+        print(
+            json.dumps(
+                {"files": list(settings.files), "settings": shown, "transports": tables},
+                indent=2,
+                default=str,
+            )
+        )
+        return 0
+    files = ", ".join(settings.files) or "none (no flowplug.toml, no [tool.flowplug])"
+    print(f"config files: {files}")
+    for key, item in shown.items():
+        print(f"{key:<14} = {item['value']!r:<20} ({item['source']})")
+    for name, options in tables.items():
+        print(f"[transports.{name}]")
+        for key, item in options.items():
+            print(f"{key:<14} = {item['value']!r:<20} ({item['source']})")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    checks: list[tuple[str, str]] = []  # (status, message); status is ok, warn or FAIL
+
+    def check(status: str, message: str) -> None:
+        checks.append((status, message))
+        print(f"{status:<4}  {message}")
+
+    version = metadata.version("flowplug")
+    check("ok", f"flowplug {version}, Python {platform.python_version()} on {sys.platform}")
+    methods = mp.get_all_start_methods()
+    if "fork" in methods:
+        check("ok", f"start methods: {', '.join(methods)}")
+    else:
+        check(
+            "warn",
+            f"start methods: {', '.join(methods)}; no fork, so workers start with spawn and "
+            "every dataflow must be picklable (or be passed as a factory)",
+        )
+    _check_ipc(check)
+    _check_shm(check, args.clean)
+    for dist, purpose in (("pyzmq", "the zmq transport"), ("pyarrow", "Arrow datapoints")):
+        try:
+            check("ok", f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            check("FAIL", f"{dist} is not installed ({purpose} needs it): pip install {dist}")
+    # The config first: its plugins = [...] load before the transports are listed.
+    try:
+        settings = config.load_config()
+    except FlowplugError as exc:
+        check("FAIL", f"config: {exc}")
+    else:
+        files = ", ".join(settings.files) or "defaults only"
+        check("ok", f"config: transport {settings.transport!r} from {files}")
+    registry = plugins.get_registry()
+    names = ", ".join(sorted(registry.transports)) or "none"
+    autoload = "on" if registry.autoload else "off (FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD)"
+    check("ok", f"transports: {names}; plugin autoload {autoload}")
+    for broken in registry.broken.values():
+        check("FAIL", broken.describe())
+    for err in registry.conflicts.values():
+        check("FAIL", str(err))
+    failed = sum(status == "FAIL" for status, _ in checks)
+    print(f"{failed} problem(s) to fix" if failed else "no problems found")
+    return 1 if failed else 0
+
+
+def _check_ipc(check: Any) -> None:
+    """Bind a real zmq ipc:// socket, as the zmq transport does."""
+    try:
+        import zmq
+    except ImportError:
+        return  # reported with the versions
+    if not zmq.has("ipc"):
+        check("FAIL", "pyzmq was built without ipc:// support; reinstall it from PyPI wheels")
+        return
+    if sys.platform.startswith("linux"):
+        address = f"ipc://@flowplug-doctor-{os.getpid()}"
+    else:
+        pipedir = os.environ.get("FLOWPLUG_PIPEDIR") or "/tmp"
+        address = f"ipc://{pipedir}/flowplug-doctor-{os.getpid()}"
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    try:
+        sock.bind(address)
+        sock.unbind(address)
+    except zmq.ZMQError as exc:
+        check(
+            "FAIL",
+            f"cannot bind a zmq socket at {address}: {exc}; set FLOWPLUG_PIPEDIR to a "
+            "local directory with short path",
+        )
+    else:
+        check("ok", f"ipc:// sockets work (zmq {zmq.zmq_version()})")
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def _check_shm(check: Any, clean: bool) -> None:
+    shm_dir = _shm_names.SHM_DIR
+    try:
+        usage = shutil.disk_usage(shm_dir)
+    except FileNotFoundError:
+        check("warn", f"no {shm_dir}: shared-memory transports cannot run; use zmq or queue")
+        return
+    size = f"{shm_dir}: {_mib(usage.total)} total, {_mib(usage.free)} free"
+    if usage.total < 1024**3:
+        check(
+            "warn",
+            f"{size}; under 1 GiB (Docker's default is 64 MiB): start the container with "
+            "--shm-size=8g, or use transport 'zmq'",
+        )
+    else:
+        check("ok", size)
+    if clean:
+        removed = _shm_names.sweep_stale(shm_dir)
+        total = _mib(sum(seg.size for seg in removed))
+        check("ok", f"removed {len(removed)} stale flowplug segment(s), {total}")
+        for seg in removed:
+            print(f"      removed {seg.path} (pid {seg.pid} is gone)")
+        return
+    stale = _shm_names.stale_segments(shm_dir)
+    if not stale:
+        check("ok", "no stale flowplug segments")
+        return
+    total = _mib(sum(seg.size for seg in stale))
+    check(
+        "FAIL",
+        f"{len(stale)} stale flowplug segment(s) hold {total} of {shm_dir}: their owner "
+        "processes are gone; run `flowplug doctor --clean` to remove them",
+    )
+    for seg in stale:
+        print(f"      {seg.path} (pid {seg.pid} is gone)")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024**2:.1f} MiB"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -90,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_transports)
 
+    p = sub.add_parser("config", help="show the effective config and where each value came from")
+    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "-f", "--file", help="read this file instead of ./flowplug.toml, ./pyproject.toml"
+    )
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("doctor", help="check the platform and the installed plugins")
+    p.add_argument("--clean", action="store_true", help="remove stale flowplug /dev/shm segments")
+    p.set_defaults(func=_cmd_doctor)
+
     p = sub.add_parser("demo", help="push arrays through every transport and print items/s")
     p.add_argument("-t", "--transport", action="append", help="only this transport (repeatable)")
     p.add_argument("-w", "--workers", type=int, default=1)
@@ -100,14 +298,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; return its exit code (0 ok, 1 failure, 2 usage error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: 2 for a usage error, 0 for --help
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         result: Any = args.func(args)
-    except FlowplugError as exc:
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `flowplug transports | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"flowplug: error: {exc}", file=sys.stderr)
+        what = "" if isinstance(exc, FlowplugError) else f"{type(exc).__name__}: "
+        message = " ".join(str(exc).split())  # one line, whatever the message holds
+        print(f"flowplug: error: {what}{message} (--debug shows the traceback)", file=sys.stderr)
         return 1
     return int(result or 0)
 

@@ -1,7 +1,18 @@
-"""Runner settings: explicit arguments, then environment variables, then defaults.
+"""Runner settings from explicit arguments, environment variables, config files and defaults.
 
-Transport options are validated against the :class:`~flowplug.Option` declarations of the
-chosen transport, so a typo or a wrong type is an error, never silently ignored.
+Sources, highest first:
+
+1. explicit arguments: ``Runner(df, num_workers=4, hwm=100)``;
+2. environment variables: ``FLOWPLUG_TRANSPORT``, ``FLOWPLUG_NUM_WORKERS``,
+   ``FLOWPLUG_CAPACITY``, ``FLOWPLUG_START_METHOD``, ``FLOWPLUG_TIMEOUT``, ``FLOWPLUG_PLUGINS``;
+3. ``flowplug.toml`` in the working directory;
+4. the ``[tool.flowplug]`` table of ``pyproject.toml`` in the working directory;
+5. built-in defaults.
+
+Transport options live in per-transport tables (``[transports.zmq] hwm = 100``) and are
+validated against the :class:`~flowplug.Option` declarations of that transport. Nothing bad
+is ever ignored: an unknown key, a wrong type or an unusable value raises
+:class:`~flowplug.ConfigError` naming where it came from, the key, the value and the choices.
 """
 
 from __future__ import annotations
@@ -9,88 +20,287 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from . import plugins
+from .errors import ConfigError, PluginError, TransportNotFound
 from .transport import Option
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - tomllib is in the standard library from 3.11 on
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    from .transport import Transport
+
 START_METHODS = ("fork", "spawn", "forkserver")
+#: the config file read from the working directory.
+CONFIG_FILE = "flowplug.toml"
+#: read for its ``[tool.flowplug]`` table.
+PYPROJECT = "pyproject.toml"
+#: the source of a value nobody set, and of one given to the Runner or ``from_config``.
+DEFAULT = "default"
+ARGUMENT = "argument"
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The effective runner settings."""
+    """The effective settings, as returned by :func:`flowplug.load_config`.
 
+    Example::
+
+        cfg = fp.load_config()
+        print(cfg.num_workers, cfg.source("num_workers"))  # 4 environment variable ...
+    """
+
+    #: name of the transport.
     transport: str = "zmq"
+    #: how many workers.
     num_workers: int = 1
+    #: how many datapoints may be buffered between workers and consumer.
     capacity: int = 50
+    #: how worker processes start; None means ``"fork"`` for process transports.
     start_method: str | None = None
+    #: seconds to wait for one datapoint; None waits forever.
     timeout: float | None = None
+    #: entry points to load although ``FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD`` is set.
+    plugins: tuple[str, ...] = ()
+    #: per-transport options from config files, ``{"zmq": {"hwm": 100}}``, validated.
+    transports: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: where each value came from, for keys such as ``"num_workers"`` and
+    #: ``"transports.zmq.hwm"``; a key that is absent has its default.
+    sources: Mapping[str, str] = field(default_factory=dict)
+    #: the config files that were read, highest priority first.
+    files: tuple[str, ...] = ()
+
+    def source(self, key: str) -> str:
+        """Where ``key`` (``"capacity"``, ``"transports.zmq.hwm"``) got its value."""
+        return self.sources.get(key, DEFAULT)
+
+    def options_for(
+        self, transport: type[Transport], explicit: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The options of ``transport``: its declared defaults, then the config file's
+        table, then ``explicit`` (the Runner's keyword arguments), validated.
+
+        :raises flowplug.ConfigError: an explicit option is unknown or of the wrong type.
+        """
+        merged = {opt.name: opt.default for opt in transport.options}
+        merged.update(self.transports.get(transport.name, {}))
+        merged.update(
+            validate_options(transport.name, transport.options, explicit or {}, defaults=False)
+        )
+        return merged
 
 
-#: environment variable -> (setting, parser)
+#: environment variable -> setting
 ENV_VARS = {
     "FLOWPLUG_TRANSPORT": "transport",
     "FLOWPLUG_NUM_WORKERS": "num_workers",
     "FLOWPLUG_CAPACITY": "capacity",
     "FLOWPLUG_START_METHOD": "start_method",
     "FLOWPLUG_TIMEOUT": "timeout",
+    "FLOWPLUG_PLUGINS": "plugins",
 }
+#: the settings, in the order ``flowplug config`` shows them.
+SETTINGS = ("transport", "num_workers", "capacity", "start_method", "timeout", "plugins")
+#: the keys a config file may hold at its top level.
+FILE_KEYS = (*SETTINGS, "transports")
 
 
-def resolve_settings(**explicit: Any) -> Settings:
-    """Combine explicit arguments (None means "not given"), the environment and defaults."""
-    values: dict[str, Any] = {}
+# ---------------------------------------------------------------------------- entry points
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Return the effective settings: environment variables over config files over defaults.
+
+    :param path: a config file to read instead of ``./flowplug.toml`` and
+        ``./pyproject.toml``; a file named ``pyproject.toml`` is read for its
+        ``[tool.flowplug]`` table, any other file from its top level.
+    :raises flowplug.ConfigError: a bad key or value; the message names the file or
+        variable, the key, the value and the valid choices.
+    :raises flowplug.TransportNotFound: the selected transport is not installed.
+    :raises flowplug.PluginError: the selected transport's plugin is broken.
+    """
+    return resolve_settings(path)
+
+
+def resolve_settings(path: str | os.PathLike[str] | None = None, **explicit: Any) -> Settings:
+    """:func:`load_config` with explicit arguments on top (None means "not given")."""
+    return _check(gather_settings(path, **explicit))
+
+
+def gather_settings(path: str | os.PathLike[str] | None = None, **explicit: Any) -> Settings:
+    """Read and type-check every source, without loading plugins (see :func:`load_config`)."""
+    layers: list[tuple[str, dict[str, Any]]] = []  # (source, {key: parsed value}), highest first
+    given = {k: v for k, v in explicit.items() if v is not None}
+    unknown = sorted(set(given) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}; valid: {', '.join(SETTINGS)}")
+    layers.append((ARGUMENT, {k: _parse(k, v, f"argument {k}", "arg") for k, v in given.items()}))
+
+    env = {}
     for var, key in ENV_VARS.items():
-        raw = os.environ.get(var)
-        if raw is not None and raw.strip() != "":
-            values[key] = _parse_setting(key, raw.strip(), f"environment variable {var}")
-    for key, value in explicit.items():
-        if value is not None:
-            values[key] = _parse_setting(key, value, f"argument {key}=")
-    return Settings(**values)
+        raw = os.environ.get(var, "").strip()
+        if raw:
+            env[key] = _parse(key, raw, f"environment variable {var}", "env")
+    # Every variable has its own source, so split the layer per variable.
+    layers += [(_env_source(key), {key: value}) for key, value in env.items()]
+
+    tables: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
+    files = _config_files(path)
+    for source, prefix, data in files:
+        parsed = _parse_file(source, prefix, data)
+        table_options = parsed.pop("transports", {})
+        layers.append((source, parsed))
+        for name, options in table_options.items():
+            sources.setdefault(f"transports.{name}", source)
+            for key, value in options.items():
+                if key not in tables.setdefault(name, {}):
+                    tables[name][key] = value
+                    sources[f"transports.{name}.{key}"] = source
+
+    values: dict[str, Any] = {}
+    for source, layer in layers:
+        for key, value in layer.items():
+            if key not in values:
+                values[key] = value
+                sources[key] = source
+    return Settings(
+        **values,
+        transports=tables,
+        sources=sources,
+        files=tuple(source for source, _, _ in files),
+    )
 
 
-def _parse_setting(key: str, value: Any, where: str) -> Any:
+def _env_source(key: str) -> str:
+    var = next(v for v, k in ENV_VARS.items() if k == key)
+    return f"environment variable {var}"
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _config_files(path: str | os.PathLike[str] | None) -> list[tuple[str, str, dict[str, Any]]]:
+    """Return ``(source, table prefix, table)`` for each config file, highest first."""
+    if path is not None:
+        file = Path(path).resolve()
+        if not file.is_file():
+            raise ConfigError(f"config file {file} does not exist")
+        if file.name == PYPROJECT:
+            table = _tool_flowplug(file)
+            if table is None:
+                raise ConfigError(f"{file} has no [tool.flowplug] table")
+            return [(f"{file} [tool.flowplug]", "tool.flowplug.", _as_table(table, file))]
+        return [(str(file), "", _read_toml(file))]
+    found = []
+    file = Path.cwd() / CONFIG_FILE
+    if file.is_file():
+        found.append((str(file), "", _read_toml(file)))
+    file = Path.cwd() / PYPROJECT
+    if file.is_file():
+        table = _tool_flowplug(file)
+        if table is not None:
+            found.append((f"{file} [tool.flowplug]", "tool.flowplug.", _as_table(table, file)))
+    return found
+
+
+def _tool_flowplug(file: Path) -> Any:
+    tool = _read_toml(file).get("tool", {})
+    return tool.get("flowplug") if isinstance(tool, dict) else None
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    try:
+        with open(file, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc}") from None
+
+
+def _as_table(value: Any, file: Path) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{file}: tool.flowplug must be a table, got {value!r}")
+    return value
+
+
+def _parse_file(source: str, prefix: str, data: dict[str, Any]) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in FILE_KEYS:
+            raise ConfigError(
+                f"{source}: unknown key {prefix}{key} = {value!r}; valid keys: "
+                f"{', '.join(FILE_KEYS)}" + _did_you_mean(key, FILE_KEYS)
+            )
+        if key != "transports":
+            parsed[key] = _parse(key, value, f"{source}: {prefix}{key}", "file")
+            continue
+        if not isinstance(value, dict) or not all(isinstance(t, dict) for t in value.values()):
+            raise ConfigError(
+                f"{source}: {prefix}transports must hold one table per transport, such as "
+                f"[{prefix}transports.zmq] with hwm = 100; got {value!r}"
+            )
+        parsed["transports"] = value
+    return parsed
+
+
+# ---------------------------------------------------------------------------- values
+
+
+def _parse(key: str, value: Any, label: str, kind: str) -> Any:
+    """Check one setting. ``kind`` is "file" (TOML types must match), "env" (a string) or
+    "arg" (a Python value; numeric strings are accepted as before)."""
+    strict = kind == "file"
+
+    def bad(problem: str) -> ConfigError:
+        return ConfigError(f"{label} = {value!r}: {problem}")
+
     if key == "transport":
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}: transport must be a non-empty name, got {value!r}")
+            raise bad("the transport must be a non-empty name such as 'zmq'")
         return value
     if key in ("num_workers", "capacity"):
-        number = _to_int(value, where, key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif not strict and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            number = int(value)
+        else:
+            raise bad(f"{key} must be an integer of at least 1")
         if number < 1:
-            raise ConfigError(f"{where}: {key} must be at least 1, got {value!r}")
+            raise bad(f"{key} must be an integer of at least 1")
         return number
     if key == "start_method":
         if value not in START_METHODS:
-            raise ConfigError(
-                f"{where}: start_method {value!r} is not one of {', '.join(START_METHODS)}"
+            raise bad(
+                f"start_method must be one of {', '.join(START_METHODS)}"
                 + _did_you_mean(str(value), START_METHODS)
             )
         return value
     if key == "timeout":
+        if isinstance(value, bool) or (strict and not isinstance(value, (int, float))):
+            raise bad("timeout must be a positive number of seconds")
         try:
             seconds = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(
-                f"{where}: timeout must be a number of seconds, got {value!r}"
-            ) from None
-        if seconds <= 0:
-            raise ConfigError(f"{where}: timeout must be positive, got {value!r}")
+            raise bad("timeout must be a positive number of seconds") from None
+        if not seconds > 0:
+            raise bad("timeout must be a positive number of seconds")
         return seconds
-    raise ConfigError(f"{where}: unknown setting {key!r}")  # pragma: no cover
-
-
-def _to_int(value: Any, where: str, key: str) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-        return int(value)
-    raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+    if key == "plugins":
+        names = value.split(",") if kind == "env" and isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise bad("plugins must be a list of entry-point names, such as ['zmq', 'pipe']")
+        return tuple(n.strip() for n in names if n.strip())
+    raise ConfigError(f"{label}: unknown setting")  # pragma: no cover - callers check keys
 
 
 _UNITS = {
@@ -131,50 +341,115 @@ def parse_size(value: Any) -> int:
     )
 
 
-def validate_options(
-    transport: str, declared: tuple[Option, ...], given: Mapping[str, Any], where: str = "option"
-) -> dict[str, Any]:
-    """Check ``given`` against a transport's declared options and fill in defaults.
+# ---------------------------------------------------------------------------- transport options
 
+
+def validate_options(
+    transport: str,
+    declared: tuple[Option, ...],
+    given: Mapping[str, Any],
+    where: str = "option",
+    *,
+    strict: bool = False,
+    defaults: bool = True,
+) -> dict[str, Any]:
+    """Check ``given`` against a transport's declared options.
+
+    :param where: what to name in an error: ``"option"``, ``"flowplug.toml: [transports.zmq]"``.
+    :param strict: values come from a typed file, so ``"100"`` is not an int (sizes still
+        accept strings such as ``"2GiB"``).
+    :param defaults: also return the declared default of every option not given.
     :raises flowplug.ConfigError: an unknown option, or a value of the wrong type.
     """
     by_name = {opt.name: opt for opt in declared}
-    result = {opt.name: opt.default for opt in declared}
+    result = {opt.name: opt.default for opt in declared} if defaults else {}
     for key, value in given.items():
         opt = by_name.get(key)
         if opt is None:
-            accepted = ", ".join(sorted(by_name)) or "none"
+            accepted = ", ".join(sorted(by_name)) or "no options"
             raise ConfigError(
-                f"{where} {key!r} is not accepted by transport {transport!r} "
+                f"{where} {key} = {value!r}: transport {transport!r} has no option {key!r} "
                 f"(it accepts: {accepted})" + _did_you_mean(key, by_name)
             )
-        result[key] = _coerce_option(transport, opt, value, where)
+        result[key] = _coerce_option(transport, opt, value, where, strict)
     return result
 
 
-def _coerce_option(transport: str, opt: Option, value: Any, where: str) -> Any:
+def _coerce_option(transport: str, opt: Option, value: Any, where: str, strict: bool) -> Any:
+    label = f"{where} {opt.name} = {value!r}"
     if opt.size:
         try:
             return parse_size(value)
         except ValueError as exc:
-            raise ConfigError(f"{where} {opt.name!r} of transport {transport!r}: {exc}") from None
+            raise ConfigError(f"{label}: {exc}") from None
     if opt.type is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, opt.type) and not (opt.type is int and isinstance(value, bool)):
         return value
-    if isinstance(value, str) and opt.type in (int, float):
-        try:
-            return opt.type(value)
-        except ValueError:
-            pass
-    if isinstance(value, str) and opt.type is bool and value.lower() in ("1", "0", "true", "false"):
-        return value.lower() in ("1", "true")
+    if not strict and isinstance(value, str):
+        if opt.type in (int, float):
+            try:
+                return opt.type(value)
+            except ValueError:
+                pass
+        if opt.type is bool and value.lower() in ("1", "0", "true", "false"):
+            return value.lower() in ("1", "true")
     raise ConfigError(
-        f"{where} {opt.name!r} of transport {transport!r} must be {opt.type.__name__}, "
-        f"got {value!r} ({type(value).__name__})"
+        f"{label}: option {opt.name!r} of transport {transport!r} must be "
+        f"{opt.type.__name__}, got {type(value).__name__}"
     )
 
 
-def _did_you_mean(word: str, choices: Any) -> str:
+# ---------------------------------------------------------------------------- checks with plugins
+
+
+def _check(settings: Settings) -> Settings:
+    """Load the named plugins, validate the transport tables and the selected transport."""
+    registry = plugins.get_registry()
+    if settings.plugins:
+        registry.ensure(settings.plugins, settings.source("plugins"))
+    tables: dict[str, dict[str, Any]] = {}
+    for name, options in settings.transports.items():
+        if name in registry.broken or name in registry.conflicts:
+            tables[name] = dict(options)  # selecting it raises the plugin's own error
+            continue
+        if name not in registry.transports:
+            where = settings.source(f"transports.{name}")
+            available = sorted(registry.transports)
+            raise ConfigError(
+                f"{where}: table [transports.{name}] names no installed transport; "
+                f"available: {', '.join(available)}" + _did_you_mean(name, available)
+            )
+        cls = registry.transports[name]
+        tables[name] = {}
+        for key, value in options.items():
+            source = settings.source(f"transports.{name}.{key}")
+            prefix = "tool.flowplug." if source.endswith("[tool.flowplug]") else ""
+            tables[name].update(
+                validate_options(
+                    name,
+                    cls.options,
+                    {key: value},
+                    f"{source}: [{prefix}transports.{name}]",
+                    strict=True,
+                    defaults=False,
+                )
+            )
+    try:
+        registry.get(settings.transport)
+    except TransportNotFound as exc:
+        source = settings.source("transport")
+        if source in (DEFAULT, ARGUMENT):
+            raise
+        raise TransportNotFound(exc.name, exc.available, exc.suggestion, where=source) from None
+    except PluginError as exc:
+        source = settings.source("transport")
+        if source in (DEFAULT, ARGUMENT):
+            raise
+        raise PluginError(f"{source}: transport = {settings.transport!r}: {exc}") from exc
+    return replace(settings, transports=tables)
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f". Did you mean {close[0]!r}?" if close else ""

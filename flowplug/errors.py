@@ -11,14 +11,25 @@ class TransportNotFound(FlowplugError, LookupError):
     """No installed transport has the requested name.
 
     The message lists the available names and, for a near miss, suggests one.
+
+    :ivar where: the config file or environment variable that named it, if any.
     """
 
-    def __init__(self, name: str, available: list[str], suggestion: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        available: list[str],
+        suggestion: str | None = None,
+        where: str | None = None,
+    ):
         self.name = name
         self.available = available
         self.suggestion = suggestion
+        self.where = where
         listed = ", ".join(available) if available else "none (is flowplug installed?)"
         msg = f"no transport {name!r}; available: {listed}."
+        if where:
+            msg = f"{where}: transport = {name!r}: {msg}"
         if suggestion:
             msg += f" Did you mean {suggestion!r}?"
         super().__init__(msg)

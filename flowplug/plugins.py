@@ -7,7 +7,8 @@ registry is needed.
 Environment switches (as pytest's ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``):
 
 - ``FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD=1``: load only the entry points listed in
-  ``FLOWPLUG_PLUGINS`` (comma-separated entry-point names, built-ins included).
+  ``FLOWPLUG_PLUGINS`` (comma-separated entry-point names, built-ins included) or in the
+  config file's ``plugins = [...]`` (loaded by :func:`flowplug.load_config`).
 - ``FLOWPLUG_BLOCK_PLUGINS=a,b``: never load these entry points.
 """
 
@@ -17,7 +18,7 @@ import difflib
 import functools
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from types import MappingProxyType
@@ -25,7 +26,7 @@ from types import MappingProxyType
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, TransportNotFound
+from .errors import ConfigError, PluginError, TransportNotFound
 from .transport import Transport
 
 GROUP = "flowplug"
@@ -53,9 +54,12 @@ class BrokenPlugin:
     error: BaseException
 
     def describe(self) -> str:
+        """One line: which plugin, which distribution, the original error, the way out."""
         return (
             f"plugin {self.info.name!r} from distribution {self.info.distribution} "
-            f"{self.info.version} failed: {type(self.error).__name__}: {self.error}"
+            f"{self.info.version} failed: {type(self.error).__name__}: {self.error}. "
+            f"Reinstall or upgrade {self.info.distribution}, uninstall it, or skip it "
+            f"with FLOWPLUG_BLOCK_PLUGINS={self.info.name}"
         )
 
 
@@ -71,42 +75,87 @@ class TransportRegistry:
         self.broken: dict[str, BrokenPlugin] = {}
         #: names registered by two plugins; selecting one raises this error.
         self.conflicts: dict[str, PluginError] = {}
+        #: false when FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD limited loading to named plugins.
+        self.autoload = True
 
     def load_entry_points(self) -> None:
         """Import every allowed entry point of the group; record failures, never raise."""
         only = None
         if _env_flag("FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD"):
+            self.autoload = False
             only = _env_list("FLOWPLUG_PLUGINS")
-        blocked = set(_env_list("FLOWPLUG_BLOCK_PLUGINS"))
-        for ep in metadata.entry_points(group=GROUP):
-            if ep.name in blocked or (only is not None and ep.name not in only):
-                continue
-            if ep.name in self.plugins or ep.name in self.broken:
-                continue
-            dist = ep.dist
-            info = PluginInfo(
-                ep.name,
-                dist.metadata["Name"] if dist else "unknown",
-                dist.version if dist else "unknown",
-            )
-            try:
-                module = ep.load()
-                self.pm.register(module, name=ep.name)
-            except Exception as exc:
-                self.broken[ep.name] = BrokenPlugin(info, exc)
-                continue
-            self.plugins[ep.name] = info
-        self.pm.check_pending()
+        for ep in _entry_points():
+            if only is None or ep.name in only:
+                self._load(ep)
 
-    def collect(self) -> None:
-        """Call each plugin's registration hook on its own, so one failure stays its own."""
+    def ensure(self, names: Iterable[str], where: str) -> None:
+        """Also load the named entry points (those that autoload being off left out).
+
+        :param where: the config file or variable that named them, for the error.
+        :raises flowplug.ConfigError: a name is not an installed entry point.
+        """
+        known = self.plugins.keys() | self.broken.keys() | self.conflicts.keys()
+        missing = [name for name in names if name not in known]
+        if not missing:
+            return  # the common case, on every Runner(): nothing to scan
+        eps = {ep.name: ep for ep in _entry_points()}
+        new = []
+        for name in missing:
+            if name not in eps:
+                installed = sorted(eps)
+                close = difflib.get_close_matches(name, installed, n=1)
+                raise ConfigError(
+                    f"{where}: plugins names {name!r}, which no installed distribution "
+                    f"declares in the entry-point group {GROUP!r}; installed: "
+                    f"{', '.join(installed) or 'none'}"
+                    + (f". Did you mean {close[0]!r}?" if close else "")
+                )
+            if self._load(eps[name]):
+                new.append(name)
+        if new:
+            self.collect(new)
+
+    def _load(self, ep: metadata.EntryPoint) -> bool:
+        """Import and register one entry point; true when it is newly loaded."""
+        if ep.name in _env_list("FLOWPLUG_BLOCK_PLUGINS"):
+            return False
+        info = _info(ep)
+        if ep.name in self.plugins or ep.name in self.broken:
+            first = self.plugins.get(ep.name) or self.broken[ep.name].info
+            if first.distribution != info.distribution:
+                self.conflicts[ep.name] = PluginError(
+                    f"entry point {ep.name!r} of the group {GROUP!r} is declared by two "
+                    f"distributions: {first.distribution} {first.version} and "
+                    f"{info.distribution} {info.version}; uninstall one"
+                )
+            return False
+        try:
+            module = ep.load()
+            self.pm.register(module, name=ep.name)
+            self.pm.check_pending()  # a hookimpl that matches no hookspec (a typo)
+        except (Exception, SystemExit) as exc:
+            if self.pm.get_plugin(ep.name) is not None:
+                self.pm.unregister(name=ep.name)
+            self.broken[ep.name] = BrokenPlugin(info, exc)
+            return False
+        self.plugins[ep.name] = info
+        return True
+
+    def collect(self, names: Iterable[str] | None = None) -> None:
+        """Call each plugin's registration hook on its own, so one failure stays its own.
+
+        :param names: only these plugins (just loaded); all when None.
+        """
+        wanted = None if names is None else set(names)
         for impl in self.pm.hook.flowplug_register_transports.get_hookimpls():
+            if wanted is not None and impl.plugin_name not in wanted:
+                continue
             info = self.plugins.get(impl.plugin_name) or PluginInfo(
                 impl.plugin_name, "unknown", "unknown"
             )
             try:
                 impl.function(register=functools.partial(self.register, origin=info))
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 self.broken[info.name] = BrokenPlugin(info, exc)
 
     def register(self, transport: type[Transport], *, origin: PluginInfo) -> None:
@@ -150,6 +199,18 @@ class TransportRegistry:
         raise TransportNotFound(name, available, close[0] if close else None)
 
 
+def _entry_points() -> list[metadata.EntryPoint]:
+    # Sorted, so that which of two clashing plugins registers first is the same everywhere.
+    return sorted(metadata.entry_points(group=GROUP), key=lambda ep: ep.name)
+
+
+def _info(ep: metadata.EntryPoint) -> PluginInfo:
+    dist = ep.dist
+    if dist is None:  # pragma: no cover - entry points found on sys.path always have one
+        return PluginInfo(ep.name, "unknown", "unknown")
+    return PluginInfo(ep.name, dist.metadata["Name"], dist.version)
+
+
 def _env_flag(var: str) -> bool:
     return os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no")
 
@@ -175,8 +236,14 @@ def reload_plugins() -> None:
 
 
 def available_transports() -> Mapping[str, type[Transport]]:
-    """Return ``{name: TransportClass}`` for every installed, working transport."""
-    return MappingProxyType(dict(sorted(get_registry().transports.items())))
+    """Return ``{name: TransportClass}`` for every installed, working transport.
+
+    A name that two plugins register is left out: selecting it raises the error that
+    names both.
+    """
+    registry = get_registry()
+    working = {n: c for n, c in registry.transports.items() if n not in registry.conflicts}
+    return MappingProxyType(dict(sorted(working.items())))
 
 
 def get_transport(name: str) -> type[Transport]:

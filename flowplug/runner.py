@@ -17,7 +17,7 @@ from typing import Any
 
 from . import plugins
 from ._workers import ProcessWorkers, ThreadWorkers
-from .config import resolve_settings, validate_options
+from .config import ARGUMENT, resolve_settings
 from .errors import (
     ConfigError,
     RunnerTimeout,
@@ -73,7 +73,12 @@ class Runner:
     :param timeout: seconds to wait for one datapoint before raising
         :class:`~flowplug.RunnerTimeout`; None waits forever (deaths are still noticed).
     :param seed: base of the per-worker seeds; random when None.
+    :param config: a config file to read instead of ``./flowplug.toml`` and
+        ``./pyproject.toml`` (see :func:`flowplug.load_config`).
     :param options: the transport's own options (see ``flowplug transports``).
+
+    Arguments left as None come from the environment (``FLOWPLUG_NUM_WORKERS``...), then
+    ``./flowplug.toml``, then ``[tool.flowplug]`` in ``./pyproject.toml``, then defaults.
 
     Example::
 
@@ -91,9 +96,12 @@ class Runner:
         start_method: str | None = None,
         timeout: float | None = None,
         seed: int | None = None,
+        *,
+        config: str | os.PathLike[str] | None = None,
         **options: Any,
     ):
         settings = resolve_settings(
+            config,
             transport=transport,
             num_workers=num_workers,
             capacity=capacity,
@@ -101,20 +109,23 @@ class Runner:
             timeout=timeout,
         )
         cls = plugins.get_transport(settings.transport)
-        if not cls.crosses_processes and settings.start_method is not None:
-            raise ConfigError(
-                f"start_method={settings.start_method!r} has no meaning for transport "
-                f"{cls.name!r}: its workers are threads. Drop start_method, or choose a "
-                "transport whose workers are processes"
-            )
+        start_method = settings.start_method
+        if not cls.crosses_processes and start_method is not None:
+            if settings.source("start_method") == ARGUMENT:
+                raise ConfigError(
+                    f"start_method={start_method!r} has no meaning for transport "
+                    f"{cls.name!r}: its workers are threads. Drop start_method, or choose a "
+                    "transport whose workers are processes"
+                )
+            start_method = None  # a default from the environment or a file: process workers only
         self.transport_name = cls.name
         self.num_workers = settings.num_workers
         self.capacity = settings.capacity
-        self.start_method = settings.start_method or ("fork" if cls.crosses_processes else None)
+        self.start_method = start_method or ("fork" if cls.crosses_processes else None)
         self.timeout = settings.timeout
         self.seed = secrets.randbits(31) if seed is None else seed
         self._transport_cls = cls
-        self._options = validate_options(cls.name, cls.options, options)
+        self._options = settings.options_for(cls, options)
         self._df = df
         self._factory = _as_factory(df)
         self._size: int | None = None if self._factory else _length(df)
@@ -123,6 +134,16 @@ class Runner:
         self._closed = False
         self._failure: BaseException | None = None
         self._finalizer: weakref.finalize | None = None
+
+    @classmethod
+    def from_config(
+        cls, df: Any, path: str | os.PathLike[str] | None = None, **overrides: Any
+    ) -> Runner:
+        """Build a runner from a config file (default: ``./flowplug.toml``, then
+        ``[tool.flowplug]`` in ``./pyproject.toml``); ``overrides`` are Runner arguments
+        and transport options that take precedence over every source.
+        """
+        return cls(df, config=path, **overrides)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -51,7 +51,7 @@ def test_unknown_option_is_an_error_with_a_suggestion():
 
 
 def test_option_of_wrong_type_is_an_error():
-    with pytest.raises(fp.ConfigError, match=r"'hwm'.*must be int.*'lots'"):
+    with pytest.raises(fp.ConfigError, match=r"hwm = 'lots'.*'hwm' of transport 'zmq' must be int"):
         fp.Runner(Counting(3), transport="zmq", hwm="lots")
 
 

@@ -1,0 +1,218 @@
+"""Third-party plugins, really installed by pip (see ``plugin_envs`` in conftest.py).
+
+No entry point is mocked: each test puts a pip target directory on sys.path (or on the
+PYTHONPATH of a fresh interpreter) and flowplug finds what is installed there.
+"""
+
+import pytest
+
+import flowplug as fp
+from flowplug import plugins
+
+BUILTINS = {"queue", "thread", "zmq"}
+
+
+# ---------------------------------------------------------------------------- the example plugin
+
+
+def test_example_is_found_after_pip_install_alone(plugin_envs, use_env):
+    use_env(plugin_envs.example)
+    assert set(fp.available_transports()) == BUILTINS | {"pipe"}
+    origin = plugins.get_registry().origin["pipe"]
+    assert (origin.distribution, origin.version) == ("flowplug-example", "0.1.0")
+
+
+def test_example_selected_by_flowplug_toml_in_a_fresh_interpreter(
+    plugin_envs, run_python, tmp_path
+):
+    (tmp_path / "flowplug.toml").write_text(
+        'transport = "pipe"\nnum_workers = 2\n\n[transports.pipe]\npipe_size = "128KiB"\n'
+    )
+    result = run_python(
+        """
+        import flowplug as fp
+        cfg = fp.load_config()
+        print(cfg.transport, cfg.num_workers, cfg.transports["pipe"]["pipe_size"])
+        with fp.Runner(fp.DataFromList(list(range(5)))) as runner:
+            epoch = list(runner)  # two workers, each repeating its own copy
+            ok = set(epoch) <= set(range(5))
+            print(runner.transport_name, runner.num_workers, len(epoch), ok)
+        """,
+        plugin_envs.example,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["pipe 2 131072", "pipe 2 5 True"]
+
+
+def test_example_selected_by_environment_variable(plugin_envs, run_python, tmp_path):
+    result = run_python(
+        """
+        import flowplug as fp
+        with fp.Runner(fp.DataFromList(["a", "b"])) as runner:
+            print(runner.transport_name, list(runner))
+        """,
+        plugin_envs.example,
+        tmp_path,
+        FLOWPLUG_TRANSPORT="pipe",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "pipe ['a', 'b']"
+
+
+def test_example_selected_by_pyproject_with_its_options(
+    plugin_envs, use_env, tmp_path, monkeypatch
+):
+    use_env(plugin_envs.example)
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "app"\n\n[tool.flowplug]\ntransport = "pipe"\n\n'
+        "[tool.flowplug.transports.pipe]\npipe_size = 65536\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with fp.Runner(fp.DataFromList([1, 2, 3])) as runner:
+        assert runner.transport_name == "pipe"
+        assert list(runner) == [1, 2, 3]
+    cfg = fp.load_config()
+    assert cfg.transports == {"pipe": {"pipe_size": 65536}}
+    assert (
+        cfg.source("transports.pipe.pipe_size") == f"{tmp_path / 'pyproject.toml'} [tool.flowplug]"
+    )
+
+
+def test_example_option_is_validated_from_the_file(plugin_envs, use_env, tmp_path, monkeypatch):
+    use_env(plugin_envs.example)
+    (tmp_path / "flowplug.toml").write_text('[transports.pipe]\npipe_size = "lots"\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(fp.ConfigError) as info:
+        fp.Runner(fp.DataFromList([1]), transport="pipe")
+    msg = str(info.value)
+    assert str(tmp_path / "flowplug.toml") in msg
+    assert "[transports.pipe] pipe_size = 'lots'" in msg and "512MiB" in msg
+
+
+def test_example_refuses_spawn_naming_the_way_out(plugin_envs, use_env):
+    use_env(plugin_envs.example)
+    runner = fp.Runner(fp.DataFromList([1]), transport="pipe", start_method="spawn")
+    with pytest.raises(fp.ConfigError, match="start_method='fork'"):
+        runner.reset_state()
+
+
+# ---------------------------------------------------------------------------- broken plugins
+
+
+def test_broken_plugins_leave_the_others_working(plugin_envs, use_env):
+    use_env(plugin_envs.broken)
+    registry = plugins.get_registry()
+    # "dupe" loads first (plugins load sorted by name), so the example's "pipe" clashes.
+    assert set(registry.broken) == {"brokenimport", "brokenhook", "pipe", "typo"}
+    assert set(fp.available_transports()) == BUILTINS  # "pipe" is taken twice
+    with fp.Runner(fp.DataFromList([1, 2]), transport="zmq", num_workers=1) as runner:
+        assert list(runner) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("name", "distribution", "original"),
+    [
+        ("brokenimport", "flowplug-broken-import", "RuntimeError: libfoo 2.0 is missing"),
+        ("brokenhook", "flowplug-broken-hook", "ValueError: the hook exploded"),
+        ("typo", "flowplug-typo", "flowplug_register_transport"),
+    ],
+)
+def test_selecting_a_broken_plugin_names_distribution_and_error(
+    plugin_envs, use_env, name, distribution, original
+):
+    use_env(plugin_envs.broken)
+    with pytest.raises(fp.PluginError) as info:
+        fp.Runner(fp.DataFromList([1]), transport=name)
+    msg = str(info.value)
+    assert f"{distribution} 6.6.6" in msg and original in msg
+    assert f"FLOWPLUG_BLOCK_PLUGINS={name}" in msg
+    assert info.value.__cause__ is not None  # the original exception, for --debug
+
+
+def test_two_plugins_registering_one_name_is_an_error_naming_both(plugin_envs, use_env):
+    use_env(plugin_envs.broken)
+    with pytest.raises(fp.PluginError) as info:
+        fp.get_transport("pipe")
+    msg = str(info.value)
+    assert "'pipe' is registered twice" in msg
+    assert "flowplug-example 0.1.0" in msg and "flowplug-dupe 6.6.6" in msg
+
+
+def test_two_distributions_declaring_one_entry_point_is_an_error_naming_both(plugin_envs, use_env):
+    use_env(plugin_envs.clone)
+    with pytest.raises(fp.PluginError) as info:
+        fp.get_transport("pipe")
+    msg = str(info.value)
+    assert "flowplug-example 0.1.0" in msg and "flowplug-pipe-clone 6.6.6" in msg
+    assert set(fp.available_transports()) == BUILTINS
+
+
+def test_broken_plugin_selected_by_config_names_the_file(
+    plugin_envs, use_env, tmp_path, monkeypatch
+):
+    use_env(plugin_envs.broken)
+    (tmp_path / "flowplug.toml").write_text('transport = "brokenhook"\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(fp.PluginError) as info:
+        fp.load_config()
+    msg = str(info.value)
+    assert str(tmp_path / "flowplug.toml") in msg and "flowplug-broken-hook" in msg
+
+
+def test_block_list_skips_a_plugin(plugin_envs, use_env, monkeypatch):
+    monkeypatch.setenv("FLOWPLUG_BLOCK_PLUGINS", "dupe, typo")
+    use_env(plugin_envs.broken)
+    registry = plugins.get_registry()
+    assert set(registry.broken) == {"brokenimport", "brokenhook"}
+    assert fp.get_transport("pipe").__module__ == "flowplug_example.transport"
+
+
+# ---------------------------------------------------------------------------- autoload off
+
+
+def test_autoload_off_loads_only_the_named_plugins(plugin_envs, run_python, tmp_path):
+    result = run_python(
+        """
+        import sys
+        import flowplug as fp
+        print(sorted(fp.available_transports()))
+        print([m for m in sys.modules if m.startswith("flowplug_broken")])
+        with fp.Runner(fp.DataFromList([7]), transport="pipe") as runner:
+            print(list(runner))
+        """,
+        plugin_envs.broken,
+        tmp_path,
+        FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD="1",
+        FLOWPLUG_PLUGINS="zmq,pipe",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["['pipe', 'zmq']", "[]", "[7]"]
+
+
+def test_autoload_off_loads_the_plugins_named_in_the_config(
+    plugin_envs, use_env, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD", "1")
+    use_env(plugin_envs.broken)
+    assert dict(fp.available_transports()) == {}
+    (tmp_path / "flowplug.toml").write_text('plugins = ["pipe", "thread"]\ntransport = "pipe"\n')
+    monkeypatch.chdir(tmp_path)
+    with fp.Runner(fp.DataFromList([1, 2])) as runner:
+        assert list(runner) == [1, 2]
+    assert set(fp.available_transports()) == {"pipe", "thread"}
+    assert fp.load_config().source("plugins") == str(tmp_path / "flowplug.toml")
+
+
+def test_config_naming_an_uninstalled_plugin_is_an_error(
+    plugin_envs, use_env, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD", "1")
+    use_env(plugin_envs.example)
+    (tmp_path / "flowplug.toml").write_text('plugins = ["pipes"]\n')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(fp.ConfigError) as info:
+        fp.load_config()
+    msg = str(info.value)
+    assert str(tmp_path / "flowplug.toml") in msg and "'pipes'" in msg
+    assert "Did you mean 'pipe'?" in msg
