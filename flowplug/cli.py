@@ -124,7 +124,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         try:
             bench.plot(result["rows"], args.plot)
         except ImportError:
-            print("flowplug: --plot needs matplotlib: pip install 'flowplug[plot]'", file=sys.stderr)
+            print(
+                "flowplug: --plot needs matplotlib: pip install 'flowplug[plot]'", file=sys.stderr
+            )
             return 1
         print(f"wrote {args.plot}", file=sys.stderr if args.json == "-" else sys.stdout)
     return 0

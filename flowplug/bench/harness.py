@@ -88,9 +88,11 @@ def run(
 
 
 def _measure(row: dict[str, Any], config: BenchConfig) -> dict[str, Any]:
-    spec = {
-        key: row[key] for key in ("system", "payload", "workers", "touch")
-    } | {"warmup": config.warmup, "seconds": config.seconds, "repeats": config.repeats}
+    spec = {key: row[key] for key in ("system", "payload", "workers", "touch")} | {
+        "warmup": config.warmup,
+        "seconds": config.seconds,
+        "repeats": config.repeats,
+    }
     budget = config.row_timeout + config.warmup + config.seconds * config.repeats
     # A new session per row: its workers share its process group, so none can outlive it.
     proc = subprocess.Popen(

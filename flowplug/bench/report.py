@@ -31,8 +31,7 @@ class Progress:
 
     def __call__(self, done: int, total: int, row: dict[str, Any]) -> None:
         what = (
-            f"{row['label']} {row['payload']} w={row['workers']}"
-            f"{' touch' if row['touch'] else ''}"
+            f"{row['label']} {row['payload']} w={row['workers']}{' touch' if row['touch'] else ''}"
             if row
             else "done"
         )
@@ -79,7 +78,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     """The results as a plain-text table (a status such as "not installed" spans the row)."""
     lines = [cells(r) for r in rows]
     headers = [name for name, _ in COLUMNS]
-    ok = [line for line, r in zip(lines, rows) if r.get("status") == "ok"] + [headers]
+    ok = [line for line, r in zip(lines, rows, strict=True) if r.get("status") == "ok"] + [headers]
     widths = [max(len(line[i]) for line in ok) for i in range(len(COLUMNS))]
     widths[:4] = [max(len(line[i]) for line in [*lines, headers]) for i in range(4)]
 
@@ -87,12 +86,13 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         if status:
             return "  ".join(f"{line[i]:<{widths[i]}}" for i in range(4)) + "  " + line[4]
         return "  ".join(
-            f"{cell:{align}{width}}" for cell, (_, align), width in zip(line, COLUMNS, widths)
+            f"{cell:{align}{width}}"
+            for cell, (_, align), width in zip(line, COLUMNS, widths, strict=True)
         ).rstrip()
 
     out = [fmt(headers), "  ".join("-" * w for w in widths)]
     previous = None
-    for line, row in zip(lines, rows):
+    for line, row in zip(lines, rows, strict=True):
         if previous is not None and row["payload"] != previous:
             out.append("")
         previous = row["payload"]
@@ -118,7 +118,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
         len(groups) or 1, 1, figsize=(12, 3.6 * max(len(groups), 1)), squeeze=False
     )
     width = 0.8 / max(len(labels), 1)
-    for ax, (workers, touch) in zip(axes[:, 0], groups or [(1, False)]):
+    for ax, (workers, touch) in zip(axes[:, 0], groups or [(1, False)], strict=False):
         for j, label in enumerate(labels):
             values = []
             for payload in payloads:
