@@ -41,3 +41,22 @@ def example_plugin(session: nox.Session) -> None:
     session.install("./plugins/flowplug-example")
     session.run("flowplug", "transports")
     session.run("pytest", "-n", "auto", "plugins/flowplug-example/tests", *session.posargs)
+
+
+#: the peers of the full benchmark, pinned. torch is pinned too: an unpinned torch resolves
+#: to a multi-GB GPU build; 2.13.0 is the CPU build on this project's machines.
+BENCH_PEERS = ["msgpack", "msgpack-numpy", "psutil", "tabulate", "termcolor", "tqdm", "six"]
+BENCH_TORCH = "torch==2.13.0"
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Run the full benchmark table against tensorpack, torch and pyzmq (slow)."""
+    session.install("-e", ".[plot]")
+    # tensorpack 0.11 declares TensorFlow-era dependencies its dataflow does not need.
+    session.install("--no-deps", "tensorpack==0.11")
+    session.install(*BENCH_PEERS, BENCH_TORCH)
+    out = session.posargs or ["--json", "bench-full.json", "--plot", "bench-full.png"]
+    session.run("flowplug", "bench", "--all", *out)
+    if "--json" in out:
+        session.run("python", "benchmarks/targets.py", out[out.index("--json") + 1])

@@ -18,12 +18,13 @@ from .errors import (
 from .hookspecs import hookimpl
 from .plugins import available_transports, get_transport, reload_plugins
 from .runner import Runner
-from .transport import EMPTY, Endpoint, Option, Sender, Transport
+from .transport import EMPTY, BatchingSender, Endpoint, Option, Sender, Transport
 from .worker import WorkerInfo, worker_info
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchingSender",
     "ConfigError",
     "DataFlow",
     "DataFlowLike",

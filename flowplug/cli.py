@@ -268,6 +268,70 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    # Imported here: the harness (and numpy) is not needed by the other commands.
+    from . import bench
+    from .bench.harness import PEER_KEYS
+    from .config import resolve_settings
+
+    if args.all:
+        args.transport = args.transport or ["all"]
+        args.peers = args.peers or "all"
+        args.workers = args.workers or [1, 2]
+        args.touch = args.touch or "both"
+    transports = args.transport or [resolve_settings().transport]
+    if "all" in transports:
+        transports = sorted(plugins.available_transports())
+    for name in transports:
+        plugins.get_transport(name)  # an unknown name fails here, with "did you mean"
+    peers = _choose(args.peers or "all", PEER_KEYS, "peer")
+    payloads = args.payload or (["small", "medium"] if args.quick else list(bench.PAYLOADS))
+    _choose(",".join(payloads), tuple(bench.PAYLOADS), "payload")
+    quick = args.quick
+    bench_config = bench.BenchConfig(
+        transports=transports,
+        peers=peers,
+        payloads=payloads,
+        workers=args.workers or [1],
+        touch={"off": [False], "on": [True], "both": [False, True]}[args.touch or "off"],
+        warmup=args.warmup if args.warmup is not None else (0.05 if quick else 0.5),
+        seconds=args.seconds if args.seconds is not None else (0.1 if quick else 1.0),
+        repeats=args.repeats if args.repeats is not None else (1 if quick else 3),
+    )
+    result = bench.run(bench_config, progress=None if args.json == "-" else bench.Progress())
+    if args.json == "-":
+        print(json.dumps(result, indent=1))
+    else:
+        print(bench.table(result["rows"]))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+            print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            bench.plot(result["rows"], args.plot)
+        except ImportError:
+            print(
+                "flowplug: --plot needs matplotlib: pip install 'flowplug[plot]'", file=sys.stderr
+            )
+            return 1
+        print(f"wrote {args.plot}", file=sys.stderr if args.json == "-" else sys.stdout)
+    return 0
+
+
+def _choose(value: str, choices: Sequence[str], what: str) -> list[str]:
+    """Parse a comma-separated list of ``choices``, ``all`` or ``none``."""
+    if value == "all":
+        return list(choices)
+    if value == "none":
+        return []
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    for name in names:
+        if name not in choices:
+            raise ConfigError(f"unknown {what} {name!r}; choose from {', '.join(choices)}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowplug", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -294,6 +358,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mb", type=int, default=1, help="array size in MiB")
     p.add_argument("--seconds", type=float, default=2.0)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "bench",
+        help="measure transports side by side with tensorpack, torch, pyzmq and memcpy",
+        description="Each row runs in a fresh process: startup, warm-up, then the median of "
+        "--repeats timed runs. Peers that are not installed are reported, never faked.",
+    )
+    p.add_argument(
+        "-t",
+        "--transport",
+        action="append",
+        help="flowplug transport to measure (repeatable; 'all'); default: the default transport",
+    )
+    p.add_argument(
+        "--peers",
+        help="comma-separated peers: tp-queue, tp-zmq, tp-thread, torch, pyzmq; "
+        "'all' (default) or 'none'",
+    )
+    p.add_argument(
+        "-p",
+        "--payload",
+        action="append",
+        help="small, medium, large, xl, dict (repeatable); default: all",
+    )
+    p.add_argument("-w", "--workers", action="append", type=int, help="(repeatable) default: 1")
+    p.add_argument(
+        "--touch",
+        choices=("off", "on", "both"),
+        help="the consumer reads every byte of each item (default: off)",
+    )
+    p.add_argument("--seconds", type=float, help="seconds per repeat (default 1)")
+    p.add_argument("--warmup", type=float, help="seconds of warm-up per row (default 0.5)")
+    p.add_argument("--repeats", type=int, help="timed repeats per row; median (default 3)")
+    p.add_argument("--quick", action="store_true", help="small payloads, short runs, 1 repeat")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="every transport and peer, 1 and 2 workers, touch off and on (the full table)",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-': stdout)")
+    p.add_argument("--plot", metavar="PNG", help="bar chart of GB/s (needs matplotlib)")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -9,6 +9,7 @@ received as one frame is a view of that frame.
 from __future__ import annotations
 
 import pickle
+from array import array
 from typing import Any
 
 #: buffers smaller than this are copied into the pickle stream: a frame costs more.
@@ -55,3 +56,73 @@ def _not_picklable(obj: Any, exc: Exception) -> TypeError:
 def loads(frames: list[Any]) -> Any:
     """Rebuild an object from the frames :func:`dumps` made (any buffer-like frames)."""
     return pickle.loads(frames[0], buffers=frames[1:])
+
+
+# ---------------------------------------------------------------------------- batches
+# A batch packs the frames of several small objects into one buffer, so that a transport
+# moves them as one message: [header, blob]. The header is a uint64 array
+# ``[n_objects, (n_frames, length, ...) per object]``; each frame starts in the blob at a
+# multiple of _ALIGN, so arrays rebuilt on top of the blob are aligned.
+
+_ALIGN = 16
+
+
+class Batch:
+    """Accumulates the frames of small objects; :meth:`take` returns ``(header, blob)``."""
+
+    __slots__ = ("_blob", "_lengths", "count")
+
+    def __init__(self) -> None:
+        self._blob = bytearray()
+        self._lengths: list[int] = [0]
+        #: how many objects the batch holds.
+        self.count = 0
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._blob)
+
+    def add(self, frames: list[Any]) -> None:
+        """Copy one object's frames (as :func:`dumps` made them) into the batch."""
+        blob = self._blob
+        lengths = self._lengths
+        lengths.append(len(frames))
+        for frame in frames:
+            pad = -len(blob) % _ALIGN
+            if pad:
+                blob += b"\0" * pad
+            start = len(blob)
+            blob += frame
+            lengths.append(len(blob) - start)
+        self.count += 1
+
+    def take(self) -> tuple[bytes, bytearray]:
+        """Return ``(header, blob)`` and start a new, empty batch."""
+        lengths = self._lengths
+        lengths[0] = self.count
+        header = array("Q", lengths).tobytes()
+        blob = self._blob
+        self._blob = bytearray()
+        self._lengths = [0]
+        self.count = 0
+        return header, blob
+
+
+def unpack_batch(header: Any, blob: Any) -> list[Any]:
+    """Rebuild the objects of a batch (arrays are views of ``blob``)."""
+    lengths = memoryview(header).cast("B").cast("Q")
+    view = memoryview(blob)
+    out = []
+    pos = 1
+    offset = 0
+    for _ in range(lengths[0]):
+        n = lengths[pos]
+        pos += 1
+        frames = []
+        for length in lengths[pos : pos + n]:
+            offset += -offset % _ALIGN
+            frames.append(view[offset : offset + length])
+            offset += length
+        pos += n
+        out.append(pickle.loads(frames[0], buffers=frames[1:]))
+    return out

@@ -38,8 +38,10 @@ def test_transports_json_lists_builtins_with_capabilities(capsys):
     assert rows["thread"]["crosses_processes"] is False and rows["thread"]["zero_copy"] is True
     assert rows["zmq"]["crosses_processes"] is True
     assert rows["zmq"]["distribution"] == "flowplug" and rows["zmq"]["version"] == fp.__version__
-    (hwm,) = rows["zmq"]["options"]
-    assert (hwm["name"], hwm["type"], hwm["default"]) == ("hwm", "int", 0) and hwm["help"]
+    options = {o["name"]: o for o in rows["zmq"]["options"]}
+    assert [o.name for o in fp.get_transport("zmq").options] == list(options)
+    hwm = options["hwm"]
+    assert (hwm["type"], hwm["default"]) == ("int", 0) and hwm["help"]
     assert data["broken"] == [] and data["conflicts"] == []
 
 
@@ -90,13 +92,19 @@ def test_config_json(capsys, tmp_path):
     assert data["files"] == [source]
     assert data["settings"]["transport"] == {"value": "queue", "source": source}
     assert data["settings"]["timeout"] == {"value": None, "source": "default"}
-    assert data["transports"] == {"queue": {}}
+    declared = fp.get_transport("queue").options
+    assert data["transports"] == {
+        "queue": {o.name: {"value": o.default, "source": "default"} for o in declared}
+    }
 
 
 def test_config_shows_the_selected_transports_declared_options(capsys):
     code, out, _ = run(capsys, "config", "--json")
     assert code == 0
-    assert json.loads(out)["transports"] == {"zmq": {"hwm": {"value": 0, "source": "default"}}}
+    declared = fp.get_transport("zmq").options
+    assert json.loads(out)["transports"] == {
+        "zmq": {o.name: {"value": o.default, "source": "default"} for o in declared}
+    }
 
 
 def test_config_file_option(capsys, tmp_path):

@@ -1,12 +1,18 @@
 """ZeroMQ PUSH/PULL over ipc://, with pickle protocol 5 and out-of-band buffers.
 
-Every message is ``[token, pickle stream, buffer...]``. The token is private to the run,
-so bytes from a stranger who connects to the socket are dropped, never unpickled.
-Received numpy arrays are read-only views of the received frames (no extra copy).
+A message is ``[token, b"", pickle stream, buffer...]`` for one object, or
+``[token, header, blob]`` for a batch of small ones (:class:`flowplug.BatchingSender`).
+The token is private to the run, so bytes from a stranger who connects to the socket are
+dropped, never unpickled. Received numpy arrays are read-only views of the received frames.
+
+Large buffers are sent without a copy (``copy=False``); ``send()`` returns once zmq has
+handed them to the kernel (a ``MessageTracker``), because the worker may refill the same
+array as soon as ``send()`` returns.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 import sys
@@ -16,7 +22,7 @@ from typing import Any
 import zmq
 
 import flowplug
-from flowplug.serialize import dumps, loads
+from flowplug.serialize import loads, unpack_batch
 
 #: how long a closing worker keeps trying to deliver what it has sent (ms).
 _LINGER_MS = 5000
@@ -36,8 +42,9 @@ def _address(run_id: str) -> str:
     return f"ipc://{path}"
 
 
-class ZmqSender(flowplug.Sender):
-    def __init__(self, address: str, token: bytes, hwm: int):
+class ZmqSender(flowplug.BatchingSender):
+    def __init__(self, address: str, token: bytes, hwm: int, batch: int, batch_delay: float):
+        super().__init__(max_items=batch, max_delay=batch_delay)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.PUSH)
         self._sock.sndhwm = hwm
@@ -46,24 +53,33 @@ class ZmqSender(flowplug.Sender):
         self._token = token
         self._send = self._sock.send_multipart
 
-    def send(self, obj: Any) -> None:
-        frames = dumps(obj)
-        # copy=True: the worker may refill the same array after send() returns.
-        self._send([self._token, *frames])
+    def write_one(self, frames: list[Any]) -> None:
+        if len(frames) == 1:  # no out-of-band buffer: the stream is ours, zmq may keep it
+            self._send([self._token, b"", frames[0]])
+            return
+        # The buffers are the worker's arrays: send them without a copy, and return only
+        # once zmq is done with them, since the worker may refill them right after.
+        tracker = self._send([self._token, b"", *frames], copy=False, track=True)
+        tracker.wait()
 
-    def close(self) -> None:
+    def write_batch(self, header: bytes, blob: bytearray) -> None:
+        self._send([self._token, header, blob], copy=False)
+
+    def release(self) -> None:
         self._sock.close()
         self._ctx.term()
 
 
 class ZmqEndpoint(flowplug.Endpoint):
-    def __init__(self, address: str, token: bytes, hwm: int):
+    def __init__(self, address: str, token: bytes, hwm: int, batch: int, batch_delay: float):
         self.address = address
         self.token = token
         self.hwm = hwm
+        self.batch = batch
+        self.batch_delay = batch_delay
 
     def connect(self, worker_id: int) -> ZmqSender:
-        return ZmqSender(self.address, self.token, self.hwm)
+        return ZmqSender(self.address, self.token, self.hwm, self.batch, self.batch_delay)
 
 
 class ZmqTransport(flowplug.Transport):
@@ -73,6 +89,10 @@ class ZmqTransport(flowplug.Transport):
     options = (
         flowplug.Option(
             "hwm", int, 0, "zmq high-water mark on both sides (0: use the runner's capacity)"
+        ),
+        flowplug.Option("batch", int, 64, "pack up to this many small items per message (1: off)"),
+        flowplug.Option(
+            "batch_delay", float, 0.002, "seconds a small item may wait for its batch to fill"
         ),
     )
 
@@ -94,18 +114,32 @@ class ZmqTransport(flowplug.Transport):
             ) from exc
         self._recv = self._sock.recv_multipart
         self._poll = self._sock.poll
-        return ZmqEndpoint(self.address, self._token, hwm)
+        self._ready: collections.deque[Any] = collections.deque()
+        return ZmqEndpoint(
+            self.address,
+            self._token,
+            hwm,
+            max(1, self.settings.get("batch", 64)),
+            self.settings.get("batch_delay", 0.002),
+        )
 
     def recv(self, timeout: float) -> Any:
+        if self._ready:
+            return self._ready.popleft()
         try:
             frames = self._recv(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             if not self._poll(timeout * 1000):
                 return flowplug.EMPTY
             frames = self._recv(copy=False)
-        if frames[0].bytes != self._token:
+        if frames[0].bytes != self._token or len(frames) < 3:
             return flowplug.EMPTY  # not from our workers: never unpickle a stranger's bytes
-        return loads(frames[1:])
+        header = frames[1].buffer
+        if not header:
+            return loads(frames[2:])
+        ready = self._ready
+        ready.extend(unpack_batch(header, frames[2].buffer))
+        return ready.popleft()
 
     def close(self) -> None:
         sock = getattr(self, "_sock", None)

@@ -1,0 +1,100 @@
+"""Check the speed targets of the benchmark issue against a ``flowplug bench --json`` file.
+
+Usage: ``python benchmarks/targets.py bench-full.json``. Prints each target as met / not
+met / not measured, with the numbers. The exit status is 0 either way: on a shared,
+noisy machine a target is a measurement to report, not a test to fail.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from typing import Any
+
+
+def main(path: str) -> None:
+    with open(path) as f:
+        result = json.load(f)
+    rows = [r for r in result["rows"] if r.get("status") == "ok"]
+    index = {(r["system"], r["payload"], r["workers"], r["touch"]): r for r in rows}
+    print(f"targets ({path}; load average at the start: {result['machine']['load_average']})")
+
+    def rate(system: str, payload: str, workers: int, touch: bool = False) -> float | None:
+        row = index.get((system, payload, workers, touch))
+        return None if row is None else row["items_per_s"]
+
+    def ratio(a: str, b: str, payload: str, workers: int, goal: float, name: str) -> None:
+        x, y = rate(a, payload, workers), rate(b, payload, workers)
+        if x is None or y is None:
+            missing = a if x is None else b
+            print(f"  NOT MEASURED  {name}: no row for {missing} {payload} w={workers}")
+            return
+        verdict = "met" if x / y >= goal else "NOT MET"
+        print(
+            f"  {verdict:<12}  {name}: {x / y:.2f}x (goal {goal:g}x; {x:,.0f} vs {y:,.0f} items/s)"
+        )
+
+    ratio("fp-shm", "tp-zmq", "xl", 1, 3, "xl, 1 worker: shm vs tp MultiProcessRunnerZMQ")
+    ratio("fp-shm", "torch", "xl", 1, 4, "xl, 1 worker: shm vs torch DataLoader")
+    ratio("fp-shm", "tp-zmq", "large", 2, 4, "large, 2 workers: shm vs tp MultiProcessRunnerZMQ")
+    process = [r for r in rows if r["kind"] == "flowplug" and r["counterpart"] != "tp-thread"]
+    best = max(
+        (r for r in process if (r["payload"], r["workers"], r["touch"]) == ("small", 1, False)),
+        key=lambda r: r["items_per_s"],
+        default=None,
+    )
+    if best is None:
+        print("  NOT MEASURED  small, 1 worker: no flowplug process transport row")
+    else:
+        ratio(best["system"], "tp-zmq", "small", 1, 1.5, f"small, 1 worker: best ({best['label']})")
+
+    losses = [r for r in rows if r.get("vs_counterpart") is not None and r["vs_counterpart"] < 1]
+    compared = [r for r in rows if r.get("vs_counterpart") is not None]
+    verdict = "met" if compared and not losses else "NOT MET" if losses else "NOT MEASURED"
+    worst = min(compared, key=lambda r: r["vs_counterpart"], default=None)
+    print(
+        f"  {verdict:<12}  every transport >= its tensorpack counterpart: {len(compared)} rows"
+        + (f", worst {_where(worst)} {worst['vs_counterpart']:.2f}x" if worst else "")
+    )
+    for r in losses:
+        print(f"                  below: {_where(r)} {r['vs_counterpart']:.2f}x")
+
+    bare = [
+        (r, index.get(("pyzmq", r["payload"], r["workers"], r["touch"])))
+        for r in rows
+        if r["system"] == "fp-zmq"
+    ]
+    pairs = [(r, b, r["items_per_s"] / b["items_per_s"]) for r, b in bare if b is not None]
+    if pairs:
+        worst_pair = min(pairs, key=lambda p: p[2])
+        verdict = "met" if worst_pair[2] >= 0.9 else "NOT MET"
+        print(
+            f"  {verdict:<12}  zmq >= 0.9x bare pyzmq: {len(pairs)} rows, worst "
+            f"{_where(worst_pair[0])} {worst_pair[2]:.2f}x"
+        )
+        for r, _, x in pairs:
+            if x < 0.9:
+                print(f"                  below: {_where(r)} {x:.2f}x")
+    else:
+        print("  NOT MEASURED  zmq >= 0.9x bare pyzmq")
+
+    tp_start = [r["startup_s"] for r in rows if r["system"] == "tp-zmq"]
+    if tp_start:
+        reference = statistics.median(tp_start)
+        for system in sorted({r["system"] for r in rows if r["kind"] == "flowplug"}):
+            mine = statistics.median(r["startup_s"] for r in rows if r["system"] == system)
+            verdict = "met" if mine <= reference else "NOT MET"
+            print(
+                f"  {verdict:<12}  startup {system}: median {mine * 1000:.0f} ms vs "
+                f"tp MultiProcessRunnerZMQ {reference * 1000:.0f} ms"
+            )
+
+
+def _where(row: dict[str, Any]) -> str:
+    touch = " touch" if row["touch"] else ""
+    return f"{row['label']} {row['payload']} w={row['workers']}{touch}"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

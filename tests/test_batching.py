@@ -1,0 +1,103 @@
+"""Small-item batching: the core BatchingSender and the batch format, and what the
+Runner shows of it (nothing: order kept, stalled dataflows still deliver)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import flowplug as fp
+from flowplug.serialize import Batch, dumps, loads, unpack_batch
+from flowplug.testing.contract import assert_same
+
+
+class Recording(fp.BatchingSender):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.messages: list[list] = []
+        self.written = threading.Event()
+
+    def write_one(self, frames):
+        self.messages.append([loads([bytes(f) for f in frames])])
+        self.written.set()
+
+    def write_batch(self, header, blob):
+        self.messages.append(unpack_batch(header, bytes(blob)))
+        self.written.set()
+
+
+def test_batch_round_trips_objects_with_aligned_arrays():
+    objs = [1, "x" * 100, {"a": np.arange(5000.0)}, np.arange(3, dtype=np.int8), (None, b"z")]
+    batch = Batch()
+    for obj in objs:
+        batch.add(dumps(obj))
+    assert batch.count == len(objs)
+    header, blob = batch.take()
+    assert batch.count == 0 and batch.nbytes == 0
+    got = unpack_batch(header, bytes(blob))
+    for g, w in zip(got, objs, strict=True):
+        assert_same(g, w)
+    assert got[2]["a"].flags.aligned
+
+
+def test_sender_packs_up_to_max_items_and_keeps_order_around_large_items():
+    sender = Recording(max_items=3, max_delay=60)
+    big = np.arange(100_000, dtype=np.int64)  # larger than item_max: sent alone
+    for obj in [0, 1, 2, 3, big, 4]:
+        sender.send(obj)
+    sender.close()
+    assert [len(m) for m in sender.messages] == [3, 1, 1, 1]
+    flat = [x for m in sender.messages for x in m]
+    assert flat[:4] == [0, 1, 2, 3] and flat[5] == 4
+    np.testing.assert_array_equal(flat[4], big)
+
+
+def test_sender_flushes_a_waiting_batch_without_another_send():
+    sender = Recording(max_items=64, max_delay=0.01)
+    sender.send("lonely")
+    assert sender.written.wait(10), "the timer never flushed the batch"
+    assert sender.messages == [["lonely"]]
+    sender.close()
+
+
+def test_batching_off_sends_each_item_alone():
+    sender = Recording(max_items=1)
+    for i in range(3):
+        sender.send(i)
+    sender.close()
+    assert sender.messages == [[0], [1], [2]]
+
+
+class StallAfterOne(fp.DataFlow):
+    """Yield one small item, then stall: longer than the runner's timeout, far longer than
+    a batch may wait. Without the timer flush, "first" would only leave with "later"."""
+
+    def __iter__(self):
+        yield "first"
+        time.sleep(3)
+        yield "later"
+
+
+@pytest.mark.parametrize("transport", sorted(fp.available_transports()))
+def test_a_stalled_dataflow_still_delivers(transport):
+    with fp.Runner(StallAfterOne(), transport=transport, timeout=2) as runner:
+        assert next(iter(runner)) == "first"
+
+
+class Mixed(fp.DataFlow):
+    def __len__(self):
+        return 40
+
+    def __iter__(self):
+        for i in range(40):
+            yield np.full(50_000, i, dtype=np.int32) if i % 7 == 0 else i
+
+
+@pytest.mark.parametrize("transport", sorted(fp.available_transports()))
+def test_one_worker_keeps_order_across_batched_and_large_items(transport):
+    with fp.Runner(Mixed(), transport=transport, num_workers=1) as runner:
+        got = list(runner)
+    assert [int(x[0]) if isinstance(x, np.ndarray) else x for x in got] == list(range(40))

@@ -1,0 +1,59 @@
+"""``flowplug bench`` runs from an installed flowplug and prints a table (no speed asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import flowplug as fp
+from flowplug import bench
+from flowplug.bench import systems
+from flowplug.cli import main
+
+
+def test_quick_bench_prints_a_table_with_measured_rows(capsys):
+    assert main(["bench", "--quick", "--peers", "pyzmq", "-p", "small"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["system", "payload"]
+    default = f"flowplug {fp.Runner(fp.DataFromList([0])).transport_name}"
+    for label in (default, "pyzmq PUSH/PULL pickle5", "memcpy (np.copyto, 1 core)"):
+        (row,) = [line for line in lines if line.startswith(label)]
+        items_per_s = row[len(label) :].split()[2]  # after payload and workers
+        assert float(items_per_s.replace(",", "")) > 0, row
+
+
+def test_json_rows_have_every_measure_and_ratios(capsys):
+    assert main(["bench", "--quick", "--peers", "none", "-p", "medium", "--json", "-"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"memcpy", f"fp-{result['config']['transports'][0]}"}
+    row = rows[f"fp-{result['config']['transports'][0]}"]
+    assert row["status"] == "ok", row
+    assert row["nbytes"] == 64 * 1024
+    assert row["startup_s"] > 0 and row["peak_rss_mb"] > 0 and len(row["rates"]) == 1
+    assert row["vs_memcpy"] == pytest.approx(row["gb_per_s"] / rows["memcpy"]["gb_per_s"])
+    assert result["machine"]["cpus"] >= 1
+
+
+def test_a_missing_peer_is_reported_not_faked(monkeypatch):
+    absent = systems.System("torch DataLoader", "peer", ("no_such_module_fp",), "pip install x")
+    monkeypatch.setitem(systems.PEERS, "torch", absent)
+    config = bench.BenchConfig(transports=[], peers=["torch"], payloads=["small"], repeats=1)
+    (memcpy, row) = bench.plan(config)
+    assert memcpy["system"] == "memcpy"
+    result = bench.run(
+        bench.BenchConfig(
+            transports=[], peers=["torch"], payloads=["small"], warmup=0.01, seconds=0.01
+        )
+    )
+    (row,) = [r for r in result["rows"] if r["system"] == "torch"]
+    assert row["status"].startswith("not installed") and "no_such_module_fp" in row["status"]
+    assert "items_per_s" not in row and row["vs_counterpart"] is None
+    assert "not installed" in bench.table(result["rows"])
+
+
+def test_unknown_peer_is_a_usage_error(capsys):
+    assert main(["bench", "--quick", "--peers", "tensorflow"]) == 1
+    assert "unknown peer 'tensorflow'" in capsys.readouterr().err
