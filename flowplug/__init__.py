@@ -6,9 +6,11 @@ from .errors import (
     ConfigError,
     DataTooLarge,
     FlowplugError,
+    ObjectNotFound,
     PluginError,
     RunnerTimeout,
     StateError,
+    StoreFull,
     TransportClosed,
     TransportNotFound,
     UnknownLength,
@@ -23,6 +25,16 @@ from .worker import WorkerInfo, worker_info
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # flowplug.shm needs numpy; load it on first use so that `import flowplug` stays light.
+    if name == "shm":
+        import importlib
+
+        return importlib.import_module(".shm", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "EMPTY",
     "ConfigError",
@@ -33,12 +45,14 @@ __all__ = [
     "DataTooLarge",
     "Endpoint",
     "FlowplugError",
+    "ObjectNotFound",
     "Option",
     "PluginError",
     "Runner",
     "RunnerTimeout",
     "Sender",
     "StateError",
+    "StoreFull",
     "Transport",
     "TransportClosed",
     "TransportNotFound",
@@ -51,5 +65,6 @@ __all__ = [
     "hookimpl",
     "parse_size",
     "reload_plugins",
+    "shm",
     "worker_info",
 ]
