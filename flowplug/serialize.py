@@ -15,11 +15,9 @@ from typing import Any
 OUT_OF_BAND_MIN = 8 * 1024
 
 
-def dumps(obj: Any, out_of_band_min: int = OUT_OF_BAND_MIN) -> list[Any]:
+def dumps(obj: Any) -> list[Any]:
     """Serialize ``obj`` into ``[stream, buffer, ...]``.
 
-    :param out_of_band_min: buffers smaller than this go into the stream; 0 puts every
-        buffer out of band (a shared-memory store wants every array as a view).
     :raises TypeError: ``obj`` holds something that cannot be pickled; the message
         names the datapoint's type and the original error.
     """
@@ -27,7 +25,7 @@ def dumps(obj: Any, out_of_band_min: int = OUT_OF_BAND_MIN) -> list[Any]:
 
     def keep_large(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
-        if raw.nbytes < out_of_band_min:
+        if raw.nbytes < OUT_OF_BAND_MIN:
             return True  # true means: serialize in-band
         buffers.append(raw)
         return False

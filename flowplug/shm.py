@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import errno
 import fcntl
+import io
 import mmap
 import os
 import pickle
@@ -51,7 +52,6 @@ import numpy as np
 from .config import parse_size
 from .dataflow import DataFlow
 from .errors import ConfigError, DataTooLarge, ObjectNotFound, StateError, StoreFull
-from .serialize import dumps
 
 __all__ = [
     "DEFAULT_SIZE",
@@ -61,6 +61,7 @@ __all__ = [
     "PutData",
     "current_store",
     "default_dir",
+    "dumps",
     "empty",
     "sweep_stale",
     "use_store",
@@ -103,6 +104,50 @@ _GETLK = fcntl.F_OFD_GETLK if _OFD else fcntl.F_GETLK
 _MAX_WAIT_STEP = 0.002
 #: how often a waiting producer checks that the store's owner is still alive (s).
 _OWNER_CHECK = 0.5
+
+
+class _Pickler(pickle.Pickler):
+    """Protocol 5; numpy arrays that numpy would pickle in-band go out of band as bytes."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        # numpy pickles datetime/timedelta arrays (no buffer format) and non-contiguous
+        # arrays into the stream; as raw bytes they too come back as views of the store.
+        if type(obj) is not np.ndarray or obj.dtype.hasobject or obj.size == 0:
+            return NotImplemented
+        if obj.dtype.kind not in "mM" and (obj.flags.c_contiguous or obj.flags.f_contiguous):
+            return NotImplemented  # numpy's own protocol-5 reduce is out of band already
+        order = "F" if obj.flags.f_contiguous and not obj.flags.c_contiguous else "C"
+        if not (obj.flags.c_contiguous or obj.flags.f_contiguous):
+            obj = np.ascontiguousarray(obj)
+        raw = obj.reshape(-1, order=order).view(np.uint8)
+        return _rebuild_array, (pickle.PickleBuffer(raw), obj.dtype, obj.shape, order)
+
+
+def _rebuild_array(buf: Any, dtype: Any, shape: tuple[int, ...], order: str) -> Any:
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)  # type: ignore[call-overload]
+
+
+def dumps(obj: Any) -> list[Any]:
+    """Pickle ``obj`` for a store: ``[stream, buffer, ...]`` with every buffer out of band.
+
+    As :func:`flowplug.serialize.dumps`, except that no buffer is too small to go out of
+    band and numpy arrays of every dtype and layout do, so that all of them come back as
+    views. :meth:`ObjectStore.put_frames` stores the result.
+
+    :raises TypeError: ``obj`` cannot be pickled; names the datapoint's type.
+    """
+    buffers: list[Any] = []
+    out = io.BytesIO()
+
+    def out_of_band(buf: pickle.PickleBuffer) -> bool:
+        buffers.append(buf.raw())
+        return False
+
+    try:
+        _Pickler(out, protocol=5, buffer_callback=out_of_band).dump(obj)
+    except Exception as exc:
+        raise TypeError(f"datapoint of type {type(obj).__name__} cannot be pickled: {exc}") from exc
+    return [out.getvalue(), *buffers]
 
 
 def _lock(fd: int, byte: int, kind: int, wait: bool = True) -> bool:
@@ -392,10 +437,10 @@ class ObjectStore:
         :raises flowplug.StateError: the store is closed.
         :raises TypeError: ``obj`` cannot be pickled.
         """
-        return self.put_frames(dumps(obj, out_of_band_min=0), timeout=timeout)
+        return self.put_frames(dumps(obj), timeout=timeout)
 
     def put_frames(self, frames: list[Any], *, timeout: float | None = None) -> ObjectID:
-        """Store what :func:`flowplug.serialize.dumps` made: ``[stream, buffer, ...]``.
+        """Store what :func:`dumps` made: ``[stream, buffer, ...]``.
 
         For a transport that pickles once and decides where the frames go.
         """

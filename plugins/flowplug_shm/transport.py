@@ -26,8 +26,7 @@ from typing import Any
 import zmq
 
 import flowplug
-from flowplug.serialize import dumps
-from flowplug.shm import DEFAULT_SIZE, ObjectID, ObjectStore, use_store
+from flowplug.shm import DEFAULT_SIZE, ObjectID, ObjectStore, dumps, use_store
 
 #: how long a closing worker keeps trying to deliver what it has sent (ms).
 _LINGER_MS = 5000
@@ -64,7 +63,7 @@ class ShmSender(flowplug.Sender):
         self._send(token + _HELLO)
 
     def send(self, obj: Any) -> None:
-        frames = dumps(obj, out_of_band_min=0)
+        frames = dumps(obj)
         if len(frames) == 1 and len(frames[0]) <= INLINE_MAX:
             self._send(self._inline + frames[0])
             return
