@@ -413,3 +413,39 @@ def test_forked_child_does_not_remove_or_free_the_parents_store(store):
     assert proc.exitcode == 0
     assert os.path.exists(store.name) and store.used == used
     assert kept[-1] == 49_999
+
+
+# ------------------------------------------------------------------ dataflow wrappers
+
+
+class Images(fp.DataFlow):
+    def __len__(self) -> int:
+        return 6
+
+    def __iter__(self):
+        for i in range(6):
+            yield {"image": np.full((64, 64, 3), i, np.uint8), "label": i}
+
+
+@pytest.mark.parametrize(
+    ("transport", "method"), [("zmq", "fork"), ("zmq", "spawn"), ("queue", "fork")]
+)
+def test_put_early_get_late_through_any_transport(store, transport, method):
+    # Only the small ids cross the transport; the images are views of the store.
+    df = shm.PutData(Images(), store)
+    with fp.Runner(df, transport=transport, num_workers=2, start_method=method) as runner:
+        got = list(shm.GetData(runner, store))
+        assert len(got) == 6
+        for dp in got:
+            assert dp["image"].shape == (64, 64, 3) and (dp["image"] == dp["label"]).all()
+        assert store.used > 6 * 64 * 64 * 3  # the views hold their memory
+    del got, dp
+
+
+def test_put_data_by_store_name_in_the_same_process(store):
+    df = shm.GetData(shm.PutData(Images(), store.name), store.name)
+    df.reset_state()
+    assert [dp["label"] for dp in df] == list(range(6))
+    assert len(df) == 6
+    df.store.close()
+    df.df.store.close()

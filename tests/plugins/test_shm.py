@@ -256,6 +256,32 @@ def test_nothing_stays_in_dev_shm_after_the_consumer_is_killed(iterate):
     assert segments(proc.pid) == []
 
 
+_EXITING = textwrap.dedent(
+    """
+    import numpy as np
+    import flowplug as fp
+
+    runner = fp.Runner(fp.DataFromList([np.ones(1000)]), transport="shm", num_workers=2)
+    runner.reset_state()  # the workers' hellos are never read: the store keeps its name
+    store = fp.shm.ObjectStore("1MiB")
+    view = store.take(store.put(np.ones(1000)))
+    import os
+    print(len([n for n in os.listdir("/dev/shm") if f"-{os.getpid()}-" in n]), flush=True)
+    # no close(): interpreter exit must remove both stores
+    """
+)
+
+
+def test_interpreter_exit_removes_every_store():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _EXITING], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == "2"  # both stores existed while it ran
+    assert segments(proc.pid) == []
+
+
 _TRACKED = textwrap.dedent(
     """
     import numpy as np
