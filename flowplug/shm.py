@@ -87,6 +87,7 @@ _HDR_WORDS = 16
 # a record continues with one (block offset, tag, start, length) per buffer, then the
 # pickle stream, then its own buffers.
 _BLOCK = struct.Struct("<8q")
+_B_MAGIC, _B_REFS, _B_STORED = 0, 3, 4  # the words a block's life changes
 _ENTRY = struct.Struct("<4q")
 _BLOCK_HEADER = 64
 _OID = struct.Struct("<qq")
@@ -510,9 +511,11 @@ class ObjectStore:
         self._acquire()
         try:
             at, nbufs, _ = self._stored_record(oid)
-            self._write_word(oid.offset, 4, 0)
+            self._write_word(oid.offset, _B_STORED, 0)
             for i in range(nbufs):
-                boff, btag, _, _ = _ENTRY.unpack_from(self._mm, at + _BLOCK_HEADER + i * 32)
+                boff, btag, _, _ = _ENTRY.unpack_from(
+                    self._mm, at + _BLOCK_HEADER + i * _ENTRY.size
+                )
                 if boff != oid.offset:
                     self._unref(boff, btag)
             self._unref(oid.offset, oid.tag)
@@ -704,8 +707,8 @@ class ObjectStore:
                 got = self._alloc(need, kind)
                 if got is not None:
                     for boff, _ in external:
-                        refs = self._block(boff)[3]
-                        self._write_word(boff, 3, refs + 1)
+                        refs = self._block(boff)[_B_REFS]
+                        self._write_word(boff, _B_REFS, refs + 1)
                     return got
                 seen = int(self._hdr[_H_FREES])
             finally:
@@ -787,9 +790,9 @@ class ObjectStore:
         if magic != _BLOCK_MAGIC or btag != tag:
             return  # pragma: no cover - the block went already; nothing to do
         if refs > 1:
-            self._write_word(off, 3, refs - 1)
+            self._write_word(off, _B_REFS, refs - 1)
             return
-        self._write_word(off, 0, 0)  # no longer a block: a stale id finds nothing
+        self._write_word(off, _B_MAGIC, 0)  # no longer a block: a stale id finds nothing
         self._free(off, nbytes)
 
     def _drop_view(self, off: int, tag: int) -> None:
@@ -801,7 +804,7 @@ class ObjectStore:
     def _stored_record(self, oid: ObjectID) -> tuple[int, int, int]:
         """Check ``oid`` names a stored object; returns (file position, nbufs, stream_len)."""
         off = oid.offset
-        if 0 <= off <= self.size - _BLOCK_HEADER:
+        if 0 <= off <= self.size - _BLOCK_HEADER and off % ALIGN == 0:
             magic, tag, _, _, stored, kind, nbufs, stream_len = self._block(off)
             if magic == _BLOCK_MAGIC and tag == oid.tag and stored and kind == _RECORD:
                 return self._data + off, nbufs, stream_len
@@ -823,7 +826,7 @@ class ObjectStore:
         if magic != _BLOCK_MAGIC or btag != tag:
             raise ObjectNotFound(f"block {off} of {self.name} is gone")  # pragma: no cover
         if not transfer:
-            self._write_word(off, 3, refs + 1)
+            self._write_word(off, _B_REFS, refs + 1)
         view = np.frombuffer(self._mm, np.uint8, count=nbytes, offset=self._data + off)  # type: ignore[call-overload]
         weakref.finalize(view, self._view_died, off, tag, self._pid).atexit = False
         self._local[off] = (weakref.ref(view), tag)
@@ -870,7 +873,7 @@ class ObjectStore:
                 own = own or is_own
                 buffers.append(block[begin : begin + length])
             if consume:
-                self._write_word(oid.offset, 4, 0)
+                self._write_word(oid.offset, _B_STORED, 0)
                 if not own:
                     self._unref(oid.offset, oid.tag)  # nothing refers to the record itself
         finally:

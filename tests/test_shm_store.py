@@ -449,3 +449,67 @@ def test_put_data_by_store_name_in_the_same_process(store):
     assert len(df) == 6
     df.store.close()
     df.df.store.close()
+
+
+# ------------------------------------------------------------------ concurrency
+
+
+def _racing_producer(store: shm.ObjectStore, q, wid: int, n: int) -> None:
+    rng = random.Random(wid)
+    for i in range(n):
+        k = rng.randrange(1, 60_000)
+        fill = (wid * 31 + i) % 251
+        if rng.random() < 0.3:
+            with shm.use_store(store):
+                a = shm.empty(k, np.uint8)
+            a[:] = fill
+            q.put(store.put({"a": a, "half": a[: k // 2], "fill": fill}))
+        else:
+            q.put(store.put({"a": np.full(k, fill, np.uint8), "fill": fill}))
+    q.put(None)
+
+
+def test_processes_put_while_threads_take_and_drop_views(store):
+    ctx = mp.get_context("fork")
+    q = ctx.Queue(64)
+    producers = [ctx.Process(target=_racing_producer, args=(store, q, w, 800)) for w in range(3)]
+    for p in producers:
+        p.start()
+    errors: list = []
+    kept: list = []
+    finished = [0]
+    guard = threading.Lock()
+
+    def consumer() -> None:
+        rng = random.Random()
+        while True:
+            oid = q.get()
+            if oid is None or oid == "end":
+                with guard:
+                    finished[0] += oid is None
+                    if finished[0] == 3 or oid == "end":
+                        q.put("end")
+                        return
+                continue
+            dp = store.take(oid)
+            if not (dp["a"] == dp["fill"]).all():
+                errors.append(dp["fill"])
+            with guard:
+                if rng.random() < 0.05:
+                    kept.append(dp)
+                if len(kept) > 20:
+                    kept.pop(0)
+
+    threads = [threading.Thread(target=consumer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for p in producers:
+        p.join(10)
+    q.close()
+    q.join_thread()
+    assert not errors
+    assert all((dp["a"] == dp["fill"]).all() for dp in kept)
+    kept.clear()
+    assert store.used == 0  # every reference came back
