@@ -11,6 +11,11 @@ training loop that stages batches for the GPU would). The memcpy line is ``np.co
 between two 4.8 MB arrays on one core, measured in the same run; ``memcpy-cold`` copies
 into 64 rotating destinations (300 MB), closer to a store whose blocks are not in cache.
 Each figure is the median of ``--runs`` runs. Not a test: the machine is shared and noisy.
+
+On a loaded machine the wall-clock rates swing with scheduling; the CPU columns do not:
+microseconds of CPU per batch spent by the consumer and by all workers together (psutil),
+and ``worker GB/cpu-s``, the bytes a worker moves per second of its own CPU, which is the
+figure to hold against memcpy's GB/s.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import statistics
 import time
 
 import numpy as np
+import psutil
 
 import flowplug as fp
 
@@ -50,15 +56,31 @@ def memcpy_rate(seconds: float, cold: bool) -> float:
     return n / (time.perf_counter() - start)
 
 
-def transport_rate(transport: str, workers: int, seconds: float, read: bool) -> float:
-    """Batches per second the consumer receives."""
+def _cpu(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def transport_rate(
+    transport: str, workers: int, seconds: float, read: bool
+) -> tuple[float, float, float]:
+    """(batches per second received, consumer CPU s per batch, workers' CPU s per batch)."""
     out = np.empty(SHAPE, np.uint8)
+    me = psutil.Process()
     with fp.Runner(Batches(), transport=transport, num_workers=workers) as runner:
         it = iter(runner)
         warm = time.perf_counter()
         while time.perf_counter() - warm < min(1.0, seconds / 2):
             next(it)
+        kids = me.children(recursive=True)
         n, start = 0, time.perf_counter()
+        cpu0, kids0 = time.process_time(), _cpu(kids)
         while time.perf_counter() - start < seconds:
             dp = next(it)
             if read:
@@ -68,8 +90,9 @@ def transport_rate(transport: str, workers: int, seconds: float, read: bool) -> 
             del dp
             n += 1
         elapsed = time.perf_counter() - start
+        cpu, kids_cpu = time.process_time() - cpu0, _cpu(kids) - kids0
         it.close()
-    return n / elapsed
+    return n / elapsed, cpu / n, kids_cpu / n
 
 
 def main() -> None:
@@ -80,29 +103,36 @@ def main() -> None:
     parser.add_argument("--workers", nargs="*", type=int, default=[1, 2])
     args = parser.parse_args()
 
-    rows: list[tuple[str, float]] = []
+    med = statistics.median
+    print(f"batch {SHAPE} uint8 = {NBYTES / 1e6:.2f} MB; median of {args.runs} runs")
+    print(
+        "| what | items/s | GB/s | vs memcpy | consumer CPU µs/item | workers CPU µs/item "
+        "| worker GB/cpu-s | runs (items/s) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    memcpy = 0.0
     for cold in (False, True):
-        rate = statistics.median(memcpy_rate(args.seconds, cold) for _ in range(args.runs))
-        rows.append(("np.copyto, 1 core" + (" (cold dst)" if cold else ""), rate))
-    memcpy = rows[0][1]
+        rate = med(memcpy_rate(args.seconds, cold) for _ in range(args.runs))
+        memcpy = memcpy or rate
+        what = "np.copyto, 1 core" + (" (cold dst)" if cold else "")
+        gbs = rate * NBYTES / 1e9
+        print(f"| {what} | {rate:.0f} | {gbs:.2f} | {rate / memcpy:.0%} | | {1e6 / rate:.0f} "
+              f"| {gbs:.2f} | |")  # fmt: skip
     for consumer in ("view", "read"):
         for workers in args.workers:
             for name in args.transports:
-                rates = [
+                runs = [
                     transport_rate(name, workers, args.seconds, consumer == "read")
                     for _ in range(args.runs)
                 ]
-                rows.append((f"{name}, {workers} worker(s), consumer {consumer}s", rates))
-
-    print(f"batch {SHAPE} uint8 = {NBYTES / 1e6:.2f} MB; median of {args.runs} runs")
-    print("| what | items/s | GB/s | vs memcpy | runs (items/s) |")
-    print("|---|---:|---:|---:|---|")
-    for what, value in rows:
-        runs = value if isinstance(value, list) else [value]
-        rate = statistics.median(runs)
-        gbs = rate * NBYTES / 1e9
-        spread = ", ".join(f"{r:.0f}" for r in runs) if isinstance(value, list) else ""
-        print(f"| {what} | {rate:.0f} | {gbs:.2f} | {rate / memcpy:.0%} | {spread} |")
+                rate = med(r[0] for r in runs)
+                cons, work = med(r[1] for r in runs), med(r[2] for r in runs)
+                spread = ", ".join(f"{r[0]:.0f}" for r in runs)
+                print(
+                    f"| {name}, {workers} worker(s), consumer {consumer}s | {rate:.0f} "
+                    f"| {rate * NBYTES / 1e9:.2f} | {rate / memcpy:.0%} | {cons * 1e6:.0f} "
+                    f"| {work * 1e6:.0f} | {NBYTES / work / 1e9:.2f} | {spread} |"
+                )
 
 
 if __name__ == "__main__":
