@@ -238,18 +238,24 @@ def _max_extents(size: int) -> int:
     return max(256, min(65536, size // 4096))
 
 
-def _check_room(where: str, total: int, size: int, dir_given: bool) -> None:
+def _check_room(where: str, total: int, size: int, dir_given: bool, force: bool = False) -> None:
+    """Raise a ConfigError that says how to fix it when ``where`` has no room for ``total``.
+
+    :param force: raise even if statvfs reports room (the kernel said ENOSPC anyway).
+    """
     try:
         st = os.statvfs(where)
     except OSError as exc:
         raise ConfigError(f"cannot use {where!r} for a shared-memory store: {exc}") from exc
     free = st.f_bavail * st.f_frsize
-    if total <= free:
+    if total <= free and not force:
         return
-    msg = (
-        f"the shared-memory store needs {_fmt(total)} in {where}, but only {_fmt(free)} "
-        f"of {_fmt(st.f_blocks * st.f_frsize)} is free. "
-    )
+    of = _fmt(st.f_blocks * st.f_frsize)
+    if force:
+        msg = f"no space left to reserve {_fmt(total)} in {where} ({_fmt(free)} of {of} free). "
+    else:
+        msg = f"the shared-memory store needs {_fmt(total)} in {where}, but only {_fmt(free)} "
+        msg += f"of {of} is free. "
     if where == "/dev/shm" and not dir_given:
         msg += (
             "Docker gives containers a 64 MB /dev/shm: run the container with "
@@ -311,6 +317,9 @@ class ObjectStore:
     :param size: bytes for objects, an int or a string such as ``"1GiB"``.
     :param dir: the directory of the store's file: ``/dev/shm`` (memory) by default; a
         directory on disk gives a file-backed store, when ``/dev/shm`` is too small.
+    :param reserve: allocate all of ``size`` now. Memory in ``/dev/shm`` is otherwise taken
+        as it is first written, and if other programs fill ``/dev/shm`` meanwhile, the
+        writer dies of SIGBUS; reserved, the store fails here or never.
     :raises flowplug.ConfigError: ``dir`` has not enough free space for ``size``.
 
     Example::
@@ -323,7 +332,9 @@ class ObjectStore:
     name: str
     size: int
 
-    def __init__(self, size: int | str = DEFAULT_SIZE, *, dir: str | None = None):
+    def __init__(
+        self, size: int | str = DEFAULT_SIZE, *, dir: str | None = None, reserve: bool = False
+    ):
         size = _align(parse_size(size))
         if size <= 0:
             raise ConfigError(f"a shared-memory store needs a positive size, got {size!r}")
@@ -340,6 +351,13 @@ class ObjectStore:
         try:
             _lock(fd, _OWNER_ALIVE, fcntl.F_WRLCK)
             os.ftruncate(fd, total)
+            if reserve:
+                try:
+                    os.posix_fallocate(fd, 0, total)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    _check_room(where, total, size, dir is not None, force=True)
             mm = mmap.mmap(fd, total)
             hdr = np.frombuffer(mm, np.int64, count=_HDR_WORDS)
             hdr[_H_VERSION] = _VERSION
@@ -674,7 +692,8 @@ class ObjectStore:
 
     def _view_died(self, off: int, tag: int, pid: int) -> None:
         # Runs when the last reference to a block view goes, in any thread, maybe inside
-        # another store operation of this thread (gc): never block, never raise.
+        # another store operation of this thread (gc): never wait for our own thread lock
+        # (the holder applies the release), never raise.
         if pid != os.getpid() or self._closed:
             return
         self._pending.append((off, tag))

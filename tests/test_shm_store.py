@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import multiprocessing as mp
 import os
@@ -319,6 +320,25 @@ def test_a_file_backed_store_in_another_directory(tmp_path):
         got = s.take(s.put(np.arange(1000)))
         assert got.sum() == 499_500
         del got
+    assert os.listdir(tmp_path) == []
+
+
+def test_reserve_allocates_the_whole_store_up_front(tmp_path):
+    with shm.ObjectStore("4MiB", dir=str(tmp_path)) as lazy:
+        assert os.stat(lazy.name).st_blocks * 512 < 1 << 20
+    with shm.ObjectStore("4MiB", dir=str(tmp_path), reserve=True) as reserved:
+        assert os.stat(reserved.name).st_blocks * 512 >= 4 << 20
+        assert reserved.take(reserved.put(np.arange(10))).sum() == 45
+
+
+def test_reserve_turns_a_full_dev_shm_into_a_clear_error(monkeypatch, tmp_path):
+    # statvfs said there was room, but by the time we allocate, another program took it.
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(fp.ConfigError, match=r"no space left to reserve.*size=.*dir="):
+        shm.ObjectStore("4MiB", dir=str(tmp_path), reserve=True)
     assert os.listdir(tmp_path) == []
 
 

@@ -114,10 +114,20 @@ class ShmTransport(flowplug.Transport):
             "",
             "directory of the store: '' for /dev/shm; a disk directory for a file-backed store",
         ),
+        flowplug.Option(
+            "reserve",
+            bool,
+            False,
+            "allocate all of size at start: fail then, never with SIGBUS when /dev/shm fills up",
+        ),
     )
 
     def open(self) -> ShmEndpoint:
-        self._store = ObjectStore(self.settings["size"], dir=self.settings["dir"] or None)
+        self._store = ObjectStore(
+            self.settings["size"],
+            dir=self.settings["dir"] or None,
+            reserve=self.settings["reserve"],
+        )
         self._hellos = 0
         self._token = secrets.token_bytes(_TOKEN_LEN)
         self._ctx = zmq.Context()

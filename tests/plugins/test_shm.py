@@ -172,7 +172,7 @@ def test_an_item_larger_than_the_store_fails_clearly_and_keeps_what_was_delivere
 
 def test_size_and_dir_options(tmp_path):
     with fp.Runner(fp.DataFromList([np.arange(10)]), transport="shm", size="2MiB",
-                   dir=str(tmp_path)) as runner:  # fmt: skip
+                   dir=str(tmp_path), reserve="true") as runner:  # fmt: skip
         (got,) = list(runner)
         assert got.sum() == 45
     del got
