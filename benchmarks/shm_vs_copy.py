@@ -101,6 +101,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per cell (median)")
     parser.add_argument("--transports", nargs="*", default=["shm", "zmq", "queue"])
     parser.add_argument("--workers", nargs="*", type=int, default=[1, 2])
+    parser.add_argument(
+        "--consumers", nargs="*", default=["view", "read"], choices=["view", "read"]
+    )
     args = parser.parse_args()
 
     med = statistics.median
@@ -118,7 +121,7 @@ def main() -> None:
         gbs = rate * NBYTES / 1e9
         print(f"| {what} | {rate:.0f} | {gbs:.2f} | {rate / memcpy:.0%} | | {1e6 / rate:.0f} "
               f"| {gbs:.2f} | |")  # fmt: skip
-    for consumer in ("view", "read"):
+    for consumer in args.consumers:
         for workers in args.workers:
             for name in args.transports:
                 runs = [
