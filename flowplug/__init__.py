@@ -1,5 +1,7 @@
 """flowplug: move datapoints from parallel producers to one consumer via pluggable transports."""
 
+from typing import TYPE_CHECKING
+
 from .config import parse_size
 from .dataflow import DataFlow, DataFlowLike, DataFromGenerator, DataFromList
 from .errors import (
@@ -24,6 +26,9 @@ from .transport import EMPTY, Endpoint, Option, Sender, Transport
 from .worker import WorkerInfo, worker_info
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from . import shm
 
 
 def __getattr__(name: str):

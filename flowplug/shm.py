@@ -45,7 +45,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -124,8 +124,8 @@ class _Pickler(pickle.Pickler):
         return _rebuild_array, (pickle.PickleBuffer(raw), obj.dtype, obj.shape, order)
 
 
-def _rebuild_array(buf: Any, dtype: Any, shape: tuple[int, ...], order: str) -> Any:
-    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)  # type: ignore[call-overload]
+def _rebuild_array(buf: Any, dtype: Any, shape: tuple[int, ...], order: Literal["C", "F"]) -> Any:
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
 
 
 def dumps(obj: Any) -> list[Any]:
@@ -530,10 +530,10 @@ class ObjectStore:
         try:
             at, nbufs, _ = self._stored_record(oid)
             self._write_word(oid.offset, _B_STORED, 0)
+            mm = self._mm
+            assert mm is not None
             for i in range(nbufs):
-                boff, btag, _, _ = _ENTRY.unpack_from(
-                    self._mm, at + _BLOCK_HEADER + i * _ENTRY.size
-                )
+                boff, btag, _, _ = _ENTRY.unpack_from(mm, at + _BLOCK_HEADER + i * _ENTRY.size)
                 if boff != oid.offset:
                     self._unref(boff, btag)
             self._unref(oid.offset, oid.tag)
@@ -553,7 +553,9 @@ class ObjectStore:
             self._release()
         return True
 
-    def empty(self, shape: int | tuple[int, ...], dtype: Any = float, order: str = "C") -> Any:
+    def empty(
+        self, shape: int | tuple[int, ...], dtype: Any = float, order: Literal["C", "F"] = "C"
+    ) -> Any:
         """A new uninitialized numpy array in the store's memory.
 
         Fill it in place and :meth:`put` it (or yield it from a dataflow on the ``shm``
@@ -562,10 +564,10 @@ class ObjectStore:
         """
         self._check()
         dtype = np.dtype(dtype)
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        dims: tuple[int, ...] = (shape,) if isinstance(shape, int) else tuple(shape)
+        nbytes = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
         if nbytes == 0:
-            return np.empty(shape, dtype, order=order)
+            return np.empty(dims, dtype, order=order)
         need = _BLOCK_HEADER + _align(nbytes)
         if need > self.size:
             raise DataTooLarge(
@@ -579,7 +581,7 @@ class ObjectStore:
         finally:
             self._release()
         return np.ndarray(
-            shape, dtype, buffer=block[_BLOCK_HEADER : _BLOCK_HEADER + nbytes], order=order
+            dims, dtype, buffer=block[_BLOCK_HEADER : _BLOCK_HEADER + nbytes], order=order
         )
 
     def unlink(self) -> None:
@@ -846,7 +848,9 @@ class ObjectStore:
             raise ObjectNotFound(f"block {off} of {self.name} is gone")  # pragma: no cover
         if not transfer:
             self._write_word(off, _B_REFS, refs + 1)
-        view = np.frombuffer(self._mm, np.uint8, count=nbytes, offset=self._data + off)  # type: ignore[call-overload]
+        mm = self._mm
+        assert mm is not None
+        view = np.frombuffer(mm, np.uint8, count=nbytes, offset=self._data + off)
         weakref.finalize(view, self._view_died, off, tag, self._pid).atexit = False
         self._local[off] = (weakref.ref(view), tag)
         return view
@@ -927,7 +931,7 @@ def use_store(store: ObjectStore | None) -> Iterator[ObjectStore | None]:
         _current.store = previous
 
 
-def empty(shape: int | tuple[int, ...], dtype: Any = float, order: str = "C") -> Any:
+def empty(shape: int | tuple[int, ...], dtype: Any = float, order: Literal["C", "F"] = "C") -> Any:
     """A new numpy array in the current store's shared memory, or in ordinary memory.
 
     In a worker of the ``shm`` transport, the array lives in the transport's store: fill
@@ -936,7 +940,7 @@ def empty(shape: int | tuple[int, ...], dtype: Any = float, order: str = "C") ->
     """
     store = current_store()
     if store is None or store.closed:
-        return np.empty(shape, dtype, order=order)  # type: ignore[call-overload]
+        return np.empty(shape, dtype, order=order)
     return store.empty(shape, dtype, order)
 
 

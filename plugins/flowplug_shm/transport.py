@@ -15,12 +15,14 @@ file, so even a SIGKILL of the consumer leaves nothing in ``/dev/shm``.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -123,7 +125,7 @@ class ShmTransport(flowplug.Transport):
     )
 
     def open(self) -> ShmEndpoint:
-        self._store = ObjectStore(
+        self._store: ObjectStore | None = ObjectStore(
             self.settings["size"],
             dir=self.settings["dir"] or None,
             reserve=self.settings["reserve"],
@@ -131,7 +133,7 @@ class ShmTransport(flowplug.Transport):
         self._hellos = 0
         self._token = secrets.token_bytes(_TOKEN_LEN)
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock: zmq.Socket | None = self._ctx.socket(zmq.PULL)
         self._sock.rcvhwm = self.capacity
         self._sock.linger = 0
         self.address = _address(self.run_id)
@@ -145,7 +147,7 @@ class ShmTransport(flowplug.Transport):
             ) from exc
         self._recv = self._sock.recv
         self._poll = self._sock.poll
-        self._take = self._store.take
+        self._take: Callable[[ObjectID], Any] = self._store.take
         return ShmEndpoint(self._store.name, self.address, self._token, self.capacity)
 
     def recv(self, timeout: float) -> Any:
@@ -157,7 +159,7 @@ class ShmTransport(flowplug.Transport):
                 if deadline is None:
                     deadline = time.monotonic() + timeout
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._poll(left * 1000):
+                if left <= 0 or not self._poll(math.ceil(left * 1000)):
                     return flowplug.EMPTY
                 continue
             if msg[:_TOKEN_LEN] != self._token:
@@ -169,7 +171,7 @@ class ShmTransport(flowplug.Transport):
                 return pickle.loads(memoryview(msg)[_TOKEN_LEN + 1 :])
             if kind == _HELLO:
                 self._hellos += 1
-                if self._hellos == self.num_workers:
+                if self._hellos == self.num_workers and self._store is not None:
                     self._store.unlink()  # all attached: nothing to leave behind after a crash
 
     def close(self) -> None:
@@ -180,5 +182,5 @@ class ShmTransport(flowplug.Transport):
             self._ctx.term()
         store = getattr(self, "_store", None)
         if store is not None:
-            self._store = self._take = None
-            store.close()
+            self._store = None
+            store.close()  # a late recv() through _take raises StateError: closed

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -137,17 +138,19 @@ def test_arrow_record_batches_arrive():
 def test_a_full_store_makes_workers_wait_and_nothing_is_overwritten():
     # 1 MiB holds three 300 KB items: while the consumer keeps three, nothing more fits.
     df = Numbered(300_000, np.uint8)
-    with fp.Runner(df, transport="shm", size="1MiB", timeout=1.0) as runner:
+    with fp.Runner(df, transport="shm", size="1MiB") as runner:
         it = iter(runner)
         kept = [next(it) for _ in range(3)]
-        with pytest.raises(fp.RunnerTimeout):
-            next(it)
+        fourth: list = []
+        waiter = threading.Thread(target=lambda: fourth.append(next(it)))
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and not fourth  # the worker waits for room
         del kept[0]
-        it = iter(runner)
-        kept.append(next(it))  # room came back: the worker went on
-        for dp in kept:
+        waiter.join(10)
+        assert [dp["i"] for dp in kept + fourth] == [1, 2, 3]  # room came back
+        for dp in kept + fourth:
             assert (dp["x"] == value(0, dp["i"], np.uint8)).all()
-        assert [dp["i"] for dp in kept] == [1, 2, 3]
         del dp
         it.close()
 
@@ -215,13 +218,15 @@ _CONSUMER = textwrap.dedent(
     class Big(fp.DataFlow):
         def __iter__(self):
             while True:
-                yield np.ones(1 << 20, np.uint8)
+                yield fp.worker_info().id, np.ones(1 << 20, np.uint8)
 
     runner = fp.Runner(Big(), transport="shm", num_workers=2, size="64MiB")
     runner.reset_state()
     if sys.argv[1] == "iterate":
         it = iter(runner)
-        kept = [next(it) for _ in range(10)]
+        kept = []
+        while len({w for w, _ in kept}) < 2:  # each worker's hello precedes its items
+            kept.append(next(it))
     print("ready", flush=True)
     sys.stdin.read()
     """
