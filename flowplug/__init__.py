@@ -1,14 +1,18 @@
 """flowplug: move datapoints from parallel producers to one consumer via pluggable transports."""
 
+from typing import TYPE_CHECKING
+
 from .config import Settings, load_config, parse_size
 from .dataflow import DataFlow, DataFlowLike, DataFromGenerator, DataFromList
 from .errors import (
     ConfigError,
     DataTooLarge,
     FlowplugError,
+    ObjectNotFound,
     PluginError,
     RunnerTimeout,
     StateError,
+    StoreFull,
     TransportClosed,
     TransportNotFound,
     UnknownLength,
@@ -23,6 +27,19 @@ from .worker import WorkerInfo, worker_info
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    from . import shm
+
+
+def __getattr__(name: str):
+    # flowplug.shm needs numpy; load it on first use so that `import flowplug` stays light.
+    if name == "shm":
+        import importlib
+
+        return importlib.import_module(".shm", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BatchingSender",
     "ConfigError",
@@ -34,6 +51,7 @@ __all__ = [
     "EMPTY",
     "Endpoint",
     "FlowplugError",
+    "ObjectNotFound",
     "Option",
     "PluginError",
     "Runner",
@@ -41,6 +59,7 @@ __all__ = [
     "Sender",
     "Settings",
     "StateError",
+    "StoreFull",
     "Transport",
     "TransportClosed",
     "TransportNotFound",
@@ -54,5 +73,6 @@ __all__ = [
     "load_config",
     "parse_size",
     "reload_plugins",
+    "shm",
     "worker_info",
 ]

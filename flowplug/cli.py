@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-from . import _shm_names, config, plugins
+from . import config, plugins
 from .errors import ConfigError, FlowplugError
 
 
@@ -197,7 +197,9 @@ def _check_ipc(check: Any) -> None:
 
 
 def _check_shm(check: Any, clean: bool) -> None:
-    shm_dir = _shm_names.SHM_DIR
+    from . import shm  # imported here: it needs numpy, which the other checks do not
+
+    shm_dir = shm.default_dir()
     try:
         usage = shutil.disk_usage(shm_dir)
     except FileNotFoundError:
@@ -208,29 +210,31 @@ def _check_shm(check: Any, clean: bool) -> None:
         check(
             "warn",
             f"{size}; under 1 GiB (Docker's default is 64 MiB): start the container with "
-            "--shm-size=8g, or use transport 'zmq'",
+            "--shm-size=8g, use transport 'shm' with option dir= on a disk, or use 'zmq'",
         )
     else:
         check("ok", size)
+    stale = shm.stale_stores(shm_dir)
     if clean:
-        removed = _shm_names.sweep_stale(shm_dir)
-        total = _mib(sum(seg.size for seg in removed))
+        removed = set(shm.sweep_stale(shm_dir))
+        gone = [s for s in stale if s.path in removed]
+        total = _mib(sum(s.size for s in gone))
         check("ok", f"removed {len(removed)} stale flowplug segment(s), {total}")
-        for seg in removed:
-            print(f"      removed {seg.path} (pid {seg.pid} is gone)")
+        for path in sorted(removed):
+            pid = next((s.pid for s in gone if s.path == path), "?")
+            print(f"      removed {path} (pid {pid} is gone)")
         return
-    stale = _shm_names.stale_segments(shm_dir)
     if not stale:
         check("ok", "no stale flowplug segments")
         return
-    total = _mib(sum(seg.size for seg in stale))
+    total = _mib(sum(s.size for s in stale))
     check(
         "FAIL",
         f"{len(stale)} stale flowplug segment(s) hold {total} of {shm_dir}: their owner "
         "processes are gone; run `flowplug doctor --clean` to remove them",
     )
-    for seg in stale:
-        print(f"      {seg.path} (pid {seg.pid} is gone)")
+    for s in stale:
+        print(f"      {s.path} (pid {s.pid} is gone)")
 
 
 def _mib(n: int) -> str:

@@ -99,3 +99,15 @@ class TransportClosed(FlowplugError):
 
 class DataTooLarge(FlowplugError, ValueError):
     """One datapoint is larger than a transport can ever hold; names the option to raise."""
+
+
+class StoreFull(FlowplugError, TimeoutError):
+    """A shared-memory store had no room for an object within the ``timeout`` of ``put``.
+
+    Room comes back when objects are deleted and the views that the consumer holds on
+    them are dropped.
+    """
+
+
+class ObjectNotFound(FlowplugError, LookupError):
+    """No object with this id is in the store: it was taken or deleted, or never put."""

@@ -4,12 +4,15 @@ No entry point is mocked: each test puts a pip target directory on sys.path (or 
 PYTHONPATH of a fresh interpreter) and flowplug finds what is installed there.
 """
 
+from importlib import metadata
+
 import pytest
 
 import flowplug as fp
 from flowplug import plugins
 
-BUILTINS = {"queue", "thread", "zmq"}
+#: the transports flowplug's own distribution declares (read from its metadata, not listed)
+BUILTINS = {ep.name for ep in metadata.entry_points(group="flowplug") if ep.dist.name == "flowplug"}
 
 
 # ---------------------------------------------------------------------------- the example plugin

@@ -1,0 +1,315 @@
+"""The shm transport under the Runner: views, lifetime, backpressure, errors, no leaks."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import flowplug as fp
+from flowplug.testing.leaks import leaked, snapshot
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _resource_tracker():
+    # The spawn start method starts multiprocessing's tracker daemon once per interpreter;
+    # start it before the leak checks so that it does not count as ours.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks():
+    before = snapshot()
+    yield
+    gc.collect()
+    left = leaked(before)
+    assert not left, f"left behind: {left}"
+
+
+def segments(pid: int) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"flowplug-{pid}-")]
+
+
+class Numbered(fp.DataFlow):
+    """Yield {"w": worker, "i": count, "x": an array filled with a value unique to the item}."""
+
+    def __init__(self, n: int = 2048, dtype=np.int64):
+        self.n = n
+        self.dtype = dtype
+
+    def __iter__(self):
+        info = fp.worker_info()
+        i = 0
+        while True:
+            v = value(info.id, i, self.dtype)
+            yield {"w": info.id, "i": i, "x": np.full(self.n, v, self.dtype)}
+            i += 1
+
+
+def value(worker: int, i: int, dtype=np.int64) -> int:
+    return (i * 7919 + worker * 104729) % (251 if np.dtype(dtype).itemsize == 1 else 2**31)
+
+
+class FillInPlace(fp.DataFlow):
+    """Allocate with fp.shm.empty, fill, yield; then write once more (never do this!)."""
+
+    def __iter__(self):
+        while True:
+            arr = fp.shm.empty((1000,), np.int64)
+            arr[:] = 1
+            yield arr
+            # send() has returned: the consumer sees this only if it holds this very memory.
+            arr[0] = 2
+
+
+class SmallThenHuge(fp.DataFlow):
+    def __iter__(self):
+        for i in range(3):
+            yield np.full(100_000, i, np.uint8)
+        yield np.zeros(2 << 20, np.uint8)
+
+
+# ------------------------------------------------------------------ lifetime of views
+
+
+def test_kept_views_stay_unchanged_while_10000_more_items_flow():
+    # 4 MiB holds ~250 items of 16 KiB: the 10,100 items reuse the memory ~40 times over,
+    # all around the 100 views the consumer keeps.
+    with fp.Runner(Numbered(), transport="shm", num_workers=2, size="4MiB") as runner:
+        it = iter(runner)
+        kept = [next(it) for _ in range(100)]
+        for _ in range(10_000):
+            dp = next(it)
+            assert dp["x"][0] == value(dp["w"], dp["i"])
+        del dp
+        it.close()
+    for dp in kept:
+        assert dp["x"].shape == (2048,)
+        assert (dp["x"] == value(dp["w"], dp["i"])).all()
+
+
+def test_empty_in_a_worker_reaches_the_consumer_without_a_copy():
+    with fp.Runner(FillInPlace(), transport="shm", size="16MiB") as runner:
+        it = iter(runner)
+        got = next(it)
+        assert got.shape == (1000,) and (got[1:] == 1).all()
+        deadline = time.monotonic() + 10
+        while got[0] != 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got[0] == 2  # the worker's write after the yield shows: one memory, no copy
+        del got
+        it.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_start_methods(method):
+    with fp.Runner(
+        Numbered(300_000, np.uint8), transport="shm", num_workers=2, start_method=method
+    ) as runner:
+        it = iter(runner)
+        for _ in range(20):
+            dp = next(it)
+            assert (dp["x"] == value(dp["w"], dp["i"], np.uint8)).all()
+        del dp
+        it.close()
+
+
+def test_arrow_record_batches_arrive():
+    batch = pa.record_batch({"a": pa.array(np.arange(10_000)), "s": pa.array(["x"] * 10_000)})
+    with fp.Runner(fp.DataFromList([batch]), transport="shm") as runner:
+        (got,) = list(runner)
+    assert got.equals(batch)
+
+
+# ------------------------------------------------------------------ capacity
+
+
+def test_a_full_store_makes_workers_wait_and_nothing_is_overwritten():
+    # 1 MiB holds three 300 KB items: while the consumer keeps three, nothing more fits.
+    df = Numbered(300_000, np.uint8)
+    with fp.Runner(df, transport="shm", size="1MiB") as runner:
+        it = iter(runner)
+        kept = [next(it) for _ in range(3)]
+        fourth: list = []
+        waiter = threading.Thread(target=lambda: fourth.append(next(it)))
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and not fourth  # the worker waits for room
+        del kept[0]
+        waiter.join(10)
+        assert [dp["i"] for dp in kept + fourth] == [1, 2, 3]  # room came back
+        for dp in kept + fourth:
+            assert (dp["x"] == value(0, dp["i"], np.uint8)).all()
+        del dp
+        it.close()
+
+
+def test_an_item_larger_than_the_store_fails_clearly_and_keeps_what_was_delivered():
+    runner = fp.Runner(SmallThenHuge(), transport="shm", size="1MiB")
+    got = []
+    with pytest.raises(fp.WorkerError) as info:
+        for dp in runner:
+            got.append(dp)
+    err = info.value
+    assert err.exc_type == "DataTooLarge"
+    assert "2.0 MiB" in str(err) and "1.0 MiB" in str(err) and "size=" in str(err)
+    runner.close()
+    assert [int(a[0]) for a in got] == [0, 1, 2]
+    for i, arr in enumerate(got):
+        assert (arr == i).all()
+
+
+# ------------------------------------------------------------------ options
+
+
+def test_size_and_dir_options(tmp_path):
+    with fp.Runner(fp.DataFromList([np.arange(10)]), transport="shm", size="2MiB",
+                   dir=str(tmp_path), reserve="true") as runner:  # fmt: skip
+        (got,) = list(runner)
+        assert got.sum() == 45
+    del got
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(fp.ConfigError, match="size"):
+        fp.Runner(fp.DataFromList([1]), transport="shm", size="lots")
+
+
+def test_a_store_larger_than_dev_shm_is_a_clear_error():
+    st = os.statvfs(fp.shm.default_dir())
+    runner = fp.Runner(
+        fp.DataFromList([1]), transport="shm", size=st.f_bavail * st.f_frsize + (1 << 30)
+    )
+    with pytest.raises(fp.ConfigError, match="is free") as info:
+        runner.reset_state()
+    assert "size=" in str(info.value) and "dir=" in str(info.value)
+    runner.close()
+
+
+# ------------------------------------------------------------------ no leaks
+
+
+def test_the_store_is_unlinked_once_every_worker_attached():
+    with fp.Runner(Numbered(), transport="shm", num_workers=3) as runner:
+        it = iter(runner)
+        seen = set()
+        while len(seen) < 3:
+            seen.add(next(it)["w"])  # each worker's hello precedes its items
+        assert segments(os.getpid()) == []
+        assert next(it)["x"].shape == (2048,)  # and the run goes on
+        it.close()
+
+
+_CONSUMER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import flowplug as fp
+
+    class Big(fp.DataFlow):
+        def __iter__(self):
+            while True:
+                yield fp.worker_info().id, np.ones(1 << 20, np.uint8)
+
+    runner = fp.Runner(Big(), transport="shm", num_workers=2, size="64MiB")
+    runner.reset_state()
+    if sys.argv[1] == "iterate":
+        it = iter(runner)
+        kept = []
+        while len({w for w, _ in kept}) < 2:  # each worker's hello precedes its items
+            kept.append(next(it))
+    print("ready", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+@pytest.mark.parametrize("iterate", ["iterate", "start-only"])
+def test_nothing_stays_in_dev_shm_after_the_consumer_is_killed(iterate):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CONSUMER, iterate],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+        if iterate == "iterate":
+            assert segments(proc.pid) == []  # unlinked as soon as both workers attached
+        else:
+            assert len(segments(proc.pid)) == 1
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.stdout.close()  # type: ignore[union-attr]
+    # A store nobody unlinked is removed by the next flowplug process once its owner and
+    # the owner's workers (which die with it) are gone.
+    deadline = time.monotonic() + 10
+    while segments(proc.pid) and time.monotonic() < deadline:
+        fp.shm.sweep_stale()
+        time.sleep(0.05)
+    assert segments(proc.pid) == []
+
+
+_EXITING = textwrap.dedent(
+    """
+    import numpy as np
+    import flowplug as fp
+
+    runner = fp.Runner(fp.DataFromList([np.ones(1000)]), transport="shm", num_workers=2)
+    runner.reset_state()  # the workers' hellos are never read: the store keeps its name
+    store = fp.shm.ObjectStore("1MiB")
+    view = store.take(store.put(np.ones(1000)))
+    import os
+    print(len([n for n in os.listdir("/dev/shm") if f"-{os.getpid()}-" in n]), flush=True)
+    # no close(): interpreter exit must remove both stores
+    """
+)
+
+
+def test_interpreter_exit_removes_every_store():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _EXITING], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == "2"  # both stores existed while it ran
+    assert segments(proc.pid) == []
+
+
+_TRACKED = textwrap.dedent(
+    """
+    import numpy as np
+    import flowplug as fp
+
+    if __name__ == "__main__":
+        df = fp.DataFromList([np.ones(100_000)] * 4)
+        for method in ("fork", "spawn"):
+            with fp.Runner(df, transport="shm", num_workers=2, start_method=method) as r:
+                assert len(list(r)) == 4
+        store = fp.shm.ObjectStore("1MiB")
+        view = store.take(store.put(np.ones(1000)))
+        store.close()
+    """
+)
+
+
+def test_no_resource_tracker_warnings(tmp_path):
+    script = tmp_path / "consumer.py"
+    script.write_text(_TRACKED)
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "resource_tracker" not in done.stderr and "leaked" not in done.stderr
+    assert done.stderr == ""
