@@ -16,9 +16,10 @@ from .errors import (
     WorkerError,
 )
 from .hookspecs import hookimpl
+from .parallel import ParallelMap
 from .plugins import available_transports, get_transport, reload_plugins
 from .runner import Runner
-from .transport import EMPTY, Endpoint, Option, Sender, Transport
+from .transport import EMPTY, Endpoint, Option, Sender, TaskEndpoint, TaskReceiver, Transport
 from .worker import WorkerInfo, worker_info
 
 __version__ = "0.1.0"
@@ -34,11 +35,14 @@ __all__ = [
     "Endpoint",
     "FlowplugError",
     "Option",
+    "ParallelMap",
     "PluginError",
     "Runner",
     "RunnerTimeout",
     "Sender",
     "StateError",
+    "TaskEndpoint",
+    "TaskReceiver",
     "Transport",
     "TransportClosed",
     "TransportNotFound",
