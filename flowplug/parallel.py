@@ -24,8 +24,9 @@ class ParallelMap(Runner):
     """Apply ``fn`` to every datapoint of ``df`` in ``num_workers`` workers.
 
     One iteration (an epoch) reads one pass of ``df`` in the consumer and yields
-    ``fn(dp)`` exactly once per input: in input order when ``ordered`` (tensorpack's
-    ``strict``), as completed otherwise. At most ``capacity`` inputs are in flight or
+    ``fn(dp)`` exactly once per input: in input order when ``ordered``, as completed
+    otherwise (which is what tensorpack's ``strict=True`` gives: the exact set, in any
+    order). At most ``capacity`` inputs are in flight or
     waiting to be yielded. Breaking out of an epoch and iterating again starts a clean
     epoch: answers to the abandoned one are dropped, and tasks of it not yet started are
     skipped. The result is a dataflow: it can feed a :class:`Runner` or another map.

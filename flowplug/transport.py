@@ -15,7 +15,9 @@ A transport only moves objects; the :class:`~flowplug.Runner` owns everything el
 5. ``transport.close()`` in the consumer, after the workers are stopped. Idempotent.
 
 Objects sent by one sender must arrive in the order they were sent (shard mode's epoch
-markers rely on it); objects of different senders may interleave freely.
+markers rely on it); objects of different senders may interleave freely. An object
+returned by ``recv`` stays valid for as long as it is referenced, whatever is received
+after it (shard mode's reorder buffer holds some while it receives others).
 
 Tasks, the other direction (optional). A transport whose :attr:`Transport.carries_tasks`
 is true also moves tasks from the consumer to the workers, which
