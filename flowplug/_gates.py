@@ -5,8 +5,9 @@ the other way); what the consumer has to tell its workers travels here, owned by
 
 - *epoch notices*: the consumer announces each epoch it starts. A worker may run epoch
   ``e`` once the consumer has started ``e - 1`` (so at most one epoch ahead), and abandons
-  epoch ``e`` as soon as the consumer has started a later one (the user broke out early).
-  Processes read them from a pipe each, threads from a shared board.
+  epoch ``e`` once the consumer has started a later one (the user broke out early): a
+  busy worker looks every few milliseconds, a worker waiting for a credit when it gets
+  one. Processes read them from a pipe each, threads from a shared board.
 - *credits* (shard mode): a semaphore per worker, ``capacity // num_workers`` strong. A
   worker takes one before sending an item, the consumer gives it back when it yields or
   drops the item. It bounds what is in flight and buffered, reorder buffer included, to
@@ -23,6 +24,7 @@ import itertools
 import multiprocessing as mp
 import threading
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any
 
 from .errors import TransportClosed
@@ -31,6 +33,9 @@ from .worker import TaskFailed, WorkerInfo
 
 #: how often a waiting worker thread checks whether the runner stopped.
 STOP_CHECK = 0.1
+#: how often (s) a busy worker looks for a newer epoch: a pipe poll per item would cost
+#: more than the rest of a small item's trip.
+NOTICE_CHECK = 0.005
 
 
 @dataclass(frozen=True)
@@ -123,17 +128,23 @@ class ShardGate:
         send = sender.send
         notices = self.notices
         credits = self.credits
+        try_acquire = credits.acquire
         epoch = 0
         while stop is None or not stop.is_set():
             notices.wait_for(epoch - 1, stop)
             if notices.poll() <= epoch:
                 items = source if source is not None else itertools.islice(df, w, None, n)
                 index = w
+                next_check = monotonic() + NOTICE_CHECK
                 for dp in items:
-                    _acquire(credits, stop)
-                    if notices.poll() > epoch:  # the consumer left this epoch: stop early
-                        credits.release()
-                        break
+                    if not try_acquire(False):
+                        _acquire(credits, stop)
+                        next_check = 0.0  # we waited: the consumer may have moved on
+                    if monotonic() >= next_check:
+                        if notices.poll() > epoch:  # the consumer left this epoch
+                            credits.release()
+                            break
+                        next_check = monotonic() + NOTICE_CHECK
                     send((epoch, index, dp))
                     index += n
             send(EpochEnd(w, epoch))
