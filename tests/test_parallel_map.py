@@ -269,3 +269,29 @@ def test_timeout(no_leaks, transport):
         assert [next(it) for _ in range(3)] == [0, 1, 2]
         with pytest.raises(fp.RunnerTimeout, match=r"0\.3"):
             next(it)
+
+
+@pytest.fixture
+def resource_tracker_running():
+    """spawn starts multiprocessing's resource tracker on first use, for the life of the
+    interpreter: start it before the leak check takes its snapshot."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
+
+def test_spawned_workers(resource_tracker_running, no_leaks):
+    """Gates, credits and the task endpoint reach workers started by spawn."""
+    with fp.ParallelMap(
+        fp.DataFromList(range(10)), triple, num_workers=2, transport="zmq", start_method="spawn"
+    ) as results:
+        assert list(results) == [3 * i for i in range(10)]
+    with fp.Runner(
+        fp.DataFromList(range(10)),
+        transport="zmq",
+        num_workers=2,
+        start_method="spawn",
+        mode="shard",
+        ordered=True,
+    ) as runner:
+        assert list(runner) == list(range(10)) and list(runner) == list(range(10))
