@@ -257,6 +257,33 @@ def test_shard_method_replaces_the_full_pass(no_leaks, transport):
         assert list(runner) == items
 
 
+class Blocks(fp.DataFromList):
+    """Shards of unequal, contiguous blocks: not the modulo split (``sizes`` per worker)."""
+
+    def __init__(self, items, sizes):
+        super().__init__(items)
+        self.sizes = sizes
+
+    def shard(self, index, count):
+        start = sum(self.sizes[:index])
+        return fp.DataFromList(self.items[start : start + self.sizes[index]])
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_any_split_gives_every_item_once_in_round_robin_order(no_leaks, transport):
+    """A shard() that is not the modulo split still gives every item once; ordered, the
+    shards take turns, a shard that ran out dropping out of the turns."""
+    items = list("abcdefghij")
+    sizes = [6, 0, 3, 1]
+    with fp.Runner(
+        Blocks(items, sizes), transport=transport, num_workers=4, mode="shard", ordered=True
+    ) as runner:
+        for _ in range(2):
+            assert "".join(runner) == "agjbhcidef"
+    with fp.Runner(Blocks(items, sizes), transport=transport, num_workers=4, mode="shard") as r:
+        assert sorted(r) == items
+
+
 def test_data_from_list_shards_like_modulo():
     df = fp.DataFromList(range(10))
     assert [list(df.shard(i, 3)) for i in range(3)] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
