@@ -154,19 +154,26 @@ def test_none_is_a_value_unless_dropped(no_leaks):
 def test_abandoned_tasks_are_skipped(no_leaks):
     """After a break, the tasks of the abandoned epoch that no worker started are not run."""
     calls = []
+    release = threading.Event()
 
-    def slow(x):
+    def held(x):
         calls.append(x)
-        time.sleep(0.2)
+        if x != 0:
+            release.wait(10)  # keep both workers busy until the next epoch has begun
         return x
 
     with fp.ParallelMap(
-        fp.DataFromList(range(10)), slow, num_workers=2, transport="thread", capacity=10
+        fp.DataFromList(range(10)), held, num_workers=2, transport="thread", capacity=10
     ) as results:
         for _ in results:
             break
-        assert list(results) == list(range(10))
+        timer = threading.Timer(1.0, release.set)
+        timer.start()
+        assert list(results) == list(range(10))  # announces epoch 1 before the timer fires
+        timer.join()
+    # Epoch 0 ran 0, then the two tasks the workers held (1 and 2); 3..9 were skipped.
     assert len(calls) - 10 < 10, "the abandoned epoch was computed in full"
+    assert sorted(calls[:3]) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("transport", TASK_TRANSPORTS)
