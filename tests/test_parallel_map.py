@@ -171,9 +171,9 @@ def test_abandoned_tasks_are_skipped(no_leaks):
         timer.start()
         assert list(results) == list(range(10))  # announces epoch 1 before the timer fires
         timer.join()
-    # Epoch 0 ran 0, then the two tasks the workers held (1 and 2); 3..9 were skipped.
-    assert len(calls) - 10 < 10, "the abandoned epoch was computed in full"
-    assert sorted(calls[:3]) == [0, 1, 2]
+    # Epoch 0 ran 0 and the tasks the workers held then (1, and maybe 2); the rest were
+    # skipped. (Exact counts would depend on thread timing; "not in full" does not.)
+    assert calls[0] == 0 and len(calls) - 10 < 10, "the abandoned epoch was computed in full"
 
 
 @pytest.mark.parametrize("transport", TASK_TRANSPORTS)
