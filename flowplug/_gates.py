@@ -126,6 +126,9 @@ class ShardGate:
         shard = getattr(df, "shard", None)
         source = shard(w, n) if callable(shard) else None
         send = sender.send
+        # Before any wait, push out what a batching sender holds: the consumer may be
+        # waiting for exactly those items before it can give a credit back.
+        flush = sender.flush
         notices = self.notices
         credits = self.credits
         try_acquire = credits.acquire
@@ -138,6 +141,7 @@ class ShardGate:
                 next_check = monotonic() + NOTICE_CHECK
                 for dp in items:
                     if not try_acquire(False):
+                        flush()
                         _acquire(credits, stop)
                         next_check = 0.0  # we waited: the consumer may have moved on
                     if monotonic() >= next_check:
@@ -148,6 +152,7 @@ class ShardGate:
                     send((epoch, index, dp))
                     index += n
             send(EpochEnd(w, epoch))
+            flush()  # the consumer ends the epoch on this marker
             epoch += 1
         raise _Stopped("the runner stopped")
 
@@ -186,12 +191,16 @@ class MapGate:
         try:
             recv = receiver.recv
             send = sender.send
+            flush = sender.flush
             fn = work.fn
             notices = self.notices
             while stop is None or not stop.is_set():
-                task = recv(STOP_CHECK)
+                task = recv(0.0)
                 if task is EMPTY:
-                    continue
+                    flush()  # the consumer may wait for these answers before sending more
+                    task = recv(STOP_CHECK)
+                    if task is EMPTY:
+                        continue
                 epoch, index, dp = task
                 if notices.poll() > epoch:
                     send((epoch, index, None))

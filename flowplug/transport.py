@@ -96,7 +96,12 @@ class Sender(ABC):
         """
 
     def flush(self) -> None:
-        """Push out anything buffered (a transport that batches small items)."""
+        """Push out anything buffered (a transport that batches small items).
+
+        Shard mode and ParallelMap call it before a worker waits (for a credit, the next
+        epoch or a task) and after each epoch-end marker: the consumer may be waiting for
+        exactly what is held here.
+        """
 
     def close(self) -> None:
         """Flush and release the worker side. Called once."""

@@ -379,3 +379,80 @@ def test_timeout_in_shard_mode(no_leaks, transport):
         assert next(it) == 0
         with pytest.raises(fp.RunnerTimeout, match=r"0\.3"):
             next(it)
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+class BatchingSender(fp.Sender):
+    """Holds everything until flush() (or 1000 items): a transport that batches small
+    items. Shard mode and ParallelMap must flush before they wait, or they would wait
+    for items stuck here."""
+
+    def __init__(self, inner: fp.Sender):
+        self.inner = inner
+        self.held: list = []
+
+    def send(self, obj):
+        self.held.append(obj)
+        if len(self.held) >= 1000:
+            self.flush()
+
+    def flush(self):
+        for obj in self.held:
+            self.inner.send(obj)
+        self.held.clear()
+
+    def close(self):
+        self.flush()
+        self.inner.close()
+
+
+class BatchingEndpoint(fp.Endpoint):
+    def __init__(self, inner: fp.Endpoint):
+        self.inner = inner
+
+    def connect(self, worker_id: int) -> BatchingSender:
+        return BatchingSender(self.inner.connect(worker_id))
+
+
+@pytest.fixture
+def batching_transport():
+    from flowplug.plugins import PluginInfo, get_registry
+
+    class BatchingThreads(fp.get_transport("thread")):
+        name = "batching"
+
+        def open(self):
+            return BatchingEndpoint(super().open())
+
+    get_registry().register(BatchingThreads, origin=PluginInfo("batching", "test", "0"))
+    return "batching"
+
+
+def triple(x):
+    return 3 * x
+
+
+def test_a_batching_sender_is_flushed_before_waiting(no_leaks, batching_transport):
+    items = list(range(30))
+    with fp.Runner(
+        fp.DataFromList(items),
+        transport=batching_transport,
+        num_workers=2,
+        capacity=4,
+        mode="shard",
+        ordered=True,
+        timeout=10,
+    ) as runner:
+        for _ in range(3):
+            assert list(runner) == items
+    with fp.ParallelMap(
+        fp.DataFromList(items),
+        triple,
+        num_workers=2,
+        transport=batching_transport,
+        capacity=3,
+        timeout=10,
+    ) as results:
+        assert list(results) == [3 * i for i in items]
