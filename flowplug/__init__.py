@@ -20,9 +20,19 @@ from .errors import (
     WorkerError,
 )
 from .hookspecs import hookimpl
+from .parallel import ParallelMap
 from .plugins import available_transports, get_transport, reload_plugins
 from .runner import Runner
-from .transport import EMPTY, BatchingSender, Endpoint, Option, Sender, Transport
+from .transport import (
+    EMPTY,
+    BatchingSender,
+    Endpoint,
+    Option,
+    Sender,
+    TaskEndpoint,
+    TaskReceiver,
+    Transport,
+)
 from .worker import WorkerInfo, worker_info
 
 __version__ = "0.1.0"
@@ -53,6 +63,7 @@ __all__ = [
     "FlowplugError",
     "ObjectNotFound",
     "Option",
+    "ParallelMap",
     "PluginError",
     "Runner",
     "RunnerTimeout",
@@ -60,6 +71,8 @@ __all__ = [
     "Settings",
     "StateError",
     "StoreFull",
+    "TaskEndpoint",
+    "TaskReceiver",
     "Transport",
     "TransportClosed",
     "TransportNotFound",

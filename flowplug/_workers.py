@@ -47,8 +47,11 @@ class ProcessWorkers:
         endpoint: Endpoint,
         infos: Sequence[WorkerInfo],
         start_method: str,
+        gates: Sequence[Any] | None = None,
     ):
         self._ctx = mp.get_context(start_method)
+        #: one gate per worker (shard mode, ParallelMap), or None.
+        self._gates = gates
         self._start_method = start_method
         self._dfs = dfs
         self._endpoint = endpoint
@@ -70,10 +73,11 @@ class ProcessWorkers:
         # Block SIGINT across the fork so no worker can see a Ctrl-C before it ignores it.
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            for df, info in zip(self._dfs, self._infos, strict=True):
+            gates = self._gates or [None] * len(self._infos)
+            for df, info, gate in zip(self._dfs, self._infos, gates, strict=True):
                 proc = self._ctx.Process(
                     target=process_main,
-                    args=(df, self._endpoint, info, parent, death_signal),
+                    args=(df, self._endpoint, info, parent, death_signal, gate),
                     name=f"flowplug-worker-{info.id}",
                     daemon=True,
                 )
@@ -141,7 +145,7 @@ class ProcessWorkers:
                 proc.close()
         # Drop what the workers were started with, so the transport's resources can go.
         self.procs = []
-        self._dfs = self._endpoint = None
+        self._dfs = self._endpoint = self._gates = None
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -149,17 +153,23 @@ class ProcessWorkers:
 class ThreadWorkers:
     """Worker threads of the consumer process. Threads cannot die silently: errors are sent."""
 
-    def __init__(self, dfs: Sequence[Any], endpoint: Endpoint, infos: Sequence[WorkerInfo]):
+    def __init__(
+        self,
+        dfs: Sequence[Any],
+        endpoint: Endpoint,
+        infos: Sequence[WorkerInfo],
+        gates: Sequence[Any] | None = None,
+    ):
         self._stop = threading.Event()
         self.death: Death | None = None
         self.threads = [
             threading.Thread(
                 target=run_worker,
-                args=(df, endpoint, info, self._stop),
+                args=(df, endpoint, info, self._stop, gate),
                 name=f"flowplug-worker-{info.id}",
                 daemon=True,
             )
-            for df, info in zip(dfs, infos, strict=True)
+            for df, info, gate in zip(dfs, infos, gates or [None] * len(infos), strict=True)
         ]
 
     def start(self) -> None:

@@ -46,6 +46,7 @@ def _cmd_transports(args: argparse.Namespace) -> int:
                 "version": origin.version,
                 "crosses_processes": cls.crosses_processes,
                 "zero_copy": cls.zero_copy,
+                "carries_tasks": cls.carries_tasks,
                 "options": [
                     {"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help}
                     for o in cls.options
@@ -66,6 +67,7 @@ def _cmd_transports(args: argparse.Namespace) -> int:
     for row in rows:
         kind = "processes" if row["crosses_processes"] else "threads"
         zc = ", zero-copy" if row["zero_copy"] else ""
+        zc += ", carries tasks" if row["carries_tasks"] else ""
         print(f"{row['name']:<10} {row['distribution']} {row['version']}  ({kind}{zc})")
         for opt in row["options"]:
             print(f"    {opt['name']}: {opt['type']} = {opt['default']!r}  {opt['help']}")

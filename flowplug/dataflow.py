@@ -58,6 +58,15 @@ class DataFromList(DataFlow):
     def reset_state(self) -> None:
         self._rng = random.Random()
 
+    def shard(self, index: int, count: int) -> DataFromList:
+        """Return the items at positions ``index, index + count, ...``: one worker's shard
+        in a runner's shard mode, taken without a pass over the others.
+
+        With ``shuffle`` the shard shuffles its own items each pass: every item still
+        comes once per epoch.
+        """
+        return DataFromList(self.items[index::count], shuffle=self.shuffle)
+
     def __iter__(self) -> Iterator[Any]:
         if not self.shuffle:
             yield from self.items

@@ -57,13 +57,24 @@ class WorkerError(FlowplugError):
     :ivar worker_id: index of the worker that failed.
     :ivar exc_type: name of the original exception type (e.g. ``"ValueError"``).
     :ivar remote_traceback: the formatted traceback from inside the worker.
+    :ivar index: for :class:`~flowplug.ParallelMap`, the index of the input whose ``fn``
+        raised; None otherwise.
     """
 
-    def __init__(self, message: str, *, worker_id: int, exc_type: str, remote_traceback: str):
+    def __init__(
+        self,
+        message: str,
+        *,
+        worker_id: int,
+        exc_type: str,
+        remote_traceback: str,
+        index: int | None = None,
+    ):
         super().__init__(message)
         self.worker_id = worker_id
         self.exc_type = exc_type
         self.remote_traceback = remote_traceback
+        self.index = index
 
 
 class WorkerDied(FlowplugError):

@@ -7,6 +7,7 @@ errors and deaths, timeouts, and cleanup (close, garbage collection, interpreter
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import secrets
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import plugins
+from ._gates import Control, EpochEnd
 from ._workers import ProcessWorkers, ThreadWorkers
 from .config import ARGUMENT, resolve_settings
 from .errors import (
@@ -33,14 +35,24 @@ from .worker import EXIT_REPORTED, RemoteFailure, WorkerInfo
 POLL_INTERVAL = 0.1
 #: how long to wait for the report of a worker that exited after an error.
 REPORT_GRACE = 2.0
+#: the Runner's modes.
+MODES = ("replicate", "shard")
+
+_MISSING: Any = object()
 
 
 class _Run:
     """What a started runner holds; kept apart from the Runner so gc can finalize it."""
 
-    def __init__(self, transport: Transport, workers: ProcessWorkers | ThreadWorkers):
+    def __init__(
+        self,
+        transport: Transport,
+        workers: ProcessWorkers | ThreadWorkers,
+        control: Control | None = None,
+    ):
         self.transport = transport
         self.workers = workers
+        self.control = control
         self.owner_pid = os.getpid()
 
     def shutdown(self) -> None:
@@ -54,14 +66,24 @@ class _Run:
         else:
             workers.stop()
             self.transport.close()
+        if self.control is not None:
+            self.control.close()
 
 
 class Runner:
     """Run ``df`` in ``num_workers`` workers and iterate over what they produce.
 
-    Every worker runs its own copy of ``df`` and repeats it forever; with
-    ``num_workers=1`` the order of ``df`` is preserved. When ``len(df)`` is known, one
-    iteration (an epoch) yields ``len(df)`` datapoints; otherwise it never ends.
+    ``mode="replicate"`` (the default): every worker runs its own copy of ``df`` and
+    repeats it forever; with ``num_workers=1`` the order of ``df`` is preserved. When
+    ``len(df)`` is known, one iteration (an epoch) yields ``len(df)`` datapoints;
+    otherwise it never ends.
+
+    ``mode="shard"``: one iteration (an epoch) yields every item of one pass of ``df``
+    exactly once, split over the workers (item ``i`` goes to worker ``i % num_workers``,
+    or ``df.shard(worker, num_workers)`` picks a worker's items), then stops; iterating
+    again runs the next epoch on the same workers, which prefetch it without mixing
+    epochs. With ``ordered=True`` the items come in the order of ``df``. See
+    docs/sharding.md.
 
     :param df: a dataflow (anything with ``__iter__`` and ``reset_state()``), or a
         zero-argument factory returning one, called once per worker in the consumer.
@@ -73,6 +95,9 @@ class Runner:
     :param timeout: seconds to wait for one datapoint before raising
         :class:`~flowplug.RunnerTimeout`; None waits forever (deaths are still noticed).
     :param seed: base of the per-worker seeds; random when None.
+    :param mode: ``"replicate"`` or ``"shard"``, as above.
+    :param ordered: shard mode only: deliver in the order of ``df``, buffering at most
+        ``capacity`` items; otherwise items come as they arrive.
     :param config: a config file to read instead of ``./flowplug.toml`` and
         ``./pyproject.toml`` (see :func:`flowplug.load_config`).
     :param options: the transport's own options (see ``flowplug transports``).
@@ -96,6 +121,8 @@ class Runner:
         start_method: str | None = None,
         timeout: float | None = None,
         seed: int | None = None,
+        mode: str = "replicate",
+        ordered: bool = False,
         *,
         config: str | os.PathLike[str] | None = None,
         **options: Any,
@@ -134,6 +161,14 @@ class Runner:
         self._closed = False
         self._failure: BaseException | None = None
         self._finalizer: weakref.finalize | None = None
+        self.mode = mode
+        self.ordered = ordered
+        _check_mode(mode, ordered, self.num_workers, self.capacity)
+        # Shard mode: the consumer's epoch, and what arrived ahead of it (per epoch: the
+        # items by index, the workers that ended it).
+        self._epoch_no = -1
+        self._ahead: dict[int, dict[int, Any]] = {}
+        self._ended: dict[int, set[int]] = {}
 
     @classmethod
     def from_config(
@@ -169,14 +204,17 @@ class Runner:
             **self._options,
         )
         endpoint = transport.open()
+        control = None
         try:
+            control = self._control(transport)
+            gates = control.gates if control is not None else None
             workers: ProcessWorkers | ThreadWorkers
             if self._transport_cls.crosses_processes:
                 assert self.start_method is not None
-                workers = ProcessWorkers(dfs, endpoint, infos, self.start_method)
+                workers = ProcessWorkers(dfs, endpoint, infos, self.start_method, gates)
             else:
-                workers = ThreadWorkers(dfs, endpoint, infos)
-            run = _Run(transport, workers)
+                workers = ThreadWorkers(dfs, endpoint, infos, gates)
+            run = _Run(transport, workers, control)
             self._finalizer = weakref.finalize(self, run.shutdown)
             workers.start()
         except BaseException:
@@ -184,6 +222,8 @@ class Runner:
                 self._finalizer()
             else:
                 transport.close()
+                if control is not None:
+                    control.close()
             self._closed = True
             raise
         self._run = run
@@ -222,9 +262,12 @@ class Runner:
                 raise StateError(
                     "this runner is closed" + (f" after: {self._failure}" if self._failure else "")
                 )
-            yield from self._epoch()
+            yield from self._iterate()
         finally:
             self._guard.release()
+
+    def _iterate(self) -> Iterator[Any]:
+        return self._shard_epoch() if self.mode == "shard" else self._epoch()
 
     def _epoch(self) -> Iterator[Any]:
         run = self._run
@@ -239,6 +282,88 @@ class Runner:
                 obj = self._next_slow(obj)
             count += 1
             yield obj
+
+    def _shard_epoch(self) -> Iterator[Any]:
+        """One epoch of shard mode: every item of one pass of ``df`` exactly once."""
+        run = self._run
+        assert run is not None and run.control is not None
+        control = run.control
+        k = self._epoch_no = self._epoch_no + 1
+        control.start_epoch(k)  # workers may now run epoch k + 1, and must leave k - 1
+        n = self.num_workers
+        release = control.release
+        for old in [e for e in self._ahead if e < k]:  # an epoch the user broke out of
+            for index in self._ahead.pop(old):
+                release[index % n]()
+        for old in [e for e in self._ended if e < k]:
+            del self._ended[old]
+        # Kept on self, not popped: items left here when the user breaks out are released
+        # when the next epoch starts, so no credit is ever lost.
+        buf = self._ahead.setdefault(k, {})
+        ended = self._ended.setdefault(k, set())
+        recv = run.transport.recv
+        workers = run.workers
+        if not self.ordered:
+            while buf:
+                index, dp = buf.popitem()
+                release[index % n]()
+                yield dp
+            while len(ended) < n:
+                obj = recv(POLL_INTERVAL)
+                if type(obj) is not tuple or obj[0] != k or workers.death is not None:
+                    obj = self._next_slow(obj)
+                    if not self._file(obj, k):
+                        continue
+                release[obj[1] % n]()
+                yield obj[2]
+        else:
+            nxt = 0  # the index to yield next
+            while True:
+                dp = buf.pop(nxt, _MISSING)
+                if dp is _MISSING:
+                    if nxt % n in ended:  # its worker has no item at nxt: a short shard
+                        if len(ended) == n:
+                            if not buf:
+                                break
+                            nxt = min(buf)
+                        else:
+                            nxt += 1
+                        continue
+                    obj = recv(POLL_INTERVAL)
+                    if type(obj) is not tuple or obj[0] != k or workers.death is not None:
+                        obj = self._next_slow(obj)
+                        if not self._file(obj, k):
+                            continue
+                    if obj[1] != nxt:
+                        buf[obj[1]] = obj[2]
+                        continue
+                    dp = obj[2]
+                release[nxt % n]()
+                nxt += 1
+                yield dp
+        del self._ahead[k], self._ended[k]
+
+    def _file(self, obj: Any, k: int) -> bool:
+        """Put away a message that is not an item of epoch ``k``; true if it is one after all."""
+        if type(obj) is tuple:
+            epoch, index = obj[0], obj[1]
+            if epoch == k:
+                return True
+            if epoch > k:  # a worker prefetching the next epoch
+                self._ahead.setdefault(epoch, {})[index] = obj[2]
+            else:  # left over from an epoch the user broke out of
+                run = self._run
+                assert run is not None and run.control is not None
+                run.control.release[index % self.num_workers]()
+            return False
+        if type(obj) is EpochEnd:
+            if obj.epoch >= k:
+                self._ended.setdefault(obj.epoch, set()).add(obj.worker_id)
+            return False
+        raise StateError(
+            f"a worker sent a {type(obj).__name__} where shard mode expects items; "
+            "is a dataflow sending to the transport itself?"
+        )
 
     def _next_slow(self, obj: Any) -> Any:
         """Handle everything that is not a plain datapoint; return the next datapoint."""
@@ -279,6 +404,14 @@ class Runner:
 
     # ------------------------------------------------------------------ helpers
 
+    def _control(self, transport: Transport) -> Control | None:
+        """The consumer-to-worker control of this mode; None in replicate mode."""
+        if self.mode != "shard":
+            return None
+        return Control(
+            self.num_workers, self.start_method, credits=self.capacity // self.num_workers
+        )
+
     def _dataflows(self) -> list[Any]:
         n = self.num_workers
         if self._factory:
@@ -297,6 +430,26 @@ class Runner:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self._run else "new"
         return f"<Runner transport={self.transport_name!r} num_workers={self.num_workers} {state}>"
+
+
+def _check_mode(mode: str, ordered: bool, num_workers: int, capacity: int) -> None:
+    if mode not in MODES:
+        close = difflib.get_close_matches(str(mode), MODES, n=1)
+        raise ConfigError(
+            f"mode={mode!r} is not one of {', '.join(map(repr, MODES))}"
+            + (f". Did you mean {close[0]!r}?" if close else "")
+        )
+    if ordered and mode != "shard":
+        raise ConfigError(
+            "ordered=True needs mode='shard': replicated workers each run the whole "
+            "dataflow, so there is no single order to keep"
+        )
+    if mode == "shard" and capacity < num_workers:
+        raise ConfigError(
+            f"mode='shard' needs capacity >= num_workers (every worker holds at least one "
+            f"item in flight), got capacity={capacity} for num_workers={num_workers}; "
+            "raise capacity or lower num_workers"
+        )
 
 
 def _as_factory(df: Any) -> bool:
@@ -323,13 +476,19 @@ def _length(df: Any) -> int | None:
 
 
 def _worker_error(failure: RemoteFailure) -> WorkerError:
-    where = "in reset_state()" if failure.phase == "reset_state" else "while iterating"
+    if failure.phase == "map":
+        where = f"in fn on input {failure.index}"
+    elif failure.phase == "reset_state":
+        where = "in reset_state()"
+    else:
+        where = "while iterating"
     return WorkerError(
         f"worker {failure.worker_id} raised {failure.exc_type} {where}: {failure.message}\n"
         f"\nRemote traceback:\n{failure.traceback}",
         worker_id=failure.worker_id,
         exc_type=failure.exc_type,
         remote_traceback=failure.traceback,
+        index=failure.index,
     )
 
 

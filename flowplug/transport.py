@@ -20,6 +20,22 @@ bounds the latency this adds (``max_delay``: at the next ``send()``, or from a t
 when the dataflow stalls). The consumer side unpacks a batch into a local deque and returns
 its objects one per :meth:`Transport.recv`, so neither the Runner nor the user sees batches.
 
+Objects sent by one sender must arrive in the order they were sent (shard mode's epoch
+markers rely on it); objects of different senders may interleave freely. An object
+returned by ``recv`` stays valid for as long as it is referenced, whatever is received
+after it (shard mode's reorder buffer holds some while it receives others).
+
+Tasks, the other direction (optional). A transport whose :attr:`Transport.carries_tasks`
+is true also moves tasks from the consumer to the workers, which
+:class:`~flowplug.ParallelMap` needs:
+
+6. ``task_endpoint = transport.open_tasks()`` in the consumer, after ``open()`` and before
+   any worker starts; picklable like the endpoint.
+7. ``receiver = task_endpoint.connect(worker_id)`` inside each worker, then
+   ``receiver.recv(timeout)`` per task (any free worker takes the next task).
+8. ``transport.send_task(obj, timeout)`` in the consumer; false when the channel stayed
+   full. ``transport.close()`` releases the task channel too.
+
 Example, the smallest in-process transport::
 
     class ListTransport(Transport):
@@ -90,7 +106,12 @@ class Sender(ABC):
         """
 
     def flush(self) -> None:
-        """Push out anything buffered (a transport that batches small items)."""
+        """Push out anything buffered (a transport that batches small items).
+
+        Shard mode and ParallelMap call it before a worker waits (for a credit, the next
+        epoch or a task) and after each epoch-end marker: the consumer may be waiting for
+        exactly what is held here.
+        """
 
     def close(self) -> None:
         """Flush and release the worker side. Called once."""
@@ -218,6 +239,31 @@ class Endpoint(ABC):
         """Connect inside the worker and return its sender."""
 
 
+class TaskReceiver(ABC):
+    """The worker side of a task channel: receives the tasks the consumer sends."""
+
+    @abstractmethod
+    def recv(self, timeout: float) -> Any:
+        """Return the next task, or :data:`EMPTY` after ``timeout`` seconds.
+
+        Each task goes to exactly one worker.
+
+        :raises flowplug.TransportClosed: the consumer closed the channel (a worker thread
+            must notice it to end).
+        """
+
+    def close(self) -> None:
+        """Release the worker side. Called at most once."""
+
+
+class TaskEndpoint(ABC):
+    """What a worker needs to receive tasks; returned by :meth:`Transport.open_tasks`."""
+
+    @abstractmethod
+    def connect(self, worker_id: int) -> TaskReceiver:
+        """Connect inside the worker and return its task receiver."""
+
+
 class Transport(ABC):
     """Moves objects from workers to one consumer. Subclass it in a plugin.
 
@@ -235,6 +281,9 @@ class Transport(ABC):
     crosses_processes: ClassVar[bool] = True
     #: true when the consumer receives views of shared memory rather than copies.
     zero_copy: ClassVar[bool] = False
+    #: true when the transport also carries tasks from the consumer to the workers
+    #: (:meth:`open_tasks`, :meth:`send_task`), which :class:`~flowplug.ParallelMap` needs.
+    carries_tasks: ClassVar[bool] = False
     #: the options this transport accepts.
     options: ClassVar[tuple[Option, ...]] = ()
 
@@ -261,8 +310,29 @@ class Transport(ABC):
     def recv(self, timeout: float) -> Any:
         """Return the next object, or :data:`EMPTY` after ``timeout`` seconds."""
 
+    def open_tasks(self) -> TaskEndpoint:
+        """Create the task channel (consumer to workers) and return the workers' endpoint.
+
+        Optional: only called when :attr:`carries_tasks` is true. The channel holds at
+        least ``capacity`` tasks.
+        """
+        raise NotImplementedError(
+            f"transport {self.name!r} does not carry tasks (carries_tasks is false)"
+        )
+
+    def send_task(self, obj: Any, timeout: float) -> bool:
+        """Send one task to whichever worker takes it first.
+
+        :param timeout: seconds to wait while the channel is full; 0 does not wait.
+        :returns: false when the channel stayed full; the task was not sent.
+        :raises Exception: ``obj`` cannot be serialized (raised here, in the consumer).
+        """
+        raise NotImplementedError(
+            f"transport {self.name!r} does not carry tasks (carries_tasks is false)"
+        )
+
     def close(self) -> None:
-        """Release everything the transport holds. Idempotent."""
+        """Release everything the transport holds, the task channel too. Idempotent."""
 
     def __enter__(self) -> Transport:
         return self

@@ -41,10 +41,20 @@ class RemoteFailure:
     """An exception raised inside a worker, as sent to the consumer (strings only)."""
 
     worker_id: int
-    phase: str  # "reset_state" or "iteration"
+    phase: str  # "reset_state", "iteration" or "map"
     exc_type: str
     message: str
     traceback: str
+    #: ParallelMap: the index of the input whose fn raised.
+    index: int | None = None
+
+
+class TaskFailed(Exception):
+    """Raised by a ParallelMap worker loop, from the exception of ``fn`` on input ``index``."""
+
+    def __init__(self, index: int):
+        super().__init__(index)
+        self.index = index
 
 
 _local = threading.local()
@@ -64,10 +74,13 @@ def run_worker(
     endpoint: Endpoint,
     info: WorkerInfo,
     stop: threading.Event | None = None,
+    gate: Any = None,
 ) -> bool:
     """Reset ``df``, then send its datapoints forever (repeating passes) until stopped.
 
-    Exceptions are reported to the consumer as a :class:`RemoteFailure`.
+    With a ``gate`` (shard mode, ParallelMap), ``gate.run`` sends instead, obeying the
+    consumer's epochs and credits. Exceptions are reported to the consumer as a
+    :class:`RemoteFailure`.
 
     :returns: true when an error was reported.
     """
@@ -81,6 +94,9 @@ def run_worker(
     try:
         df.reset_state()
         phase = "iteration"
+        if gate is not None:
+            gate.run(df, sender, info, stop)
+            return False
         send = sender.send
         while stop is None or not stop.is_set():
             sent = 0
@@ -98,12 +114,16 @@ def run_worker(
     except BaseException as exc:  # SystemExit, KeyboardInterrupt in a thread: report them too
         if stop is not None and stop.is_set():
             return False
+        index = None
+        if isinstance(exc, TaskFailed) and exc.__cause__ is not None:
+            index, phase, exc = exc.index, "map", exc.__cause__
         failure = RemoteFailure(
             worker_id=info.id,
             phase=phase,
             exc_type=type(exc).__name__,
             message=str(exc),
             traceback="".join(traceback.format_exception(exc)),
+            index=index,
         )
         try:
             sender.send(failure)
@@ -118,7 +138,12 @@ def run_worker(
 
 
 def process_main(
-    df: Any, endpoint: Endpoint, info: WorkerInfo, parent_pid: int, death_signal: bool
+    df: Any,
+    endpoint: Endpoint,
+    info: WorkerInfo,
+    parent_pid: int,
+    death_signal: bool,
+    gate: Any = None,
 ) -> None:
     """Entry point of a worker process (fork, spawn or forkserver)."""
     global _process_info
@@ -129,7 +154,7 @@ def process_main(
         _set_death_signal()
     _start_parent_watchdog(parent_pid)
     _seed_globals(info.seed)
-    reported = run_worker(df, endpoint, info)
+    reported = run_worker(df, endpoint, info, gate=gate)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_REPORTED if reported else 0)

@@ -107,6 +107,10 @@ class InfoFlow(fp.DataFlow):
             yield (info.id, info.num_workers, info.seed)
 
 
+def identity(x: Any) -> Any:
+    return x
+
+
 def payloads() -> list[Any]:
     """Datapoints every transport must deliver exactly."""
     rng = np.random.default_rng(0)
@@ -330,3 +334,40 @@ class TransportContract:
         for _ in range(200 if os.environ.get("FLOWPLUG_LONG_TESTS") else 50):
             with fp.Runner(Counting(1000), transport=transport, num_workers=2) as runner:
                 next(iter(runner))
+
+    # -- shard mode and ParallelMap (the task channel)
+
+    @pytest.mark.parametrize("ordered", [False, True])
+    def test_shard_mode_delivers_every_item_once(self, transport, ordered):
+        items = list(range(41))
+        with fp.Runner(
+            fp.DataFromList(items),
+            transport=transport,
+            num_workers=3,
+            capacity=6,
+            mode="shard",
+            ordered=ordered,
+        ) as runner:
+            for _ in range(2):
+                got = list(runner)
+                assert (got if ordered else sorted(got)) == items
+            it = iter(runner)
+            next(it)
+            it.close()  # an epoch broken off early leaves nothing behind for the next
+            got = list(runner)
+            assert (got if ordered else sorted(got)) == items
+
+    def test_parallel_map_carries_every_payload(self, transport):
+        if not fp.get_transport(transport).carries_tasks:
+            with pytest.raises(fp.ConfigError, match="cannot carry tasks"):
+                fp.ParallelMap(fp.DataFromList([1]), identity, transport=transport)
+            return
+        want = payloads()
+        with fp.ParallelMap(
+            fp.DataFromList(want), identity, num_workers=2, transport=transport
+        ) as results:
+            for _ in range(2):
+                got = list(results)
+                assert len(got) == len(want)
+                for g, w in zip(got, want, strict=True):
+                    assert_same(g, w)

@@ -11,6 +11,10 @@ batched (:class:`flowplug.BatchingSender`).
 
 A message is ``[u64 header words, u64 body bytes, header, body]``, where header and body
 are a :class:`flowplug.serialize.Batch` (a lone datapoint is a batch of one).
+
+Tasks (consumer to workers) travel through a pipe of their own that the workers read
+under a lock, fed by a consumer thread, as a ``multiprocessing.Queue`` does; unlike one,
+closing drains the pipe so the feeder never stays blocked on workers that are gone.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from __future__ import annotations
 import collections
 import multiprocessing as mp
 import os
+import pickle
+import queue
 import select
+import threading
 import time
 from array import array
 from typing import Any
 
 import flowplug
-from flowplug.serialize import unpack_batch
+from flowplug.serialize import dumps_bytes, unpack_batch
 
 _ALIGN = 16  # as flowplug.serialize.Batch lays out frames
 _ZEROS = bytes(_ALIGN)
@@ -103,6 +110,33 @@ class QueueEndpoint(flowplug.Endpoint):
         return QueueSender(self._conn, self._lock, self._slots, self._batch, self._batch_delay)
 
 
+class QueueTaskReceiver(flowplug.TaskReceiver):
+    def __init__(self, reader: Any, lock: Any):
+        self._reader = reader
+        self._lock = lock
+
+    def recv(self, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        if not self._lock.acquire(timeout=timeout):
+            return flowplug.EMPTY
+        try:
+            if not self._reader.poll(max(0.0, deadline - time.monotonic())):
+                return flowplug.EMPTY
+            data = self._reader.recv_bytes()
+        finally:
+            self._lock.release()
+        return pickle.loads(data)
+
+
+class QueueTaskEndpoint(flowplug.TaskEndpoint):
+    def __init__(self, reader: Any, lock: Any):
+        self._reader = reader
+        self._lock = lock
+
+    def connect(self, worker_id: int) -> QueueTaskReceiver:
+        return QueueTaskReceiver(self._reader, self._lock)
+
+
 class QueueTransport(flowplug.Transport):
     """A bounded multiprocessing queue over a pipe: portable, works with every start method.
 
@@ -111,6 +145,7 @@ class QueueTransport(flowplug.Transport):
     """
 
     name = "queue"
+    carries_tasks = True
     options = (
         flowplug.Option("batch", int, 64, "pack up to this many small items per message (1: off)"),
         flowplug.Option(
@@ -155,7 +190,60 @@ class QueueTransport(flowplug.Transport):
         ready.extend(unpack_batch(message.header, message.body))
         return ready.popleft()
 
+    def open_tasks(self) -> QueueTaskEndpoint:
+        ctx = mp.get_context(self.start_method)
+        self._task_reader, self._task_writer = ctx.Pipe(duplex=False)
+        # Pickled tasks wait here for the feeder thread, started on the first task (after
+        # the workers are forked, so that no fork copies a running thread's locks).
+        self._task_buffer: queue.Queue = queue.Queue(maxsize=self.capacity)
+        self._task_stop = threading.Event()
+        self._feeder: threading.Thread | None = None
+        return QueueTaskEndpoint(self._task_reader, ctx.Lock())
+
+    def send_task(self, obj: Any, timeout: float) -> bool:
+        data = dumps_bytes(obj)
+        if self._feeder is None:
+            self._feeder = threading.Thread(
+                target=self._feed, name="flowplug-queue-task-feeder", daemon=True
+            )
+            self._feeder.start()
+        try:
+            if timeout > 0:
+                self._task_buffer.put(data, timeout=timeout)
+            else:
+                self._task_buffer.put_nowait(data)
+        except queue.Full:
+            return False
+        return True
+
+    def _feed(self) -> None:
+        get = self._task_buffer.get
+        send = self._task_writer.send_bytes
+        while not self._task_stop.is_set():
+            try:
+                data = get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                send(data)
+            except OSError:
+                return  # closed under us
+
+    def _close_tasks(self) -> None:
+        self._task_stop.set()
+        feeder, self._feeder = self._feeder, None
+        # The workers are stopped: read the pipe empty ourselves until a feeder blocked on
+        # a full pipe has finished its write and seen the stop.
+        reader = self._task_reader
+        while feeder is not None and feeder.is_alive():
+            if reader.poll(0.01):
+                os.read(reader.fileno(), 1 << 20)
+        self._task_reader.close()
+        self._task_writer.close()
+
     def close(self) -> None:
+        if getattr(self, "_task_stop", None) is not None and not self._task_stop.is_set():
+            self._close_tasks()
         reader = getattr(self, "_reader", None)
         if reader is not None:
             self._reader = None

@@ -40,6 +40,29 @@ class ThreadEndpoint(flowplug.Endpoint):
         return ThreadSender(self._queue, self._closed)
 
 
+class ThreadTaskReceiver(flowplug.TaskReceiver):
+    def __init__(self, q: queue.Queue, closed: threading.Event):
+        self._get = q.get
+        self._closed = closed
+
+    def recv(self, timeout: float) -> Any:
+        if self._closed.is_set():
+            raise flowplug.TransportClosed("the consumer closed the thread transport")
+        try:
+            return self._get(timeout=timeout)
+        except queue.Empty:
+            return flowplug.EMPTY
+
+
+class ThreadTaskEndpoint(flowplug.TaskEndpoint):
+    def __init__(self, q: queue.Queue, closed: threading.Event):
+        self._queue = q
+        self._closed = closed
+
+    def connect(self, worker_id: int) -> ThreadTaskReceiver:
+        return ThreadTaskReceiver(self._queue, self._closed)
+
+
 class ThreadTransport(flowplug.Transport):
     """Threads and a bounded ``queue.Queue``: the fastest choice when the dataflow
     releases the GIL (I/O, numpy, decoding in C) and nothing needs to be pickled."""
@@ -47,6 +70,7 @@ class ThreadTransport(flowplug.Transport):
     name = "thread"
     crosses_processes = False
     zero_copy = True
+    carries_tasks = True
 
     def open(self) -> ThreadEndpoint:
         self._queue: queue.Queue = queue.Queue(maxsize=self.capacity)
@@ -59,6 +83,20 @@ class ThreadTransport(flowplug.Transport):
             return self._get(timeout=timeout)
         except queue.Empty:
             return flowplug.EMPTY
+
+    def open_tasks(self) -> ThreadTaskEndpoint:
+        self._tasks: queue.Queue = queue.Queue(maxsize=self.capacity)
+        return ThreadTaskEndpoint(self._tasks, self._closed)
+
+    def send_task(self, obj: Any, timeout: float) -> bool:
+        try:
+            if timeout > 0:
+                self._tasks.put(obj, timeout=timeout)
+            else:
+                self._tasks.put_nowait(obj)
+        except queue.Full:
+            return False
+        return True
 
     def close(self) -> None:
         closed = getattr(self, "_closed", None)

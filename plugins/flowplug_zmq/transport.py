@@ -22,7 +22,7 @@ from typing import Any
 import zmq
 
 import flowplug
-from flowplug.serialize import loads, unpack_batch
+from flowplug.serialize import dumps, loads, unpack_batch
 
 #: how long a closing worker keeps trying to deliver what it has sent (ms).
 _LINGER_MS = 5000
@@ -82,10 +82,51 @@ class ZmqEndpoint(flowplug.Endpoint):
         return ZmqSender(self.address, self.token, self.hwm, self.batch, self.batch_delay)
 
 
+class ZmqTaskReceiver(flowplug.TaskReceiver):
+    def __init__(self, address: str, token: bytes):
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.PULL)
+        # Take one task at a time, so that a busy worker leaves the next to an idle one.
+        self._sock.rcvhwm = 1
+        self._sock.linger = 0
+        self._sock.connect(address)
+        self._token = token
+
+    def recv(self, timeout: float) -> Any:
+        sock = self._sock
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if not sock.poll(timeout * 1000):
+                return flowplug.EMPTY
+            frames = sock.recv_multipart(copy=False)
+        if frames[0].bytes != self._token:
+            return flowplug.EMPTY
+        return loads(frames[1:])
+
+    def close(self) -> None:
+        self._sock.close()
+        self._ctx.term()
+
+
+class ZmqTaskEndpoint(flowplug.TaskEndpoint):
+    def __init__(self, address: str, token: bytes):
+        self.address = address
+        self.token = token
+
+    def connect(self, worker_id: int) -> ZmqTaskReceiver:
+        return ZmqTaskReceiver(self.address, self.token)
+
+
 class ZmqTransport(flowplug.Transport):
-    """ZeroMQ PUSH/PULL over an ipc:// socket: fast for large arrays, no feeder thread."""
+    """ZeroMQ PUSH/PULL over an ipc:// socket: fast for large arrays, no feeder thread.
+
+    Tasks go the other way over a second PUSH/PULL pair (round robin over the workers
+    that have room).
+    """
 
     name = "zmq"
+    carries_tasks = True
     options = (
         flowplug.Option(
             "hwm", int, 0, "zmq high-water mark on both sides (0: use the runner's capacity)"
@@ -141,7 +182,41 @@ class ZmqTransport(flowplug.Transport):
         ready.extend(unpack_batch(header, frames[2].buffer))
         return ready.popleft()
 
+    def open_tasks(self) -> ZmqTaskEndpoint:
+        sock = self._task_sock = self._ctx.socket(zmq.PUSH)
+        sock.sndhwm = max(1, self.capacity // self.num_workers)
+        sock.linger = 0
+        address = _address(self.run_id)
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as exc:
+            raise flowplug.ConfigError(
+                f"cannot bind the zmq task socket {address}: {exc}. On a network file "
+                "system, set FLOWPLUG_PIPEDIR to a local directory"
+            ) from exc
+        return ZmqTaskEndpoint(address, self._token)
+
+    def send_task(self, obj: Any, timeout: float) -> bool:
+        sock = self._task_sock
+        # copy=True (the default): the dataflow may refill the same array afterwards.
+        message = [self._token, *dumps(obj)]
+        try:
+            sock.send_multipart(message, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            if timeout <= 0 or not sock.poll(timeout * 1000, zmq.POLLOUT):
+                return False
+        try:
+            sock.send_multipart(message, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
     def close(self) -> None:
+        task_sock = getattr(self, "_task_sock", None)
+        if task_sock is not None:
+            self._task_sock = None
+            task_sock.close(linger=0)
         sock = getattr(self, "_sock", None)
         if sock is not None:
             self._sock = None

@@ -1,0 +1,277 @@
+"""Consumer-to-worker control for shard mode and ParallelMap, whatever the transport.
+
+The transport carries data from the workers to the consumer (and, for ParallelMap, tasks
+the other way); what the consumer has to tell its workers travels here, owned by the core:
+
+- *epoch notices*: the consumer announces each epoch it starts. A worker may run epoch
+  ``e`` once the consumer has started ``e - 1`` (so at most one epoch ahead), and abandons
+  epoch ``e`` once the consumer has started a later one (the user broke out early): a
+  busy worker looks every few milliseconds, a worker waiting for a credit when it gets
+  one. Processes read them from a pipe each, threads from a shared board.
+- *credits* (shard mode): a semaphore per worker, ``capacity // num_workers`` strong. A
+  worker takes one before sending an item, the consumer gives it back when it yields or
+  drops the item. It bounds what is in flight and buffered, reorder buffer included, to
+  ``capacity`` items (see docs/sharding.md, "Why the buffer is bounded").
+
+Items travel as ``(epoch, index, datapoint)`` tuples, each worker's pass ends with an
+:class:`EpochEnd`; the consumer tells the epochs apart by the tag, so prefetching across
+an epoch boundary never mixes them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import threading
+from dataclasses import dataclass
+from time import monotonic
+from typing import Any
+
+from .errors import TransportClosed
+from .transport import EMPTY, TaskEndpoint
+from .worker import TaskFailed, WorkerInfo
+
+#: how often a waiting worker thread checks whether the runner stopped.
+STOP_CHECK = 0.1
+#: how often (s) a busy worker looks for a newer epoch: a pipe poll per item would cost
+#: more than the rest of a small item's trip.
+NOTICE_CHECK = 0.005
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """Sent by a worker after its last item of ``epoch`` (or when it abandons the epoch)."""
+
+    worker_id: int
+    epoch: int
+
+
+class _Stopped(TransportClosed):
+    """A waiting worker thread saw the stop event."""
+
+
+# ---------------------------------------------------------------------------- notices
+
+
+class _PipeNotices:
+    """A worker process's view of the epoch notices: the read end of its own pipe."""
+
+    def __init__(self, conn: Any):
+        self._conn = conn
+        self.latest = -1
+
+    def poll(self) -> int:
+        """Return the newest epoch the consumer started, without blocking."""
+        conn = self._conn
+        while conn.poll():
+            self.latest = int.from_bytes(conn.recv_bytes(), "little", signed=True)
+        return self.latest
+
+    def wait_for(self, epoch: int, stop: threading.Event | None) -> None:
+        """Block until the consumer has started ``epoch`` (SIGTERM ends the wait)."""
+        while self.latest < epoch:
+            self.latest = int.from_bytes(self._conn.recv_bytes(), "little", signed=True)
+
+
+class _Board:
+    """The epoch notices of worker threads: one number and a condition."""
+
+    def __init__(self) -> None:
+        self.latest = -1
+        self._cond = threading.Condition()
+
+    def publish(self, epoch: int) -> None:
+        with self._cond:
+            self.latest = epoch
+            self._cond.notify_all()
+
+    def poll(self) -> int:
+        return self.latest
+
+    def wait_for(self, epoch: int, stop: threading.Event | None) -> None:
+        with self._cond:
+            while self.latest < epoch:
+                self._cond.wait(STOP_CHECK)
+                if stop is not None and stop.is_set():
+                    raise _Stopped("the runner stopped")
+
+
+def _acquire(sem: Any, stop: threading.Event | None) -> None:
+    if stop is None:
+        sem.acquire()  # a process: SIGTERM ends the wait
+        return
+    while not sem.acquire(timeout=STOP_CHECK):
+        if stop.is_set():
+            raise _Stopped("the runner stopped")
+
+
+# ---------------------------------------------------------------------------- worker side
+
+
+class ShardGate:
+    """One worker's side of shard mode: sends its shard of each epoch, within its credits."""
+
+    def __init__(self, notices: Any, credits: Any):
+        self.notices = notices
+        self.credits = credits
+
+    def run(self, df: Any, sender: Any, info: WorkerInfo, stop: threading.Event | None) -> None:
+        """Send this worker's items of epoch 0, 1, 2... until stopped; never returns normally.
+
+        The shard is ``df.shard(id, num_workers)`` when ``df`` defines it, else every
+        ``num_workers``-th item of a full pass starting at ``id``. Either way the j-th item
+        of the shard gets the index ``id + j * num_workers``.
+        """
+        w, n = info.id, info.num_workers
+        shard = getattr(df, "shard", None)
+        source = shard(w, n) if callable(shard) else None
+        send = sender.send
+        # Before any wait, push out what a batching sender holds: the consumer may be
+        # waiting for exactly those items before it can give a credit back.
+        flush = sender.flush
+        notices = self.notices
+        credits = self.credits
+        try_acquire = credits.acquire
+        epoch = 0
+        while stop is None or not stop.is_set():
+            notices.wait_for(epoch - 1, stop)
+            if notices.poll() <= epoch:
+                items = source if source is not None else itertools.islice(df, w, None, n)
+                index = w
+                next_check = monotonic() + NOTICE_CHECK
+                for dp in items:
+                    if not try_acquire(False):
+                        flush()
+                        _acquire(credits, stop)
+                        next_check = 0.0  # we waited: the consumer may have moved on
+                    if monotonic() >= next_check:
+                        if notices.poll() > epoch:  # the consumer left this epoch
+                            credits.release()
+                            break
+                        next_check = monotonic() + NOTICE_CHECK
+                    send((epoch, index, dp))
+                    index += n
+            send(EpochEnd(w, epoch))
+            flush()  # the consumer ends the epoch on this marker
+            epoch += 1
+        raise _Stopped("the runner stopped")
+
+
+class MapWork:
+    """What a ParallelMap worker runs: ``fn``, in the dataflow slot of the worker loop."""
+
+    def __init__(self, fn: Any):
+        self.fn = fn
+
+    def reset_state(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"the function {self.fn!r}"
+
+
+class MapGate:
+    """One worker's side of a ParallelMap: takes tasks, applies ``fn``, sends results."""
+
+    def __init__(self, notices: Any, tasks: TaskEndpoint):
+        self.notices = notices
+        self.tasks = tasks
+
+    def run(
+        self, work: MapWork, sender: Any, info: WorkerInfo, stop: threading.Event | None
+    ) -> None:
+        """Answer every task ``(epoch, index, dp)`` with ``(epoch, index, fn(dp))``.
+
+        A task of an epoch the consumer has left is answered with ``None`` unseen: the
+        consumer counts answers, and drops those of old epochs.
+
+        :raises flowplug.worker.TaskFailed: ``fn`` raised; the cause is its exception.
+        """
+        receiver = self.tasks.connect(info.id)
+        try:
+            recv = receiver.recv
+            send = sender.send
+            flush = sender.flush
+            fn = work.fn
+            notices = self.notices
+            while stop is None or not stop.is_set():
+                task = recv(0.0)
+                if task is EMPTY:
+                    flush()  # the consumer may wait for these answers before sending more
+                    task = recv(STOP_CHECK)
+                    if task is EMPTY:
+                        continue
+                epoch, index, dp = task
+                if notices.poll() > epoch:
+                    send((epoch, index, None))
+                    continue
+                try:
+                    out = fn(dp)
+                except Exception as exc:
+                    raise TaskFailed(index) from exc
+                send((epoch, index, out))
+        finally:
+            receiver.close()
+
+
+# ---------------------------------------------------------------------------- consumer side
+
+
+class Control:
+    """The consumer's side: announces epochs and returns credits; owns the gates.
+
+    :param num_workers: how many workers.
+    :param start_method: the workers' start method; None when they are threads.
+    :param credits: credits per worker (shard mode); None for a ParallelMap.
+    :param tasks: the task endpoint (ParallelMap); None in shard mode.
+    """
+
+    def __init__(
+        self,
+        num_workers: int,
+        start_method: str | None,
+        credits: int | None = None,
+        tasks: TaskEndpoint | None = None,
+    ):
+        self._writers: list[Any] = []
+        self._readers: list[Any] = []
+        self._board: _Board | None = None
+        notices: list[Any]
+        if start_method is not None:
+            ctx = mp.get_context(start_method)
+            for _ in range(num_workers):
+                reader, writer = ctx.Pipe(duplex=False)
+                self._readers.append(reader)
+                self._writers.append(writer)
+            notices = [_PipeNotices(r) for r in self._readers]
+            make_sem: Any = ctx.Semaphore
+        else:
+            self._board = _Board()
+            notices = [self._board] * num_workers
+            make_sem = threading.Semaphore
+        self._credits = [make_sem(credits) for _ in range(num_workers)] if credits else []
+        self.gates: list[ShardGate | MapGate]
+        if credits:
+            self.gates = [ShardGate(m, s) for m, s in zip(notices, self._credits, strict=True)]
+        else:
+            assert tasks is not None
+            self.gates = [MapGate(m, tasks) for m in notices]
+        #: ``release[w]()`` gives worker ``w`` one credit back.
+        self.release = [s.release for s in self._credits]
+
+    def start_epoch(self, epoch: int) -> None:
+        """Tell every worker that the consumer started ``epoch``."""
+        if self._board is not None:
+            self._board.publish(epoch)
+            return
+        message = epoch.to_bytes(8, "little", signed=True)
+        for writer in self._writers:
+            writer.send_bytes(message)  # 8 bytes into an almost empty pipe: never blocks long
+
+    def close(self) -> None:
+        """Close the pipes; after the workers are stopped. Idempotent."""
+        for conn in self._writers + self._readers:
+            conn.close()
+        self._writers = []
+        self._readers = []
+        self.gates = []

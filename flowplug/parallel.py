@@ -1,0 +1,249 @@
+"""ParallelMap: apply a function to every datapoint of a dataflow in parallel workers.
+
+The consumer reads the source and sends each datapoint as a task ``(epoch, index, dp)``
+through the transport's task channel (:meth:`~flowplug.Transport.send_task`); any free
+worker takes it and sends back ``(epoch, index, fn(dp))``. The Runner machinery does the
+rest: workers, errors, deaths, timeouts, cleanup.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import plugins
+from ._gates import Control, MapWork
+from .errors import ConfigError, RunnerTimeout, StateError, UnknownLength
+from .runner import _MISSING, POLL_INTERVAL, Runner
+from .transport import EMPTY, Transport
+
+
+class ParallelMap(Runner):
+    """Apply ``fn`` to every datapoint of ``df`` in ``num_workers`` workers.
+
+    One iteration (an epoch) reads one pass of ``df`` in the consumer and yields
+    ``fn(dp)`` exactly once per input: in input order when ``ordered``, as completed
+    otherwise (which is what tensorpack's ``strict=True`` gives: the exact set, in any
+    order). At most ``capacity`` inputs are in flight or
+    waiting to be yielded. Breaking out of an epoch and iterating again starts a clean
+    epoch: answers to the abandoned one are dropped, and tasks of it not yet started are
+    skipped. The result is a dataflow: it can feed a :class:`Runner` or another map.
+
+    :param df: the source dataflow, read in the consumer (``reset_state()`` is called once,
+        by this map's ``reset_state()``). A :class:`Runner` given here is closed with
+        the map.
+    :param fn: a function of one datapoint; picklable for ``spawn``/``forkserver``.
+        Transports that copy (not ``zero_copy``) may give it read-only numpy arrays.
+    :param num_workers: how many workers.
+    :param transport: the transport's name; it must carry tasks (``carries_tasks``).
+    :param ordered: yield in the order of ``df``.
+    :param capacity: how many inputs may be in flight or buffered at once.
+    :param drop_none: drop the inputs for which ``fn`` returns None (tensorpack
+        ``MapData``); otherwise None is a result like any other.
+    :param start_method: as for :class:`Runner`.
+    :param timeout: seconds to wait for one result before raising
+        :class:`~flowplug.RunnerTimeout`.
+    :param seed: base of the per-worker seeds.
+    :param options: the transport's own options.
+    :raises flowplug.ConfigError: the transport does not carry tasks.
+
+    Example::
+
+        def decode(path):
+            return np.asarray(PIL.Image.open(path))
+
+        with fp.ParallelMap(fp.DataFromList(paths), decode, num_workers=4) as images:
+            for image in images:  # in the order of paths
+                ...
+    """
+
+    def __init__(
+        self,
+        df: Any,
+        fn: Callable[[Any], Any],
+        num_workers: int | None = None,
+        transport: str | None = None,
+        ordered: bool = True,
+        capacity: int | None = None,
+        drop_none: bool = False,
+        start_method: str | None = None,
+        timeout: float | None = None,
+        seed: int | None = None,
+        **options: Any,
+    ):
+        if not callable(fn):
+            raise TypeError(f"ParallelMap needs a function for fn, got {type(fn).__name__}")
+        if not hasattr(df, "__iter__"):
+            raise TypeError(
+                f"ParallelMap reads df in the consumer, so it needs the dataflow itself "
+                f"(with __iter__ and reset_state), got {type(df).__name__}"
+            )
+        super().__init__(
+            df,
+            transport=transport,
+            num_workers=num_workers,
+            capacity=capacity,
+            start_method=start_method,
+            timeout=timeout,
+            seed=seed,
+            **options,
+        )
+        if not self._transport_cls.carries_tasks:
+            able = [n for n, c in plugins.available_transports().items() if c.carries_tasks]
+            raise ConfigError(
+                f"transport {self.transport_name!r} cannot carry tasks to the workers "
+                f"(carries_tasks is false), which ParallelMap needs; use one that can: "
+                f"{', '.join(able) or 'none installed'}"
+            )
+        self.fn = fn
+        self.ordered = ordered
+        self.drop_none = drop_none
+        self.mode = "map"
+        #: tasks sent whose answer has not arrived, over all epochs.
+        self._in_flight = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def reset_state(self) -> None:
+        """Reset the source, then start the workers. Call once.
+
+        :raises flowplug.StateError: called twice, after ``close()``, or inside a worker
+            process (which cannot have child processes; use a thread transport there).
+        """
+        if self._run is None and not self._closed:
+            if self._transport_cls.crosses_processes and mp.current_process().daemon:
+                raise StateError(
+                    f"a ParallelMap on transport {self.transport_name!r} starts processes, "
+                    "and a worker process cannot have children; inside a Runner's worker "
+                    "use a transport whose workers are threads (transport='thread'), or "
+                    "map outside: ParallelMap(Runner(df, ...), fn)"
+                )
+            if not isinstance(self._df, Runner):
+                self._df.reset_state()  # a Runner starts when first iterated (or already has)
+        super().reset_state()
+
+    def close(self) -> None:
+        """Stop the workers, release the transport, and close a Runner given as ``df``."""
+        super().close()
+        if isinstance(self._df, Runner):
+            self._df.close()
+
+    def __len__(self) -> int:
+        if self.drop_none:
+            raise UnknownLength("ParallelMap(drop_none=True) may drop items: no known length")
+        return super().__len__()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "running" if self._run else "new"
+        return (
+            f"<ParallelMap fn={getattr(self.fn, '__name__', self.fn)!r} "
+            f"transport={self.transport_name!r} num_workers={self.num_workers} {state}>"
+        )
+
+    # ------------------------------------------------------------------ Runner hooks
+
+    def _dataflows(self) -> list[Any]:
+        return [MapWork(self.fn) for _ in range(self.num_workers)]
+
+    def _control(self, transport: Transport) -> Control:
+        return Control(self.num_workers, self.start_method, tasks=transport.open_tasks())
+
+    def _iterate(self) -> Iterator[Any]:
+        """One epoch: feed one pass of the source as tasks, yield the answers."""
+        run = self._run
+        assert run is not None and run.control is not None
+        k = self._epoch_no = self._epoch_no + 1
+        run.control.start_epoch(k)  # workers skip tasks of earlier epochs
+        transport = run.transport
+        recv = transport.recv
+        send_task = transport.send_task
+        workers = run.workers
+        cap = self.capacity
+        ordered = self.ordered
+        drop_none = self.drop_none
+        source = iter(self._df)
+        exhausted = False
+        held: Any = None  # a task the channel had no room for
+        sent = 0  # tasks of this epoch sent, also the next index
+        answered = 0  # answers of this epoch received
+        nxt = 0  # ordered: the index to yield next; unordered: answers yielded or dropped
+        buf: dict[int, Any] = {}  # ordered: answers that came before their turn
+        try:
+            while True:
+                # Feed. The window sent - nxt <= cap bounds the reorder buffer (ordered).
+                while held is not None or (
+                    not exhausted and self._in_flight < cap and sent - nxt < cap
+                ):
+                    if held is None:
+                        try:
+                            dp = next(source)
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        held = (k, sent, dp)
+                    if not send_task(held, 0.0):
+                        break
+                    held = None
+                    sent += 1
+                    self._in_flight += 1
+                if ordered:
+                    out = buf.pop(nxt, _MISSING)
+                    if out is not _MISSING:
+                        nxt += 1
+                        if out is not None or not drop_none:
+                            yield out
+                        continue
+                if exhausted and answered == sent:
+                    return
+                if self._in_flight == 0:
+                    # Nothing to wait for but the held task (the channel is not ready,
+                    # e.g. no worker connected yet): wait on the channel instead.
+                    assert held is not None
+                    self._push(held, send_task, workers)
+                    held = None
+                    sent += 1
+                    self._in_flight += 1
+                    continue
+                obj = recv(POLL_INTERVAL)
+                if type(obj) is not tuple or obj[0] != k or workers.death is not None:
+                    obj = self._next_slow(obj)
+                    if type(obj) is not tuple:
+                        raise StateError(
+                            f"a worker sent a {type(obj).__name__} where ParallelMap "
+                            "expects answers"
+                        )
+                    if obj[0] != k:  # an answer to an epoch the user broke out of
+                        self._in_flight -= 1
+                        continue
+                self._in_flight -= 1
+                answered += 1
+                if not ordered:
+                    nxt += 1
+                    out = obj[2]
+                    if out is not None or not drop_none:
+                        yield out
+                elif obj[1] == nxt:
+                    nxt += 1
+                    out = obj[2]
+                    if out is not None or not drop_none:
+                        yield out
+                else:
+                    buf[obj[1]] = obj[2]
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()  # a generator (a Runner's epoch) lets go of its guard now
+
+    def _push(self, task: Any, send_task: Any, workers: Any) -> None:
+        """Send ``task``, waiting for room; notices deaths and the timeout meanwhile."""
+        started = time.monotonic()
+        while not send_task(task, POLL_INTERVAL):
+            if workers.death is not None:
+                self._next_slow(EMPTY)  # raises WorkerDied, or waits for the error report
+            if self.timeout is not None and time.monotonic() - started > self.timeout:
+                raise RunnerTimeout(
+                    f"no worker took a task in {self.timeout:g} s on transport "
+                    f"{self.transport_name!r}; raise timeout= or check the workers"
+                )
