@@ -50,6 +50,13 @@ DEATH_NOTICED_WITHIN = 10.0
 ORPHANS_GONE_WITHIN = 10.0
 CLOSE_RETURNS_WITHIN = 15.0
 
+#: timings the scenarios measured, by name (the soak session prints their maximum).
+MEASURED: dict[str, list[float]] = {}
+
+
+def measured(name: str, seconds: float) -> None:
+    MEASURED.setdefault(name, []).append(seconds)
+
 
 def caps(transport: str) -> type[fp.Transport]:
     return fp.get_transport(transport)
@@ -459,6 +466,7 @@ def scenario_worker_dies(transport: str, how: str) -> int:
                 next(stream)
         except fp.WorkerDied as err:
             took = time.monotonic() - start
+            measured(f"worker death ({how}) to WorkerDied, from iteration start", took)
             code, word = expected[how]
             assert err.exitcode == code, err.exitcode
             assert err.pid is not None and err.pid != os.getpid() and err.worker_id == 0
@@ -486,10 +494,15 @@ def scenario_consumer_killed(transport: str, in_thread: bool = False) -> int:
         if caps(transport).crosses_processes:
             assert len(workers) >= 2, workers
         proc.kill()
+        killed = time.monotonic()
     finally:
         finish(proc)
     alive = gone(workers, ORPHANS_GONE_WITHIN)
     assert not alive, f"workers outlived the consumer: {alive}"
+    where = "other thread" if in_thread else "main thread"
+    measured(
+        f"consumer SIGKILL to all workers gone (started in {where})", time.monotonic() - killed
+    )
     # The next start of the transport sweeps what the dead consumer left in /dev/shm.
     with fp.Runner(Counting(2), transport=transport) as runner:
         assert list(runner) == [0, 1]
@@ -635,6 +648,7 @@ def scenario_stuck(transport: str) -> int:
         UNBLOCK.set()
         it.close()
     assert took < CLOSE_RETURNS_WITHIN, f"close() took {took:.1f} s"
+    measured("close() with stuck workers", took)
     return 2
 
 
