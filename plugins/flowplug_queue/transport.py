@@ -69,7 +69,7 @@ class QueueEndpoint(flowplug.Endpoint):
 
 
 class QueueTransport(flowplug.Transport):
-    """A pipe and two locks from :mod:`multiprocessing`: portable, every start method."""
+    """A pipe and two locks from :mod:`multiprocessing`; works with every start method."""
 
     name = "queue"
 

@@ -16,6 +16,7 @@ parent-death signal and rely on their watchdog.
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
@@ -26,6 +27,9 @@ import flowplug as fp
 
 
 def main() -> None:
+    # Behave like a program in a terminal even when started from a background job, where
+    # SIGINT is inherited as ignored and Python would install no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     transport, mode = sys.argv[1], sys.argv[2]
     df = Chatty(64 << 10) if mode == "chatty" else Forever()
     runner = fp.Runner(df, transport=transport, num_workers=2)

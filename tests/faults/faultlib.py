@@ -616,6 +616,11 @@ def scenario_timeout(transport: str) -> int:
         raise AssertionError("no RunnerTimeout")
     except fp.RunnerTimeout as err:
         assert "0.2" in str(err) and time.monotonic() - start < DEATH_NOTICED_WITHIN
+    try:
+        next(iter(runner))  # still usable: it waits (and times out) again
+        raise AssertionError("no RunnerTimeout")
+    except fp.RunnerTimeout:
+        pass
     start = time.monotonic()
     runner.close()
     assert time.monotonic() - start < CLOSE_RETURNS_WITHIN
