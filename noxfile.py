@@ -1,5 +1,7 @@
 """Sessions: `nox -l` lists them. `nox -s tests` is what CI runs."""
 
+import os
+
 import nox
 
 nox.options.sessions = ["tests", "lint"]
@@ -60,3 +62,12 @@ def bench(session: nox.Session) -> None:
     session.run("flowplug", "bench", "--all", *out)
     if "--json" in out:
         session.run("python", "benchmarks/targets.py", out[out.index("--json") + 1])
+
+
+@nox.session(default=False)
+def soak(session: nox.Session) -> None:
+    """Run a random mix of the fault scenarios for N minutes (posargs or FLOWPLUG_SOAK_MINUTES)."""
+    session.install("-e", ".[test]")
+    minutes = session.posargs or [os.environ.get("FLOWPLUG_SOAK_MINUTES", "5")]
+    env = {"FLOWPLUG_FAULT_CYCLES": os.environ.get("FLOWPLUG_FAULT_CYCLES", "1000")}
+    session.run("python", "tests/faults/soak.py", *minutes, env=env)

@@ -8,6 +8,7 @@ import pickle
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -182,7 +183,24 @@ class ThreadWorkers:
     def request_stop(self) -> None:
         self._stop.set()
 
-    def stop(self, timeout: float = 1.0) -> None:
+    def stop(self, timeout: float = 3.0) -> None:
+        """Ask the threads to stop and join them, ``timeout`` s in all.
+
+        A thread cannot be killed. One still running after that (stuck in C code, a long
+        sleep) is left behind with a RuntimeWarning naming it: it is a daemon thread, and
+        it ends at its next send, which raises TransportClosed, or with the interpreter.
+        """
         self._stop.set()
+        deadline = time.monotonic() + timeout
         for t in self.threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in self.threads if t.is_alive()]
+        if stuck:
+            warnings.warn(
+                f"worker thread(s) {', '.join(stuck)} did not stop within {timeout:g} s "
+                "(blocked in C code or sleeping?). Threads cannot be killed: they are left "
+                "running as daemon threads and end at their next send. For workers that "
+                "can be killed, use a transport whose workers are processes",
+                RuntimeWarning,
+                stacklevel=2,
+            )

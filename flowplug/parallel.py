@@ -8,7 +8,6 @@ rest: workers, errors, deaths, timeouts, cleanup.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -109,17 +108,9 @@ class ParallelMap(Runner):
     def reset_state(self) -> None:
         """Reset the source, then start the workers. Call once.
 
-        :raises flowplug.StateError: called twice, after ``close()``, or inside a worker
-            process (which cannot have child processes; use a thread transport there).
+        :raises flowplug.StateError: called twice, or after ``close()``.
         """
         if self._run is None and not self._closed:
-            if self._transport_cls.crosses_processes and mp.current_process().daemon:
-                raise StateError(
-                    f"a ParallelMap on transport {self.transport_name!r} starts processes, "
-                    "and a worker process cannot have children; inside a Runner's worker "
-                    "use a transport whose workers are threads (transport='thread'), or "
-                    "map outside: ParallelMap(Runner(df, ...), fn)"
-                )
             if not isinstance(self._df, Runner):
                 self._df.reset_state()  # a Runner starts when first iterated (or already has)
         super().reset_state()

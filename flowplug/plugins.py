@@ -181,6 +181,13 @@ class TransportRegistry:
                 "with FLOWPLUG_BLOCK_PLUGINS"
             )
             raise self.conflicts[name]
+        limit = transport.size_limit_option
+        if limit is not None and not any(o.name == limit and o.size for o in transport.options):
+            raise PluginError(
+                f"plugin {origin.name!r} ({origin.distribution}) registered "
+                f"{transport.__qualname__} with size_limit_option={limit!r}, which is not "
+                "one of its options declared with size=True"
+            )
         self.transports[name] = transport
         self.origin[name] = origin
 

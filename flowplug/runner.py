@@ -18,6 +18,7 @@ from typing import Any
 
 from . import plugins
 from ._gates import Control, EpochEnd
+from ._sweep import new_run_id, sweep_stale
 from ._workers import ProcessWorkers, ThreadWorkers
 from .config import ARGUMENT, resolve_settings
 from .errors import (
@@ -29,12 +30,10 @@ from .errors import (
     WorkerError,
 )
 from .transport import EMPTY, Transport
-from .worker import EXIT_REPORTED, RemoteFailure, WorkerInfo
+from .worker import RemoteFailure, WorkerInfo
 
 #: how long one blocking receive waits before the runner checks on its workers.
 POLL_INTERVAL = 0.1
-#: how long to wait for the report of a worker that exited after an error.
-REPORT_GRACE = 2.0
 #: the Runner's modes.
 MODES = ("replicate", "shard")
 
@@ -196,10 +195,12 @@ class Runner:
             self._size = _length(dfs[0])
         n = self.num_workers
         infos = [WorkerInfo(i, n, (self.seed + i) % 2**31) for i in range(n)]
+        if self._transport_cls.uses_shared_memory:
+            sweep_stale()  # what consumers killed by SIGKILL left behind
         transport = self._transport_cls(
             capacity=self.capacity,
             num_workers=n,
-            run_id=f"fp-{os.getpid()}-{secrets.token_hex(4)}",
+            run_id=new_run_id(),
             start_method=self.start_method,
             **self._options,
         )
@@ -371,21 +372,12 @@ class Runner:
         assert run is not None
         waited = POLL_INTERVAL if obj is EMPTY else 0.0
         started = time.monotonic() - waited
-        report_deadline = None
         while True:
             if type(obj) is RemoteFailure:
                 raise self._fail(_worker_error(obj))
             death = run.workers.death
             if death is not None:
-                if death.exitcode != EXIT_REPORTED:
-                    raise self._fail(_worker_died(death))
-                # It exited after sending its error report: keep reading until it arrives.
-                if report_deadline is None:
-                    report_deadline = time.monotonic() + REPORT_GRACE
-                elif time.monotonic() > report_deadline:
-                    raise self._fail(
-                        _worker_died(death, " after an error whose report never arrived")
-                    )
+                raise self._fail(_worker_died(death))
             if obj is not EMPTY:
                 return obj
             if self.timeout is not None and time.monotonic() - started > self.timeout:
@@ -492,9 +484,9 @@ def _worker_error(failure: RemoteFailure) -> WorkerError:
     )
 
 
-def _worker_died(death: Any, why: str = "") -> WorkerDied:
+def _worker_died(death: Any) -> WorkerDied:
     return WorkerDied(
-        f"{death.describe()}{why}; the runner is closed",
+        f"{death.describe()}; the runner is closed",
         worker_id=death.worker_id,
         pid=death.pid,
         exitcode=death.exitcode,

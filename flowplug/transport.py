@@ -284,6 +284,17 @@ class Transport(ABC):
     #: true when the transport also carries tasks from the consumer to the workers
     #: (:meth:`open_tasks`, :meth:`send_task`), which :class:`~flowplug.ParallelMap` needs.
     carries_tasks: ClassVar[bool] = False
+    #: true when the transport keeps data in ``/dev/shm``. Its entries must carry the
+    #: ``run_id`` in their names (``fp-<owner pid>-<random>``): before such a transport
+    #: opens, the Runner unlinks the entries of owners that no longer exist (a consumer
+    #: killed by SIGKILL cannot clean up). It must check at ``open()`` that the space it
+    #: needs is there, naming ``/dev/shm`` and its size option when it is not.
+    uses_shared_memory: ClassVar[bool] = False
+    #: name of the size option (an :class:`Option` with ``size=True``) that bounds how
+    #: large one datapoint may be, or None when there is no byte limit. A sender raises
+    #: :class:`~flowplug.DataTooLarge` naming the sizes and this option for a larger one,
+    #: before anything of it is sent.
+    size_limit_option: ClassVar[str | None] = None
     #: the options this transport accepts.
     options: ClassVar[tuple[Option, ...]] = ()
 

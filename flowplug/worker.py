@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import random
 import signal
@@ -17,9 +18,6 @@ from .errors import TransportClosed
 
 if TYPE_CHECKING:
     from .transport import Endpoint
-
-#: exit code of a worker process that reported its error to the consumer before exiting.
-EXIT_REPORTED = 3
 
 _PR_SET_PDEATHSIG = 1
 
@@ -153,11 +151,22 @@ def process_main(
     if death_signal:
         _set_death_signal()
     _start_parent_watchdog(parent_pid)
+    # multiprocessing forbids a daemon process to start children, which would make a
+    # Runner inside a dataflow fail; the flag means nothing else here (this process
+    # leaves through os._exit, and its own workers are bound to it by the death signal
+    # and the watchdog).
+    multiprocessing.current_process().daemon = False
     _seed_globals(info.seed)
     reported = run_worker(df, endpoint, info, gate=gate)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(EXIT_REPORTED if reported else 0)
+    if reported:
+        # Wait to be stopped: a worker that ends on its own is then always a death, and
+        # no exit code (a dataflow may call os._exit(3) too) is taken for "my error
+        # report is on its way".
+        while True:
+            threading.Event().wait()
+    os._exit(0)
 
 
 def _set_death_signal() -> None:

@@ -102,6 +102,8 @@ class ShmTransport(flowplug.Transport):
 
     name = "shm"
     zero_copy = True
+    uses_shared_memory = True
+    size_limit_option = "size"
     options = (
         flowplug.Option(
             "size",

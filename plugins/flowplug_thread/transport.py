@@ -1,4 +1,4 @@
-"""queue.Queue between threads: no serialization, objects are passed by reference.
+"""A queue between threads: no serialization, objects are passed by reference.
 
 Each worker thread needs its own dataflow instance: the Runner copies the dataflow per
 thread, or calls a factory (``Runner(make_df, transport="thread")``).
@@ -17,27 +17,38 @@ _STOP_CHECK = 0.1
 
 
 class ThreadSender(flowplug.Sender):
-    def __init__(self, q: queue.Queue, closed: threading.Event):
-        self._put = q.put
-        self._closed = closed
+    def __init__(
+        self,
+        slots: threading.Semaphore,
+        ready: queue.SimpleQueue,
+        worker_id: int,
+        closed: threading.Event,
+    ):
+        self._take_slot = slots.acquire
+        self._put = ready.put
+        self._id = worker_id
+        self._is_closed = closed.is_set
 
     def send(self, obj: Any) -> None:
-        while not self._closed.is_set():
-            try:
-                self._put(obj, timeout=_STOP_CHECK)
+        # Checked on every send, not only when the queue is full: a slow worker may
+        # always find a free slot, and must still stop when the consumer closes.
+        while not self._is_closed():
+            if self._take_slot(timeout=_STOP_CHECK):
+                self._put((self._id, obj))
                 return
-            except queue.Full:
-                pass
         raise flowplug.TransportClosed("the consumer closed the thread transport")
 
 
 class ThreadEndpoint(flowplug.Endpoint):
-    def __init__(self, q: queue.Queue, closed: threading.Event):
-        self._queue = q
+    def __init__(
+        self, slots: list[threading.Semaphore], ready: queue.SimpleQueue, closed: threading.Event
+    ):
+        self._slots = slots
+        self._ready = ready
         self._closed = closed
 
     def connect(self, worker_id: int) -> ThreadSender:
-        return ThreadSender(self._queue, self._closed)
+        return ThreadSender(self._slots[worker_id], self._ready, worker_id, self._closed)
 
 
 class ThreadTaskReceiver(flowplug.TaskReceiver):
@@ -64,8 +75,14 @@ class ThreadTaskEndpoint(flowplug.TaskEndpoint):
 
 
 class ThreadTransport(flowplug.Transport):
-    """Threads and a bounded ``queue.Queue``: the fastest choice when the dataflow
-    releases the GIL (I/O, numpy, decoding in C) and nothing needs to be pickled."""
+    """Threads, one ``queue.SimpleQueue`` and a semaphore per worker: the fastest choice
+    when the dataflow releases the GIL (I/O, numpy, decoding in C) and nothing needs to
+    be pickled.
+
+    Each worker may have its share of ``capacity`` in flight (its semaphore), so a running
+    thread that keeps refilling the queue ahead of a woken one (the GIL favours it)
+    cannot starve another worker, nor hold back its error report.
+    """
 
     name = "thread"
     crosses_processes = False
@@ -73,16 +90,20 @@ class ThreadTransport(flowplug.Transport):
     carries_tasks = True
 
     def open(self) -> ThreadEndpoint:
-        self._queue: queue.Queue = queue.Queue(maxsize=self.capacity)
+        per_worker = max(1, -(-self.capacity // self.num_workers))
+        self._slots = [threading.Semaphore(per_worker) for _ in range(self.num_workers)]
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = threading.Event()
-        self._get = self._queue.get
-        return ThreadEndpoint(self._queue, self._closed)
+        self._get = self._ready.get
+        return ThreadEndpoint(self._slots, self._ready, self._closed)
 
     def recv(self, timeout: float) -> Any:
         try:
-            return self._get(timeout=timeout)
+            worker_id, obj = self._get(timeout=timeout)
         except queue.Empty:
             return flowplug.EMPTY
+        self._slots[worker_id].release()
+        return obj
 
     def open_tasks(self) -> ThreadTaskEndpoint:
         self._tasks: queue.Queue = queue.Queue(maxsize=self.capacity)

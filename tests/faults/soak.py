@@ -1,0 +1,140 @@
+"""Soak: run a random mix of the fault scenarios for N minutes and print counts.
+
+    python tests/faults/soak.py [MINUTES] [--seed N]      (nox -s soak -- MINUTES)
+
+Each run picks a transport and a scenario (with random parameters), runs it under a
+deadline, then checks that nothing was left behind (processes, threads, fds, /dev/shm).
+It prints runs, faults injected, hangs, leaks and failures per scenario, and the largest
+measured reaction times; the exit status is 1 if anything hung, leaked or failed.
+``FLOWPLUG_FAULT_CYCLES`` sets the cycles of the create/iterate/close scenario (the nox
+session uses 1000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import gc
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import faultlib as fl
+
+import flowplug as fp
+from flowplug.testing.leaks import leaked, snapshot
+
+#: name -> (weight, deadline in s, run(transport, rng) -> faults injected)
+SCENARIOS = {
+    "01 worker raises": (3, 60, lambda t, r: fl.scenario_worker_raises(t, k=r.randint(0, 30))),
+    "02 reset_state raises": (2, 60, lambda t, r: fl.scenario_reset_fails(t)),
+    "03 worker dies": (4, 60, lambda t, r: fl.scenario_worker_dies(t, r.choice(fl.death_modes(t)))),
+    "04 consumer SIGKILL": (2, 90, lambda t, r: fl.scenario_consumer_killed(t, r.random() < 0.5)),
+    "05 consumer SIGINT": (2, 90, lambda t, r: fl.scenario_consumer_sigint(t)),
+    "06 dropped runner": (2, 90, lambda t, r: fl.scenario_dropped(t)),
+    "07 unpicklable": (
+        2,
+        60,
+        lambda t, r: fl.scenario_unpicklable(t, r.choice(["lambda", "lock", "socket"])),
+    ),
+    "08 too large": (2, 90, lambda t, r: fl.scenario_too_large(t)),
+    "08 too large, limited": (1, 90, lambda t, r: fl.scenario_too_large("limited")),
+    "09 timeout": (2, 60, lambda t, r: fl.scenario_timeout(t)),
+    "10 stuck worker": (2, 60, lambda t, r: fl.scenario_stuck(t)),
+    "11 cycles": (1, 600, lambda t, r: fl.scenario_cycles(t)),
+    "12 threads": (2, 60, lambda t, r: fl.scenario_threads(t)),
+    "13 nested": (2, 120, lambda t, r: fl.scenario_nested(t)),
+    "14 fork after threads": (2, 90, lambda t, r: fl.scenario_fork_after_threads(t)),
+    "15 /dev/shm too small": (1, 60, lambda t, r: fl.scenario_shm_tiny(t)),
+    "16 chatty workers": (1, 150, lambda t, r: fl.scenario_chatty(t)),
+    "17 stranger's bytes": (2, 90, lambda t, r: fl.scenario_garbage(t)),
+}
+
+
+class Hang(Exception):
+    """A scenario passed its deadline."""
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise Hang()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("minutes", nargs="?", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    rng = random.Random(seed)
+    fl.register_limited()
+    transports = sorted(t for t in fp.available_transports() if t != "limited")
+    names = list(SCENARIOS)
+    weights = [SCENARIOS[n][0] for n in names]
+    signal.signal(signal.SIGALRM, _alarm)
+    print(
+        f"soak: {args.minutes:g} min, seed {seed}, transports {', '.join(transports)}, "
+        f"{fl.CYCLES} cycles in scenario 11",
+        flush=True,
+    )
+    runs, faults, hangs, leaks, failures = Counter(), Counter(), Counter(), Counter(), Counter()
+    end = time.monotonic() + args.minutes * 60
+    while time.monotonic() < end:
+        name = rng.choices(names, weights)[0]
+        transport = "limited" if name.endswith("limited") else rng.choice(transports)
+        _, deadline, run = SCENARIOS[name]
+        key = (name, transport)
+        before = snapshot()
+        faulthandler.dump_traceback_later(deadline + 30, exit=True)  # if the alarm cannot
+        signal.alarm(deadline)
+        try:
+            faults[key] += run(transport, rng)
+        except Hang:
+            hangs[key] += 1
+            print(f"HANG {name} [{transport}] after {deadline} s", flush=True)
+            faulthandler.dump_traceback(all_threads=True)
+        except Exception:
+            failures[key] += 1
+            print(f"FAIL {name} [{transport}]:\n{traceback.format_exc()}", flush=True)
+        finally:
+            signal.alarm(0)
+            faulthandler.cancel_dump_traceback_later()
+        runs[key] += 1
+        gc.collect()
+        left = leaked(before, settle=10.0)
+        if left:
+            leaks[key] += 1
+            print(f"LEAK {name} [{transport}]: {left}", flush=True)
+        fp.reload_plugins()
+        fl.register_limited()
+
+    print(
+        f"\n{'scenario':<24}{'transport':<11}{'runs':>6}{'faults':>8}{'hangs':>7}"
+        f"{'leaks':>7}{'fails':>7}"
+    )
+    for key in sorted(runs):
+        print(
+            f"{key[0]:<24}{key[1]:<11}{runs[key]:>6}{faults[key]:>8}{hangs[key]:>7}"
+            f"{leaks[key]:>7}{failures[key]:>7}"
+        )
+    total = [sum(c.values()) for c in (runs, faults, hangs, leaks, failures)]
+    print(f"{'total':<35}{total[0]:>6}{total[1]:>8}{total[2]:>7}{total[3]:>7}{total[4]:>7}")
+    print("\nlargest measured times:")
+    for what, values in sorted(fl.MEASURED.items()):
+        print(f"  {what}: max {max(values):.2f} s over {len(values)} runs")
+    print(
+        f"\nruns={total[0]} faults_injected={total[1]} hangs={total[2]} leaks={total[3]} "
+        f"failures={total[4]} seed={seed}"
+    )
+    return 1 if total[2] or total[3] or total[4] else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("FLOWPLUG_FAULT_CYCLES", "1000")
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The fault matrix (docs/reliability.md), every scenario once per registered transport.
+
+The scenarios live in faultlib.py so that the soak session (soak.py) runs the same code.
+"""
+
+import pytest
+from faultlib import (
+    death_modes,
+    register_limited,
+    scenario_chatty,
+    scenario_consumer_killed,
+    scenario_consumer_sigint,
+    scenario_cycles,
+    scenario_dropped,
+    scenario_fork_after_threads,
+    scenario_garbage,
+    scenario_nested,
+    scenario_reset_fails,
+    scenario_shm_tiny,
+    scenario_stuck,
+    scenario_threads,
+    scenario_timeout,
+    scenario_too_large,
+    scenario_unpicklable,
+    scenario_worker_dies,
+    scenario_worker_raises,
+)
+
+
+def test_01_worker_error_stops_the_others(transport):
+    assert scenario_worker_raises(transport) == 1
+
+
+def test_02_reset_state_error_names_the_worker(transport):
+    assert scenario_reset_fails(transport) == 1
+
+
+def test_03_worker_death_is_reported(transport):
+    for how in death_modes(transport):
+        assert scenario_worker_dies(transport, how) == 1
+
+
+@pytest.mark.parametrize("in_thread", [False, True], ids=["main-thread", "other-thread"])
+def test_04_killed_consumer_leaves_no_orphans(transport, in_thread):
+    assert scenario_consumer_killed(transport, in_thread) == 1
+
+
+def test_05_sigint_gives_one_clean_keyboard_interrupt(transport):
+    assert scenario_consumer_sigint(transport) == 1
+
+
+def test_06_dropped_runner_is_released(transport):
+    assert scenario_dropped(transport) == 2
+
+
+@pytest.mark.parametrize("kind", ["lambda", "lock", "socket"])
+def test_07_unpicklable_datapoint(transport, kind):
+    assert scenario_unpicklable(transport, kind) == 1
+
+
+def test_08_datapoint_over_the_limit(transport):
+    scenario_too_large(transport)
+
+
+def test_08_data_too_large_in_a_worker_keeps_sizes_and_option():
+    register_limited()
+    assert scenario_too_large("limited") == 1
+
+
+def test_09_timeout_then_close(transport):
+    assert scenario_timeout(transport) == 1
+
+
+def test_10_close_escalates_on_a_stuck_worker(transport):
+    assert scenario_stuck(transport) == 2
+
+
+def test_11_create_iterate_close_cycles_leak_nothing(transport):
+    scenario_cycles(transport)
+
+
+def test_12_threads(transport):
+    assert scenario_threads(transport) == 1
+
+
+def test_13_nested_runner(transport):
+    assert scenario_nested(transport) == 1
+
+
+def test_14_fork_after_threads_and_zmq_context(transport):
+    assert scenario_fork_after_threads(transport) == 1
+
+
+def test_15_shared_memory_too_small(transport):
+    scenario_shm_tiny(transport)
+
+
+def test_16_chatty_workers_do_not_deadlock(transport):
+    assert scenario_chatty(transport) == 1
+
+
+def test_17_strangers_bytes_are_never_unpickled(transport):
+    assert scenario_garbage(transport) >= 1
