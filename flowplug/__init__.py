@@ -1,5 +1,6 @@
 """flowplug: move datapoints from parallel producers to one consumer via pluggable transports."""
 
+from ._workers import ProcessWorkers
 from .config import parse_size
 from .dataflow import DataFlow, DataFlowLike, DataFromGenerator, DataFromList
 from .errors import (
@@ -18,7 +19,7 @@ from .errors import (
 from .hookspecs import hookimpl
 from .plugins import available_transports, get_transport, reload_plugins
 from .runner import Runner
-from .transport import EMPTY, Endpoint, Option, Sender, Transport
+from .transport import EMPTY, Death, Endpoint, Option, Sender, Transport, WorkerGroup
 from .worker import WorkerInfo, worker_info
 
 __version__ = "0.1.0"
@@ -31,10 +32,12 @@ __all__ = [
     "DataFromGenerator",
     "DataFromList",
     "DataTooLarge",
+    "Death",
     "Endpoint",
     "FlowplugError",
     "Option",
     "PluginError",
+    "ProcessWorkers",
     "Runner",
     "RunnerTimeout",
     "Sender",
@@ -45,6 +48,7 @@ __all__ = [
     "UnknownLength",
     "WorkerDied",
     "WorkerError",
+    "WorkerGroup",
     "WorkerInfo",
     "available_transports",
     "get_transport",

@@ -9,36 +9,15 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
 
 from .errors import StateError
-from .transport import Endpoint
+from .transport import Death, Endpoint, WorkerGroup
 from .worker import WorkerInfo, process_main, run_worker
 
 
-@dataclass(frozen=True)
-class Death:
-    """A worker that ended on its own."""
-
-    worker_id: int
-    pid: int | None
-    exitcode: int | None
-
-    def describe(self) -> str:
-        code = self.exitcode
-        if code is not None and code < 0:
-            try:
-                how = f"was killed by signal {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        else:
-            how = f"exited with code {code}"
-        return f"worker {self.worker_id} (pid {self.pid}) {how}"
-
-
-class ProcessWorkers:
+class ProcessWorkers(WorkerGroup):
     """Worker processes, a watcher thread that notices deaths, and the stop ladder."""
 
     def __init__(
@@ -146,7 +125,7 @@ class ProcessWorkers:
         os.close(self._wake_w)
 
 
-class ThreadWorkers:
+class ThreadWorkers(WorkerGroup):
     """Worker threads of the consumer process. Threads cannot die silently: errors are sent."""
 
     def __init__(self, dfs: Sequence[Any], endpoint: Endpoint, infos: Sequence[WorkerInfo]):

@@ -26,7 +26,7 @@ from .errors import (
     WorkerDied,
     WorkerError,
 )
-from .transport import EMPTY, Transport
+from .transport import EMPTY, Transport, WorkerGroup
 from .worker import EXIT_REPORTED, RemoteFailure, WorkerInfo
 
 #: how long one blocking receive waits before the runner checks on its workers.
@@ -38,7 +38,7 @@ REPORT_GRACE = 2.0
 class _Run:
     """What a started runner holds; kept apart from the Runner so gc can finalize it."""
 
-    def __init__(self, transport: Transport, workers: ProcessWorkers | ThreadWorkers):
+    def __init__(self, transport: Transport, workers: WorkerGroup):
         self.transport = transport
         self.workers = workers
         self.owner_pid = os.getpid()
@@ -101,16 +101,18 @@ class Runner:
             timeout=timeout,
         )
         cls = plugins.get_transport(settings.transport)
-        if not cls.crosses_processes and settings.start_method is not None:
+        if (cls.runs_workers or not cls.crosses_processes) and settings.start_method is not None:
             raise ConfigError(
                 f"start_method={settings.start_method!r} has no meaning for transport "
-                f"{cls.name!r}: its workers are threads. Drop start_method, or choose a "
-                "transport whose workers are processes"
+                f"{cls.name!r}: "
+                + ("it starts its own workers" if cls.runs_workers else "its workers are threads")
+                + ". Drop start_method, or choose a transport whose workers the runner forks"
             )
         self.transport_name = cls.name
         self.num_workers = settings.num_workers
         self.capacity = settings.capacity
-        self.start_method = settings.start_method or ("fork" if cls.crosses_processes else None)
+        forks = cls.crosses_processes and not cls.runs_workers
+        self.start_method = settings.start_method or ("fork" if forks else None)
         self.timeout = settings.timeout
         self.seed = secrets.randbits(31) if seed is None else seed
         self._transport_cls = cls
@@ -149,8 +151,10 @@ class Runner:
         )
         endpoint = transport.open()
         try:
-            workers: ProcessWorkers | ThreadWorkers
-            if self._transport_cls.crosses_processes:
+            workers: WorkerGroup
+            if self._transport_cls.runs_workers:
+                workers = transport.make_workers(dfs, endpoint, infos)
+            elif self._transport_cls.crosses_processes:
                 assert self.start_method is not None
                 workers = ProcessWorkers(dfs, endpoint, infos, self.start_method)
             else:
