@@ -6,9 +6,10 @@ same code as on one machine (death signal, parent watchdog, seeds, the send loop
 :func:`flowplug.worker.run_worker`), and its exit status is known: a worker killed by
 SIGSEGV is reported as such, which Ray alone cannot tell (it sees a closed connection).
 
-The worker sends pickled frames through a pipe; the actor puts each datapoint into Ray's
-object store and hands the consumer its refs through :meth:`WorkerHost.take`. The bounded
-queue of refs plus the pipe are the backpressure: a worker blocks while the consumer is
+The worker sends pickled frames through a pipe; the actor's relay thread queues them, and
+the consumer collects them in batches with :meth:`WorkerHost.take`, whose reply Ray puts
+into its object store (owned by the consumer, so nothing is borrowed from the actor). The
+bounded queue plus the pipe are the backpressure: a worker blocks while the consumer is
 behind.
 """
 
@@ -30,6 +31,14 @@ from flowplug.serialize import dumps
 _COUNT = struct.Struct("<I")
 #: how long the actor waits for the exit status of a worker whose pipe closed.
 _EXIT_WAIT = 5.0
+
+
+#: a take() reply stops growing past this many bytes.
+BATCH_BYTES = 8 * 1024 * 1024
+
+
+def _size(item: Any) -> int:
+    return sum(len(f) for f in item) if isinstance(item, list) else 0
 
 
 class PipeSender(flowplug.Sender):
@@ -96,17 +105,25 @@ class WorkerHost:
         return os.getpid(), self._pid, self._node
 
     def take(self, wait: float, most: int) -> list[Any]:
-        """Return the refs (and a final :class:`flowplug.Death`) waiting, at most ``most``,
-        after waiting up to ``wait`` s for the first one."""
+        """Return the datapoints waiting (and a final :class:`flowplug.Death`), at most
+        ``most`` of them or about :data:`BATCH_BYTES`, after waiting up to ``wait`` s for
+        the first one.
+
+        The reply is one object in Ray's object store, owned by the consumer, and freed
+        when the consumer has dropped every datapoint in it: a small batch keeps a kept
+        datapoint from pinning many others.
+        """
         try:
             items = [self._out.get(timeout=wait)]
         except queue.Empty:
             return []
-        while len(items) < most:
+        size = _size(items[0])
+        while len(items) < most and size < BATCH_BYTES:
             try:
                 items.append(self._out.get_nowait())
             except queue.Empty:
                 break
+            size += _size(items[-1])
         return items
 
     def stop(self) -> None:

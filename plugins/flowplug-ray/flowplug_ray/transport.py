@@ -4,8 +4,9 @@ Each worker is a :class:`~flowplug_ray._host.WorkerHost` actor placed by Ray (``
 ``resources``, ``runtime_env``), which forks the worker process with the core's
 :class:`flowplug.ProcessWorkers` and puts what it sends into the object store. The consumer
 keeps one :meth:`~flowplug_ray._host.WorkerHost.take` call in flight per actor; each returns
-the refs ready on that actor, at most ``capacity / num_workers`` of them, which bounds the
-datapoints in flight. Received numpy arrays are read-only views of the object store.
+the datapoints ready on that actor (one object in the store, owned by the consumer), and an
+actor buffers at most ``ceil(capacity / num_workers)`` of them, which bounds the datapoints
+in flight. Received numpy arrays are read-only views of the object store.
 
 The Runner still owns the semantics: this module only reports what Ray tells (an actor that
 died, a worker process that ended) as a :class:`flowplug.Death` in the worker group, and the
@@ -88,14 +89,15 @@ class RayWorkers(flowplug.WorkerGroup):
             # take() and stop() run while the relay thread feeds the object store.
             "max_concurrency": 4,
             "max_restarts": 0,
-            "name": None,
         }
         if t.settings["resources"]:
             opts["resources"] = dict(t.settings["resources"])
         if t.settings["runtime_env"]:
             opts["runtime_env"] = dict(t.settings["runtime_env"])
         for df, info in zip(self._dfs, self._infos, strict=True):
-            actor = host.options(**opts).remote(df, info, t.per_worker)
+            # Named, so `ray list actors` shows whose they are (and tests can find them).
+            name = f"flowplug-{t.run_id}-w{info.id}"
+            actor = host.options(name=name, **opts).remote(df, info, t.per_worker)
             self.slots.append(_Slot(info.id, actor))
         self._dfs = []
         refs = [s.actor.where.remote() for s in self.slots]
