@@ -3,7 +3,8 @@ when it is installed), pushing one 1.2 MB float32 array per datapoint.
 
 Usage::
 
-    python3 benchmarks/ray_vs_shm.py [--seconds 3] [--repeats 5] [--workers 2] [--json FILE]
+    python3 benchmarks/ray_vs_shm.py [--seconds 3] [--repeats 5] [--workers 2]
+                                     [--transports ray,zmq] [--json FILE]
 
 Each repeat is a fresh runner: its start-up is timed separately (a Ray actor is a new Ray
 worker process), then datapoints are counted for ``--seconds`` after a warm-up. Prints the
@@ -64,11 +65,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--transports", help="comma-separated subset, e.g. ray,zmq")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
     available = fp.available_transports()
-    names = [n for n in ("zmq", "shm", "ray") if n in available]
+    wanted = args.transports.split(",") if args.transports else ["zmq", "shm", "ray"]
+    names = [n for n in wanted if n in available]
     if "ray" in names:
         import ray
 
