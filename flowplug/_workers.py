@@ -18,7 +18,16 @@ from .worker import WorkerInfo, process_main, run_worker
 
 
 class ProcessWorkers(WorkerGroup):
-    """Worker processes, a watcher thread that notices deaths, and the stop ladder."""
+    """Worker processes, a watcher thread that notices deaths, and the stop ladder.
+
+    Public as :class:`flowplug.ProcessWorkers` so that a transport running workers
+    elsewhere (a Ray actor) can fork them there with this same code.
+
+    :param dfs: one dataflow per worker.
+    :param endpoint: what each worker connects to (inherited or pickled).
+    :param infos: one :class:`~flowplug.WorkerInfo` per worker.
+    :param start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"``.
+    """
 
     def __init__(
         self,
