@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,11 @@ from flowplug.serialize import loads
 _TAKE_WAIT = 1.0
 #: how long close() waits for killed actors to be reported dead (s).
 _KILL_WAIT = 5.0
+
+
+def _said(exc: BaseException) -> str:
+    """What Ray says in ``exc``, without its terminal colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
 
 
 def _ray() -> Any:
@@ -113,7 +119,11 @@ class RayWorkers(flowplug.WorkerGroup):
                 "num_workers, add nodes, or raise start_timeout"
             ) from None
         except ray.exceptions.RayError as exc:
-            raise flowplug.StateError(f"a Ray worker actor failed to start: {exc}") from exc
+            raise flowplug.StateError(
+                f"a Ray worker actor failed to start: {_said(exc)}. The actors unpickle the "
+                "dataflow, so every node must import its module: install it there, or ship "
+                "it with runtime_env={'py_modules': [...]} (docs/ray.md)"
+            ) from exc
         for slot, (actor_pid, pid, node) in zip(self.slots, placed, strict=True):
             slot.actor_pid, slot.pid, slot.node = actor_pid, pid, node
 
@@ -128,9 +138,10 @@ class RayWorkers(flowplug.WorkerGroup):
     def stop(self, timeout: float = 2.0) -> None:
         """Kill every actor (its worker process gets the death signal) and wait until Ray
         reports them dead, so their processes and objects are gone when close() returns."""
-        if not self.slots:
-            return
         ray = _ray()
+        if not self.slots or not ray.is_initialized():
+            self.slots = []  # ray.shutdown() (at exit, before our finalizer) killed them
+            return
         calls = []
         for slot in self.slots:
             if slot.pending is not None:
@@ -255,7 +266,7 @@ class RayTransport(flowplug.Transport):
                 group.died(slot, items[-1])
 
     def _actor_death(self, slot: _Slot, exc: BaseException) -> flowplug.Death:
-        said = " ".join(str(exc).split())
+        said = " ".join(_said(exc).split())
         if len(said) > 600:
             said = said[:600] + "..."
         return flowplug.Death(

@@ -211,6 +211,29 @@ def test_unplaceable_workers_fail_fast_naming_the_resources(no_leaks):
     assert _actors(runner) == []
 
 
+def _refuse_to_unpickle():
+    raise RuntimeError("this dataflow cannot be rebuilt here")
+
+
+class NotRebuildable(fp.DataFlow):
+    def __reduce__(self):
+        return (_refuse_to_unpickle, ())
+
+    def __iter__(self):
+        yield 1
+
+
+def test_dataflow_the_actor_cannot_unpickle_fails_the_start(no_leaks):
+    runner = fp.Runner(NotRebuildable(), transport="ray")
+    with pytest.raises(
+        fp.StateError, match=r"(?s)failed to start.*cannot be rebuilt.*py_modules"
+    ) as info:
+        runner.reset_state()
+    assert "\x1b[" not in str(info.value)  # Ray's terminal colours are stripped
+    runner.close()
+    assert _actors(runner) == []
+
+
 def test_start_method_is_refused():
     with pytest.raises(fp.ConfigError, match="starts its own workers"):
         fp.Runner(Counting(3), transport="ray", start_method="spawn")
