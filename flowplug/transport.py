@@ -141,7 +141,9 @@ class WorkerGroup(ABC):
     The Runner uses its own groups (processes it forks, or threads) unless the transport
     sets :attr:`Transport.runs_workers`. Each worker must run
     :func:`flowplug.worker.run_worker` (or a process running it), so that errors reach the
-    consumer as objects through the transport.
+    consumer as objects through the transport. A group on other machines can fork its
+    workers there with :class:`flowplug.ProcessWorkers` (the Ray plugin does, one per
+    actor): death signals, seeds and exit statuses then stay the core's.
     """
 
     #: the first unexpected end of a worker, or None. Read by the Runner after every
@@ -213,8 +215,10 @@ class Transport(ABC):
     ) -> WorkerGroup:
         """Return the (not yet started) workers of this run; only when :attr:`runs_workers`.
 
-        Called once, after :meth:`open`. Worker ``i`` runs ``dfs[i]`` with ``infos[i]``
-        through :func:`flowplug.worker.run_worker` and sends through ``endpoint``.
+        Called once, after :meth:`open`, with what it returned as ``endpoint``. Worker
+        ``i`` runs ``dfs[i]`` with ``infos[i]`` through :func:`flowplug.worker.run_worker`,
+        sending through ``endpoint`` or a medium of the group's own that ends in
+        :meth:`recv`. The Runner calls ``start()`` next, and ``stop()`` before :meth:`close`.
         """
         raise NotImplementedError(f"transport {self.name!r} does not run its own workers")
 
