@@ -30,6 +30,15 @@ def docs(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def ray(session: nox.Session) -> None:
+    """Test the ray transport (plugins/flowplug-ray) against one local Ray instance."""
+    session.install("-e", ".[test]", "-e", "plugins/flowplug-ray")
+    # One process: the tests share a local Ray (num_cpus=4 logical, a 256 MiB object
+    # store) started by their conftest; xdist workers would each start their own.
+    session.run("pytest", "plugins/flowplug-ray/tests", "-p", "no:xdist", *session.posargs)
+
+
+@nox.session(default=False)
 def demo(session: nox.Session) -> None:
     """Install flowplug and push arrays through every transport (the README's main job)."""
     session.install("-e", ".")

@@ -2,6 +2,7 @@
 
 from typing import TYPE_CHECKING
 
+from ._workers import ProcessWorkers
 from .config import Settings, load_config, parse_size
 from .dataflow import DataFlow, DataFlowLike, DataFromGenerator, DataFromList
 from .errors import (
@@ -26,12 +27,14 @@ from .runner import Runner
 from .transport import (
     EMPTY,
     BatchingSender,
+    Death,
     Endpoint,
     Option,
     Sender,
     TaskEndpoint,
     TaskReceiver,
     Transport,
+    WorkerGroup,
 )
 from .worker import WorkerInfo, worker_info
 
@@ -58,6 +61,7 @@ __all__ = [
     "DataFromGenerator",
     "DataFromList",
     "DataTooLarge",
+    "Death",
     "EMPTY",
     "Endpoint",
     "FlowplugError",
@@ -65,6 +69,7 @@ __all__ = [
     "Option",
     "ParallelMap",
     "PluginError",
+    "ProcessWorkers",
     "Runner",
     "RunnerTimeout",
     "Sender",
@@ -79,6 +84,7 @@ __all__ = [
     "UnknownLength",
     "WorkerDied",
     "WorkerError",
+    "WorkerGroup",
     "WorkerInfo",
     "available_transports",
     "get_transport",

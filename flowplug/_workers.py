@@ -10,37 +10,25 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
 
 from .errors import StateError
-from .transport import Endpoint
+from .transport import Death, Endpoint, WorkerGroup
 from .worker import WorkerInfo, process_main, run_worker
 
 
-@dataclass(frozen=True)
-class Death:
-    """A worker that ended on its own."""
+class ProcessWorkers(WorkerGroup):
+    """Worker processes, a watcher thread that notices deaths, and the stop ladder.
 
-    worker_id: int
-    pid: int | None
-    exitcode: int | None
+    Public as :class:`flowplug.ProcessWorkers` so that a transport running workers
+    elsewhere (a Ray actor) can fork them there with this same code.
 
-    def describe(self) -> str:
-        code = self.exitcode
-        if code is not None and code < 0:
-            try:
-                how = f"was killed by signal {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        else:
-            how = f"exited with code {code}"
-        return f"worker {self.worker_id} (pid {self.pid}) {how}"
-
-
-class ProcessWorkers:
-    """Worker processes, a watcher thread that notices deaths, and the stop ladder."""
+    :param dfs: one dataflow per worker.
+    :param endpoint: what each worker connects to (inherited or pickled).
+    :param infos: one :class:`~flowplug.WorkerInfo` per worker.
+    :param start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"``.
+    """
 
     def __init__(
         self,
@@ -151,7 +139,7 @@ class ProcessWorkers:
         os.close(self._wake_w)
 
 
-class ThreadWorkers:
+class ThreadWorkers(WorkerGroup):
     """Worker threads of the consumer process. Threads cannot die silently: errors are sent."""
 
     def __init__(

@@ -29,7 +29,7 @@ from .errors import (
     WorkerDied,
     WorkerError,
 )
-from .transport import EMPTY, Transport
+from .transport import EMPTY, Transport, WorkerGroup
 from .worker import RemoteFailure, WorkerInfo
 
 #: how long one blocking receive waits before the runner checks on its workers.
@@ -46,7 +46,7 @@ class _Run:
     def __init__(
         self,
         transport: Transport,
-        workers: ProcessWorkers | ThreadWorkers,
+        workers: WorkerGroup,
         control: Control | None = None,
     ):
         self.transport = transport
@@ -136,18 +136,20 @@ class Runner:
         )
         cls = plugins.get_transport(settings.transport)
         start_method = settings.start_method
-        if not cls.crosses_processes and start_method is not None:
+        forks = cls.crosses_processes and not cls.runs_workers
+        if not forks and start_method is not None:
             if settings.source("start_method") == ARGUMENT:
+                why = "it starts its own workers" if cls.runs_workers else "its workers are threads"
                 raise ConfigError(
                     f"start_method={start_method!r} has no meaning for transport "
-                    f"{cls.name!r}: its workers are threads. Drop start_method, or choose a "
-                    "transport whose workers are processes"
+                    f"{cls.name!r}: {why}. Drop start_method, or choose a transport whose "
+                    "workers the runner forks"
                 )
-            start_method = None  # a default from the environment or a file: process workers only
+            start_method = None  # a default from the environment or a file: forked workers only
         self.transport_name = cls.name
         self.num_workers = settings.num_workers
         self.capacity = settings.capacity
-        self.start_method = start_method or ("fork" if cls.crosses_processes else None)
+        self.start_method = start_method or ("fork" if forks else None)
         self.timeout = settings.timeout
         self.seed = secrets.randbits(31) if seed is None else seed
         self._transport_cls = cls
@@ -209,8 +211,16 @@ class Runner:
         try:
             control = self._control(transport)
             gates = control.gates if control is not None else None
-            workers: ProcessWorkers | ThreadWorkers
-            if self._transport_cls.crosses_processes:
+            workers: WorkerGroup
+            if self._transport_cls.runs_workers:
+                if gates is not None:
+                    raise ConfigError(
+                        f"transport {self.transport_name!r} runs its own workers, which cannot "
+                        "take the per-worker control that mode='shard' and ParallelMap need yet; "
+                        "use mode='replicate', or a transport whose workers the runner starts"
+                    )
+                workers = transport.make_workers(dfs, endpoint, infos)
+            elif self._transport_cls.crosses_processes:
                 assert self.start_method is not None
                 workers = ProcessWorkers(dfs, endpoint, infos, self.start_method, gates)
             else:

@@ -36,6 +36,14 @@ is true also moves tasks from the consumer to the workers, which
 8. ``transport.send_task(obj, timeout)`` in the consumer; false when the channel stayed
    full. ``transport.close()`` releases the task channel too.
 
+Where the workers run is the Runner's choice, by :attr:`Transport.crosses_processes`:
+forked processes or threads of the consumer. A transport whose workers must run somewhere
+else (Ray actors on a cluster) sets :attr:`Transport.runs_workers` and returns a
+:class:`WorkerGroup` from :meth:`Transport.make_workers` (step 2b, after ``open()``). The
+Runner then starts, watches and stops that group exactly as its own: the worker loop inside
+is still :func:`flowplug.worker.run_worker`, errors still arrive as objects through the
+transport, a death is still a :class:`Death` in ``group.death``.
+
 Example, the smallest in-process transport::
 
     class ListTransport(Transport):
@@ -52,11 +60,16 @@ Example, the smallest in-process transport::
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .worker import WorkerInfo
 
 from .serialize import Batch, dumps
 
@@ -264,6 +277,62 @@ class TaskEndpoint(ABC):
         """Connect inside the worker and return its task receiver."""
 
 
+@dataclass(frozen=True)
+class Death:
+    """A worker that ended on its own, as put in :attr:`WorkerGroup.death`."""
+
+    worker_id: int
+    pid: int | None
+    #: negative for a signal, as in :mod:`multiprocessing`; None when nobody can know
+    #: (the process ran on a machine that is gone).
+    exitcode: int | None
+    #: what else is known, e.g. the node it ran on or the cluster's own words.
+    reason: str = ""
+
+    def describe(self) -> str:
+        code = self.exitcode
+        if code is None:
+            how = "ended with an unknown exit status"
+        elif code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        text = f"worker {self.worker_id} (pid {self.pid}) {how}"
+        return f"{text} ({self.reason})" if self.reason else text
+
+
+class WorkerGroup(ABC):
+    """The workers of one run: started, watched and stopped by the Runner.
+
+    The Runner uses its own groups (processes it forks, or threads) unless the transport
+    sets :attr:`Transport.runs_workers`. Each worker must run
+    :func:`flowplug.worker.run_worker` (or a process running it), so that errors reach the
+    consumer as objects through the transport. A group on other machines can fork its
+    workers there with :class:`flowplug.ProcessWorkers` (the Ray plugin does, one per
+    actor): death signals, seeds and exit statuses then stay the core's.
+    """
+
+    #: the first unexpected end of a worker, or None. Read by the Runner after every
+    #: receive; set it from any thread (or from the transport's ``recv``).
+    death: Death | None = None
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start every worker. Called once, right after the group is made."""
+
+    @abstractmethod
+    def alive(self) -> int:
+        """Return how many workers are running."""
+
+    @abstractmethod
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop every worker, forcibly after ``timeout`` s; called before
+        :meth:`Transport.close`. Must not raise, and must not hang on a worker that is gone."""
+
+
 class Transport(ABC):
     """Moves objects from workers to one consumer. Subclass it in a plugin.
 
@@ -295,6 +364,9 @@ class Transport(ABC):
     #: :class:`~flowplug.DataTooLarge` naming the sizes and this option for a larger one,
     #: before anything of it is sent.
     size_limit_option: ClassVar[str | None] = None
+    #: true when the transport runs the workers itself (:meth:`make_workers`) instead of
+    #: the Runner forking processes or starting threads; ``start_method`` is then unused.
+    runs_workers: ClassVar[bool] = False
     #: the options this transport accepts.
     options: ClassVar[tuple[Option, ...]] = ()
 
@@ -341,6 +413,18 @@ class Transport(ABC):
         raise NotImplementedError(
             f"transport {self.name!r} does not carry tasks (carries_tasks is false)"
         )
+
+    def make_workers(
+        self, dfs: Sequence[Any], endpoint: Endpoint, infos: Sequence[WorkerInfo]
+    ) -> WorkerGroup:
+        """Return the (not yet started) workers of this run; only when :attr:`runs_workers`.
+
+        Called once, after :meth:`open`, with what it returned as ``endpoint``. Worker
+        ``i`` runs ``dfs[i]`` with ``infos[i]`` through :func:`flowplug.worker.run_worker`,
+        sending through ``endpoint`` or a medium of the group's own that ends in
+        :meth:`recv`. The Runner calls ``start()`` next, and ``stop()`` before :meth:`close`.
+        """
+        raise NotImplementedError(f"transport {self.name!r} does not run its own workers")
 
     def close(self) -> None:
         """Release everything the transport holds, the task channel too. Idempotent."""

@@ -147,6 +147,9 @@ def process_main(
     global _process_info
     _process_info = info
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
+    # stop() terminates workers: a SIGTERM handler forked from the parent (the user's, or the
+    # one Ray installs in its processes, which prints a stack trace) must not run here.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if death_signal:
         _set_death_signal()

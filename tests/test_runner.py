@@ -1,5 +1,7 @@
 """Runner behaviour beyond the transport contract: arguments, start methods, factories."""
 
+import os
+import signal
 import threading
 
 import numpy as np
@@ -69,6 +71,24 @@ def test_bad_start_method_suggests():
 def test_start_method_makes_no_sense_for_threads():
     with pytest.raises(fp.ConfigError, match="threads"):
         fp.Runner(Counting(3), transport="thread", start_method="spawn")
+
+
+def test_consumer_sigterm_handler_does_not_run_in_workers(no_leaks, tmp_path):
+    """stop() terminates the workers; a SIGTERM handler they inherited by fork must not
+    run there (it would also keep them alive until the kill step)."""
+    ran = tmp_path / "ran"
+
+    def handler(signum, frame):
+        with open(ran, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        with fp.Runner(Counting(10**6), transport="zmq", num_workers=2) as runner:
+            next(iter(runner))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert not ran.exists(), ran.read_text()
 
 
 def test_plain_iterable_is_refused_with_the_way_out():

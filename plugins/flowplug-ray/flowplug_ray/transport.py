@@ -1,0 +1,288 @@
+"""Workers as Ray actors, datapoints through Ray's object store.
+
+Each worker is a :class:`~flowplug_ray._host.WorkerHost` actor placed by Ray (``num_cpus``,
+``resources``, ``runtime_env``), which forks the worker process with the core's
+:class:`flowplug.ProcessWorkers` and puts what it sends into the object store. The consumer
+keeps one :meth:`~flowplug_ray._host.WorkerHost.take` call in flight per actor; each returns
+the datapoints ready on that actor (one object in the store, owned by the consumer), and an
+actor buffers at most ``ceil(capacity / num_workers)`` of them, which bounds the datapoints
+in flight. Received numpy arrays are read-only views of the object store.
+
+The Runner still owns the semantics: this module only reports what Ray tells (an actor that
+died, a worker process that ended) as a :class:`flowplug.Death` in the worker group, and the
+Runner turns it into :class:`flowplug.WorkerDied`, exactly as for local processes.
+
+Ray is imported when a runner opens the transport, never when the plugin is loaded.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flowplug
+from flowplug.serialize import loads
+
+#: how long one take() call waits on the actor before returning empty-handed (s).
+_TAKE_WAIT = 1.0
+#: how long close() waits for killed actors to be reported dead (s).
+_KILL_WAIT = 5.0
+
+
+def _said(exc: BaseException) -> str:
+    """What Ray says in ``exc``, without its terminal colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:  # pragma: no cover - the distribution depends on ray
+        raise flowplug.ConfigError(
+            f"transport 'ray' needs the ray package, which failed to import: {exc}. "
+            "Install it with: python3 -m pip install flowplug-ray"
+        ) from exc
+    return ray
+
+
+class RayEndpoint(flowplug.Endpoint):
+    """Stands for the actors' pipes: a worker connects inside its actor, never here."""
+
+    def connect(self, worker_id: int) -> flowplug.Sender:
+        raise flowplug.StateError(
+            "transport 'ray' connects each worker inside its Ray actor; its endpoint is not "
+            "for the Runner's own processes or threads"
+        )
+
+
+class _Slot:
+    """The consumer's view of one worker actor."""
+
+    __slots__ = ("actor", "actor_pid", "dead", "id", "node", "pending", "pid")
+
+    def __init__(self, worker_id: int, actor: Any):
+        self.id = worker_id
+        self.actor = actor
+        self.actor_pid: int | None = None
+        self.pid: int | None = None
+        self.node = "?"
+        self.pending: Any = None  # the ref of the take() call in flight
+        self.dead = False
+
+
+class RayWorkers(flowplug.WorkerGroup):
+    """The actors of one run. Deaths are found by the transport's ``recv``, which sees
+    every reply from the actors, and recorded here for the Runner."""
+
+    def __init__(self, transport: RayTransport, dfs: Sequence[Any], infos: Sequence[Any]):
+        self.death: flowplug.Death | None = None
+        self._transport = transport
+        self._dfs = list(dfs)
+        self._infos = list(infos)
+        self.slots: list[_Slot] = []
+
+    def start(self) -> None:
+        ray = _ray()
+        t = self._transport
+        host = t.host_class()
+        opts: dict[str, Any] = {
+            "num_cpus": t.settings["num_cpus"],
+            # take() and stop() run while the relay thread feeds the object store.
+            "max_concurrency": 4,
+            "max_restarts": 0,
+        }
+        if t.settings["resources"]:
+            opts["resources"] = dict(t.settings["resources"])
+        if t.settings["runtime_env"]:
+            opts["runtime_env"] = dict(t.settings["runtime_env"])
+        for df, info in zip(self._dfs, self._infos, strict=True):
+            # Named, so `ray list actors` shows whose they are (and tests can find them).
+            name = f"flowplug-{t.run_id}-w{info.id}"
+            actor = host.options(name=name, **opts).remote(df, info, t.per_worker)
+            self.slots.append(_Slot(info.id, actor))
+        self._dfs = []
+        refs = [s.actor.where.remote() for s in self.slots]
+        timeout = t.settings["start_timeout"]
+        try:
+            placed = ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise flowplug.StateError(
+                f"Ray placed fewer than {len(self.slots)} worker actors within {timeout:g} s "
+                f"(each needs num_cpus={t.settings['num_cpus']:g}"
+                + (f", resources={t.settings['resources']}" if t.settings["resources"] else "")
+                + f"; the cluster has {ray.available_resources()} free). Lower num_cpus or "
+                "num_workers, add nodes, or raise start_timeout"
+            ) from None
+        except ray.exceptions.RayError as exc:
+            raise flowplug.StateError(
+                f"a Ray worker actor failed to start: {_said(exc)}. The actors unpickle the "
+                "dataflow, so every node must import its module: install it there, or ship "
+                "it with runtime_env={'py_modules': [...]} (docs/ray.md)"
+            ) from exc
+        for slot, (actor_pid, pid, node) in zip(self.slots, placed, strict=True):
+            slot.actor_pid, slot.pid, slot.node = actor_pid, pid, node
+
+    def alive(self) -> int:
+        return sum(not s.dead for s in self.slots)
+
+    def died(self, slot: _Slot, death: flowplug.Death) -> None:
+        slot.dead = True
+        if self.death is None:
+            self.death = death
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Kill every actor (its worker process gets the death signal) and wait until Ray
+        reports them dead, so their processes and objects are gone when close() returns."""
+        ray = _ray()
+        if not self.slots or not ray.is_initialized():
+            self.slots = []  # ray.shutdown() (at exit, before our finalizer) killed them
+            return
+        calls = []
+        for slot in self.slots:
+            if slot.pending is not None:
+                calls.append(slot.pending)
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:
+                pass  # already gone, or Ray itself was shut down: nothing left to stop
+        # A call in flight fails once Ray has the actor dead; new calls would only make Ray
+        # dial the dead actors.
+        if calls:
+            ray.wait(calls, num_returns=len(calls), timeout=_KILL_WAIT)
+        for slot in self.slots:
+            slot.dead = True
+            slot.pending = None
+        self.slots = []
+
+
+class RayTransport(flowplug.Transport):
+    """Workers as Ray actors anywhere in a cluster; datapoints through Ray's object store.
+
+    Ray starts lazily in :meth:`open`: with ``address`` (``"auto"``, ``"ray://host:10001"``)
+    it connects to a cluster, without it starts a local instance; when Ray is already
+    initialized in this process, that is used as it is.
+    """
+
+    name = "ray"
+    crosses_processes = True
+    zero_copy = True
+    runs_workers = True
+    options = (
+        flowplug.Option(
+            "address",
+            str,
+            None,
+            "Ray cluster to connect to ('auto', 'ray://head:10001'); none: a local instance",
+        ),
+        flowplug.Option("num_cpus", float, 1.0, "CPUs Ray reserves for each worker actor"),
+        flowplug.Option("resources", dict, None, "custom Ray resources per worker actor"),
+        flowplug.Option("runtime_env", dict, None, "Ray runtime_env of the worker actors"),
+        flowplug.Option(
+            "start_timeout", float, 120.0, "seconds to wait for Ray to place the actors"
+        ),
+    )
+
+    _host_class: Any = None
+
+    def open(self) -> RayEndpoint:
+        ray = _ray()
+        if not ray.is_initialized():
+            address = self.settings["address"]
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=True)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                raise flowplug.ConfigError(
+                    f"cannot start Ray with address={address!r}: {exc}. Check "
+                    "[transports.ray] address (or Runner(address=...)), or leave it unset "
+                    "for a local instance"
+                ) from exc
+        self.per_worker = max(1, math.ceil(self.capacity / self.num_workers))
+        self._ready: collections.deque = collections.deque()
+        self._group: RayWorkers | None = None
+        self._pid = os.getpid()
+        return RayEndpoint()
+
+    @classmethod
+    def host_class(cls) -> Any:
+        """The actor class, made once per process (``ray.remote`` needs Ray imported)."""
+        if cls._host_class is None:
+            from ._host import WorkerHost
+
+            cls._host_class = _ray().remote(WorkerHost)
+        return cls._host_class
+
+    def make_workers(
+        self, dfs: Sequence[Any], endpoint: flowplug.Endpoint, infos: Sequence[Any]
+    ) -> RayWorkers:
+        self._group = RayWorkers(self, dfs, infos)
+        return self._group
+
+    def recv(self, timeout: float) -> Any:
+        if self._ready:
+            return loads(self._ready.popleft())
+        if self._group is not None:
+            self._fetch(timeout)
+        if self._ready:
+            return loads(self._ready.popleft())
+        return flowplug.EMPTY
+
+    def _fetch(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for replies of the actors; queue the datapoints they
+        carry and record deaths in the group."""
+        ray = _ray()
+        group = self._group
+        assert group is not None
+        by_ref = {}
+        for slot in group.slots:
+            if slot.dead:
+                continue
+            if slot.pending is None:
+                slot.pending = slot.actor.take.remote(_TAKE_WAIT, self.per_worker)
+            by_ref[slot.pending] = slot
+        if not by_ref:
+            time.sleep(timeout)
+            return
+        refs = list(by_ref)
+        ready, rest = ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready and rest:  # whatever else is in already, so every worker gets its turn
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
+        for ref in ready:
+            slot = by_ref[ref]
+            slot.pending = None
+            try:
+                items = ray.get(ref)
+                data = [i for i in items if not isinstance(i, flowplug.Death)]
+                self._ready.extend(data)
+            except ray.exceptions.RayError as exc:
+                group.died(slot, self._actor_death(slot, exc))
+                continue
+            if len(data) < len(items):
+                group.died(slot, items[-1])
+
+    def _actor_death(self, slot: _Slot, exc: BaseException) -> flowplug.Death:
+        said = " ".join(_said(exc).split())
+        if len(said) > 600:
+            said = said[:600] + "..."
+        return flowplug.Death(
+            slot.id,
+            slot.actor_pid,
+            None,
+            f"its Ray actor on node {slot.node} is gone; Ray says: {type(exc).__name__}: {said}",
+        )
+
+    def close(self) -> None:
+        # The actors are killed by the group's stop(), which the Runner calls first; what is
+        # left here is the consumer's share: refs and received datapoints not yet consumed.
+        group = getattr(self, "_group", None)
+        if group is not None and os.getpid() == self._pid:
+            group.stop()
+        self._group = None
+        ready = getattr(self, "_ready", None)
+        if ready is not None:
+            ready.clear()

@@ -1,0 +1,289 @@
+"""What the ray transport adds to the contract: actors, the object store, Ray's options."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from importlib import metadata
+
+import numpy as np
+import pytest
+import ray
+
+import flowplug as fp
+from flowplug.testing.contract import Counting, Slow
+
+# ---------------------------------------------------------------------------- dataflows
+# Module-level: the actors import this module to unpickle them (conftest puts it on the
+# workers' PYTHONPATH).
+
+
+class Arrays(fp.DataFlow):
+    """Yield ``n`` float64 arrays of ``size`` elements, filled with their index."""
+
+    def __init__(self, n: int, size: int = 300_000):
+        self.n = n
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for i in range(self.n):
+            yield np.full(self.size, i, dtype=np.float64)
+
+
+class CountProduced(fp.DataFlow):
+    """Yield 256 KiB arrays forever, writing how many were handed to the sender to a file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __iter__(self):
+        i = 0
+        while True:
+            yield np.zeros(32 * 1024)
+            i += 1
+            with open(self.path, "w") as f:
+                f.write(str(i))
+
+
+class Env(fp.DataFlow):
+    def __iter__(self):
+        while True:
+            yield os.environ.get("FLOWPLUG_RAY_TEST")
+
+
+class Whereabouts(fp.DataFlow):
+    """Yield (worker pid, parent pid = the actor's process) forever."""
+
+    def __iter__(self):
+        while True:
+            yield os.getpid(), os.getppid()
+            time.sleep(0.01)
+
+
+class Segfault(fp.DataFlow):
+    def __iter__(self):
+        yield 1
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _actors(run: fp.Runner) -> list[str]:
+    """Names of the live actors of ``run``'s transport, found through Ray, not the runner."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return sorted(n for n in names if n.startswith("flowplug-"))
+
+
+# ---------------------------------------------------------------------------- delivery
+
+
+def test_arrays_arrive_read_only_from_the_object_store_and_outlive_close(no_leaks):
+    kept = []
+    with fp.Runner(Arrays(6), transport="ray", num_workers=1) as runner:
+        for arr in runner:
+            assert arr.dtype == np.float64 and arr.shape == (300_000,)
+            # A view of Ray's shared memory: read-only, no copy was made for us.
+            assert not arr.flags.writeable
+            with pytest.raises(ValueError, match="read-only"):
+                arr[0] = 1.0
+            kept.append(arr)
+    # The runner and its actors are gone; what the consumer holds stays valid.
+    assert [int(a[0]) for a in kept] == list(range(6))
+    assert all((a == a[0]).all() for a in kept)
+
+
+def test_replicate_mode_every_worker_yields_the_whole_dataflow(no_leaks):
+    per_worker: dict[int, Counter] = {0: Counter(), 1: Counter()}
+    with fp.Runner(Counting(5, tag=True), transport="ray", num_workers=2) as runner:
+        deadline = time.monotonic() + 30
+        while min(len(c) for c in per_worker.values()) < 5 and time.monotonic() < deadline:
+            for worker, i in runner:
+                per_worker[worker][i] += 1
+    assert set(per_worker[0]) == set(per_worker[1]) == set(range(5))
+
+
+def test_backpressure_bounds_what_a_worker_runs_ahead(no_leaks, tmp_path):
+    path = str(tmp_path / "produced")
+    capacity = 4
+    runner = fp.Runner(CountProduced(path), transport="ray", capacity=capacity)
+    with runner:
+        it = iter(runner)
+        for _ in range(3):
+            next(it)
+        time.sleep(3)  # the consumer stalls; the worker must stall too
+        with open(path) as f:
+            produced = int(f.read())
+        it.close()
+    # In flight at most: the actor's buffer, one batch the consumer fetched, one item in the
+    # relay and one in the pipe; without backpressure a worker makes hundreds in 3 s.
+    assert produced <= 3 + 2 * capacity + 2, produced
+
+
+# ---------------------------------------------------------------------------- deaths
+
+
+def test_killed_actor_is_worker_died_not_a_hang(no_leaks):
+    runner = fp.Runner(Slow(0.05), transport="ray", num_workers=2)
+    with runner:
+        it = iter(runner)
+        next(it)
+        names = _actors(runner)
+        assert len(names) == 2
+        ray.kill(ray.get_actor(names[1]))
+        start = time.monotonic()
+        with pytest.raises(fp.WorkerDied, match=r"worker 1 .*Ray actor") as info:
+            for _ in range(1000):
+                next(it)
+        assert time.monotonic() - start < 10
+        assert info.value.worker_id == 1 and info.value.exitcode is None
+    assert _actors(runner) == []
+
+
+def test_actor_process_killed_is_worker_died(no_leaks):
+    with fp.Runner(Whereabouts(), transport="ray") as runner:
+        it = iter(runner)
+        pid, actor_pid = next(it)
+        assert pid != actor_pid
+        os.kill(actor_pid, signal.SIGKILL)  # as the OOM killer or a lost node would
+        with pytest.raises(fp.WorkerDied, match=str(actor_pid)):
+            for _ in range(1000):
+                next(it)
+
+
+def test_worker_crash_names_the_signal(no_leaks):
+    """The actor forks the worker, so a crash is reported with its real exit status,
+    which Ray alone does not know."""
+    with fp.Runner(Segfault(), transport="ray") as runner:
+        with pytest.raises(fp.WorkerDied, match=r"SIGSEGV.*Ray node") as info:
+            for _ in range(5):
+                list(runner)
+    assert info.value.exitcode == -signal.SIGSEGV
+
+
+def test_close_kills_the_actors_and_their_workers(no_leaks):
+    runner = fp.Runner(Whereabouts(), transport="ray", num_workers=2)
+    runner.reset_state()
+    seen = set()
+    for dp in runner:
+        seen.add(dp)
+        if len({p for p, _ in seen}) == 2:
+            break
+    assert len(_actors(runner)) == 2
+    runner.close()
+    assert _actors(runner) == []
+    deadline = time.monotonic() + 5
+    pids = {p for pair in seen for p in pair}
+    while time.monotonic() < deadline and any(_exists(p) for p in pids):
+        time.sleep(0.05)
+    assert not any(_exists(p) for p in pids)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- options
+
+
+def test_runtime_env_and_fractional_cpus_reach_the_actors(no_leaks):
+    env = {"env_vars": {"FLOWPLUG_RAY_TEST": "hello"}}
+    with fp.Runner(Env(), transport="ray", num_workers=2, num_cpus=0.5, runtime_env=env) as runner:
+        it = iter(runner)
+        assert {next(it) for _ in range(4)} == {"hello"}
+
+
+def test_unplaceable_workers_fail_fast_naming_the_resources(no_leaks):
+    runner = fp.Runner(
+        Counting(3), transport="ray", resources={"flowplug_gpu_node": 1}, start_timeout=1.5
+    )
+    with pytest.raises(fp.StateError, match=r"flowplug_gpu_node.*start_timeout"):
+        runner.reset_state()
+    assert _actors(runner) == []
+
+
+def _refuse_to_unpickle():
+    raise RuntimeError("this dataflow cannot be rebuilt here")
+
+
+class NotRebuildable(fp.DataFlow):
+    def __reduce__(self):
+        return (_refuse_to_unpickle, ())
+
+    def __iter__(self):
+        yield 1
+
+
+def test_dataflow_the_actor_cannot_unpickle_fails_the_start(no_leaks):
+    runner = fp.Runner(NotRebuildable(), transport="ray")
+    with pytest.raises(
+        fp.StateError, match=r"(?s)failed to start.*cannot be rebuilt.*py_modules"
+    ) as info:
+        runner.reset_state()
+    assert "\x1b[" not in str(info.value)  # Ray's terminal colours are stripped
+    runner.close()
+    assert _actors(runner) == []
+
+
+def test_start_method_is_refused():
+    with pytest.raises(fp.ConfigError, match="starts its own workers"):
+        fp.Runner(Counting(3), transport="ray", start_method="spawn")
+
+
+def test_option_types_are_checked():
+    with pytest.raises(fp.ConfigError, match="num_cpus"):
+        fp.Runner(Counting(3), transport="ray", num_cpus="many")
+
+
+# ---------------------------------------------------------------------------- packaging
+
+
+def test_flowplug_alone_does_not_require_ray():
+    requires = metadata.requires("flowplug") or []
+    assert not [r for r in requires if r.split()[0].lower().startswith("ray")]
+    assert any(r.startswith("ray") for r in metadata.requires("flowplug-ray") or [])
+
+
+def test_loading_the_plugin_does_not_import_ray(tmp_path):
+    code = textwrap.dedent(
+        """
+        import sys
+        import flowplug as fp
+        assert "ray" in fp.available_transports()
+        assert fp.get_transport("ray").runs_workers
+        print("ray" in sys.modules)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_without_ray_init_a_local_instance_is_started(tmp_path):
+    """The transport calls ray.init itself when nobody did (in a fresh process)."""
+    code = textwrap.dedent(
+        """
+        import ray
+        import flowplug as fp
+        from flowplug.testing.contract import Counting
+        assert not ray.is_initialized()
+        with fp.Runner(Counting(5), transport="ray", num_cpus=0.5) as runner:
+            print(list(runner))
+        print(ray.is_initialized())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=180
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["[0, 1, 2, 3, 4]", "True"]

@@ -1,0 +1,145 @@
+"""A transport that runs its own workers (``runs_workers``): the Runner still owns the rest."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, ClassVar
+
+import pytest
+
+import flowplug as fp
+from flowplug.plugins import PluginInfo, get_registry
+from flowplug.testing.contract import Counting, RaiseAfter
+from flowplug.worker import run_worker
+
+
+class QueueSender(fp.Sender):
+    def __init__(self, q: queue.Queue, stop: threading.Event):
+        self.q = q
+        self.stop = stop
+
+    def send(self, obj: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                self.q.put(obj, timeout=0.05)
+                return
+            except queue.Full:
+                pass
+        raise fp.TransportClosed("closed")
+
+
+class QueueEndpoint(fp.Endpoint):
+    def __init__(self, q: queue.Queue, stop: threading.Event):
+        self.q = q
+        self.stop = stop
+
+    def connect(self, worker_id: int) -> QueueSender:
+        return QueueSender(self.q, self.stop)
+
+
+class ElsewhereWorkers(fp.WorkerGroup):
+    """Stands for workers on another machine: threads here, started by the transport."""
+
+    def __init__(self, dfs, endpoint, infos, log):
+        self.death = None
+        self.stop_event = endpoint.stop
+        self.log = log
+        self.threads = [
+            threading.Thread(target=run_worker, args=(df, endpoint, info, self.stop_event))
+            for df, info in zip(dfs, infos, strict=True)
+        ]
+
+    def start(self) -> None:
+        self.log.append("start")
+        for t in self.threads:
+            t.start()
+
+    def alive(self) -> int:
+        return sum(t.is_alive() for t in self.threads)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.log.append("stop")
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout)
+
+
+class ElsewhereTransport(fp.Transport):
+    name = "elsewhere"
+    crosses_processes = False
+    runs_workers = True
+    #: what happened, in order, for the tests to check.
+    log: ClassVar[list[str]] = []
+    #: set to make recv() report that worker 0's machine is gone.
+    lose_node = False
+
+    def open(self) -> QueueEndpoint:
+        self.log.append("open")
+        self.q: queue.Queue = queue.Queue(self.capacity)
+        self.endpoint = QueueEndpoint(self.q, threading.Event())
+        return self.endpoint
+
+    def make_workers(self, dfs, endpoint, infos) -> ElsewhereWorkers:
+        assert endpoint is self.endpoint and len(dfs) == len(infos) == self.num_workers
+        self.log.append("make_workers")
+        self.group = ElsewhereWorkers(dfs, endpoint, infos, self.log)
+        return self.group
+
+    def recv(self, timeout: float) -> Any:
+        if self.lose_node:
+            self.group.death = fp.Death(0, None, None, "its node stopped answering")
+        try:
+            return self.q.get(timeout=timeout)
+        except queue.Empty:
+            return fp.EMPTY
+
+    def close(self) -> None:
+        self.log.append("close")
+
+
+@pytest.fixture
+def elsewhere():
+    ElsewhereTransport.log = []
+    ElsewhereTransport.lose_node = False
+    get_registry().register(ElsewhereTransport, origin=PluginInfo("tests", "tests", "0"))
+    return ElsewhereTransport  # the registry is reloaded after each test (conftest)
+
+
+def test_the_runner_starts_and_stops_the_transports_workers(elsewhere, no_leaks):
+    with fp.Runner(Counting(10, tag=True), transport="elsewhere", num_workers=2) as runner:
+        for _ in range(3):
+            got = list(runner)
+            assert len(got) == 10 and {i for _, i in got} <= set(range(10))
+            assert {w for w, _ in got} <= {0, 1}
+    assert elsewhere.log == ["open", "make_workers", "start", "stop", "close"]
+
+
+def test_errors_of_such_workers_are_worker_errors(elsewhere, no_leaks):
+    runner = fp.Runner(RaiseAfter(2), transport="elsewhere")
+    with pytest.raises(fp.WorkerError, match="boom after 2"):
+        for _ in range(5):
+            list(runner)
+    runner.close()
+
+
+def test_a_death_the_group_reports_is_worker_died(elsewhere, no_leaks):
+    elsewhere.lose_node = True
+    with fp.Runner(Counting(10), transport="elsewhere") as runner:
+        with pytest.raises(fp.WorkerDied) as info:
+            list(runner)
+    err = info.value
+    assert err.worker_id == 0 and err.exitcode is None
+    assert "unknown exit status (its node stopped answering)" in str(err)
+    assert elsewhere.log[-2:] == ["stop", "close"]
+
+
+def test_start_method_is_refused_for_such_transports(elsewhere):
+    with pytest.raises(fp.ConfigError, match="starts its own workers"):
+        fp.Runner(Counting(3), transport="elsewhere", start_method="fork")
+
+
+def test_the_default_transport_does_not_run_workers():
+    assert not fp.Transport.runs_workers
+    with pytest.raises(NotImplementedError, match="zmq"):
+        fp.get_transport("zmq")(capacity=1, num_workers=1, run_id="x").make_workers([], None, [])
