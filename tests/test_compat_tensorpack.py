@@ -94,3 +94,23 @@ def test_real_tensorpack_dataflows_run_unchanged(no_leaks):
     assert len(batches) == 4
     np.testing.assert_array_equal(batches[0][0][:, 0], [0, 2, 4, 6, 8])
     runner.close()
+
+
+def test_plasma_put_early_get_late(no_leaks):
+    """tensorpack's PlasmaPutData/PlasmaGetData pattern: put in the worker, send only ids,
+    get views in the consumer."""
+    store = fp.shm.ObjectStore("64MiB")
+    arrays = [np.full((256, 256), i, np.float32) for i in range(6)]
+    runner = tp.MultiProcessRunnerZMQ(tp.PlasmaPutData(fp.DataFromList(arrays), store.name))
+    try:
+        got = tp.PlasmaGetData(runner, store)
+        got.reset_state()
+        ids = []
+        for a in got:
+            assert a.shape == (256, 256) and a.dtype == np.float32
+            ids.append(float(a[0, 0]))
+            del a
+        assert ids == [float(i) for i in range(6)]
+    finally:
+        runner.close()
+        store.close()

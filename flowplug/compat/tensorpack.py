@@ -12,9 +12,10 @@ consumer with their traceback, dead workers are noticed, and nothing is leaked.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..dataflow import DataFlow
 from ..runner import Runner, _length
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "MultiProcessRunnerZMQ",
     "MultiThreadPrefetchData",
     "MultiThreadRunner",
+    "PlasmaGetData",
+    "PlasmaPutData",
     "PrefetchData",
     "PrefetchDataZMQ",
 ]
@@ -79,6 +82,70 @@ class MultiThreadRunner(Runner):
         )
         self.get_df = get_df
         self._size = _length(dfs[0])
+
+
+class PlasmaPutData(DataFlow):
+    """Put each datapoint of ``ds`` in a shared-memory store; yield ``[id bytes]``.
+
+    tensorpack's ``PlasmaPutData`` over :class:`flowplug.shm.PutData` (Plasma left pyarrow).
+    ``socket`` was the Plasma store's socket; here it is the :class:`flowplug.shm.ObjectStore`
+    or its name, made beforehand in the consumer: ``store = fp.shm.ObjectStore("1GiB")``.
+    """
+
+    def __init__(self, ds: Any, socket: Any):
+        from .. import shm  # needs numpy; loaded only by users of these two
+
+        self._put = shm.PutData(ds, socket)
+
+    def __len__(self) -> int:
+        return len(self._put)
+
+    def reset_state(self) -> None:
+        self._put.reset_state()
+
+    def __iter__(self) -> Iterator[list[bytes]]:
+        for oid in self._put:
+            yield [oid.binary()]
+
+
+class PlasmaGetData(DataFlow):
+    """Take the objects whose ids ``ds`` yields (as ``[id bytes]``) out of the store.
+
+    tensorpack's ``PlasmaGetData`` over :class:`flowplug.shm.GetData`; arrays come back
+    as zero-copy views of the store.
+    """
+
+    def __init__(self, ds: Any, socket: Any):
+        from .. import shm
+
+        self._get = shm.GetData(_FirstField(ds, shm.ObjectID.from_binary), socket)
+
+    def __len__(self) -> int:
+        return len(self._get)
+
+    def reset_state(self) -> None:
+        self._get.reset_state()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._get)
+
+
+class _FirstField(DataFlow):
+    """``convert(dp[0])`` for each datapoint of ``ds``."""
+
+    def __init__(self, ds: Any, convert: Callable[[bytes], Any]):
+        self.ds = ds
+        self.convert = convert
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def reset_state(self) -> None:
+        self.ds.reset_state()
+
+    def __iter__(self) -> Iterator[Any]:
+        for dp in self.ds:
+            yield self.convert(dp[0])
 
 
 # tensorpack's old names
