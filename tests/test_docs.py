@@ -87,3 +87,10 @@ def test_every_subcommand_is_in_cli_md():
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
     for name in sub.choices:
         assert f"## `flowplug {name}" in text, name
+
+
+def test_every_page_is_in_the_site_nav():
+    nav = set(
+        re.findall(r"^\s+- [^:]+: (\S+\.md)$", (DOCS.parent / "mkdocs.yml").read_text(), re.M)
+    )
+    assert nav == {p.name for p in DOCS.glob("*.md")}
