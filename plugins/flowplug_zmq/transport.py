@@ -155,6 +155,7 @@ class ZmqTransport(flowplug.Transport):
             ) from exc
         self._recv = self._sock.recv_multipart
         self._poll = self._sock.poll
+        self._events = self._sock.get
         self._ready: collections.deque[Any] = collections.deque()
         return ZmqEndpoint(
             self.address,
@@ -167,6 +168,10 @@ class ZmqTransport(flowplug.Transport):
     def recv(self, timeout: float) -> Any:
         if self._ready:
             return self._ready.popleft()
+        # While messages keep coming, zmq handles its commands, among them "this peer has
+        # messages now", only every 100 frames: a flooding worker's batches would go ahead
+        # of another worker's first message (its error report). Reading EVENTS handles them.
+        self._events(zmq.EVENTS)
         try:
             frames = self._recv(zmq.NOBLOCK, copy=False)
         except zmq.Again:

@@ -116,6 +116,26 @@ class FailResetIn(fp.DataFlow):
             yield fp.worker_info().id
 
 
+class FloodThenFail(fp.DataFlow):
+    """Worker 0 yields tiny items forever; worker 1 sleeps ``delay`` s in ``reset_state()``,
+    then raises with the time it raised in the message (``time.monotonic()``: one clock
+    for every process of the machine)."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def reset_state(self) -> None:
+        if fp.worker_info().id == 1:
+            time.sleep(self.delay)
+            raise OSError(f"injected at t={time.monotonic():.6f}")
+
+    def __iter__(self) -> Iterator[Any]:
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+
 class Die(fp.DataFlow):
     """Yield ``k`` items, then die: ``sigkill``, ``sigsegv`` (ctypes), ``exit3``
     (``os._exit(3)``), ``sysexit`` (``sys.exit(3)``, what a thread can do), or
@@ -436,6 +456,44 @@ def scenario_reset_fails(transport: str) -> int:
             assert "reset_state" in err.remote_traceback
         else:
             raise AssertionError("no WorkerError")
+    return 1
+
+
+#: scenario 18: the consumer's pace (s per datapoint), and how many of the flooding
+#: worker's datapoints may still arrive after the other worker raised.
+FAIR_PACE = 0.0002
+FAIR_BOUND = 1000
+
+
+def scenario_fair(transport: str, delay: float = 0.5) -> int:
+    """18. Worker 0 floods tiny datapoints while worker 1 raises after ``delay`` s: the
+    WorkerError arrives after a bounded number of worker 0's datapoints, however many are
+    in flight. The consumer takes its time (:data:`FAIR_PACE`), so the transport is full
+    when worker 1 raises: a transport with one shared pipe or queue would deliver all of
+    it (capacity messages, up to 64 items each when batched) first, and one with a shared
+    capacity bound lets the running worker take every freed slot."""
+    received: list[float] = []
+    with fp.Runner(FloodThenFail(delay), transport=transport, num_workers=2) as runner:
+        clock = time.monotonic
+        try:
+            for _ in _stream(runner):
+                received.append(clock())
+                if len(received) > 200_000:
+                    break
+                time.sleep(FAIR_PACE)
+        except fp.WorkerError as err:
+            arrived = clock()
+            assert err.worker_id == 1 and "reset_state()" in str(err), err
+            raised = float(re.search(r"injected at t=([\d.]+)", str(err)).group(1))
+        else:
+            raise AssertionError(f"no WorkerError after {len(received)} datapoints")
+    after = sum(t > raised for t in received)
+    measured("worker error to WorkerError under a flood", arrived - raised)
+    assert after < FAIR_BOUND, (
+        f"{after} datapoints of the flooding worker arrived in the {arrived - raised:.2f} s "
+        "between the other worker's error and its report"
+    )
+    assert len(received) - after > 0, "the flooding worker never ran before the error"
     return 1
 
 
