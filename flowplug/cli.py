@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-from . import config, plugins
+from . import _sweep, config, plugins
 from .errors import ConfigError, FlowplugError
 
 
@@ -199,9 +199,7 @@ def _check_ipc(check: Any) -> None:
 
 
 def _check_shm(check: Any, clean: bool) -> None:
-    from . import shm  # imported here: it needs numpy, which the other checks do not
-
-    shm_dir = shm.default_dir()
+    shm_dir = _sweep.default_dir()
     try:
         usage = shutil.disk_usage(shm_dir)
     except FileNotFoundError:
@@ -216,9 +214,9 @@ def _check_shm(check: Any, clean: bool) -> None:
         )
     else:
         check("ok", size)
-    stale = shm.stale_stores(shm_dir)
+    stale = _sweep.stale_entries(shm_dir)
     if clean:
-        removed = set(shm.sweep_stale(shm_dir))
+        removed = set(_sweep.sweep_stale(shm_dir))
         gone = [s for s in stale if s.path in removed]
         total = _mib(sum(s.size for s in gone))
         check("ok", f"removed {len(removed)} stale flowplug segment(s), {total}")

@@ -131,6 +131,7 @@ class ShmTransport(flowplug.Transport):
             self.settings["size"],
             dir=self.settings["dir"] or None,
             reserve=self.settings["reserve"],
+            run_id=self.run_id,
         )
         self._hellos = 0
         self._token = secrets.token_bytes(_TOKEN_LEN)

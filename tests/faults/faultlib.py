@@ -37,7 +37,7 @@ import zmq
 
 import flowplug as fp
 from flowplug.plugins import PluginInfo, get_registry
-from flowplug.testing.contract import Counting, Slow
+from flowplug.testing.contract import Counting, Slow, assert_second_iteration_refused
 from flowplug.testing.leaks import SHM_DIR, leaked, snapshot
 
 HERE = Path(__file__).resolve().parent
@@ -760,22 +760,7 @@ def scenario_threads(transport: str) -> int:
         t.join(30)
         assert results == [list(range(20))], results
         assert list(runner) == list(range(20))
-
-        outer = iter(runner)
-        next(outer)
-        errors: list[BaseException] = []
-
-        def second() -> None:
-            try:
-                next(iter(runner))
-            except BaseException as exc:
-                errors.append(exc)
-
-        t = threading.Thread(target=second)
-        t.start()
-        t.join(30)
-        assert len(errors) == 1 and isinstance(errors[0], fp.StateError), errors
-        outer.close()
+        assert_second_iteration_refused(runner)
     finally:
         runner.close()
     return 1
