@@ -21,6 +21,7 @@ from .errors import (
     WorkerError,
 )
 from .hookspecs import hookimpl
+from .ipc import bind_ipc
 from .parallel import ParallelMap
 from .plugins import available_transports, get_transport, reload_plugins
 from .runner import Runner
@@ -87,6 +88,7 @@ __all__ = [
     "WorkerGroup",
     "WorkerInfo",
     "available_transports",
+    "bind_ipc",
     "get_transport",
     "hookimpl",
     "load_config",

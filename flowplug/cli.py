@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-from . import config, plugins
+from . import _sweep, config, plugins
 from .errors import ConfigError, FlowplugError
+from .ipc import bind_ipc
 
 
 def _registry() -> plugins.TransportRegistry:
@@ -167,7 +168,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _check_ipc(check: Any) -> None:
-    """Bind a real zmq ipc:// socket, as the zmq transport does."""
+    """Bind a real zmq ipc:// socket, as the zmq and shm transports do."""
     try:
         import zmq
     except ImportError:
@@ -175,22 +176,12 @@ def _check_ipc(check: Any) -> None:
     if not zmq.has("ipc"):
         check("FAIL", "pyzmq was built without ipc:// support; reinstall it from PyPI wheels")
         return
-    if sys.platform.startswith("linux"):
-        address = f"ipc://@flowplug-doctor-{os.getpid()}"
-    else:
-        pipedir = os.environ.get("FLOWPLUG_PIPEDIR") or "/tmp"
-        address = f"ipc://{pipedir}/flowplug-doctor-{os.getpid()}"
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     try:
-        sock.bind(address)
-        sock.unbind(address)
-    except zmq.ZMQError as exc:
-        check(
-            "FAIL",
-            f"cannot bind a zmq socket at {address}: {exc}; set FLOWPLUG_PIPEDIR to a "
-            "local directory with short path",
-        )
+        sock.unbind(bind_ipc(sock, f"doctor-{os.getpid()}"))
+    except ConfigError as exc:
+        check("FAIL", str(exc))
     else:
         check("ok", f"ipc:// sockets work (zmq {zmq.zmq_version()})")
     finally:
@@ -199,9 +190,7 @@ def _check_ipc(check: Any) -> None:
 
 
 def _check_shm(check: Any, clean: bool) -> None:
-    from . import shm  # imported here: it needs numpy, which the other checks do not
-
-    shm_dir = shm.default_dir()
+    shm_dir = _sweep.default_dir()
     try:
         usage = shutil.disk_usage(shm_dir)
     except FileNotFoundError:
@@ -216,9 +205,9 @@ def _check_shm(check: Any, clean: bool) -> None:
         )
     else:
         check("ok", size)
-    stale = shm.stale_stores(shm_dir)
+    stale = _sweep.stale_entries(shm_dir)
     if clean:
-        removed = set(shm.sweep_stale(shm_dir))
+        removed = set(_sweep.sweep_stale(shm_dir))
         gone = [s for s in stale if s.path in removed]
         total = _mib(sum(s.size for s in gone))
         check("ok", f"removed {len(removed)} stale flowplug segment(s), {total}")

@@ -20,10 +20,11 @@ lock on the file (an open-file-description lock: the kernel drops it when a proc
 so a killed worker never leaves the store locked). Each block counts its references across
 processes: one while an :class:`ObjectID` owns it, one per process that has views of it.
 
-Names are ``flowplug-<owner pid>-<random>``; the owner holds a lock on the file while it
-lives, so :func:`sweep_stale` (run whenever a store is created) can remove the files of
-owners that were killed, even from another pid namespace sharing ``/dev/shm``. Nothing here
-uses ``multiprocessing.shared_memory``, so its resource tracker never sees these segments.
+Names are ``<run id>-<random>``, the run id being ``fp-<owner pid>-<random>`` (a
+transport's own, or a new one); the owner holds a lock on the file while it lives, so
+:func:`sweep_stale` (run whenever a store is created) can remove the files of owners that
+were killed, even from another pid namespace sharing ``/dev/shm``. Nothing here uses
+``multiprocessing.shared_memory``, so its resource tracker never sees these segments.
 """
 
 from __future__ import annotations
@@ -35,10 +36,8 @@ import io
 import mmap
 import os
 import pickle
-import re
 import secrets
 import struct
-import tempfile
 import threading
 import time
 import weakref
@@ -49,6 +48,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ._sweep import default_dir, locked_by_others, new_run_id, sweep_stale
+from ._sweep import lock_byte as _lock
 from .config import parse_size
 from .dataflow import DataFlow
 from .errors import ConfigError, DataTooLarge, ObjectNotFound, StateError, StoreFull
@@ -72,7 +73,6 @@ DEFAULT_SIZE = 1 << 30
 #: every block and every buffer in it starts at a multiple of this (Arrow wants 64).
 ALIGN = 64
 
-_NAME = re.compile(r"flowplug-(\d+)-[0-9a-f]+")
 _MAGIC = 0x3170_6775_6C70_7766  # "fwplug1p", little-endian
 _VERSION = 1
 _BLOCK_MAGIC = 0x6B63_6F6C_6270_6766  # "fgpblock"
@@ -92,14 +92,9 @@ _ENTRY = struct.Struct("<4q")
 _BLOCK_HEADER = 64
 _OID = struct.Struct("<qq")
 
-# Byte-range locks on the file (the bytes' contents play no part).
+# Byte-range locks on the file (the bytes' contents play no part). The owner's lock and
+# the attachers' locks also tell the sweep (flowplug._sweep) that the store is alive.
 _MUTEX, _OWNER_ALIVE, _ATTACHED = 0, 1, 2
-# struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding to 32 bytes).
-_FLOCK = struct.Struct("hhqqi4x")
-_OFD = hasattr(fcntl, "F_OFD_SETLKW")  # Linux >= 3.15; elsewhere, per-process POSIX locks
-_SETLKW = fcntl.F_OFD_SETLKW if _OFD else fcntl.F_SETLKW
-_SETLK = fcntl.F_OFD_SETLK if _OFD else fcntl.F_SETLK
-_GETLK = fcntl.F_OFD_GETLK if _OFD else fcntl.F_GETLK
 
 #: how long a producer waiting for room sleeps at most between two looks at the store (s).
 _MAX_WAIT_STEP = 0.002
@@ -151,23 +146,6 @@ def dumps(obj: Any) -> list[Any]:
     return [out.getvalue(), *buffers]
 
 
-def _lock(fd: int, byte: int, kind: int, wait: bool = True) -> bool:
-    """Set (F_RDLCK/F_WRLCK) or clear (F_UNLCK) the lock on one byte; false if taken."""
-    try:
-        fcntl.fcntl(fd, _SETLKW if wait else _SETLK, _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0))
-    except OSError as exc:
-        if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
-def _held_by_others(fd: int, byte: int) -> bool:
-    """True when another process (or open file) holds a lock on ``byte``."""
-    got = fcntl.fcntl(fd, _GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
-    return _FLOCK.unpack(got)[0] != fcntl.F_UNLCK
-
-
 def _align(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
 
@@ -177,85 +155,6 @@ def _fmt(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
-
-
-def default_dir() -> str:
-    """Where stores live unless told otherwise: ``/dev/shm``, else the temp directory."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-@dataclass(frozen=True)
-class StaleStore:
-    """A store left behind by a process that died without removing it."""
-
-    #: the store's file.
-    path: str
-    #: the pid of its dead owner.
-    pid: int
-    #: the bytes it really holds (allocated blocks, not its length).
-    size: int
-
-
-def stale_stores(dir: str | None = None) -> list[StaleStore]:
-    """The stores in ``dir`` whose owner died without removing them (SIGKILL, OOM).
-
-    A store counts as stale when its owner pid is not alive here *and* no process holds
-    the owner's or an attacher's lock on it, so a store of a live process in another pid
-    namespace (a container sharing ``/dev/shm``) is left alone.
-
-    :param dir: the directory to look in; :func:`default_dir` when None.
-    """
-    where = dir or default_dir()
-    try:
-        names = sorted(os.listdir(where))
-    except OSError:
-        return []
-    found = []
-    me = os.getpid()
-    for name in names:
-        m = _NAME.fullmatch(name)
-        if m is None or int(m.group(1)) == me or _pid_alive(int(m.group(1))):
-            continue
-        path = os.path.join(where, name)
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError:
-            continue
-        try:
-            if _held_by_others(fd, _OWNER_ALIVE) or _held_by_others(fd, _ATTACHED):
-                continue
-            found.append(StaleStore(path, int(m.group(1)), os.fstat(fd).st_blocks * 512))
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return found
-
-
-def sweep_stale(dir: str | None = None) -> list[str]:
-    """Remove the :func:`stale_stores` of ``dir``. Called whenever a store is created;
-    ``flowplug doctor --clean`` calls it too.
-
-    :returns: the paths removed.
-    """
-    removed = []
-    for store in stale_stores(dir):
-        try:
-            os.unlink(store.path)
-        except OSError:
-            continue
-        removed.append(store.path)
-    return removed
 
 
 def _max_extents(size: int) -> int:
@@ -345,6 +244,8 @@ class ObjectStore:
     :param reserve: allocate all of ``size`` now. Memory in ``/dev/shm`` is otherwise taken
         as it is first written, and if other programs fill ``/dev/shm`` meanwhile, the
         writer dies of SIGBUS; reserved, the store fails here or never.
+    :param run_id: the run id the file's name starts with (a transport passes its own);
+        a new one when None. It names this process as the owner, for the stale sweep.
     :raises flowplug.ConfigError: ``dir`` has not enough free space for ``size``.
 
     Example::
@@ -358,7 +259,12 @@ class ObjectStore:
     size: int
 
     def __init__(
-        self, size: int | str = DEFAULT_SIZE, *, dir: str | None = None, reserve: bool = False
+        self,
+        size: int | str = DEFAULT_SIZE,
+        *,
+        dir: str | None = None,
+        reserve: bool = False,
+        run_id: str | None = None,
     ):
         size = _align(parse_size(size))
         if size <= 0:
@@ -369,7 +275,7 @@ class ObjectStore:
         data_off = (((_HDR_WORDS + 2 * max_extents) * 8) + 4095) & ~4095
         total = data_off + size
         _check_room(where, total, size, dir is not None)
-        path = os.path.join(where, f"flowplug-{os.getpid()}-{secrets.token_hex(6)}")
+        path = os.path.join(where, f"{run_id or new_run_id()}-{secrets.token_hex(4)}")
         # Build it under a name the sweeper ignores; rename once the owner's lock is held.
         temp = path + ".new"
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -773,7 +679,7 @@ class ObjectStore:
                     )
                 if not self._owner and now >= next_owner_check:
                     next_owner_check = now + _OWNER_CHECK
-                    if not _held_by_others(self._fd, _OWNER_ALIVE):
+                    if not locked_by_others(self._fd, _OWNER_ALIVE, 1):
                         raise StateError(f"the owner of the shared-memory store {self.name} died")
                 time.sleep(step if deadline is None else max(0.0, min(step, deadline - now)))
                 step = min(step * 2, _MAX_WAIT_STEP)
@@ -972,7 +878,27 @@ def empty(shape: int | tuple[int, ...], dtype: Any = float, order: Literal["C", 
 # -------------------------------------------------------------------- dataflow wrappers
 
 
-class PutData(DataFlow):
+class _WithStore(DataFlow):
+    """Wraps ``df`` and uses a store, given as one or by name (attached in ``reset_state()``)."""
+
+    def __init__(self, df: Any, store: ObjectStore | str):
+        self.df = df
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def reset_state(self) -> None:
+        self.df.reset_state()
+        self._attached()
+
+    def _attached(self) -> ObjectStore:
+        if isinstance(self.store, str):
+            self.store = ObjectStore.attach(self.store)
+        return self.store
+
+
+class PutData(_WithStore):
     """Put each datapoint of ``df`` in a store and yield its :class:`ObjectID`.
 
     Tensorpack's ``PlasmaPutData``: put early (in a worker), send only the small ids
@@ -984,17 +910,8 @@ class PutData(DataFlow):
     """
 
     def __init__(self, df: Any, store: ObjectStore | str, timeout: float | None = None):
-        self.df = df
-        self.store = store
+        super().__init__(df, store)
         self.timeout = timeout
-
-    def __len__(self) -> int:
-        return len(self.df)
-
-    def reset_state(self) -> None:
-        self.df.reset_state()
-        if isinstance(self.store, str):
-            self.store = ObjectStore.attach(self.store)
 
     def __iter__(self) -> Iterator[ObjectID]:
         store = self.store
@@ -1004,31 +921,17 @@ class PutData(DataFlow):
             yield store.put(dp, timeout=self.timeout)
 
 
-class GetData(DataFlow):
+class GetData(_WithStore):
     """Take each :class:`ObjectID` that ``df`` yields from a store; yield the object.
 
     Tensorpack's ``PlasmaGetData``. The objects' arrays are views of the store; each object
     leaves the store as it is taken, and its memory returns once its views are garbage.
 
     :param df: a dataflow (or runner) yielding ids made by :class:`PutData`.
-    :param store: the store, or its name.
+    :param store: the store, or its name (attached at the latest when iterated).
     """
 
-    def __init__(self, df: Any, store: ObjectStore | str):
-        self.df = df
-        self.store = store
-
-    def __len__(self) -> int:
-        return len(self.df)
-
-    def reset_state(self) -> None:
-        self.df.reset_state()
-        if isinstance(self.store, str):
-            self.store = ObjectStore.attach(self.store)
-
     def __iter__(self) -> Iterator[Any]:
-        store = self.store
-        if isinstance(store, str):
-            store = self.store = ObjectStore.attach(store)
+        store = self._attached()
         for oid in self.df:
             yield store.take(oid)

@@ -353,11 +353,15 @@ class Transport(ABC):
     #: true when the transport also carries tasks from the consumer to the workers
     #: (:meth:`open_tasks`, :meth:`send_task`), which :class:`~flowplug.ParallelMap` needs.
     carries_tasks: ClassVar[bool] = False
-    #: true when the transport keeps data in ``/dev/shm``. Its entries must carry the
-    #: ``run_id`` in their names (``fp-<owner pid>-<random>``): before such a transport
-    #: opens, the Runner unlinks the entries of owners that no longer exist (a consumer
-    #: killed by SIGKILL cannot clean up). It must check at ``open()`` that the space it
-    #: needs is there, naming ``/dev/shm`` and its size option when it is not.
+    #: true when the transport keeps data in ``/dev/shm``. Each entry is named
+    #: ``<run_id>`` or ``<run_id>-<suffix>`` (the run id is ``fp-<owner pid>-<8 hex>``; the
+    #: suffix has letters, digits, ``_`` and ``-``), and the process that made it holds a
+    #: byte-range lock (``fcntl``) on it while it lives. Before such a transport opens, the
+    #: Runner unlinks the entries whose owner pid does not exist here and that nobody holds
+    #: a lock on (a consumer killed by SIGKILL cannot clean up; the lock spares a live
+    #: owner in another pid namespace); ``flowplug doctor --clean`` does the same, and so
+    #: does every new :class:`flowplug.shm.ObjectStore`. It must check at ``open()`` that
+    #: the space it needs is there, naming ``/dev/shm`` and its size option when it is not.
     uses_shared_memory: ClassVar[bool] = False
     #: name of the size option (an :class:`Option` with ``size=True``) that bounds how
     #: large one datapoint may be, or None when there is no byte limit. A sender raises

@@ -153,9 +153,9 @@ def segments():
     """A stale segment (its owner pid has exited) and a live one (owned by this process)."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
-    tag = secrets.token_hex(6)
-    stale = f"/dev/shm/flowplug-{child.pid}-{tag}"
-    live = f"/dev/shm/flowplug-{os.getpid()}-{tag}"
+    tag = secrets.token_hex(4)
+    stale = f"/dev/shm/fp-{child.pid}-{tag}-store"
+    live = f"/dev/shm/fp-{os.getpid()}-{tag}"
     for path in (stale, live):
         with open(path, "wb") as f:
             f.write(b"\0" * 8192)

@@ -7,6 +7,7 @@ import gc
 import multiprocessing as mp
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,27 +20,11 @@ import pytest
 
 import flowplug as fp
 from flowplug.testing.contract import assert_same, payloads
-from flowplug.testing.leaks import leaked, snapshot
 
 shm = fp.shm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _resource_tracker():
-    # The spawn start method starts multiprocessing's tracker daemon once per interpreter;
-    # start it before the leak checks so that it does not count as ours.
-    from multiprocessing import resource_tracker
-
-    resource_tracker.ensure_running()
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks():
-    before = snapshot()
-    yield
-    gc.collect()
-    left = leaked(before)
-    assert not left, f"left behind: {left}"
+pytestmark = pytest.mark.usefixtures("no_leaks")  # flowplug.testing.pytest_plugin
 
 
 @pytest.fixture
@@ -402,13 +387,25 @@ def test_creating_a_store_sweeps_stale_ones(tmp_path):
     assert not os.path.exists(name)
 
 
+def test_a_store_is_named_after_its_run_id(tmp_path):
+    run_id = f"fp-{os.getpid()}-0123abcd"
+    with (
+        shm.ObjectStore("1MiB", dir=str(tmp_path), run_id=run_id) as given,
+        shm.ObjectStore("1MiB", dir=str(tmp_path)) as own,
+    ):
+        assert re.fullmatch(rf"{run_id}-[0-9a-f]{{8}}", os.path.basename(given.name))
+        name = os.path.basename(own.name)
+        assert re.fullmatch(rf"fp-{os.getpid()}-[0-9a-f]{{8}}-[0-9a-f]{{8}}", name)
+        assert shm.sweep_stale(str(tmp_path)) == []  # their owner lives
+
+
 def test_sweep_spares_a_store_still_locked_by_a_live_process(tmp_path):
     # A pid that looks dead here may live in another pid namespace sharing /dev/shm:
     # the owner's lock on the file, not its pid, decides.
     proc, name = _start_owner(str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
-    alias = os.path.join(str(tmp_path), f"flowplug-{int(dead.stdout)}-abc123")
+    alias = os.path.join(str(tmp_path), f"fp-{int(dead.stdout)}-abc12345")
     os.rename(name, alias)
     try:
         assert shm.sweep_stale(str(tmp_path)) == []

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 SHM_DIR = "/dev/shm"
@@ -85,3 +88,20 @@ def _describe_fd(fd: int) -> str:
         return f"{fd} -> {os.readlink(f'/proc/self/fd/{fd}')}"
     except OSError:
         return str(fd)
+
+
+@contextmanager
+def check_leaks(settle: float = 5.0) -> Iterator[None]:
+    """Fail with AssertionError if the block leaves anything behind that :func:`leaked` finds.
+
+    multiprocessing's resource tracker, a process it starts once per interpreter (spawn,
+    forkserver) and keeps, is started first so that it never counts.
+    """
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    before = snapshot()
+    yield
+    gc.collect()
+    left = leaked(before, settle=settle)
+    assert not left, f"left behind: {left}"

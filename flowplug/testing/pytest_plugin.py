@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 
-from .leaks import leaked, snapshot
+from .leaks import check_leaks
 
 
 @pytest.fixture
 def no_leaks():
     """Fail the test if it leaves a child process, thread, fd or /dev/shm entry behind."""
-    before = snapshot()
-    yield
-    gc.collect()
-    left = leaked(before)
-    assert not left, f"left behind: {left}"
+    with check_leaks():
+        yield

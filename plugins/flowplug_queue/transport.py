@@ -1,16 +1,25 @@
-"""A bounded multiprocessing queue between worker processes and the consumer.
+"""Bounded multiprocessing pipes between worker processes and the consumer, one per worker.
 
 It keeps ``multiprocessing.Queue``'s semantics (portable, every start method, a bounded
-number of messages in flight, one lock for the writers) but not its costs: a
-``multiprocessing.Queue`` pickles in a feeder thread and copies every datapoint twice on
-each side. Here the worker pickles (protocol 5, large buffers out of band) in its own
-thread and writes the pickle stream and the buffers straight into the pipe with one
-``writev``; the consumer reads a message into one buffer and rebuilds the datapoint on top
-of it, so received arrays are (writable) views of that buffer. Small datapoints are
-batched (:class:`flowplug.BatchingSender`).
+number of messages in flight) but not its costs: a ``multiprocessing.Queue`` pickles in a
+feeder thread and copies every datapoint twice on each side. Here the worker pickles
+(protocol 5, large buffers out of band) in its own thread and writes the pickle stream and
+the buffers straight into the pipe with one ``writev``; the consumer reads a message into
+one buffer and rebuilds the datapoint on top of it, so received arrays are (writable)
+views of that buffer. Small datapoints are batched (:class:`flowplug.BatchingSender`).
 
 A message is ``[u64 header words, u64 body bytes, header, body]``, where header and body
 are a :class:`flowplug.serialize.Batch` (a lone datapoint is a batch of one).
+
+Fairness: each worker writes to its own pipe, with its own share of ``capacity`` (a
+semaphore), and the consumer takes complete messages from the pipes in turn. With one pipe
+and one semaphore for all (as ``multiprocessing.Queue``), the running worker takes every
+freed slot first, and its queued messages are ahead of anything another worker sends: the
+fault soak saw a worker's error report held back behind more than 10,000 datapoints.
+
+The consumer reads without blocking and keeps a partly received message between calls, so
+``recv(timeout)`` returns within its timeout even when a worker was killed in the middle
+of a write (its message never completes; the Runner reports the death).
 
 Tasks (consumer to workers) travel through a pipe of their own that the workers read
 under a lock, fed by a consumer thread, as a ``multiprocessing.Queue`` does; unlike one,
@@ -51,11 +60,12 @@ def _grow_pipe(fd: int) -> None:
 
 
 class QueueSender(flowplug.BatchingSender):
-    def __init__(self, conn: Any, lock: Any, slots: Any, batch: int, batch_delay: float):
+    """Writes to its worker's own pipe: no other process writes there, so no lock."""
+
+    def __init__(self, conn: Any, slots: Any, batch: int, batch_delay: float):
         super().__init__(max_items=batch, max_delay=batch_delay)
         self._conn = conn
         self._fd = conn.fileno()
-        self._wlock = lock
         self._slots = slots
 
     def write_one(self, frames: list[Any]) -> None:
@@ -77,11 +87,10 @@ class QueueSender(flowplug.BatchingSender):
     def _write(self, header: bytes, size: int, body: list[Any]) -> None:
         iov = [array("Q", [len(header) // 8, size]).tobytes(), header, *body]
         self._slots.acquire()
-        with self._wlock:
-            try:
-                _write_all(self._fd, iov)
-            except OSError as exc:
-                raise flowplug.TransportClosed(f"the consumer closed the queue: {exc}") from exc
+        try:
+            _write_all(self._fd, iov)
+        except OSError as exc:
+            raise flowplug.TransportClosed(f"the consumer closed the queue: {exc}") from exc
 
     def release(self) -> None:
         self._conn.close()
@@ -99,15 +108,16 @@ def _write_all(fd: int, iov: list[Any]) -> None:
 
 
 class QueueEndpoint(flowplug.Endpoint):
-    def __init__(self, conn: Any, lock: Any, slots: Any, batch: int, batch_delay: float):
-        self._conn = conn
-        self._lock = lock
+    def __init__(self, conns: list[Any], slots: list[Any], batch: int, batch_delay: float):
+        self._conns = conns
         self._slots = slots
         self._batch = batch
         self._batch_delay = batch_delay
 
     def connect(self, worker_id: int) -> QueueSender:
-        return QueueSender(self._conn, self._lock, self._slots, self._batch, self._batch_delay)
+        return QueueSender(
+            self._conns[worker_id], self._slots[worker_id], self._batch, self._batch_delay
+        )
 
 
 class QueueTaskReceiver(flowplug.TaskReceiver):
@@ -137,11 +147,24 @@ class QueueTaskEndpoint(flowplug.TaskEndpoint):
         return QueueTaskReceiver(self._reader, self._lock)
 
 
-class QueueTransport(flowplug.Transport):
-    """A bounded multiprocessing queue over a pipe: portable, works with every start method.
+class _Channel:
+    """The consumer's end of one worker's pipe, with the message it is reading."""
 
-    ``capacity`` bounds the messages in flight; a message is one datapoint or a batch of
-    small ones.
+    __slots__ = ("conn", "fd", "message", "slots")
+
+    def __init__(self, conn: Any, slots: Any):
+        self.conn = conn
+        self.fd = conn.fileno()
+        os.set_blocking(self.fd, False)
+        self.slots = slots
+        self.message = _Message()
+
+
+class QueueTransport(flowplug.Transport):
+    """Bounded multiprocessing pipes, one per worker: portable, works with every start method.
+
+    ``capacity`` bounds the messages in flight, each worker having its share; a message is
+    one datapoint or a batch of small ones.
     """
 
     name = "queue"
@@ -155,40 +178,56 @@ class QueueTransport(flowplug.Transport):
 
     def open(self) -> QueueEndpoint:
         ctx = mp.get_context(self.start_method)
-        self._reader, self._writer = ctx.Pipe(duplex=False)
-        _grow_pipe(self._writer.fileno())
-        self._fd = self._reader.fileno()
-        os.set_blocking(self._fd, False)
-        self._slots = ctx.BoundedSemaphore(self.capacity)
-        self._ready: collections.deque[Any] = collections.deque()
+        share = max(1, -(-self.capacity // self.num_workers))
+        pipes = [ctx.Pipe(duplex=False) for _ in range(self.num_workers)]
+        slots = [ctx.BoundedSemaphore(share) for _ in range(self.num_workers)]
+        # The write ends stay open here until close(): workers started later need them,
+        # and so a pipe never reads as ended while the transport is open.
+        self._writers = [writer for _, writer in pipes]
+        for writer in self._writers:
+            _grow_pipe(writer.fileno())
+        self._channels = [_Channel(r, s) for (r, _), s in zip(pipes, slots, strict=True)]
         self._poller = select.poll()
-        self._poller.register(self._fd, select.POLLIN)
-        self._message = _Message()
+        for channel in self._channels:
+            self._poller.register(channel.fd, select.POLLIN)
+        self._turn = 0
+        self._ready: collections.deque[Any] = collections.deque()
         return QueueEndpoint(
-            self._writer,
-            ctx.Lock(),
-            self._slots,
+            self._writers,
+            slots,
             max(1, self.settings.get("batch", 64)),
             self.settings.get("batch_delay", 0.002),
         )
 
     def recv(self, timeout: float) -> Any:
-        if self._ready:
-            return self._ready.popleft()
-        message = self._message
+        ready = self._ready
+        if ready:
+            return ready.popleft()
+        channels = self._channels
+        n = len(channels)
         deadline = None
-        while not message.read(self._fd):
+        while True:
+            # In turn, starting after the pipe served last: a worker that always has a
+            # message waiting cannot keep another's (its error report) waiting behind it.
+            turn = self._turn
+            for k in range(n):
+                i = turn + k
+                if i >= n:
+                    i -= n
+                channel = channels[i]
+                message = channel.message
+                if message.read(channel.fd):
+                    channel.message = _Message()
+                    channel.slots.release()
+                    self._turn = i + 1
+                    ready.extend(unpack_batch(message.header, message.body))
+                    return ready.popleft()
             if deadline is None:
                 deadline = time.monotonic() + timeout
             else:
                 timeout = deadline - time.monotonic()
             if timeout <= 0 or not self._poller.poll(timeout * 1000):
-                return flowplug.EMPTY  # a partial message stays in self._message
-        self._message = _Message()
-        self._slots.release()
-        ready = self._ready
-        ready.extend(unpack_batch(message.header, message.body))
-        return ready.popleft()
+                return flowplug.EMPTY  # partial messages stay in their channels
 
     def open_tasks(self) -> QueueTaskEndpoint:
         ctx = mp.get_context(self.start_method)
@@ -244,11 +283,13 @@ class QueueTransport(flowplug.Transport):
     def close(self) -> None:
         if getattr(self, "_task_stop", None) is not None and not self._task_stop.is_set():
             self._close_tasks()
-        reader = getattr(self, "_reader", None)
-        if reader is not None:
-            self._reader = None
-            reader.close()
-            self._writer.close()
+        channels = getattr(self, "_channels", None)
+        if channels is not None:
+            self._channels = None
+            for channel in channels:
+                channel.conn.close()
+            for writer in self._writers:
+                writer.close()
 
 
 class _Message:

@@ -16,11 +16,8 @@ file, so even a SIGKILL of the consumer leaves nothing in ``/dev/shm``.
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import secrets
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,13 +33,6 @@ _LINGER_MS = 5000
 INLINE_MAX = 64 * 1024
 _HELLO, _OBJECT, _INLINE = b"H", b"O", b"I"
 _TOKEN_LEN = 16
-
-
-def _address(run_id: str) -> str:
-    if sys.platform.startswith("linux"):
-        return f"ipc://@flowplug-shm-{run_id}-{secrets.token_hex(8)}"  # abstract: no file
-    pipedir = os.environ.get("FLOWPLUG_PIPEDIR") or tempfile.gettempdir()
-    return f"ipc://{os.path.join(pipedir, f'flowplug-shm-{run_id}-{secrets.token_hex(4)}')}"
 
 
 class ShmSender(flowplug.Sender):
@@ -131,6 +121,7 @@ class ShmTransport(flowplug.Transport):
             self.settings["size"],
             dir=self.settings["dir"] or None,
             reserve=self.settings["reserve"],
+            run_id=self.run_id,
         )
         self._hellos = 0
         self._token = secrets.token_bytes(_TOKEN_LEN)
@@ -138,15 +129,11 @@ class ShmTransport(flowplug.Transport):
         self._sock: zmq.Socket | None = self._ctx.socket(zmq.PULL)
         self._sock.rcvhwm = self.capacity
         self._sock.linger = 0
-        self.address = _address(self.run_id)
         try:
-            self._sock.bind(self.address)
-        except zmq.ZMQError as exc:
+            self.address = flowplug.bind_ipc(self._sock, self.run_id)
+        except flowplug.ConfigError:
             self.close()
-            raise flowplug.ConfigError(
-                f"cannot bind the zmq socket {self.address}: {exc}. On a network file "
-                "system, set FLOWPLUG_PIPEDIR to a local directory"
-            ) from exc
+            raise
         self._recv = self._sock.recv
         self._poll = self._sock.poll
         self._take: Callable[[ObjectID], Any] = self._store.take

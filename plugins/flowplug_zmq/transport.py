@@ -13,10 +13,7 @@ array as soon as ``send()`` returns.
 from __future__ import annotations
 
 import collections
-import os
 import secrets
-import sys
-import tempfile
 from typing import Any
 
 import zmq
@@ -26,20 +23,6 @@ from flowplug.serialize import dumps, loads, unpack_batch
 
 #: how long a closing worker keeps trying to deliver what it has sent (ms).
 _LINGER_MS = 5000
-
-
-def _address(run_id: str) -> str:
-    if sys.platform.startswith("linux"):
-        return f"ipc://@flowplug-{run_id}-{secrets.token_hex(8)}"  # abstract: no file
-    pipedir = os.environ.get("FLOWPLUG_PIPEDIR") or tempfile.gettempdir()
-    path = os.path.join(pipedir, f"flowplug-{run_id}-{secrets.token_hex(4)}")
-    limit = getattr(zmq, "IPC_PATH_MAX_LEN", 107)
-    if len(path) > limit:
-        raise flowplug.ConfigError(
-            f"the ipc pipe path {path!r} has {len(path)} characters, more than the "
-            f"{limit} zmq allows; set FLOWPLUG_PIPEDIR to a shorter directory (e.g. /tmp)"
-        )
-    return f"ipc://{path}"
 
 
 class ZmqSender(flowplug.BatchingSender):
@@ -144,17 +127,14 @@ class ZmqTransport(flowplug.Transport):
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.rcvhwm = hwm
         self._sock.linger = 0
-        self.address = _address(self.run_id)
         try:
-            self._sock.bind(self.address)
-        except zmq.ZMQError as exc:
+            self.address = flowplug.bind_ipc(self._sock, self.run_id)
+        except flowplug.ConfigError:
             self.close()
-            raise flowplug.ConfigError(
-                f"cannot bind the zmq socket {self.address}: {exc}. On a network file "
-                "system, set FLOWPLUG_PIPEDIR to a local directory"
-            ) from exc
+            raise
         self._recv = self._sock.recv_multipart
         self._poll = self._sock.poll
+        self._events = self._sock.get
         self._ready: collections.deque[Any] = collections.deque()
         return ZmqEndpoint(
             self.address,
@@ -167,6 +147,10 @@ class ZmqTransport(flowplug.Transport):
     def recv(self, timeout: float) -> Any:
         if self._ready:
             return self._ready.popleft()
+        # While messages keep coming, zmq handles its commands, among them "this peer has
+        # messages now", only every 100 frames: a flooding worker's batches would go ahead
+        # of another worker's first message (its error report). Reading EVENTS handles them.
+        self._events(zmq.EVENTS)
         try:
             frames = self._recv(zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -186,14 +170,7 @@ class ZmqTransport(flowplug.Transport):
         sock = self._task_sock = self._ctx.socket(zmq.PUSH)
         sock.sndhwm = max(1, self.capacity // self.num_workers)
         sock.linger = 0
-        address = _address(self.run_id)
-        try:
-            sock.bind(address)
-        except zmq.ZMQError as exc:
-            raise flowplug.ConfigError(
-                f"cannot bind the zmq task socket {address}: {exc}. On a network file "
-                "system, set FLOWPLUG_PIPEDIR to a local directory"
-            ) from exc
+        address = flowplug.bind_ipc(sock, self.run_id, "zmq task socket")
         return ZmqTaskEndpoint(address, self._token)
 
     def send_task(self, obj: Any, timeout: float) -> bool:

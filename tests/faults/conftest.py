@@ -1,13 +1,10 @@
 """Fixtures of the fault-injection suite: one run per registered transport, leak checks."""
 
-import gc
-
 import pytest
 
 pytest.register_assert_rewrite("faultlib")
 
 import flowplug as fp  # noqa: E402 - after the rewrite hook, as pytest requires
-from flowplug.testing.leaks import leaked, snapshot  # noqa: E402
 
 
 @pytest.fixture(params=sorted(fp.available_transports()))
@@ -17,9 +14,5 @@ def transport(request):
 
 
 @pytest.fixture(autouse=True)
-def _no_leaks():
-    before = snapshot()
-    yield
-    gc.collect()
-    left = leaked(before)
-    assert not left, f"left behind: {left}"
+def _no_leaks(no_leaks):
+    """Every fault test leaves nothing behind (flowplug.testing's ``no_leaks``)."""

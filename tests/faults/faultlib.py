@@ -37,7 +37,7 @@ import zmq
 
 import flowplug as fp
 from flowplug.plugins import PluginInfo, get_registry
-from flowplug.testing.contract import Counting, Slow
+from flowplug.testing.contract import Counting, Slow, assert_second_iteration_refused
 from flowplug.testing.leaks import SHM_DIR, leaked, snapshot
 
 HERE = Path(__file__).resolve().parent
@@ -114,6 +114,26 @@ class FailResetIn(fp.DataFlow):
     def __iter__(self) -> Iterator[Any]:
         while True:
             yield fp.worker_info().id
+
+
+class FloodThenFail(fp.DataFlow):
+    """Worker 0 yields tiny items forever; worker 1 sleeps ``delay`` s in ``reset_state()``,
+    then raises with the time it raised in the message (``time.monotonic()``: one clock
+    for every process of the machine)."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def reset_state(self) -> None:
+        if fp.worker_info().id == 1:
+            time.sleep(self.delay)
+            raise OSError(f"injected at t={time.monotonic():.6f}")
+
+    def __iter__(self) -> Iterator[Any]:
+        i = 0
+        while True:
+            yield i
+            i += 1
 
 
 class Die(fp.DataFlow):
@@ -439,6 +459,44 @@ def scenario_reset_fails(transport: str) -> int:
     return 1
 
 
+#: scenario 18: the consumer's pace (s per datapoint), and how many of the flooding
+#: worker's datapoints may still arrive after the other worker raised.
+FAIR_PACE = 0.0002
+FAIR_BOUND = 1000
+
+
+def scenario_fair(transport: str, delay: float = 0.5) -> int:
+    """18. Worker 0 floods tiny datapoints while worker 1 raises after ``delay`` s: the
+    WorkerError arrives after a bounded number of worker 0's datapoints, however many are
+    in flight. The consumer takes its time (:data:`FAIR_PACE`), so the transport is full
+    when worker 1 raises: a transport with one shared pipe or queue would deliver all of
+    it (capacity messages, up to 64 items each when batched) first, and one with a shared
+    capacity bound lets the running worker take every freed slot."""
+    received: list[float] = []
+    with fp.Runner(FloodThenFail(delay), transport=transport, num_workers=2) as runner:
+        clock = time.monotonic
+        try:
+            for _ in _stream(runner):
+                received.append(clock())
+                if len(received) > 200_000:
+                    break
+                time.sleep(FAIR_PACE)
+        except fp.WorkerError as err:
+            arrived = clock()
+            assert err.worker_id == 1 and "reset_state()" in str(err), err
+            raised = float(re.search(r"injected at t=([\d.]+)", str(err)).group(1))
+        else:
+            raise AssertionError(f"no WorkerError after {len(received)} datapoints")
+    after = sum(t > raised for t in received)
+    measured("worker error to WorkerError under a flood", arrived - raised)
+    assert after < FAIR_BOUND, (
+        f"{after} datapoints of the flooding worker arrived in the {arrived - raised:.2f} s "
+        "between the other worker's error and its report"
+    )
+    assert len(received) - after > 0, "the flooding worker never ran before the error"
+    return 1
+
+
 def scenario_worker_dies(transport: str, how: str) -> int:
     """3. A worker process is killed (SIGKILL, SIGSEGV, ``os._exit(3)``, SIGKILL while
     sending large datapoints): WorkerDied with pid and signal or exit code, quickly.
@@ -702,22 +760,7 @@ def scenario_threads(transport: str) -> int:
         t.join(30)
         assert results == [list(range(20))], results
         assert list(runner) == list(range(20))
-
-        outer = iter(runner)
-        next(outer)
-        errors: list[BaseException] = []
-
-        def second() -> None:
-            try:
-                next(iter(runner))
-            except BaseException as exc:
-                errors.append(exc)
-
-        t = threading.Thread(target=second)
-        t.start()
-        t.join(30)
-        assert len(errors) == 1 and isinstance(errors[0], fp.StateError), errors
-        outer.close()
+        assert_second_iteration_refused(runner)
     finally:
         runner.close()
     return 1

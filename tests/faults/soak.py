@@ -55,6 +55,7 @@ SCENARIOS = {
     "15 /dev/shm too small": (1, 60, lambda t, r: fl.scenario_shm_tiny(t)),
     "16 chatty workers": (1, 150, lambda t, r: fl.scenario_chatty(t)),
     "17 stranger's bytes": (2, 90, lambda t, r: fl.scenario_garbage(t)),
+    "18 fairness": (2, 60, lambda t, r: fl.scenario_fair(t, delay=r.uniform(0.05, 1.0))),
 }
 
 

@@ -12,6 +12,7 @@ from faultlib import (
     scenario_consumer_sigint,
     scenario_cycles,
     scenario_dropped,
+    scenario_fair,
     scenario_fork_after_threads,
     scenario_garbage,
     scenario_nested,
@@ -101,3 +102,7 @@ def test_16_chatty_workers_do_not_deadlock(transport):
 
 def test_17_strangers_bytes_are_never_unpickled(transport):
     assert scenario_garbage(transport) >= 1
+
+
+def test_18_a_flooding_worker_cannot_hold_back_an_error(transport):
+    assert scenario_fair(transport) == 1

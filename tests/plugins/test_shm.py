@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import subprocess
@@ -16,29 +15,12 @@ import pyarrow as pa
 import pytest
 
 import flowplug as fp
-from flowplug.testing.leaks import leaked, snapshot
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _resource_tracker():
-    # The spawn start method starts multiprocessing's tracker daemon once per interpreter;
-    # start it before the leak checks so that it does not count as ours.
-    from multiprocessing import resource_tracker
-
-    resource_tracker.ensure_running()
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks():
-    before = snapshot()
-    yield
-    gc.collect()
-    left = leaked(before)
-    assert not left, f"left behind: {left}"
+pytestmark = pytest.mark.usefixtures("no_leaks")  # flowplug.testing.pytest_plugin
 
 
 def segments(pid: int) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith(f"flowplug-{pid}-")]
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"fp-{pid}-")]
 
 
 class Numbered(fp.DataFlow):

@@ -1,0 +1,74 @@
+"""flowplug.bind_ipc: the ipc:// addresses of the zmq and shm transports (and doctor)."""
+
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+import zmq
+
+import flowplug as fp
+
+RUN_ID = f"fp-{os.getpid()}-0123abcd"
+
+
+@pytest.fixture
+def pull():
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    yield sock
+    sock.close(linger=0)
+    ctx.term()
+
+
+@pytest.fixture
+def short_dir():
+    """A directory with a short path (pytest's tmp_path is too long for a socket path)."""
+    path = tempfile.mkdtemp(prefix="fp", dir="/tmp")
+    yield path
+    shutil.rmtree(path)
+
+
+def round_trip(pull, address: str) -> None:
+    push = pull.context.socket(zmq.PUSH)
+    try:
+        push.connect(address)
+        push.send(b"hello")
+        assert pull.poll(5000) and pull.recv() == b"hello"
+    finally:
+        push.close(linger=0)
+
+
+def test_on_linux_an_abstract_socket_named_after_the_run(pull, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    address = fp.bind_ipc(pull, RUN_ID)
+    assert address.startswith(f"ipc://@flowplug-{RUN_ID}-")
+    assert fp.bind_ipc(pull, RUN_ID) != address  # each call binds a new address
+    round_trip(pull, address)
+
+
+def test_elsewhere_a_socket_file_in_the_pipedir(pull, monkeypatch, short_dir):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setenv("FLOWPLUG_PIPEDIR", short_dir)
+    address = fp.bind_ipc(pull, RUN_ID)
+    path = address.removeprefix("ipc://")
+    assert os.path.dirname(path) == short_dir and os.path.exists(path)
+    assert os.path.basename(path).startswith(f"flowplug-{RUN_ID}-")
+    round_trip(pull, address)
+
+
+def test_a_path_longer_than_zmq_allows_names_the_way_out(pull, monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setenv("FLOWPLUG_PIPEDIR", str(tmp_path / ("d" * 120)))
+    with pytest.raises(fp.ConfigError, match="characters") as info:
+        fp.bind_ipc(pull, RUN_ID)
+    assert "set FLOWPLUG_PIPEDIR to a shorter directory" in str(info.value)
+
+
+def test_a_failed_bind_names_the_socket_and_the_way_out(pull, monkeypatch, short_dir):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setenv("FLOWPLUG_PIPEDIR", os.path.join(short_dir, "missing"))
+    with pytest.raises(fp.ConfigError, match="cannot bind the zmq task socket ipc://") as info:
+        fp.bind_ipc(pull, RUN_ID, "zmq task socket")
+    assert "FLOWPLUG_PIPEDIR" in str(info.value)
