@@ -78,13 +78,13 @@ class StallAfterOne(fp.DataFlow):
 
     def __iter__(self):
         yield "first"
-        time.sleep(1.5)
+        time.sleep(2.5)
         yield "later"
 
 
 @pytest.mark.parametrize("transport", sorted(fp.available_transports()))
 def test_a_stalled_dataflow_still_delivers(transport):
-    with fp.Runner(StallAfterOne(), transport=transport, timeout=1) as runner:
+    with fp.Runner(StallAfterOne(), transport=transport, timeout=2) as runner:
         assert next(iter(runner)) == "first"
 
 
