@@ -27,6 +27,7 @@ from .runner import Runner
 from .transport import (
     EMPTY,
     BatchingSender,
+    ControlSink,
     Death,
     Endpoint,
     Option,
@@ -56,6 +57,7 @@ def __getattr__(name: str):
 __all__ = [
     "BatchingSender",
     "ConfigError",
+    "ControlSink",
     "DataFlow",
     "DataFlowLike",
     "DataFromGenerator",
