@@ -28,6 +28,7 @@ from .runner import Runner
 from .transport import (
     EMPTY,
     BatchingSender,
+    ControlSink,
     Death,
     Endpoint,
     Option,
@@ -57,6 +58,7 @@ def __getattr__(name: str):
 __all__ = [
     "BatchingSender",
     "ConfigError",
+    "ControlSink",
     "DataFlow",
     "DataFlowLike",
     "DataFromGenerator",

@@ -13,6 +13,11 @@ the other way); what the consumer has to tell its workers travels here, owned by
   drops the item. It bounds what is in flight and buffered, reorder buffer included, to
   ``capacity`` items (see docs/sharding.md, "Why the buffer is bounded").
 
+The consumer reaches each worker through a :class:`~flowplug.ControlSink`: here a pipe (or
+the board) and the semaphore; for a group that runs its workers elsewhere, whatever its
+:meth:`~flowplug.WorkerGroup.control_sinks` returns (which ends at sinks made here, by the
+:class:`~flowplug.ProcessWorkers` hosting the worker).
+
 Items travel as ``(epoch, index, datapoint)`` tuples, each worker's pass ends with an
 :class:`EpochEnd`; the consumer tells the epochs apart by the tag, so prefetching across
 an epoch boundary never mixes them.
@@ -23,12 +28,13 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
 from .errors import TransportClosed
-from .transport import EMPTY, TaskEndpoint
+from .transport import EMPTY, ControlSink, TaskEndpoint
 from .worker import TaskFailed, WorkerInfo
 
 #: how often a waiting worker thread checks whether the runner stopped.
@@ -217,13 +223,35 @@ class MapGate:
 # ---------------------------------------------------------------------------- consumer side
 
 
+class _LocalSink(ControlSink):
+    """A worker of this machine: its notice pipe (or the threads' board), its semaphore."""
+
+    def __init__(self, writer: Any, board: _Board | None, sem: Any):
+        self._writer = writer
+        self._board = board
+        if sem is not None:
+            # The semaphore's own method: nothing in between on the hot path.
+            self.release = sem.release  # type: ignore[method-assign]
+
+    def start_epoch(self, epoch: int) -> None:
+        if self._board is not None:
+            self._board.publish(epoch)
+        else:  # 8 bytes into an almost empty pipe: never blocks long
+            self._writer.send_bytes(epoch.to_bytes(8, "little", signed=True))
+
+    def release(self) -> None:  # replaced per instance in shard mode
+        raise AssertionError("a ParallelMap has no credits")
+
+
 class Control:
-    """The consumer's side: announces epochs and returns credits; owns the gates.
+    """The consumer's side: announces epochs and returns credits; owns the local gates.
 
     :param num_workers: how many workers.
     :param start_method: the workers' start method; None when they are threads.
     :param credits: credits per worker (shard mode); None for a ParallelMap.
     :param tasks: the task endpoint (ParallelMap); None in shard mode.
+    :param sinks: the sinks of a group that carries the control itself
+        (:meth:`flowplug.WorkerGroup.control_sinks`); no local gates are made then.
     """
 
     def __init__(
@@ -232,10 +260,16 @@ class Control:
         start_method: str | None,
         credits: int | None = None,
         tasks: TaskEndpoint | None = None,
+        sinks: Sequence[ControlSink] | None = None,
     ):
         self._writers: list[Any] = []
         self._readers: list[Any] = []
         self._board: _Board | None = None
+        self.gates: list[ShardGate | MapGate] = []
+        if sinks is not None:
+            self.sinks = list(sinks)
+            self.release = [s.release for s in self.sinks]
+            return
         notices: list[Any]
         if start_method is not None:
             ctx = mp.get_context(start_method)
@@ -249,24 +283,25 @@ class Control:
             self._board = _Board()
             notices = [self._board] * num_workers
             make_sem = threading.Semaphore
-        self._credits = [make_sem(credits) for _ in range(num_workers)] if credits else []
-        self.gates: list[ShardGate | MapGate]
+        sems = [make_sem(credits) for _ in range(num_workers)] if credits else [None] * num_workers
         if credits:
-            self.gates = [ShardGate(m, s) for m, s in zip(notices, self._credits, strict=True)]
+            self.gates = [ShardGate(m, s) for m, s in zip(notices, sems, strict=True)]
         else:
             assert tasks is not None
             self.gates = [MapGate(m, tasks) for m in notices]
-        #: ``release[w]()`` gives worker ``w`` one credit back.
-        self.release = [s.release for s in self._credits]
+        writers = self._writers or [None] * num_workers
+        #: one per worker, in worker order.
+        self.sinks = [_LocalSink(w, self._board, s) for w, s in zip(writers, sems, strict=True)]
+        #: ``release[w]()`` gives worker ``w`` one credit back (shard mode).
+        self.release = [s.release for s in self.sinks] if credits else []
 
     def start_epoch(self, epoch: int) -> None:
         """Tell every worker that the consumer started ``epoch``."""
         if self._board is not None:
-            self._board.publish(epoch)
+            self._board.publish(epoch)  # one board for all the threads
             return
-        message = epoch.to_bytes(8, "little", signed=True)
-        for writer in self._writers:
-            writer.send_bytes(message)  # 8 bytes into an almost empty pipe: never blocks long
+        for sink in self.sinks:
+            sink.start_epoch(epoch)
 
     def close(self) -> None:
         """Close the pipes; after the workers are stopped. Idempotent."""
@@ -275,3 +310,4 @@ class Control:
         self._writers = []
         self._readers = []
         self.gates = []
+        self.sinks = []

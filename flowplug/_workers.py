@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
+from ._gates import Control
 from .errors import StateError
-from .transport import Death, Endpoint, WorkerGroup
+from .transport import ControlSink, Death, Endpoint, WorkerGroup
 from .worker import WorkerInfo, process_main, run_worker
 
 
@@ -51,6 +52,20 @@ class ProcessWorkers(WorkerGroup):
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         self._watcher: threading.Thread | None = None
+        self._control: Control | None = None
+
+    def control_sinks(self, credits: int) -> list[ControlSink]:
+        """Run these workers in shard mode, under local gates; return their sinks.
+
+        For a group that hosts this one next to its workers (a Ray actor): it applies the
+        epoch notices and credits the consumer forwards to these sinks. The pipes and
+        semaphores behind them are closed by :meth:`stop`.
+        """
+        if self.procs or self._gates is not None:
+            raise StateError("control_sinks() must be called once, before start()")
+        self._control = Control(len(self._infos), self._start_method, credits=credits)
+        self._gates = self._control.gates
+        return self._control.sinks
 
     def start(self) -> None:
         if self._start_method != "fork":
@@ -135,6 +150,8 @@ class ProcessWorkers(WorkerGroup):
         # Drop what the workers were started with, so the transport's resources can go.
         self.procs = []
         self._dfs = self._endpoint = self._gates = None
+        if self._control is not None:
+            self._control.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 

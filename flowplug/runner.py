@@ -23,6 +23,7 @@ from ._workers import ProcessWorkers, ThreadWorkers
 from .config import ARGUMENT, resolve_settings
 from .errors import (
     ConfigError,
+    PluginError,
     RunnerTimeout,
     StateError,
     UnknownLength,
@@ -209,22 +210,18 @@ class Runner:
         endpoint = transport.open()
         control = None
         try:
-            control = self._control(transport)
-            gates = control.gates if control is not None else None
             workers: WorkerGroup
             if self._transport_cls.runs_workers:
-                if gates is not None:
-                    raise ConfigError(
-                        f"transport {self.transport_name!r} runs its own workers, which cannot "
-                        "take the per-worker control that mode='shard' and ParallelMap need yet; "
-                        "use mode='replicate', or a transport whose workers the runner starts"
-                    )
                 workers = transport.make_workers(dfs, endpoint, infos)
-            elif self._transport_cls.crosses_processes:
-                assert self.start_method is not None
-                workers = ProcessWorkers(dfs, endpoint, infos, self.start_method, gates)
+                control = self._group_control(workers)
             else:
-                workers = ThreadWorkers(dfs, endpoint, infos, gates)
+                control = self._control(transport)
+                gates = control.gates if control is not None else None
+                if self._transport_cls.crosses_processes:
+                    assert self.start_method is not None
+                    workers = ProcessWorkers(dfs, endpoint, infos, self.start_method, gates)
+                else:
+                    workers = ThreadWorkers(dfs, endpoint, infos, gates)
             run = _Run(transport, workers, control)
             self._finalizer = weakref.finalize(self, run.shutdown)
             workers.start()
@@ -413,6 +410,31 @@ class Runner:
         return Control(
             self.num_workers, self.start_method, credits=self.capacity // self.num_workers
         )
+
+    def _group_control(self, workers: WorkerGroup) -> Control | None:
+        """The control of this mode over a group the transport runs; None in replicate mode."""
+        if self.mode == "replicate":
+            return None
+        sinks = None
+        if self.mode == "shard":
+            sinks = workers.control_sinks(self.capacity // self.num_workers)
+        if sinks is None:
+            what, instead = ("mode='shard'", "mode='replicate', or ")
+            if self.mode != "shard":
+                what, instead = "ParallelMap", ""
+            raise ConfigError(
+                f"transport {self.transport_name!r} runs its own workers, and its worker group "
+                f"({type(workers).__name__}) cannot carry the per-worker control that {what} "
+                f"needs (WorkerGroup.control_sinks); use {instead}a transport whose workers "
+                "the runner starts"
+            )
+        if len(sinks) != self.num_workers:
+            raise PluginError(
+                f"{type(workers).__name__}.control_sinks() of transport "
+                f"{self.transport_name!r} returned {len(sinks)} sinks for {self.num_workers} "
+                "workers, where it must return one per worker; report it to the plugin's authors"
+            )
+        return Control(self.num_workers, None, sinks=sinks)
 
     def _dataflows(self) -> list[Any]:
         n = self.num_workers

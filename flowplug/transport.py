@@ -42,7 +42,10 @@ else (Ray actors on a cluster) sets :attr:`Transport.runs_workers` and returns a
 :class:`WorkerGroup` from :meth:`Transport.make_workers` (step 2b, after ``open()``). The
 Runner then starts, watches and stops that group exactly as its own: the worker loop inside
 is still :func:`flowplug.worker.run_worker`, errors still arrive as objects through the
-transport, a death is still a :class:`Death` in ``group.death``.
+transport, a death is still a :class:`Death` in ``group.death``. For shard mode the group
+also carries the consumer's epoch notices and credits to its workers
+(:meth:`WorkerGroup.control_sinks`, one :class:`ControlSink` per worker); a group that does
+not runs replicate mode only.
 
 Example, the smallest in-process transport::
 
@@ -304,6 +307,37 @@ class Death:
         return f"{text} ({self.reason})" if self.reason else text
 
 
+class ControlSink(ABC):
+    """The consumer's line to one worker's shard-mode control: epoch notices and credits.
+
+    In shard mode the consumer announces each epoch it starts and gives a worker a credit
+    back for every item of it that it yields or drops (docs/sharding.md). The Runner does
+    it through one sink per worker, from its consumer thread only. Workers the Runner
+    starts get sinks of the core's own (a pipe and a semaphore per process); a
+    :class:`WorkerGroup` that runs its workers elsewhere returns its own from
+    :meth:`WorkerGroup.control_sinks`, typically forwarding to the sinks of a
+    :class:`flowplug.ProcessWorkers` next to the worker.
+    """
+
+    @abstractmethod
+    def start_epoch(self, epoch: int) -> None:
+        """Tell the worker that the consumer started ``epoch``: it may run ``epoch + 1``,
+        and must leave earlier ones. Epochs only grow; an epoch applied after a later one
+        (calls reordered on the way) must not move the worker back."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give the worker one credit back. Called once per item, on the consumer's hot
+        path: keep it cheap.
+
+        A sink whose every call crosses a network may hold credits back and send several
+        at once, but always fewer than the worker's ``credits``: then at least one of them
+        is on an item on its way, and an ordered consumer never waits for an item whose
+        worker waits for a credit. Send what is held with :meth:`start_epoch` and before
+        the consumer waits for data (in :meth:`Transport.recv`), or the worker idles
+        meanwhile."""
+
+
 class WorkerGroup(ABC):
     """The workers of one run: started, watched and stopped by the Runner.
 
@@ -313,6 +347,9 @@ class WorkerGroup(ABC):
     consumer as objects through the transport. A group on other machines can fork its
     workers there with :class:`flowplug.ProcessWorkers` (the Ray plugin does, one per
     actor): death signals, seeds and exit statuses then stay the core's.
+
+    Shard mode needs the group to carry the consumer's control to its workers
+    (:meth:`control_sinks`); a group that cannot runs replicate mode only.
     """
 
     #: the first unexpected end of a worker, or None. Read by the Runner after every
@@ -331,6 +368,21 @@ class WorkerGroup(ABC):
     def stop(self, timeout: float = 2.0) -> None:
         """Stop every worker, forcibly after ``timeout`` s; called before
         :meth:`Transport.close`. Must not raise, and must not hang on a worker that is gone."""
+
+    def control_sinks(self, credits: int) -> Sequence[ControlSink] | None:
+        """Run the workers in shard mode; return one :class:`ControlSink` per worker.
+
+        Called at most once, by a Runner in shard mode, before :meth:`start`. Worker ``i``
+        must then run its dataflow under a shard gate whose epoch notices and
+        ``credits`` credits are driven by the ``i``-th sink. A remote group gets such a
+        gate by hosting a :class:`flowplug.ProcessWorkers` per machine (or per worker),
+        asking it for its sinks with the same ``credits``, and forwarding the consumer's
+        calls to them. The default, None, says the group cannot: the Runner then refuses
+        ``mode="shard"`` with a :class:`~flowplug.ConfigError`.
+
+        :param credits: how many items each worker may have sent and not yet released.
+        """
+        return None
 
 
 class Transport(ABC):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
 import queue
 import threading
 from typing import Any, ClassVar
@@ -143,3 +145,142 @@ def test_the_default_transport_does_not_run_workers():
     assert not fp.Transport.runs_workers
     with pytest.raises(NotImplementedError, match="zmq"):
         fp.get_transport("zmq")(capacity=1, num_workers=1, run_id="x").make_workers([], None, [])
+
+
+# ---------------------------------------------------------------------------- shard mode
+
+
+def test_shard_mode_is_refused_when_the_group_cannot_carry_the_control(elsewhere, no_leaks):
+    runner = fp.Runner(Counting(10), transport="elsewhere", num_workers=2, mode="shard")
+    with pytest.raises(fp.ConfigError, match=r"ElsewhereWorkers\) cannot carry .*mode='shard'"):
+        runner.reset_state()
+    assert elsewhere.log == ["open", "make_workers", "close"]  # nothing was started
+    runner.close()
+
+
+def test_a_group_returning_the_wrong_number_of_sinks_is_a_plugin_error(elsewhere, monkeypatch):
+    monkeypatch.setattr(ElsewhereWorkers, "control_sinks", lambda self, credits: [], raising=False)
+    runner = fp.Runner(Counting(10), transport="elsewhere", num_workers=2, mode="shard")
+    with pytest.raises(fp.PluginError, match="returned 0 sinks for 2 workers"):
+        runner.reset_state()
+    runner.close()
+
+
+class PipeSender(fp.Sender):
+    def __init__(self, conn: Any):
+        self.conn = conn
+
+    def send(self, obj: Any) -> None:
+        self.conn.send(obj)
+
+
+class PipesEndpoint(fp.Endpoint):
+    def __init__(self, writers: list[Any]):
+        self.writers = writers
+
+    def connect(self, worker_id: int) -> PipeSender:
+        return PipeSender(self.writers[worker_id])
+
+
+class Forward(fp.ControlSink):
+    """Stands for a sink whose calls cross a network: credits go back in batches."""
+
+    def __init__(self, target: fp.ControlSink, batch: int):
+        self.target = target
+        self.batch = batch
+        self.held = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        self.flush()
+        self.target.start_epoch(epoch)
+
+    def release(self) -> None:
+        self.held += 1
+        if self.held >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        for _ in range(self.held):
+            self.target.release()
+        self.held = 0
+
+
+class HostedWorkers(fp.WorkerGroup):
+    """Stands for one host per worker (a Ray actor): each runs a ProcessWorkers for its
+    worker, and the consumer's control reaches it through a :class:`Forward`."""
+
+    def __init__(self, dfs, endpoint, infos):
+        self.death = None
+        self.hosts = [
+            fp.ProcessWorkers([df], endpoint, [info], "fork")
+            for df, info in zip(dfs, infos, strict=True)
+        ]
+        self.sinks: list[Forward] = []
+
+    def control_sinks(self, credits: int) -> list[Forward]:
+        self.sinks = [
+            Forward(host.control_sinks(credits)[0], max(1, credits // 2)) for host in self.hosts
+        ]
+        return self.sinks
+
+    def start(self) -> None:
+        for host in self.hosts:
+            host.start()
+
+    def alive(self) -> int:
+        return sum(host.alive() for host in self.hosts)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        for host in self.hosts:
+            host.stop(timeout)
+
+
+class HostedTransport(fp.Transport):
+    name = "hosted"
+    runs_workers = True
+
+    def open(self) -> PipesEndpoint:
+        pipes = [
+            multiprocessing.get_context("fork").Pipe(duplex=False) for _ in range(self.num_workers)
+        ]
+        self.readers = [r for r, _ in pipes]
+        self.writers = [w for _, w in pipes]
+        return PipesEndpoint(self.writers)
+
+    def make_workers(self, dfs, endpoint, infos) -> HostedWorkers:
+        self.group = HostedWorkers(dfs, endpoint, infos)
+        return self.group
+
+    def recv(self, timeout: float) -> Any:
+        for sink in self.group.sinks:
+            sink.flush()  # the consumer is about to wait: send the credits it holds
+        ready = multiprocessing.connection.wait(self.readers, timeout)
+        return ready[0].recv() if ready else fp.EMPTY
+
+    def close(self) -> None:
+        for conn in self.readers + self.writers:
+            conn.close()
+        self.readers = self.writers = []
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_shard_mode_through_a_group_that_carries_the_control(no_leaks, ordered):
+    get_registry().register(HostedTransport, origin=PluginInfo("tests", "tests", "0"))
+    items = list(range(60))
+    with fp.Runner(
+        fp.DataFromList(items),
+        transport="hosted",
+        num_workers=2,
+        capacity=8,
+        mode="shard",
+        ordered=ordered,
+        timeout=30,
+    ) as runner:
+        for epoch in range(4):
+            if epoch == 1:  # broken off early: the next epoch is still whole
+                it = iter(runner)
+                next(it)
+                it.close()
+                continue
+            got = list(runner)
+            assert (got if ordered else sorted(got)) == items

@@ -11,6 +11,10 @@ the consumer collects them in batches with :meth:`WorkerHost.take`, whose reply 
 into its object store (owned by the consumer, so nothing is borrowed from the actor). The
 bounded queue plus the pipe are the backpressure: a worker blocks while the consumer is
 behind.
+
+In shard mode the :class:`~flowplug.ProcessWorkers` runs its worker under the core's local
+shard gate, and :meth:`WorkerHost.control` applies what the consumer forwards (epoch
+notices, credits given back) to that gate's :class:`~flowplug.ControlSink`.
 """
 
 from __future__ import annotations
@@ -79,9 +83,10 @@ class WorkerHost:
     :param df: the worker's dataflow.
     :param info: the worker's :class:`flowplug.WorkerInfo`.
     :param buffer: how many datapoints may wait in the object store for the consumer.
+    :param credits: shard mode: the worker's credits; None in replicate mode.
     """
 
-    def __init__(self, df: Any, info: flowplug.WorkerInfo, buffer: int):
+    def __init__(self, df: Any, info: flowplug.WorkerInfo, buffer: int, credits: int | None = None):
         import ray  # in the actor process, where Ray is already running
 
         self._ray = ray
@@ -89,9 +94,14 @@ class WorkerHost:
         self._node = ray.util.get_node_ip_address()
         self._out: queue.Queue = queue.Queue(maxsize=buffer)
         self._read, write = Pipe(duplex=False)
+        self._group = flowplug.ProcessWorkers([df], PipeEndpoint(write), [info], "fork")
+        self._sink: flowplug.ControlSink | None = None
+        if credits is not None:
+            (self._sink,) = self._group.control_sinks(credits)
+        self._epoch = -1
+        self._control_lock = threading.Lock()
         # Started here, on the actor's main thread, so the worker gets the death signal
         # when the actor process ends (ray.kill, a lost node).
-        self._group = flowplug.ProcessWorkers([df], PipeEndpoint(write), [info], "fork")
         self._group.start()
         write.close()  # the worker holds the only write end: EOF means it ended
         self._pid = self._group.procs[0].pid
@@ -125,6 +135,20 @@ class WorkerHost:
                 break
             size += _size(items[-1])
         return items
+
+    def control(self, epoch: int, credits: int) -> None:
+        """Shard mode: give the worker ``credits`` credits back, then announce ``epoch``.
+
+        Calls may run out of order (the actor has several threads), so this is made not
+        to care: credits add up, and an epoch older than one already announced is ignored.
+        """
+        assert self._sink is not None
+        with self._control_lock:
+            for _ in range(credits):
+                self._sink.release()
+            if epoch > self._epoch:
+                self._epoch = epoch
+                self._sink.start_epoch(epoch)
 
     def stop(self) -> None:
         self._group.stop()

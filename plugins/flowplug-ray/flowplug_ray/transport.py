@@ -75,6 +75,37 @@ class _Slot:
         self.dead = False
 
 
+class _ActorSink(flowplug.ControlSink):
+    """Shard mode: forwards one worker's control to its actor (:meth:`WorkerHost.control`).
+
+    Credits given back are held and sent ``batch`` at a time, so that a remote call is not
+    made per item; the transport's ``recv`` sends what is held before it waits for data
+    (:meth:`flush`), and an epoch notice carries it too.
+    """
+
+    __slots__ = ("actor", "batch", "held")
+
+    def __init__(self, batch: int):
+        self.actor: Any = None  # set when the group starts the actor
+        self.batch = batch
+        self.held = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        # The reply is not needed: an actor that is gone is reported by its take() call.
+        self.actor.control.remote(epoch, self.held)
+        self.held = 0
+
+    def release(self) -> None:
+        self.held += 1
+        if self.held >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.held:
+            self.actor.control.remote(-1, self.held)
+            self.held = 0
+
+
 class RayWorkers(flowplug.WorkerGroup):
     """The actors of one run. Deaths are found by the transport's ``recv``, which sees
     every reply from the actors, and recorded here for the Runner."""
@@ -85,6 +116,24 @@ class RayWorkers(flowplug.WorkerGroup):
         self._dfs = list(dfs)
         self._infos = list(infos)
         self.slots: list[_Slot] = []
+        self._credits: int | None = None
+        #: shard mode: one per worker, in worker order.
+        self.sinks: list[_ActorSink] = []
+
+    def control_sinks(self, credits: int) -> list[_ActorSink]:
+        """Shard mode: each actor runs its worker under the core's local gate, and these
+        forward the consumer's epoch notices and credits to it."""
+        self._credits = credits
+        # Half the credits per call: the worker gets the first half back while the
+        # consumer still works through the second (and never all are held back, which
+        # could leave an ordered consumer and a worker waiting for each other).
+        self.sinks = [_ActorSink(max(1, credits // 2)) for _ in self._infos]
+        return self.sinks
+
+    def flush_control(self) -> None:
+        """Send the credits the sinks hold; before the consumer waits for data."""
+        for sink in self.sinks:
+            sink.flush()
 
     def start(self) -> None:
         ray = _ray()
@@ -92,7 +141,7 @@ class RayWorkers(flowplug.WorkerGroup):
         host = t.host_class()
         opts: dict[str, Any] = {
             "num_cpus": t.settings["num_cpus"],
-            # take() and stop() run while the relay thread feeds the object store.
+            # take(), control() and stop() run while the relay thread feeds the object store.
             "max_concurrency": 4,
             "max_restarts": 0,
         }
@@ -103,8 +152,10 @@ class RayWorkers(flowplug.WorkerGroup):
         for df, info in zip(self._dfs, self._infos, strict=True):
             # Named, so `ray list actors` shows whose they are (and tests can find them).
             name = f"flowplug-{t.run_id}-w{info.id}"
-            actor = host.options(name=name, **opts).remote(df, info, t.per_worker)
+            actor = host.options(name=name, **opts).remote(df, info, t.per_worker, self._credits)
             self.slots.append(_Slot(info.id, actor))
+        for sink, slot in zip(self.sinks, self.slots if self.sinks else [], strict=True):
+            sink.actor = slot.actor
         self._dfs = []
         refs = [s.actor.where.remote() for s in self.slots]
         timeout = t.settings["start_timeout"]
@@ -158,6 +209,9 @@ class RayWorkers(flowplug.WorkerGroup):
             slot.dead = True
             slot.pending = None
         self.slots = []
+        for sink in self.sinks:
+            sink.actor = None
+        self.sinks = []
 
 
 class RayTransport(flowplug.Transport):
@@ -237,6 +291,8 @@ class RayTransport(flowplug.Transport):
         ray = _ray()
         group = self._group
         assert group is not None
+        # Shard mode: give back the credits held before waiting, or a worker idles for them.
+        group.flush_control()
         by_ref = {}
         for slot in group.slots:
             if slot.dead:

@@ -68,6 +68,22 @@ class Whereabouts(fp.DataFlow):
             time.sleep(0.01)
 
 
+class WhoSends(fp.DataFlow):
+    """Yield ``(worker id, i)`` for ``i`` in ``range(n)``; no ``shard()``, so in shard mode
+    worker ``w`` of ``k`` keeps the items ``w, w + k, ...`` of each pass."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        me = fp.worker_info()
+        for i in range(self.n):
+            yield (me.id if me is not None else None), i
+
+
 class Segfault(fp.DataFlow):
     def __iter__(self):
         yield 1
@@ -123,6 +139,50 @@ def test_backpressure_bounds_what_a_worker_runs_ahead(no_leaks, tmp_path):
     # In flight at most: the actor's buffer, one batch the consumer fetched, one item in the
     # relay and one in the pipe; without backpressure a worker makes hundreds in 3 s.
     assert produced <= 3 + 2 * capacity + 2, produced
+
+
+# ---------------------------------------------------------------------------- shard mode
+
+
+@pytest.mark.parametrize(("ordered", "capacity"), [(True, 4), (False, 50)])
+def test_shard_mode_exactly_once_over_epochs_with_an_early_break(no_leaks, ordered, capacity):
+    """Epoch notices and credits reach the workers inside the actors: each epoch is one
+    whole pass, split by worker, whatever the consumer broke off before."""
+    n = 150
+    want = [(i % 2, i) for i in range(n)]  # item i is worker i % 2's
+    with fp.Runner(
+        WhoSends(n),
+        transport="ray",
+        num_workers=2,
+        capacity=capacity,
+        mode="shard",
+        ordered=ordered,
+        timeout=60,  # a credit or notice lost on the way: RunnerTimeout, not a hang
+    ) as runner:
+        for epoch in range(5):
+            if epoch in (1, 3):  # break off early: the next epoch must still be whole
+                it = iter(runner)
+                for _ in range(7 * epoch):
+                    next(it)
+                it.close()
+                continue
+            got = list(runner)
+            assert (got if ordered else sorted(got, key=lambda p: p[1])) == want
+
+
+def test_shard_mode_credits_bound_what_a_worker_runs_ahead(no_leaks, tmp_path):
+    path = str(tmp_path / "produced")
+    capacity = 4  # one worker: 4 credits
+    with fp.Runner(CountProduced(path), transport="ray", capacity=capacity, mode="shard") as r:
+        it = iter(r)
+        for _ in range(3):
+            next(it)
+        time.sleep(3)  # the consumer stalls; without credits coming back the worker must too
+        with open(path) as f:
+            produced = int(f.read())
+        it.close()
+    # Sent and not given back: at most the credits; plus one item waiting for a credit.
+    assert produced <= 3 + capacity + 1, produced
 
 
 # ---------------------------------------------------------------------------- deaths
