@@ -352,12 +352,6 @@ class TransportContract:
             mode="shard",
             ordered=ordered,
         )
-        if fp.get_transport(transport).runs_workers:
-            # Its workers cannot take shard mode's per-worker control (yet): refused clearly.
-            with pytest.raises(fp.ConfigError, match=r"runs its own workers.*mode='replicate'"):
-                runner.reset_state()
-            runner.close()
-            return
         with runner:
             for _ in range(2):
                 got = list(runner)
