@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import signal
 import subprocess
@@ -135,23 +136,48 @@ def test_arrow_record_batches_arrive():
 # ------------------------------------------------------------------ capacity
 
 
-def test_a_full_store_makes_workers_wait_and_nothing_is_overwritten():
+class Logged(fp.DataFlow):
+    """Numbered(300 KB) from one worker, writing the count of each item before yielding it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __iter__(self):
+        for dp in Numbered(300_000, np.uint8):
+            with open(self.path, "w") as f:
+                f.write(str(dp["i"]))
+            yield dp
+
+
+def in_store(arr: np.ndarray) -> bool:
+    """True when ``arr`` is a view of a shared-memory store (not a copy in a zmq frame)."""
+    base: object = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return isinstance(base, mmap.mmap)
+
+
+def test_a_full_store_makes_workers_wait_and_a_waiting_consumer_gets_copies(tmp_path):
     # 1 MiB holds three 300 KB items: while the consumer keeps three, nothing more fits.
-    df = Numbered(300_000, np.uint8)
-    with fp.Runner(df, transport="shm", size="1MiB") as runner:
+    log = tmp_path / "count"
+    with fp.Runner(Logged(str(log)), transport="shm", size="1MiB") as runner:
         it = iter(runner)
         kept = [next(it) for _ in range(3)]
-        fourth: list = []
-        waiter = threading.Thread(target=lambda: fourth.append(next(it)))
-        waiter.start()
-        waiter.join(1.0)
-        assert waiter.is_alive() and not fourth  # the worker waits for room
-        del kept[0]
-        waiter.join(10)
-        assert [dp["i"] for dp in kept + fourth] == [1, 2, 3]  # room came back
-        for dp in kept + fourth:
+        assert all(in_store(dp["x"]) for dp in kept)
+        time.sleep(0.5)
+        assert log.read_text() == "3"  # the worker waits for room to send item 3
+        # Now the consumer waits too, holding the memory: waiting on would never end, so
+        # the worker sends copies, and nothing the consumer holds is overwritten.
+        more = [next(it) for _ in range(5)]
+        assert [dp["i"] for dp in kept + more] == list(range(8))
+        assert not any(in_store(dp["x"]) for dp in more)
+        for dp in kept + more:
             assert (dp["x"] == value(0, dp["i"], np.uint8)).all()
-        del dp
+        del kept, more, dp
+        # Room is back: items come as views of the store again.
+        assert any(in_store(next(it)["x"]) for _ in range(200))
         it.close()
 
 
