@@ -166,9 +166,12 @@ CONTENDERS: dict[str, tuple[Callable, bool]] = {
     "flowplug ParallelMap zmq": (flowplug_map("zmq"), True),
     "flowplug ParallelMap queue": (flowplug_map("queue"), True),
     "flowplug ParallelMap thread": (flowplug_map("thread"), True),
+    "flowplug ParallelMap shm": (flowplug_map("shm"), True),
     "flowplug ParallelMap zmq, ordered=False": (flowplug_map("zmq", ordered=False), False),
+    "flowplug ParallelMap shm, ordered=False": (flowplug_map("shm", ordered=False), False),
     "tensorpack MultiProcessMapDataZMQ strict=True (unordered)": (tensorpack_map, False),
     "flowplug Runner shard zmq (inputs in the workers)": (flowplug_shard("zmq"), True),
+    "flowplug Runner shard shm (inputs in the workers)": (flowplug_shard("shm"), True),
     "torch DataLoader map-style (inputs in the workers)": (torch_loader, True),
 }
 #: what a contender needs; missing means skipped.

@@ -180,6 +180,25 @@ def test_a_full_store_makes_workers_wait_and_a_waiting_consumer_gets_copies(tmp_
         it.close()
 
 
+def test_a_put_that_gives_way_fails_at_once_while_a_process_waits():
+    with fp.shm.ObjectStore("1MiB") as store:
+        held = store.take(store.put(np.ones(900_000, np.uint8)))
+        frames = fp.shm.dumps(np.ones(300_000, np.uint8))
+        with pytest.raises(fp.StoreFull, match=r"within 0\.2 s"):  # nobody waits: it waits
+            store.put_frames(frames, timeout=0.2, give_way=True)
+        with store.waiting():
+            with pytest.raises(fp.StoreFull, match="waits"):  # without a timeout, at once
+                store.put_frames(frames, give_way=True)
+            with fp.shm.use_store(store):
+                fallback = fp.shm.empty(300_000, np.uint8)  # ordinary memory instead
+        assert not in_store(fallback)
+        del held
+        oid = store.put_frames(frames, give_way=True)
+        assert oid in store
+        with fp.shm.use_store(store):
+            assert in_store(fp.shm.empty(300_000, np.uint8))
+
+
 def test_an_item_larger_than_the_store_fails_clearly_and_keeps_what_was_delivered():
     runner = fp.Runner(SmallThenHuge(), transport="shm", size="1MiB")
     got = []
