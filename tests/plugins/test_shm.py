@@ -166,7 +166,10 @@ def test_a_full_store_makes_workers_wait_and_a_waiting_consumer_gets_copies(tmp_
         kept = [next(it) for _ in range(3)]
         assert all(in_store(dp["x"]) for dp in kept)
         time.sleep(0.5)
-        assert log.read_text() == "3"  # the worker waits for room to send item 3
+        # The worker waits for room. (Exactly at item 3, unless the consumer, waiting for
+        # the first items but slow to wake up, made it send a few copies; sending copies
+        # freely it would get ~100 ahead, as many as the socket holds.)
+        assert int(log.read_text()) < 20
         # Now the consumer waits too, holding the memory: waiting on would never end, so
         # the worker sends copies, and nothing the consumer holds is overwritten.
         more = [next(it) for _ in range(5)]
