@@ -241,13 +241,15 @@ _MAP_CONSUMER = textwrap.dedent(
     import flowplug as fp
 
     def double(a):
-        return a * 2
+        return fp.worker_info().id, a * 2
 
     inputs = [np.full(1 << 20, i % 100, np.uint8) for i in range(1000)]
     results = fp.ParallelMap(fp.DataFromList(inputs), double, num_workers=2, transport="shm",
                              size="64MiB")
     it = iter(results)
-    kept = [next(it) for _ in range(5)]
+    kept = []
+    while len({w for w, _ in kept}) < 2:  # each worker's hello precedes its answers
+        kept.append(next(it))
     print("ready", flush=True)
     input()
     """
