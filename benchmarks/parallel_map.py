@@ -24,7 +24,8 @@ Peers that are not installed are skipped. Install them with::
     pip install torch==2.13.0
 
 Run: ``python benchmarks/parallel_map.py [--items 200] [--workers 2] [--epochs 3]
-[--rounds 3]``.
+[--rounds 3] [--light]``; ``--light`` maps ``a * 2`` instead, so that moving the arrays
+is most of the cost.
 """
 
 from __future__ import annotations
@@ -43,8 +44,14 @@ import numpy as np
 SHAPE = (300, 1000)  # float32: 1.2 MB
 
 
+#: --light: a one-pass function instead, so that moving the arrays is most of the cost.
+LIGHT = False
+
+
 def work(a: np.ndarray) -> np.ndarray:
     """The CPU-bound function every contender applies."""
+    if LIGHT:
+        return a * 2
     b = np.sin(a) * np.cos(a) + np.sqrt(a)
     return np.sort(b, axis=1)
 
@@ -166,9 +173,12 @@ CONTENDERS: dict[str, tuple[Callable, bool]] = {
     "flowplug ParallelMap zmq": (flowplug_map("zmq"), True),
     "flowplug ParallelMap queue": (flowplug_map("queue"), True),
     "flowplug ParallelMap thread": (flowplug_map("thread"), True),
+    "flowplug ParallelMap shm": (flowplug_map("shm"), True),
     "flowplug ParallelMap zmq, ordered=False": (flowplug_map("zmq", ordered=False), False),
+    "flowplug ParallelMap shm, ordered=False": (flowplug_map("shm", ordered=False), False),
     "tensorpack MultiProcessMapDataZMQ strict=True (unordered)": (tensorpack_map, False),
     "flowplug Runner shard zmq (inputs in the workers)": (flowplug_shard("zmq"), True),
+    "flowplug Runner shard shm (inputs in the workers)": (flowplug_shard("shm"), True),
     "torch DataLoader map-style (inputs in the workers)": (torch_loader, True),
 }
 #: what a contender needs; missing means skipped.
@@ -181,6 +191,7 @@ def checksum(out) -> float:
 
 
 def run_one(name: str, items: int, workers: int, capacity: int, epochs: int) -> dict:
+    # Workers are forked from here (the default start method): they see LIGHT too.
     inputs = make_inputs(items)
     want = expected_checksums(inputs)
     start = time.perf_counter()
@@ -226,9 +237,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="turns of every contender")
     parser.add_argument("--only", action="append", help="substring of contender names")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--light", action="store_true", help="map a * 2 (one pass) instead: transport-bound"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    global LIGHT
+    LIGHT = args.light
     if args.one:  # child: run one contender, print its row as JSON
         row = run_one(args.one, args.items, args.workers, args.capacity, args.epochs)
         print(json.dumps(row))
@@ -236,7 +252,8 @@ def main() -> int:
 
     names = [n for n in CONTENDERS if not args.only or any(o in n for o in args.only)]
     print(
-        f"map of a few-ms numpy function over {args.items} float32 arrays of 1.2 MB, "
+        f"map of {'a * 2' if args.light else 'a few-ms numpy function'} over "
+        f"{args.items} float32 arrays of 1.2 MB, "
         f"{args.workers} workers, capacity {args.capacity}; "
         f"median of {args.rounds} x {args.epochs} epochs; {os.cpu_count()} CPUs, Python "
         f"{sys.version.split()[0]}, numpy {np.__version__}"
@@ -250,6 +267,7 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--one", name]
             cmd += ["--items", str(args.items), "--workers", str(args.workers)]
             cmd += ["--capacity", str(args.capacity), "--epochs", str(args.epochs)]
+            cmd += ["--light"] if args.light else []
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
             if proc.returncode != 0:
                 print(f"  FAILED: {name}\n{proc.stderr[-2000:]}")

@@ -81,7 +81,7 @@ _RECORD, _RAW = 1, 2  # block kinds: a pickled object, or the memory of one fp.s
 # Control area: 16 int64 header words, then the free extents' offsets and lengths.
 _HDR_WORDS = 16
 (_H_MAGIC, _H_VERSION, _H_OWNER, _H_DATA_OFF, _H_DATA_SIZE, _H_CLOSED, _H_EXTENTS,
- _H_MAX_EXTENTS, _H_BLOCKS, _H_USED, _H_TAG, _H_FREES) = range(12)  # fmt: skip
+ _H_MAX_EXTENTS, _H_BLOCKS, _H_USED, _H_TAG, _H_FREES, _H_WAITING) = range(13)  # fmt: skip
 
 # A block starts with 8 int64: magic, tag, nbytes, refs, stored, kind, nbufs, stream_len;
 # a record continues with one (block offset, tag, start, length) per buffer, then the
@@ -389,10 +389,17 @@ class ObjectStore:
         """
         return self.put_frames(dumps(obj), timeout=timeout)
 
-    def put_frames(self, frames: list[Any], *, timeout: float | None = None) -> ObjectID:
+    def put_frames(
+        self, frames: list[Any], *, timeout: float | None = None, give_way: bool = False
+    ) -> ObjectID:
         """Store what :func:`dumps` made: ``[stream, buffer, ...]``.
 
         For a transport that pickles once and decides where the frames go.
+
+        :param give_way: raise :class:`~flowplug.StoreFull` at once, instead of waiting for
+            room, while a process announces that it waits (:meth:`waiting`): that process
+            holds memory it will not free before it gets an object, so the caller delivers
+            this one another way.
         """
         self._check()
         stream, buffers = frames[0], frames[1:]
@@ -419,7 +426,7 @@ class ObjectStore:
                 "store larger: option size= of transport 'shm' (e.g. "
                 "Runner(..., transport='shm', size='4GiB')), or ObjectStore(size=...)"
             )
-        off, tag = self._allocate(need, _RECORD, timeout, external)
+        off, tag = self._allocate(need, _RECORD, timeout, external, give_way)
         mm = self._mm
         assert mm is not None
         at = self._data + off
@@ -485,13 +492,20 @@ class ObjectStore:
         return True
 
     def empty(
-        self, shape: int | tuple[int, ...], dtype: Any = float, order: Literal["C", "F"] = "C"
+        self,
+        shape: int | tuple[int, ...],
+        dtype: Any = float,
+        order: Literal["C", "F"] = "C",
+        *,
+        give_way: bool = False,
     ) -> Any:
         """A new uninitialized numpy array in the store's memory.
 
         Fill it in place and :meth:`put` it (or yield it from a dataflow on the ``shm``
         transport): it is referenced, never copied, so a large datapoint is written once.
         Do not write to it after putting it: the reader sees the same memory.
+
+        :param give_way: as for :meth:`put_frames`.
         """
         self._check()
         dtype = np.dtype(dtype)
@@ -505,7 +519,7 @@ class ObjectStore:
                 f"an array of {_fmt(nbytes)} cannot fit in the shared-memory store of "
                 f"{_fmt(self.size)} ({self.name}); make the store larger (option size=)"
             )
-        off, tag = self._allocate(need, _RAW, None, [])
+        off, tag = self._allocate(need, _RAW, None, [], give_way)
         self._acquire()
         try:
             block = self._view(off, tag, transfer=True)
@@ -514,6 +528,31 @@ class ObjectStore:
         return np.ndarray(
             dims, dtype, buffer=block[_BLOCK_HEADER : _BLOCK_HEADER + nbytes], order=order
         )
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Announce, within the ``with`` block, that this process waits and frees nothing.
+
+        The consumer of the ``shm`` transport announces it while it waits for a datapoint
+        or for room to send a task. Puts made meanwhile with ``give_way=True`` that find
+        the store full raise :class:`~flowplug.StoreFull` at once, instead of waiting for
+        memory that this process (its views, the items it holds back for order) would
+        only free after it got what it waits for: such a wait would never end.
+        """
+        self._add_waiting(1)
+        try:
+            yield
+        finally:
+            if not self._closed:
+                self._add_waiting(-1)
+
+    def _add_waiting(self, n: int) -> None:
+        self._check()
+        self._acquire()
+        try:
+            self._hdr[_H_WAITING] += n
+        finally:
+            self._release()
 
     def unlink(self) -> None:
         """Remove the store's name now; processes that attached keep working.
@@ -645,9 +684,15 @@ class ObjectStore:
         struct.pack_into("<q", self._mm, self._data + off + 8 * word, value)  # type: ignore[arg-type]
 
     def _allocate(
-        self, need: int, kind: int, timeout: float | None, external: list[tuple[int, int]]
+        self,
+        need: int,
+        kind: int,
+        timeout: float | None,
+        external: list[tuple[int, int]],
+        give_way: bool = False,
     ) -> tuple[int, int]:
-        """Reserve ``need`` bytes and reference ``external`` blocks; wait for room."""
+        """Reserve ``need`` bytes and reference ``external`` blocks; wait for room, unless
+        ``give_way`` and a process :meth:`waiting`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         next_owner_check = time.monotonic() + _OWNER_CHECK
         while True:
@@ -669,6 +714,12 @@ class ObjectStore:
             step = 50e-6
             hdr = self._hdr  # ours even if another thread closes the store meanwhile
             while int(hdr[_H_FREES]) == seen and not hdr[_H_CLOSED] and not self._closed:
+                if give_way and hdr[_H_WAITING] > 0:
+                    raise StoreFull(
+                        f"no room for {_fmt(need)} in the shared-memory store of "
+                        f"{_fmt(self.size)} ({_fmt(int(hdr[_H_USED]))} in use) while a "
+                        "process that holds memory waits; deliver this object another way"
+                    )
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     raise StoreFull(
@@ -867,12 +918,17 @@ def empty(shape: int | tuple[int, ...], dtype: Any = float, order: Literal["C", 
 
     In a worker of the ``shm`` transport, the array lives in the transport's store: fill
     it and yield it, and it reaches the consumer without a single copy. Anywhere else
-    (another transport, no store) it is ``np.empty``, so the same dataflow runs everywhere.
+    (another transport, no store) it is ``np.empty``, so the same dataflow runs everywhere;
+    so it is too when the store is full while the consumer waits (which would otherwise
+    wait for this very worker: see :meth:`ObjectStore.waiting`).
     """
     store = current_store()
     if store is None or store.closed:
         return np.empty(shape, dtype, order=order)
-    return store.empty(shape, dtype, order)
+    try:
+        return store.empty(shape, dtype, order, give_way=True)
+    except StoreFull:
+        return np.empty(shape, dtype, order=order)
 
 
 # -------------------------------------------------------------------- dataflow wrappers

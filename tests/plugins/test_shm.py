@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import numpy as np
@@ -117,24 +117,71 @@ def test_arrow_record_batches_arrive():
 # ------------------------------------------------------------------ capacity
 
 
-def test_a_full_store_makes_workers_wait_and_nothing_is_overwritten():
+class Logged(fp.DataFlow):
+    """Numbered(300 KB) from one worker, writing the count of each item before yielding it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __iter__(self):
+        for dp in Numbered(300_000, np.uint8):
+            with open(self.path, "w") as f:
+                f.write(str(dp["i"]))
+            yield dp
+
+
+def in_store(arr: np.ndarray) -> bool:
+    """True when ``arr`` is a view of a shared-memory store (not a copy in a zmq frame)."""
+    base: object = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return isinstance(base, mmap.mmap)
+
+
+def test_a_full_store_makes_workers_wait_and_a_waiting_consumer_gets_copies(tmp_path):
     # 1 MiB holds three 300 KB items: while the consumer keeps three, nothing more fits.
-    df = Numbered(300_000, np.uint8)
-    with fp.Runner(df, transport="shm", size="1MiB") as runner:
+    log = tmp_path / "count"
+    with fp.Runner(Logged(str(log)), transport="shm", size="1MiB") as runner:
         it = iter(runner)
         kept = [next(it) for _ in range(3)]
-        fourth: list = []
-        waiter = threading.Thread(target=lambda: fourth.append(next(it)))
-        waiter.start()
-        waiter.join(1.0)
-        assert waiter.is_alive() and not fourth  # the worker waits for room
-        del kept[0]
-        waiter.join(10)
-        assert [dp["i"] for dp in kept + fourth] == [1, 2, 3]  # room came back
-        for dp in kept + fourth:
+        assert all(in_store(dp["x"]) for dp in kept)
+        time.sleep(0.5)
+        # The worker waits for room. (Exactly at item 3, unless the consumer, waiting for
+        # the first items but slow to wake up, made it send a few copies; sending copies
+        # freely it would get ~100 ahead, as many as the socket holds.)
+        assert int(log.read_text()) < 20
+        # Now the consumer waits too, holding the memory: waiting on would never end, so
+        # the worker sends copies, and nothing the consumer holds is overwritten.
+        more = [next(it) for _ in range(5)]
+        assert [dp["i"] for dp in kept + more] == list(range(8))
+        assert not any(in_store(dp["x"]) for dp in more)
+        for dp in kept + more:
             assert (dp["x"] == value(0, dp["i"], np.uint8)).all()
-        del dp
+        del kept, more, dp
+        # Room is back: items come as views of the store again.
+        assert any(in_store(next(it)["x"]) for _ in range(200))
         it.close()
+
+
+def test_a_put_that_gives_way_fails_at_once_while_a_process_waits():
+    with fp.shm.ObjectStore("1MiB") as store:
+        held = store.take(store.put(np.ones(900_000, np.uint8)))
+        frames = fp.shm.dumps(np.ones(300_000, np.uint8))
+        with pytest.raises(fp.StoreFull, match=r"within 0\.2 s"):  # nobody waits: it waits
+            store.put_frames(frames, timeout=0.2, give_way=True)
+        with store.waiting():
+            with pytest.raises(fp.StoreFull, match="waits"):  # without a timeout, at once
+                store.put_frames(frames, give_way=True)
+            with fp.shm.use_store(store):
+                fallback = fp.shm.empty(300_000, np.uint8)  # ordinary memory instead
+        assert not in_store(fallback)
+        del held
+        oid = store.put_frames(frames, give_way=True)
+        assert oid in store
+        with fp.shm.use_store(store):
+            assert in_store(fp.shm.empty(300_000, np.uint8))
 
 
 def test_an_item_larger_than_the_store_fails_clearly_and_keeps_what_was_delivered():
