@@ -74,8 +74,9 @@ class ProcessWorkers(WorkerGroup):
         # PR_SET_PDEATHSIG fires when the forking *thread* ends, so it is only safe from the
         # main thread; from others the workers rely on their parent watchdog alone.
         death_signal = threading.current_thread() is threading.main_thread()
-        # Block SIGINT across the fork so no worker can see a Ctrl-C before it ignores it.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # Block SIGINT and SIGTERM across the fork, so that no worker can see a Ctrl-C, or
+        # run a SIGTERM handler inherited from the consumer, before it set its own.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             gates = self._gates or [None] * len(self._infos)
             for df, info, gate in zip(self._dfs, self._infos, gates, strict=True):

@@ -150,7 +150,7 @@ def process_main(
     # stop() terminates workers: a SIGTERM handler forked from the parent (the user's, or the
     # one Ray installs in its processes, which prints a stack trace) must not run here.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     if death_signal:
         _set_death_signal()
     _start_parent_watchdog(parent_pid)
