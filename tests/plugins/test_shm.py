@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 import signal
 import subprocess
@@ -13,14 +12,11 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
+from shm_helpers import in_store, segments
 
 import flowplug as fp
 
 pytestmark = pytest.mark.usefixtures("no_leaks")  # flowplug.testing.pytest_plugin
-
-
-def segments(pid: int) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith(f"fp-{pid}-")]
 
 
 class Numbered(fp.DataFlow):
@@ -128,16 +124,6 @@ class Logged(fp.DataFlow):
             with open(self.path, "w") as f:
                 f.write(str(dp["i"]))
             yield dp
-
-
-def in_store(arr: np.ndarray) -> bool:
-    """True when ``arr`` is a view of a shared-memory store (not a copy in a zmq frame)."""
-    base: object = arr
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    return isinstance(base, mmap.mmap)
 
 
 def test_a_full_store_makes_workers_wait_and_a_waiting_consumer_gets_copies(tmp_path):

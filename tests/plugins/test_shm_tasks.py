@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from shm_helpers import in_store, segments
 
 import flowplug as fp
 
@@ -25,20 +25,6 @@ def _resource_tracker():
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()
-
-
-def segments(pid: int) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith(f"flowplug-{pid}-")]
-
-
-def in_store(arr: np.ndarray) -> bool:
-    """True when ``arr`` is a view of a shared-memory store (not a copy in a zmq frame)."""
-    base: object = arr
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    return isinstance(base, mmap.mmap)
 
 
 def numbered(i: int, shape=SHAPE, dtype=np.float32) -> np.ndarray:
