@@ -8,7 +8,9 @@ received as one frame is a view of that frame.
 
 from __future__ import annotations
 
+import io
 import pickle
+import sys
 from array import array
 from typing import Any
 
@@ -32,7 +34,12 @@ def dumps(obj: Any) -> list[Any]:
         return False
 
     try:
-        stream = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+        if "torch" in sys.modules:  # tensors out of band too (see reduce_tensor)
+            out = io.BytesIO()
+            TensorPickler(out, protocol=5, buffer_callback=keep_large).dump(obj)
+            stream = out.getvalue()
+        else:
+            stream = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
     except Exception as exc:
         raise _not_picklable(obj, exc) from exc
     return [stream, *buffers]
@@ -44,6 +51,10 @@ def dumps_bytes(obj: Any) -> bytes:
     :raises TypeError: as :func:`dumps`.
     """
     try:
+        if "torch" in sys.modules:
+            out = io.BytesIO()
+            TensorPickler(out, protocol=5).dump(obj)
+            return out.getvalue()
         return pickle.dumps(obj, protocol=5)
     except Exception as exc:
         raise _not_picklable(obj, exc) from exc
@@ -56,6 +67,67 @@ def _not_picklable(obj: Any, exc: Exception) -> TypeError:
 def loads(frames: list[Any]) -> Any:
     """Rebuild an object from the frames :func:`dumps` made (any buffer-like frames)."""
     return pickle.loads(frames[0], buffers=frames[1:])
+
+
+# ---------------------------------------------------------------------------- tensors
+# torch pickles a tensor's storage in-band (through torch.save into bytes), so a tensor
+# would be copied twice on the way and once more when loaded. A plain CPU tensor goes as
+# its memory instead: one out-of-band buffer (the span of its storage that its strides
+# reach), rebuilt in the consumer as a tensor *on* the received buffer (torch.frombuffer):
+# a view of the message, or of the shared-memory store. torch is never imported here: a
+# tensor exists only where torch was imported already.
+
+
+def reduce_tensor(obj: Any) -> Any:
+    """A reduce tuple that sends a plain CPU ``torch.Tensor`` as one out-of-band buffer.
+
+    For a pickler's ``reducer_override``: returns ``NotImplemented`` for everything else,
+    and for tensors torch must pickle itself (autograd, sparse, quantized, conjugated or
+    negated views, other devices, subclasses such as ``nn.Parameter``). The tensor comes
+    back with the same dtype, shape, strides and values, ``requires_grad=False``.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or type(obj) is not torch.Tensor:
+        return NotImplemented
+    t = obj
+    if (
+        t.requires_grad
+        or t.device.type != "cpu"
+        or t.layout is not torch.strided
+        or t.is_quantized
+        or t.is_conj()
+        or t.is_neg()
+    ):
+        return NotImplemented
+    shape = tuple(t.shape)
+    stride = t.stride()
+    span = 0 if t.numel() == 0 else 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+    if span == 0:
+        raw: Any = b""
+    else:
+        flat = t.as_strided((span,), (1,), t.storage_offset())
+        raw = pickle.PickleBuffer(flat.view(torch.uint8).numpy())
+    return _rebuild_tensor, (raw, str(t.dtype).removeprefix("torch."), shape, stride)
+
+
+def _rebuild_tensor(buf: Any, dtype: str, shape: tuple[int, ...], stride: tuple[int, ...]) -> Any:
+    import torch  # only reached where a tensor was sent: torch is there
+
+    view = memoryview(buf)
+    if view.nbytes == 0:
+        flat = torch.empty(0, dtype=torch.uint8)
+    else:
+        if view.readonly:  # bytes: torch has no read-only tensors, so this one is copied
+            view = memoryview(bytearray(view))
+        flat = torch.frombuffer(view, dtype=torch.uint8)
+    return flat.view(getattr(torch, dtype)).as_strided(shape, stride, 0)
+
+
+class TensorPickler(pickle.Pickler):
+    """Protocol-5 pickler that sends plain CPU tensors as buffers (:func:`reduce_tensor`)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        return reduce_tensor(obj)
 
 
 # ---------------------------------------------------------------------------- batches

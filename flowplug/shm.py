@@ -53,6 +53,7 @@ from ._sweep import lock_byte as _lock
 from .config import parse_size
 from .dataflow import DataFlow
 from .errors import ConfigError, DataTooLarge, ObjectNotFound, StateError, StoreFull
+from .serialize import reduce_tensor
 
 __all__ = [
     "DEFAULT_SIZE",
@@ -108,7 +109,9 @@ class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         # numpy pickles datetime/timedelta arrays (no buffer format) and non-contiguous
         # arrays into the stream; as raw bytes they too come back as views of the store.
-        if type(obj) is not np.ndarray or obj.dtype.hasobject or obj.size == 0:
+        if type(obj) is not np.ndarray:
+            return reduce_tensor(obj)  # a torch tensor as its memory, so it too is a view
+        if obj.dtype.hasobject or obj.size == 0:
             return NotImplemented
         if obj.dtype.kind not in "mM" and (obj.flags.c_contiguous or obj.flags.f_contiguous):
             return NotImplemented  # numpy's own protocol-5 reduce is out of band already
