@@ -305,8 +305,9 @@ def test_new_seeds_every_epoch_unless_persistent(loader):
     dl = loader(WhoAmI(4), batch_size=None, num_workers=2, persistent_workers=True)
     first = [(d["seed"], d["pid"]) for d in dl]
     second = [(d["seed"], d["pid"]) for d in dl]
-    assert {p for _, p in first} == {p for _, p in second}  # the same processes
-    assert {s for s, _ in first} == {s for s, _ in second}
+    # the same two processes, seeded once (which of them serves an item may vary)
+    assert len({p for _, p in first + second}) <= 2
+    assert len({s for s, _ in first + second}) <= 2
     del dl  # persistent workers end with their loader
 
 
