@@ -157,7 +157,9 @@ class DataLoader(torch.utils.data.DataLoader):
         self.transport_options = transport_options
         self.pin_fn = pin_fn
         if num_workers > 0:
-            name = fp.Runner(_NoData(), transport=transport, num_workers=1).transport_name
+            # Resolves the configured transport and checks its options now, not at iter().
+            probe = fp.Runner(_NoData(), transport=transport, num_workers=1, **transport_options)
+            name = probe.transport_name
             cls = fp.get_transport(name)
             if not cls.crosses_processes:
                 raise fp.ConfigError(

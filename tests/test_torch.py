@@ -268,6 +268,32 @@ def _labels_only(batch):
     return [label for _, label in batch]
 
 
+def test_dicts_strings_and_numbers_collate_as_in_torch(loader):
+    class Records(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"tensor": torch.full((4, 2), float(i)), "inner": {"n": i}, "name": str(i)}
+
+    out = list(loader(Records(), batch_size=2, num_workers=2))
+    assert len(out) == 2
+    for k, batch in enumerate(out):
+        assert set(batch) == {"tensor", "inner", "name"}
+        assert batch["tensor"].shape == (2, 4, 2)
+        assert batch["tensor"][1, 0, 0].item() == 2 * k + 1
+        assert batch["inner"]["n"].tolist() == [2 * k, 2 * k + 1]
+        assert batch["name"] == [str(2 * k), str(2 * k + 1)]
+
+
+def test_workers_end_with_an_abandoned_iterator(loader):
+    it = iter(loader(Squares(), batch_size=2, num_workers=2))
+    for k, _ in enumerate(it):
+        if k == 2:
+            break
+    del it  # the leak check (no_leaks) sees no worker left
+
+
 # ---------------------------------------------------------------------------- workers
 
 
