@@ -67,10 +67,9 @@ class ElsewhereWorkers(fp.WorkerGroup):
             t.join(timeout)
 
 
-class ElsewhereTransport(fp.Transport):
+class ElsewhereTransport(fp.OwnWorkersTransport):
     name = "elsewhere"
     crosses_processes = False
-    runs_workers = True
     #: what happened, in order, for the tests to check.
     log: ClassVar[list[str]] = []
     #: set to make recv() report that worker 0's machine is gone.
@@ -235,9 +234,8 @@ class HostedWorkers(fp.WorkerGroup):
             host.stop(timeout)
 
 
-class HostedTransport(fp.Transport):
+class HostedTransport(fp.OwnWorkersTransport):
     name = "hosted"
-    runs_workers = True
 
     def open(self) -> PipesEndpoint:
         pipes = [
