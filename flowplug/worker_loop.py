@@ -16,7 +16,7 @@ from typing import Any
 
 from . import _exc
 from .errors import TransportClosed, WorkerError
-from .transport import Endpoint
+from .transport import Connect
 
 _PR_SET_PDEATHSIG = 1
 
@@ -136,7 +136,7 @@ def worker_info() -> WorkerInfo | None:
 
 def run_worker(
     df: Any,
-    endpoint: Endpoint,
+    endpoint: Connect,
     info: WorkerInfo,
     stop: threading.Event | None = None,
     gate: Any = None,
@@ -151,7 +151,7 @@ def run_worker(
     """
     _local.info = info
     try:
-        sender = endpoint.connect(info.id)
+        sender = endpoint(info.id)
     except Exception:
         traceback.print_exc()
         return False
@@ -197,7 +197,7 @@ def run_worker(
 
 def process_main(
     df: Any,
-    endpoint: Endpoint,
+    endpoint: Connect,
     info: WorkerInfo,
     parent_pid: int,
     death_signal: bool,
