@@ -29,14 +29,14 @@ import itertools
 import multiprocessing as mp
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
 from ._resume import PassStart, Resumed, load_into, take_state
 from .errors import TransportClosed
-from .transport import EMPTY, TaskEndpoint
+from .transport import EMPTY, TaskReceiver
 from .worker_loop import TaskFailed, WorkerInfo
 
 #: how often a waiting worker thread checks whether the runner stopped.
@@ -195,7 +195,7 @@ class MapWork:
 class MapGate:
     """One worker's side of a ParallelMap: takes tasks, applies ``fn``, sends results."""
 
-    def __init__(self, notices: Any, tasks: TaskEndpoint):
+    def __init__(self, notices: Any, tasks: Callable[[int], TaskReceiver]):
         self.notices = notices
         self.tasks = tasks
 
@@ -209,7 +209,7 @@ class MapGate:
 
         :raises flowplug.worker_loop.TaskFailed: ``fn`` raised; the cause is its exception.
         """
-        receiver = self.tasks.connect(info.id)
+        receiver = self.tasks(info.id)
         try:
             recv = receiver.recv
             send = sender.send
@@ -306,7 +306,7 @@ class Control:
         num_workers: int,
         start_method: str | None,
         credits: int | None = None,
-        tasks: TaskEndpoint | None = None,
+        tasks: Callable[[int], TaskReceiver] | None = None,
         sinks: Sequence[ControlSink] | None = None,
     ):
         self._writers: list[Any] = []

@@ -30,7 +30,7 @@ from .errors import (
     WorkerError,
 )
 from .transport import EMPTY, Transport
-from .worker_groups import ProcessWorkers, ThreadWorkers, WorkerGroup
+from .worker_groups import OwnWorkersTransport, ProcessWorkers, ThreadWorkers, WorkerGroup
 from .worker_loop import RemoteFailure, WorkerInfo
 
 #: how long one blocking receive waits before the runner checks on its workers.
@@ -216,7 +216,7 @@ class Runner:
         control = None
         try:
             workers: WorkerGroup
-            if self._transport_cls.runs_workers:
+            if isinstance(transport, OwnWorkersTransport):
                 workers = transport.make_workers(dfs, endpoint, infos)
                 control = self._group_control(workers)
             else:
