@@ -2,9 +2,10 @@
 
     python benchmarks/torch_loader.py [--rounds 3] [--json out.json]
 
-Cases (issue 15): 1.2 MB uint8 images and 4.8 MB float32 arrays, batch_size 8 and 32, and a
-CPU-bound dataset (about 2 ms of decode-like work per item: zlib); num_workers=2 and the
-default collate everywhere. Both loaders use persistent workers; one warm-up epoch, then
+Cases (issue 15): 1.2 MB uint8 images and 4.8 MB float32 arrays read from memory, the images
+again as a fresh copy per item, and a CPU-bound dataset (about 2 ms of decode-like work per
+item: zlib), each with batch_size 8 and 32; num_workers=2 and the default collate everywhere.
+Both loaders use persistent workers; one warm-up epoch, then
 each round times one epoch of each contender in turn (the order alternates), so both see
 the same machine load. Reported: median items/s, the ratio flowplug / torch per round
 (median), and the consumer process's CPU time per batch (all its threads: torch's
@@ -28,11 +29,13 @@ import flowplug.torch as ft
 
 
 class Arrays(Dataset):
-    """``n`` items, each a fresh copy of one of a few precomputed arrays (a loaded file)."""
+    """``n`` items, each one of a few precomputed arrays: as read from memory (a memmap,
+    a cache), or with ``fresh`` a new copy per item (as decoded from a file)."""
 
-    def __init__(self, n: int, shape: tuple[int, ...], dtype: str):
+    def __init__(self, n: int, shape: tuple[int, ...], dtype: str, fresh: bool = False):
         rng = np.random.default_rng(0)
         self.n = n
+        self.fresh = fresh
         if np.dtype(dtype).kind == "u":
             self.pool = [rng.integers(0, 255, shape, dtype=dtype) for _ in range(4)]
         else:
@@ -42,7 +45,8 @@ class Arrays(Dataset):
         return self.n
 
     def __getitem__(self, i: int):
-        return self.pool[i % 4].copy(), i
+        item = self.pool[i % 4]
+        return (item.copy() if self.fresh else item), i
 
 
 class Decode(Dataset):
@@ -141,6 +145,8 @@ def main() -> None:
         results.append(run_case("uint8 images 1.2 MB", images, batch_size, args.rounds))
         arrays = Arrays(args.items // 4, (1200, 1000), "float32")  # 4.8 MB
         results.append(run_case("float32 arrays 4.8 MB", arrays, batch_size, args.rounds))
+        fresh = Arrays(args.items, (640, 640, 3), "uint8", fresh=True)
+        results.append(run_case("uint8 1.2 MB, fresh copies", fresh, batch_size, args.rounds))
         decode = Decode(args.items // 2)
         results.append(run_case("CPU-bound, ~2 ms/item", decode, batch_size, args.rounds))
     print(f"load average after: {os.getloadavg()}", flush=True)
