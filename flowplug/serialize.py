@@ -110,19 +110,24 @@ class Batch:
 
 def unpack_batch(header: Any, blob: Any) -> list[Any]:
     """Rebuild the objects of a batch (arrays are views of ``blob``)."""
-    lengths = memoryview(header).cast("B").cast("Q")
-    view = memoryview(blob)
+    lengths = memoryview(header).cast("B").cast("Q").tolist()
+    view = memoryview(blob).cast("B")
+    loads = pickle.loads
     out = []
     pos = 1
     offset = 0
     for _ in range(lengths[0]):
         n = lengths[pos]
-        pos += 1
+        if n == 1:  # the common case, a small object: one frame, no buffers
+            length = lengths[pos + 1]
+            out.append(loads(view[offset : offset + length]))
+            offset += length + (-length % _ALIGN)
+            pos += 2
+            continue
         frames = []
-        for length in lengths[pos : pos + n]:
-            offset += -offset % _ALIGN
+        for length in lengths[pos + 1 : pos + 1 + n]:
             frames.append(view[offset : offset + length])
-            offset += length
-        pos += n
-        out.append(pickle.loads(frames[0], buffers=frames[1:]))
+            offset += length + (-length % _ALIGN)
+        pos += n + 1
+        out.append(loads(frames[0], buffers=frames[1:]))
     return out
