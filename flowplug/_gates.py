@@ -28,14 +28,16 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import threading
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
+from ._resume import PassStart, Resumed, load_into, take_state
 from .errors import TransportClosed
-from .transport import EMPTY, ControlSink, TaskEndpoint
-from .worker import TaskFailed, WorkerInfo
+from .transport import EMPTY, TaskReceiver
+from .worker_loop import TaskFailed, WorkerInfo
 
 #: how often a waiting worker thread checks whether the runner stopped.
 STOP_CHECK = 0.1
@@ -129,8 +131,15 @@ class ShardGate:
         of the shard gets the index ``id + j * num_workers``.
         """
         w, n = info.id, info.num_workers
+        plan = None
+        if type(df) is Resumed:  # a resumed runner: see flowplug/_resume.py
+            df, plan = df.inner, df.plan
         shard = getattr(df, "shard", None)
         source = shard(w, n) if callable(shard) else None
+        target = source if source is not None else df
+        if plan is not None and plan.states is not None:
+            load_into(target, plan.state_for(w))
+        skip = plan.skip if plan is not None else None
         send = sender.send
         # Before any wait, push out what a batching sender holds: the consumer may be
         # waiting for exactly those items before it can give a credit back.
@@ -142,10 +151,16 @@ class ShardGate:
         while stop is None or not stop.is_set():
             notices.wait_for(epoch - 1, stop)
             if notices.poll() <= epoch:
+                # The state this pass starts from: what a resumed run loads (no credit).
+                send(PassStart(w, epoch, take_state(target)))
+                flush()
                 items = source if source is not None else itertools.islice(df, w, None, n)
                 index = w
                 next_check = monotonic() + NOTICE_CHECK
                 for dp in items:
+                    if skip is not None and index in skip:  # received before the resume
+                        index += n
+                        continue
                     if not try_acquire(False):
                         flush()
                         _acquire(credits, stop)
@@ -160,6 +175,7 @@ class ShardGate:
             send(EpochEnd(w, epoch))
             flush()  # the consumer ends the epoch on this marker
             epoch += 1
+            skip = None  # only the first pass of a resumed run skips
         raise _Stopped("the runner stopped")
 
 
@@ -179,7 +195,7 @@ class MapWork:
 class MapGate:
     """One worker's side of a ParallelMap: takes tasks, applies ``fn``, sends results."""
 
-    def __init__(self, notices: Any, tasks: TaskEndpoint):
+    def __init__(self, notices: Any, tasks: Callable[[int], TaskReceiver]):
         self.notices = notices
         self.tasks = tasks
 
@@ -191,9 +207,9 @@ class MapGate:
         A task of an epoch the consumer has left is answered with ``None`` unseen: the
         consumer counts answers, and drops those of old epochs.
 
-        :raises flowplug.worker.TaskFailed: ``fn`` raised; the cause is its exception.
+        :raises flowplug.worker_loop.TaskFailed: ``fn`` raised; the cause is its exception.
         """
-        receiver = self.tasks.connect(info.id)
+        receiver = self.tasks(info.id)
         try:
             recv = receiver.recv
             send = sender.send
@@ -221,6 +237,37 @@ class MapGate:
 
 
 # ---------------------------------------------------------------------------- consumer side
+
+
+class ControlSink(ABC):
+    """The consumer's line to one worker's shard-mode control: epoch notices and credits.
+
+    In shard mode the consumer announces each epoch it starts and gives a worker a credit
+    back for every item of it that it yields or drops (docs/sharding.md). The Runner does
+    it through one sink per worker, from its consumer thread only. Workers the Runner
+    starts get sinks of the core's own (a pipe and a semaphore per process); a
+    :class:`WorkerGroup` that runs its workers elsewhere returns its own from
+    :meth:`WorkerGroup.control_sinks`, typically forwarding to the sinks of a
+    :class:`flowplug.ProcessWorkers` next to the worker.
+    """
+
+    @abstractmethod
+    def start_epoch(self, epoch: int) -> None:
+        """Tell the worker that the consumer started ``epoch``: it may run ``epoch + 1``,
+        and must leave earlier ones. Epochs only grow; an epoch applied after a later one
+        (calls reordered on the way) must not move the worker back."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give the worker one credit back. Called once per item, on the consumer's hot
+        path: keep it cheap.
+
+        A sink whose every call crosses a network may hold credits back and send several
+        at once, but always fewer than the worker's ``credits``: then at least one of them
+        is on an item on its way, and an ordered consumer never waits for an item whose
+        worker waits for a credit. Send what is held with :meth:`start_epoch` and before
+        the consumer waits for data (in :meth:`Transport.recv`), or the worker idles
+        meanwhile."""
 
 
 class _LocalSink(ControlSink):
@@ -259,7 +306,7 @@ class Control:
         num_workers: int,
         start_method: str | None,
         credits: int | None = None,
-        tasks: TaskEndpoint | None = None,
+        tasks: Callable[[int], TaskReceiver] | None = None,
         sinks: Sequence[ControlSink] | None = None,
     ):
         self._writers: list[Any] = []

@@ -13,6 +13,7 @@ array as soon as ``send()`` returns.
 from __future__ import annotations
 
 import collections
+import functools
 import secrets
 from typing import Any
 
@@ -26,13 +27,12 @@ _LINGER_MS = 5000
 
 
 class ZmqSender(flowplug.BatchingSender):
-    def __init__(self, address: str, token: bytes, hwm: int, batch: int, batch_delay: float):
+    def __init__(
+        self, address: str, token: bytes, hwm: int, batch: int, batch_delay: float, worker_id: int
+    ):
         super().__init__(max_items=batch, max_delay=batch_delay)
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PUSH)
-        self._sock.sndhwm = hwm
-        self._sock.linger = _LINGER_MS
-        self._sock.connect(address)
+        self._sockets = flowplug.ZmqSockets()
+        self._sock = self._sockets.connect(zmq.PUSH, address, hwm=hwm, linger_ms=_LINGER_MS)
         self._token = token
         self._send = self._sock.send_multipart
 
@@ -48,31 +48,15 @@ class ZmqSender(flowplug.BatchingSender):
     def write_batch(self, header: bytes, blob: bytearray) -> None:
         self._send([self._token, header, blob], copy=False)
 
-    def release(self) -> None:
-        self._sock.close()
-        self._ctx.term()
-
-
-class ZmqEndpoint(flowplug.Endpoint):
-    def __init__(self, address: str, token: bytes, hwm: int, batch: int, batch_delay: float):
-        self.address = address
-        self.token = token
-        self.hwm = hwm
-        self.batch = batch
-        self.batch_delay = batch_delay
-
-    def connect(self, worker_id: int) -> ZmqSender:
-        return ZmqSender(self.address, self.token, self.hwm, self.batch, self.batch_delay)
+    def disconnect(self) -> None:
+        self._sockets.close()
 
 
 class ZmqTaskReceiver(flowplug.TaskReceiver):
-    def __init__(self, address: str, token: bytes):
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PULL)
+    def __init__(self, address: str, token: bytes, worker_id: int):
+        self._sockets = flowplug.ZmqSockets()
         # Take one task at a time, so that a busy worker leaves the next to an idle one.
-        self._sock.rcvhwm = 1
-        self._sock.linger = 0
-        self._sock.connect(address)
+        self._sock = self._sockets.connect(zmq.PULL, address, hwm=1)
         self._token = token
 
     def recv(self, timeout: float) -> Any:
@@ -88,20 +72,10 @@ class ZmqTaskReceiver(flowplug.TaskReceiver):
         return loads(frames[1:])
 
     def close(self) -> None:
-        self._sock.close()
-        self._ctx.term()
+        self._sockets.close()
 
 
-class ZmqTaskEndpoint(flowplug.TaskEndpoint):
-    def __init__(self, address: str, token: bytes):
-        self.address = address
-        self.token = token
-
-    def connect(self, worker_id: int) -> ZmqTaskReceiver:
-        return ZmqTaskReceiver(self.address, self.token)
-
-
-class ZmqTransport(flowplug.Transport):
+class ZmqTransport(flowplug.TaskTransport):
     """ZeroMQ PUSH/PULL over an ipc:// socket: fast for large arrays, no feeder thread.
 
     Tasks go the other way over a second PUSH/PULL pair (round robin over the workers
@@ -109,7 +83,6 @@ class ZmqTransport(flowplug.Transport):
     """
 
     name = "zmq"
-    carries_tasks = True
     options = (
         flowplug.Option(
             "hwm", int, 0, "zmq high-water mark on both sides (0: use the runner's capacity)"
@@ -120,28 +93,23 @@ class ZmqTransport(flowplug.Transport):
         ),
     )
 
-    def open(self) -> ZmqEndpoint:
-        hwm = self.settings.get("hwm") or self.capacity
+    def open(self) -> functools.partial[ZmqSender]:
+        values = self.option_values
+        hwm = values["hwm"] or self.capacity
         self._token = secrets.token_bytes(16)
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.rcvhwm = hwm
-        self._sock.linger = 0
-        try:
-            self.address = flowplug.bind_ipc(self._sock, self.run_id)
-        except flowplug.ConfigError:
-            self.close()
-            raise
+        self._sockets = flowplug.ZmqSockets()
+        self._sock, self.address = self._sockets.bind(zmq.PULL, self.run_id, hwm=hwm)
         self._recv = self._sock.recv_multipart
         self._poll = self._sock.poll
         self._events = self._sock.get
         self._ready: collections.deque[Any] = collections.deque()
-        return ZmqEndpoint(
+        return functools.partial(
+            ZmqSender,
             self.address,
             self._token,
             hwm,
-            max(1, self.settings.get("batch", 64)),
-            self.settings.get("batch_delay", 0.002),
+            max(1, values["batch"]),
+            values["batch_delay"],
         )
 
     def recv(self, timeout: float) -> Any:
@@ -166,12 +134,12 @@ class ZmqTransport(flowplug.Transport):
         ready.extend(unpack_batch(header, frames[2].buffer))
         return ready.popleft()
 
-    def open_tasks(self) -> ZmqTaskEndpoint:
-        sock = self._task_sock = self._ctx.socket(zmq.PUSH)
-        sock.sndhwm = max(1, self.capacity // self.num_workers)
-        sock.linger = 0
-        address = flowplug.bind_ipc(sock, self.run_id, "zmq task socket")
-        return ZmqTaskEndpoint(address, self._token)
+    def open_tasks(self) -> functools.partial[ZmqTaskReceiver]:
+        hwm = max(1, self.capacity // self.num_workers)
+        self._task_sock, address = self._sockets.bind(
+            zmq.PUSH, self.run_id, hwm=hwm, what="zmq task socket"
+        )
+        return functools.partial(ZmqTaskReceiver, address, self._token)
 
     def send_task(self, obj: Any, timeout: float) -> bool:
         sock = self._task_sock
@@ -190,12 +158,6 @@ class ZmqTransport(flowplug.Transport):
         return True
 
     def close(self) -> None:
-        task_sock = getattr(self, "_task_sock", None)
-        if task_sock is not None:
-            self._task_sock = None
-            task_sock.close(linger=0)
-        sock = getattr(self, "_sock", None)
-        if sock is not None:
-            self._sock = None
-            sock.close(linger=0)
-            self._ctx.term()
+        sockets = getattr(self, "_sockets", None)
+        if sockets is not None:
+            sockets.close()

@@ -12,12 +12,10 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import TransportClosed
-
-if TYPE_CHECKING:
-    from .transport import Endpoint
+from .transport import Connect
 
 _PR_SET_PDEATHSIG = 1
 
@@ -69,7 +67,7 @@ def worker_info() -> WorkerInfo | None:
 
 def run_worker(
     df: Any,
-    endpoint: Endpoint,
+    endpoint: Connect,
     info: WorkerInfo,
     stop: threading.Event | None = None,
     gate: Any = None,
@@ -84,7 +82,7 @@ def run_worker(
     """
     _local.info = info
     try:
-        sender = endpoint.connect(info.id)
+        sender = endpoint(info.id)
     except Exception:
         traceback.print_exc()
         return False
@@ -137,7 +135,7 @@ def run_worker(
 
 def process_main(
     df: Any,
-    endpoint: Endpoint,
+    endpoint: Connect,
     info: WorkerInfo,
     parent_pid: int,
     death_signal: bool,
