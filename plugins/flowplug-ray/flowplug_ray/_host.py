@@ -347,7 +347,9 @@ class WorkerHost:
         try:
             os.write(self._wake, b"x")
         except BlockingIOError:
-            pass
+            pass  # a full pipe: the worker has wake-ups enough
+        except BrokenPipeError:
+            pass  # the worker is gone; the pipe's EOF reports it
         first = self._next(wait)
         if first is None:
             return b"", None, self._death
