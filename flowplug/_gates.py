@@ -120,11 +120,14 @@ def _acquire(sem: Any, stop: threading.Event | None) -> None:
 class ShardGate:
     """One worker's side of shard mode: sends its shard of each epoch, within its credits."""
 
-    def __init__(self, notices: Any, credits: Any, counters: Any = None):
+    def __init__(self, notices: Any, credits: Any, counters: Any = None, slot: int = 0):
         self.notices = notices
         self.credits = credits
-        #: shared per-worker numbers (flowplug.stats.WorkerCounters.values), or None.
+        #: shared per-worker numbers (flowplug.stats.WorkerCounters.values), or None; this
+        #: gate's are at ``slot`` and ``slot + 1`` (a gate's place in its Control, which
+        #: is not the worker's id when a group hosts some workers of a run).
         self.counters = counters
+        self.slot = slot
 
     def run(self, df: Any, sender: Any, info: WorkerInfo, stop: threading.Event | None) -> None:
         """Send this worker's items of epoch 0, 1, 2... until stopped; never returns normally.
@@ -153,7 +156,7 @@ class ShardGate:
         # Statistics, published every NOTICE_CHECK at most: items sent, seconds waited for
         # room (a credit, or the consumer's next epoch).
         counters = self.counters
-        slot = 2 * w
+        slot = self.slot
         produced = 0
         blocked = 0.0
         epoch = 0
@@ -358,7 +361,8 @@ class Control:
         if credits:
             counters = self.counters = WorkerCounters(num_workers, start_method)
             self.gates = [
-                ShardGate(m, s, counters.values) for m, s in zip(notices, sems, strict=True)
+                ShardGate(m, s, counters.values, 2 * i)
+                for i, (m, s) in enumerate(zip(notices, sems, strict=True))
             ]
         else:
             assert tasks is not None
