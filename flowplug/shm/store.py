@@ -12,6 +12,7 @@ under the segment's mutex (:mod:`.segment`).
 from __future__ import annotations
 
 import bisect
+import mmap
 import os
 import pickle
 import struct
@@ -113,6 +114,8 @@ class ObjectStore:
         writer dies of SIGBUS; reserved, the store fails here or never.
     :param run_id: the run id the file's name starts with (a transport passes its own);
         a new one when None. It names this process as the owner, for the stale sweep.
+    :param channel_bytes: bytes of channel area (:mod:`flowplug.shm.channel`) to reserve
+        in the control area, for a transport's rings.
     :raises flowplug.ConfigError: ``dir`` has not enough free space for ``size``.
 
     Example::
@@ -132,11 +135,14 @@ class ObjectStore:
         dir: str | None = None,
         reserve: bool = False,
         run_id: str | None = None,
+        channel_bytes: int = 0,
     ):
         size = align(parse_size(size))
         if size <= 0:
             raise ConfigError(f"a shared-memory store needs a positive size, got {size!r}")
-        path, fd, mm = segment.create(size, dir=dir, reserve=reserve, run_id=run_id)
+        path, fd, mm = segment.create(
+            size, dir=dir, reserve=reserve, run_id=run_id, extra=channel_bytes
+        )
         self._setup(path, fd, mm, owner=True)
 
     @classmethod
@@ -367,6 +373,24 @@ class ObjectStore:
             self._hdr[H_WAITING] += n
         finally:
             self._release()
+
+    def check_owner(self) -> None:
+        """For a process that waits on the store: raise if waiting can never end.
+
+        :raises flowplug.StateError: the store is closed, its owner closed it, or the
+            owner died.
+        """
+        self._check()
+        if self._hdr[H_CLOSED]:
+            raise StateError(f"the shared-memory store {self.name} was closed by its owner")
+        if not self._owner and not segment.owner_alive(self._fd):
+            raise StateError(f"the owner of the shared-memory store {self.name} died")
+
+    def channel_area(self) -> tuple[Any, int, int]:
+        """(mapping, offset, address of the mapping) of the channel area, for
+        :class:`flowplug.shm.channel.Channels`; the mapping stays valid while referenced."""
+        self._check()
+        return self._mm, int(self._hdr[segment.H_EXTRA_OFF]), self._base
 
     def unlink(self) -> None:
         """Remove the store's name now; processes that attached keep working.
