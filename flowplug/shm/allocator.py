@@ -73,10 +73,13 @@ class Extents:
         if n == 0 or hdr[H_BLOCKS] >= self.max_extents - 1:
             return None
         lens = self.length[:n]
-        fits = np.flatnonzero(lens >= need)  # first fit: lowest address, warm pages
-        if fits.size == 0:
-            return None
-        i = int(fits[0])
+        if lens[0] >= need:  # the common case, without a pass over the list
+            i = 0
+        else:
+            fits = np.flatnonzero(lens >= need)  # first fit: lowest address, warm pages
+            if fits.size == 0:
+                return None
+            i = int(fits[0])
         off = int(self.off[i])
         if lens[i] == need:
             self.off[i : n - 1] = self.off[i + 1 : n]

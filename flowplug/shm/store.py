@@ -173,6 +173,7 @@ class ObjectStore:
             np.frombuffer(mm, np.int64, count=k, offset=(HDR_WORDS + k) * 8),
         )
         self._base = np.frombuffer(mm, np.uint8, count=1).__array_interface__["data"][0]
+        self._mutex = segment.Mutex(fd, self._base)
         self._thread_lock = threading.Lock()
         #: views released while the lock was busy; applied by whoever holds it next.
         self._pending: list[tuple[int, int]] = []
@@ -454,6 +455,7 @@ class ObjectStore:
         fd = segment.reopen_after_fork(self._fd, self.name)
         os.close(self._fd)  # our copy of the parent's; the parent's own stays open
         self._fd = fd
+        self._mutex = segment.Mutex(fd, self._base)
         self._pid = os.getpid()
         self._owner = False
         self._cleanup_state = [None, fd]
@@ -465,7 +467,7 @@ class ObjectStore:
     def _acquire(self) -> None:
         self._thread_lock.acquire()
         try:
-            segment.lock(self._fd)
+            self._mutex.lock()
         except BaseException:
             self._thread_lock.release()
             raise
@@ -474,7 +476,7 @@ class ObjectStore:
         try:
             while self._pending:
                 self._drop_view(*self._pending.pop())
-            segment.unlock(self._fd)
+            self._mutex.unlock()
         finally:
             self._thread_lock.release()
         if self._pending:
@@ -487,12 +489,12 @@ class ObjectStore:
             if not self._thread_lock.acquire(blocking=False):
                 return
             try:
-                segment.lock(self._fd)
+                self._mutex.lock()
                 try:
                     while self._pending:
                         self._drop_view(*self._pending.pop())
                 finally:
-                    segment.unlock(self._fd)
+                    self._mutex.unlock()
             finally:
                 self._thread_lock.release()
 
