@@ -126,10 +126,10 @@ class ShmSender(flowplug.Sender):
 
     def _copy_socket(self) -> zmq.Socket:
         if self._sock is None:
-            self._ctx = zmq.Context()
-            self._sock = self._ctx.socket(zmq.PUSH)
-            self._sock.linger = _LINGER_MS
-            self._sock.connect(self._endpoint.address)
+            self._sockets = flowplug.ZmqSockets()
+            self._sock = self._sockets.connect(
+                zmq.PUSH, self._endpoint.address, hwm=1000, linger_ms=_LINGER_MS
+            )
             self._copy_head = self._endpoint.token + _COPY + _WORKER.pack(self._ring)
         return self._sock
 
@@ -137,8 +137,7 @@ class ShmSender(flowplug.Sender):
         self._using.__exit__(None, None, None)
         self._chan = None  # type: ignore[assignment]
         if self._sock is not None:
-            self._sock.close()
-            self._ctx.term()
+            self._sockets.close()
         self.store.close()
 
 
@@ -177,12 +176,9 @@ class ShmTaskReceiver(flowplug.TaskReceiver):
     def __init__(self, store: ObjectStore, own: bool, address: str, token: bytes):
         self._store = store
         self._own = own  # attached for the receiver alone: close it with the receiver
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PULL)
+        self._sockets = flowplug.ZmqSockets()
         # Take one task at a time, so that a busy worker leaves the next to an idle one.
-        self._sock.rcvhwm = 1
-        self._sock.linger = 0
-        self._sock.connect(address)
+        self._sock = self._sockets.connect(zmq.PULL, address, hwm=1)
         self._token = token
 
     def recv(self, timeout: float) -> Any:
@@ -210,8 +206,7 @@ class ShmTaskReceiver(flowplug.TaskReceiver):
         return flowplug.EMPTY
 
     def close(self) -> None:
-        self._sock.close()
-        self._ctx.term()
+        self._sockets.close()
         if self._own:
             self._store.close()
 
@@ -286,9 +281,9 @@ class ShmTransport(flowplug.Transport):
             )
         slots = ring_lengths(self.capacity, self.num_workers)
         self._store: ObjectStore | None = ObjectStore(
-            self.settings["size"],
-            dir=self.settings["dir"] or None,
-            reserve=self.settings["reserve"],
+            self.option_values["size"],
+            dir=self.option_values["dir"] or None,
+            reserve=self.option_values["reserve"],
             run_id=self.run_id,
             channel_bytes=_channel.layout(self.num_workers, slots),
         )
@@ -304,11 +299,10 @@ class ShmTransport(flowplug.Transport):
         self._copies: dict[int, collections.deque] = {}
         self._copy_due: int | None = None  # a COPY entry read whose copy has not come yet
         self._token = secrets.token_bytes(_TOKEN_LEN)
-        self._ctx = zmq.Context()
-        self._sock: zmq.Socket | None = self._ctx.socket(zmq.PULL)
-        self._sock.linger = 0
+        self._sockets = flowplug.ZmqSockets()
+        self._sock: zmq.Socket | None = None
         try:
-            self.address = flowplug.bind_ipc(self._sock, self.run_id)
+            self._sock, self.address = self._sockets.bind(zmq.PULL, self.run_id, hwm=1000)
         except flowplug.ConfigError:
             self.close()
             raise
@@ -382,10 +376,10 @@ class ShmTransport(flowplug.Transport):
         return got.popleft()
 
     def open_tasks(self) -> ShmTaskEndpoint:
-        sock = self._task_sock = self._ctx.socket(zmq.PUSH)
-        sock.sndhwm = max(1, self.capacity // self.num_workers)
-        sock.linger = 0
-        address = flowplug.bind_ipc(sock, self.run_id, "zmq task socket")
+        hwm = max(1, self.capacity // self.num_workers)
+        self._task_sock, address = self._sockets.bind(
+            zmq.PUSH, self.run_id, hwm=hwm, what="zmq task socket"
+        )
         return ShmTaskEndpoint(address, self._token, self._endpoint)
 
     def send_task(self, obj: Any, timeout: float) -> bool:
@@ -425,15 +419,10 @@ class ShmTransport(flowplug.Transport):
         if chan is not None:
             self._chan = None  # the mapping goes with the last user of chan
             chan.close()  # wakes a recv() blocked in another thread, and waiting workers
-        task_sock = getattr(self, "_task_sock", None)
-        if task_sock is not None:
-            self._task_sock = None
-            task_sock.close(linger=0)
-        sock = getattr(self, "_sock", None)
-        if sock is not None:
-            self._sock = None
-            sock.close(linger=0)
-            self._ctx.term()
+        self._task_sock = self._sock = None
+        sockets = getattr(self, "_sockets", None)
+        if sockets is not None:
+            sockets.close()
         store = getattr(self, "_store", None)
         if store is not None:
             self._store = None
