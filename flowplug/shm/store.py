@@ -177,6 +177,8 @@ class ObjectStore:
         self._thread_lock = threading.Lock()
         #: views released while the lock was busy; applied by whoever holds it next.
         self._pending: list[tuple[int, int]] = []
+        #: releases wait for the next store operation until this many are pending.
+        self._defer = 1
         #: block offset -> (weak reference to this process's view of the block, tag).
         self._local: dict[int, tuple[weakref.ref, int]] = {}
         #: [path the owner still has to remove, fd to close]; shared with the finalizer.
@@ -194,7 +196,18 @@ class ObjectStore:
     def used(self) -> int:
         """Bytes held by blocks (objects stored, and objects whose views are alive)."""
         self._check()
+        self._drain()
         return int(self._hdr[H_USED])
+
+    def defer_frees(self, count: int) -> None:
+        """Let up to ``count`` - 1 dropped views wait for this process's next store operation.
+
+        For a process that calls the store for every object anyway (the ``shm``
+        transport's consumer takes each datapoint): the memory of a dropped view then
+        returns with the next take, under the same lock, instead of taking the lock once
+        more. Every operation applies what waits, :meth:`waiting` and :attr:`used` too.
+        """
+        self._defer = max(1, count)
 
     def put(self, obj: Any, *, timeout: float | None = None) -> ObjectID:
         """Store ``obj`` and return its id; waits while the store is full.
@@ -271,6 +284,42 @@ class ObjectStore:
         :raises flowplug.ObjectNotFound: no such object (already taken or deleted).
         """
         return self._load(oid, consume=True)
+
+    def take_sole(self, oid: ObjectID) -> Any:
+        """:meth:`take`, for an id that no other process can use.
+
+        For an id that came to this process alone through a private channel (the ``shm``
+        transport's rings): no other process can take, get or delete the object, so when
+        all its buffers lie in its own block, taking it changes no count another process
+        reads, and the store's mutex is not taken. Otherwise it is :meth:`take`.
+
+        :raises flowplug.ObjectNotFound: no such object.
+        """
+        self._check()
+        off = oid.offset
+        lock = self._thread_lock
+        lock.acquire()
+        try:
+            at, nbufs, stream_len = self._stored_record(oid)
+            mm = self._mm
+            assert mm is not None
+            pos = at + _BLOCK_HEADER
+            entries = [_ENTRY.unpack_from(mm, pos + i * _ENTRY.size) for i in range(nbufs)]
+            if not entries or any(e[0] != off for e in entries):
+                stream = None  # no own buffer (the record is freed now), or other blocks'
+            else:
+                start = pos + _ENTRY.size * nbufs
+                stream = mm[start : start + stream_len]
+                # A new block: this process has no view of it, so the view takes over the
+                # record's reference as it is; no count changes.
+                block = self._view(off, oid.tag, transfer=True)
+                buffers = [block[begin : begin + length] for _, _, begin, length in entries]
+                self._write_word(off, _B_STORED, 0)
+        finally:
+            lock.release()
+        if stream is None:
+            return self._load(oid, consume=True)
+        return pickle.loads(stream, buffers=buffers)
 
     def get(self, oid: ObjectID) -> Any:
         """Return the object, leaving it stored (for other readers); views are read-only.
@@ -505,6 +554,8 @@ class ObjectStore:
         if pid != os.getpid() or self._closed:
             return
         self._pending.append((off, tag))
+        if len(self._pending) < self._defer:
+            return  # applied by this process's next store operation
         try:
             self._drain()
         except Exception:  # pragma: no cover - a broken store; nothing to free into

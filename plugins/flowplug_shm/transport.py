@@ -306,7 +306,10 @@ class ShmTransport(flowplug.Transport):
         except flowplug.ConfigError:
             self.close()
             raise
-        self._take = self._store.take
+        self._take = self._store.take_sole  # ids come through our rings only
+        # Dropped views return with the next take (one lock per datapoint, not two); the
+        # consumer's wait applies them too, so a worker waiting for room never waits on them.
+        self._store.defer_frees(16)
         self._waiting = self._store.waiting
         self._endpoint = ShmEndpoint(self._store, self.address, self._token, slots)
         return self._endpoint
