@@ -13,9 +13,10 @@ system call: the rings' semaphores enter the kernel only to wake a side that sle
 add up to it (each worker at least one). The store bounds them in bytes (``size``).
 
 The store's file is unlinked before the consumer delivers the first datapoint, so a SIGKILL
-of the consumer leaves nothing in ``/dev/shm`` from then on: forked workers inherit the
-mapping (the consumer unlinks at its first ``recv``); spawned ones attach by name and say
-hello through a semaphore, and the consumer reads no datapoint until all have.
+of the consumer leaves nothing in ``/dev/shm``: forked workers inherit the mapping and its
+fd, so the consumer unlinks the file at once, before it starts them (nothing is left at
+any point); spawned ones attach by name and say hello through a semaphore, and the
+consumer reads no datapoint until all have.
 
 A full store makes a worker wait for room, except while the consumer waits too (for a
 datapoint, or to send a task): then the memory is held by the consumer itself (views it
@@ -291,9 +292,13 @@ class ShmTransport(flowplug.Transport):
             *self._store.channel_area(), slots
         )
         self._chan.init()  # before any worker starts
-        # Forked workers inherit the mapping: the name can go at the first recv(), after the
-        # fork. Spawned ones attach by name: it goes once all of them said hello.
-        self._unhello = set() if self.start_method == "fork" else set(range(self.num_workers))
+        # Forked workers inherit the mapping and its fd: the name can go now, before they
+        # even exist. Spawned ones attach by name: it goes once all of them said hello.
+        if self.start_method == "fork":
+            self._store.unlink()
+            self._unhello: set[int] = set()
+        else:
+            self._unhello = set(range(self.num_workers))
         self._unlinked = False
         self._next = 0
         self._copies: dict[int, collections.deque] = {}
