@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import TransportClosed
-from .transport import Endpoint
+from .transport import Connect
 
 _PR_SET_PDEATHSIG = 1
 
@@ -67,7 +67,7 @@ def worker_info() -> WorkerInfo | None:
 
 def run_worker(
     df: Any,
-    endpoint: Endpoint,
+    endpoint: Connect,
     info: WorkerInfo,
     stop: threading.Event | None = None,
     gate: Any = None,
@@ -82,7 +82,7 @@ def run_worker(
     """
     _local.info = info
     try:
-        sender = endpoint.connect(info.id)
+        sender = endpoint(info.id)
     except Exception:
         traceback.print_exc()
         return False
@@ -135,7 +135,7 @@ def run_worker(
 
 def process_main(
     df: Any,
-    endpoint: Endpoint,
+    endpoint: Connect,
     info: WorkerInfo,
     parent_pid: int,
     death_signal: bool,
