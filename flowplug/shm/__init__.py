@@ -16,9 +16,9 @@ memory: the store reuses it only after the last object referring to it is garbag
 How it works, one module per seam: :mod:`.segment` (the file, its layout, its locks,
 forks), :mod:`.allocator` (the free list, pure), :mod:`.store` (objects, views and their
 reference counts across processes) and :mod:`.dataflow` (:func:`empty`, :class:`PutData`,
-:class:`GetData`). The free list and the blocks' reference counts change only under a
-byte-range lock on the file (an open-file-description lock: the kernel drops it when a
-process dies, so a killed worker never leaves the store locked).
+:class:`GetData`), plus :mod:`.channel` (the ``shm`` transport's rings). The free list and
+the blocks' reference counts change only under the segment's robust mutex (when a process
+dies holding it, the next one goes on, so a killed worker never leaves the store locked).
 
 Names are ``<run id>-<random>``, the run id being ``fp-<owner pid>-<random>`` (a
 transport's own, or a new one); the owner holds a lock on the file while it lives, so
