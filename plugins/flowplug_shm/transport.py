@@ -37,6 +37,7 @@ copy.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import os
 import pickle
@@ -49,6 +50,8 @@ import zmq
 import flowplug
 from flowplug.shm import DEFAULT_SIZE, ObjectID, ObjectStore, dumps, use_store
 from flowplug.shm import channel as _channel
+
+logger = logging.getLogger("flowplug.shm")
 
 #: how long a closing worker keeps trying to deliver the copies it has sent (ms).
 _LINGER_MS = 5000
@@ -302,6 +305,7 @@ class ShmTransport(flowplug.TaskTransport):
         self._next = 0
         self._copies: dict[int, collections.deque] = {}
         self._copy_due: int | None = None  # a COPY entry read whose copy has not come yet
+        self._copies_received = 0
         self._token = secrets.token_bytes(_TOKEN_LEN)
         self._sockets = flowplug.ZmqSockets()
         self._sock: zmq.Socket | None = None
@@ -380,6 +384,13 @@ class ShmTransport(flowplug.TaskTransport):
             self._copies.setdefault(sender, collections.deque()).append(_load_copy(sock))
             got = self._copies.get(ring)
         self._copy_due = None
+        self._copies_received += 1
+        if self._copies_received == 1:
+            logger.info(
+                "the shm store (%d bytes) was full: datapoints travel as copies "
+                "until the consumer drops views; raise size= to avoid it",
+                self.option_values["size"],
+            )
         return got.popleft()
 
     def open_tasks(self) -> ShmTaskEndpoint:
@@ -420,6 +431,15 @@ class ShmTransport(flowplug.TaskTransport):
                 store.delete(oid)
             return False
         return True
+
+    def counters(self) -> dict[str, float]:
+        store = self._store
+        used = store.used if store is not None and not store.closed else 0
+        return {
+            "copies_received": self._copies_received,
+            "store_bytes_in_use": used,
+            "store_bytes": self.option_values["size"],
+        }
 
     def close(self) -> None:
         chan = getattr(self, "_chan", None)
