@@ -112,8 +112,14 @@ def main() -> None:
             json.dump(
                 {
                     "rows": [
-                        {"system": s, "payload": p, "workers": w, "items_per_s": med[(s, p, w)],
-                         "cpu_us_per_item": cpu[(s, p, w)], "rounds": rates[(s, p, w)]}
+                        {
+                            "system": s,
+                            "payload": p,
+                            "workers": w,
+                            "items_per_s": med[(s, p, w)],
+                            "cpu_us_per_item": cpu[(s, p, w)],
+                            "rounds": rates[(s, p, w)],
+                        }
                         for s, p, w in rows
                     ]
                 },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -76,7 +77,7 @@ def test_random_alloc_free_never_overlaps_and_returns_everything(seed):
             live[off] = n
         free = ext.extents()
         assert sum(n for _, n in free) + sum(live.values()) == size
-        assert all(a + n < b for (a, n), (b, _) in zip(free, free[1:], strict=False))  # merged
+        assert all(a + n < b for (a, n), (b, _) in itertools.pairwise(free))  # merged
     for off, n in live.items():
         ext.free(off, n)
     assert ext.extents() == [(0, size)] and ext.used == 0

@@ -316,9 +316,7 @@ def _shm_ring(payload: str, workers: int) -> Iterator[Iterator[Any]]:
     os.write(free_w, bytes(range(SHM_RING_SLOTS)))
     fork = mp.get_context("fork")
     procs = [
-        fork.Process(
-            target=_shm_ring_worker, args=(mm, slot, free_r, full_w, payload), daemon=True
-        )
+        fork.Process(target=_shm_ring_worker, args=(mm, slot, free_r, full_w, payload), daemon=True)
         for _ in range(workers)
     ]
     for proc in procs:

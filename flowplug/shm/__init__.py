@@ -27,7 +27,6 @@ were killed, even from another pid namespace sharing ``/dev/shm``. Nothing here 
 ``multiprocessing.shared_memory``, so its resource tracker never sees these segments.
 """
 
-
 from __future__ import annotations
 
 from .dataflow import GetData, PutData, current_store, empty, use_store

@@ -74,7 +74,6 @@ def dumps(obj: Any) -> list[Any]:
     return _dumps(obj, out_of_band_min=0)
 
 
-
 @dataclass(frozen=True)
 class ObjectID:
     """The id of an object in an :class:`ObjectStore`: small, hashable and picklable.
@@ -731,4 +730,3 @@ class ObjectStore:
         if not consume:
             buffers = [memoryview(b).toreadonly() for b in buffers]
         return pickle.loads(stream, buffers=buffers)
-

@@ -146,9 +146,7 @@ class ShmSender(flowplug.Sender):
 
 
 class ShmEndpoint(flowplug.Endpoint):
-    def __init__(
-        self, store: ObjectStore, address: str, token: bytes, slots: list[int]
-    ):
+    def __init__(self, store: ObjectStore, address: str, token: bytes, slots: list[int]):
         #: the consumer's store: forked workers inherit it; pickling (spawn) keeps the name.
         self.store: ObjectStore | None = store
         self.store_name = store.name
@@ -290,9 +288,7 @@ class ShmTransport(flowplug.TaskTransport):
             run_id=self.run_id,
             channel_bytes=_channel.layout(self.num_workers, slots),
         )
-        self._chan: _channel.Channels | None = _channel.Channels(
-            *self._store.channel_area(), slots
-        )
+        self._chan: _channel.Channels | None = _channel.Channels(*self._store.channel_area(), slots)
         self._chan.init()  # before any worker starts
         # Forked workers inherit the mapping and its fd: the name can go now, before they
         # even exist. Spawned ones attach by name: it goes once all of them said hello.
