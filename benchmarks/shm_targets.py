@@ -74,6 +74,9 @@ def main() -> None:
                 rates[row].append(res["items_per_s"])
                 if res.get("cpu_s_per_item") is not None:
                     cpus[row].append(res["cpu_s_per_item"] * 1e6)
+                # each row as it is measured: a run cut short still has its numbers
+                cpu_us = cpus[row][-1] if cpus[row] else float("nan")
+                print(f"  {row}: {res['items_per_s']:,.0f}/s, {cpu_us:,.1f} us CPU", flush=True)
             else:
                 print(f"  {row}: {res.get('status')}", flush=True)
         print(f"round {k + 1} done, load {os.getloadavg()}", flush=True)
