@@ -32,7 +32,7 @@ class _Pickler(pickle.Pickler):
         # numpy is loaded when an ndarray exists; `import flowplug` does not load it.
         np = sys.modules.get("numpy")
         if np is None or type(obj) is not np.ndarray:
-            return reduce_tensor(obj)  # a torch tensor as its memory (below)
+            return reduce_tensor(obj)  # a torch tensor as its memory (see below)
         dtype = obj.dtype
         if dtype.hasobject or obj.size == 0:
             return NotImplemented
@@ -184,3 +184,101 @@ def _rebuild_tensor(buf: Any, dtype: str, shape: tuple[int, ...], stride: tuple[
             view = memoryview(bytearray(view))
         flat = torch.frombuffer(view, dtype=torch.uint8)
     return flat.view(getattr(torch, dtype)).as_strided(shape, stride, 0)
+
+
+# ---------------------------------------------------------------------------- batches
+# A batch packs the frames of several small objects into one buffer, so that a transport
+# moves them as one message: [header, blob]. The header is a uint64 array
+# ``[n_objects, (n_frames, length, ...) per object]``; each frame starts in the blob at a
+# multiple of _ALIGN, so arrays rebuilt on top of the blob are aligned.
+
+_ALIGN = 16
+_PADDING = bytes(_ALIGN)
+
+
+class Batch:
+    """Accumulates the frames of small objects; :meth:`take` returns ``(header, blob)``."""
+
+    __slots__ = ("_blob", "_lengths", "count")
+
+    def __init__(self) -> None:
+        self._blob = bytearray()
+        self._lengths: list[int] = [0]
+        #: how many objects the batch holds.
+        self.count = 0
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._blob)
+
+    def add(self, frames: list[Any]) -> None:
+        """Copy one object's frames (as :func:`dumps` made them) into the batch."""
+        blob = self._blob
+        lengths = self._lengths
+        lengths.append(len(frames))
+        for frame in frames:
+            pad = -len(blob) % _ALIGN
+            if pad:
+                blob += b"\0" * pad
+            start = len(blob)
+            blob += frame
+            lengths.append(len(blob) - start)
+        self.count += 1
+
+    def take(self) -> tuple[bytes, bytearray]:
+        """Return ``(header, blob)`` and start a new, empty batch."""
+        lengths = self._lengths
+        lengths[0] = self.count
+        header = array("Q", lengths).tobytes()
+        blob = self._blob
+        self._blob = bytearray()
+        self._lengths = [0]
+        self.count = 0
+        return header, blob
+
+
+def batch_of_one(frames: list[Any]) -> tuple[bytes, list[Any], int]:
+    """Lay out one object's frames as a batch of one, without copying them.
+
+    For a transport that writes a large object with one gathered write (``writev``) where
+    it would write a :class:`Batch`: the receiver rebuilds both with :func:`unpack_batch`.
+
+    :returns: ``(header, parts, size)``: the batch header, the blob as a list of buffers
+        (the frames, with padding between them), and the blob's size in bytes.
+    """
+    lengths = [memoryview(f).nbytes for f in frames]
+    parts: list[Any] = []
+    size = 0
+    for frame, length in zip(frames, lengths, strict=True):
+        pad = -size % _ALIGN
+        if pad:
+            parts.append(_PADDING[:pad])
+            size += pad
+        parts.append(frame)
+        size += length
+    return array("Q", [1, len(frames), *lengths]).tobytes(), parts, size
+
+
+def unpack_batch(header: Any, blob: Any) -> list[Any]:
+    """Rebuild the objects of a batch (arrays are views of ``blob``)."""
+    lengths = memoryview(header).cast("B").cast("Q").tolist()
+    view = memoryview(blob).cast("B")
+    loads = pickle.loads
+    out = []
+    pos = 1
+    offset = 0
+    for _ in range(lengths[0]):
+        n = lengths[pos]
+        if n == 1:  # the common case, a small object: one frame, no buffers
+            length = lengths[pos + 1]
+            out.append(loads(view[offset : offset + length]))
+            offset += length + (-length % _ALIGN)
+            pos += 2
+            continue
+        frames = []
+        for length in lengths[pos + 1 : pos + 1 + n]:
+            frames.append(view[offset : offset + length])
+            offset += length + (-length % _ALIGN)
+        pos += n + 1
+        out.append(loads(frames[0], buffers=frames[1:]))
+    return out
