@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
+from ._passcheck import START, fingerprint, mix, seed_pass
 from ._resume import PassStart, Resumed, load_into, take_state
 from .errors import TransportClosed
 from .transport import EMPTY, TaskReceiver
@@ -52,6 +53,10 @@ class EpochEnd:
 
     worker_id: int
     epoch: int
+    #: a checked pass (shard mode without ``shard()``): how many items the whole pass had,
+    #: and its digest (flowplug._passcheck); -1 when unchecked or abandoned.
+    count: int = -1
+    digest: int = 0
 
 
 class _Stopped(TransportClosed):
@@ -140,43 +145,108 @@ class ShardGate:
         if plan is not None and plan.states is not None:
             load_into(target, plan.state_for(w))
         skip = plan.skip if plan is not None else None
+        # Without shard(), every worker reads whole passes: make them equal, and check it.
+        checked = source is None and n > 1
+        # the runner's seed, the same in every worker (each worker's seed is it + id)
+        base_seed = (info.seed - w) % 2**31
         send = sender.send
         # Before any wait, push out what a batching sender holds: the consumer may be
         # waiting for exactly those items before it can give a credit back.
         flush = sender.flush
         notices = self.notices
-        credits = self.credits
-        try_acquire = credits.acquire
         epoch = 0
         while stop is None or not stop.is_set():
             notices.wait_for(epoch - 1, stop)
+            end = EpochEnd(w, epoch)
             if notices.poll() <= epoch:
                 # The state this pass starts from: what a resumed run loads (no credit).
                 send(PassStart(w, epoch, take_state(target)))
                 flush()
-                items = source if source is not None else itertools.islice(df, w, None, n)
-                index = w
-                next_check = monotonic() + NOTICE_CHECK
-                for dp in items:
-                    if skip is not None and index in skip:  # received before the resume
-                        index += n
-                        continue
-                    if not try_acquire(False):
-                        flush()
-                        _acquire(credits, stop)
-                        next_check = 0.0  # we waited: the consumer may have moved on
-                    if monotonic() >= next_check:
-                        if notices.poll() > epoch:  # the consumer left this epoch
-                            credits.release()
-                            break
-                        next_check = monotonic() + NOTICE_CHECK
-                    send((epoch, index, dp))
-                    index += n
-            send(EpochEnd(w, epoch))
+                if checked:
+                    end = self._checked_pass(df, sender, info, stop, epoch, base_seed, skip)
+                else:
+                    end = self._pass(source, df, sender, info, stop, epoch, skip)
+            send(end)
             flush()  # the consumer ends the epoch on this marker
             epoch += 1
             skip = None  # only the first pass of a resumed run skips
         raise _Stopped("the runner stopped")
+
+    def _pass(
+        self,
+        source: Any,
+        df: Any,
+        sender: Any,
+        info: WorkerInfo,
+        stop: threading.Event | None,
+        epoch: int,
+        skip: Any,
+    ) -> EpochEnd:
+        """This worker's items of one pass: its shard, or every n-th item of ``df``."""
+        w, n = info.id, info.num_workers
+        send = sender.send
+        flush = sender.flush
+        notices = self.notices
+        credits = self.credits
+        try_acquire = credits.acquire
+        items = source if source is not None else itertools.islice(df, w, None, n)
+        index = w
+        next_check = monotonic() + NOTICE_CHECK
+        for dp in items:
+            if skip is not None and index in skip:  # received before the resume
+                index += n
+                continue
+            if not try_acquire(False):
+                flush()
+                _acquire(credits, stop)
+                next_check = 0.0  # we waited: the consumer may have moved on
+            if monotonic() >= next_check:
+                if notices.poll() > epoch:  # the consumer left this epoch
+                    credits.release()
+                    break
+                next_check = monotonic() + NOTICE_CHECK
+            send((epoch, index, dp))
+            index += n
+        return EpochEnd(w, epoch)
+
+    def _checked_pass(
+        self,
+        df: Any,
+        sender: Any,
+        info: WorkerInfo,
+        stop: threading.Event | None,
+        epoch: int,
+        base_seed: int,
+        skip: Any,
+    ) -> EpochEnd:
+        """One whole pass of ``df``, seeded as in every other worker; sends this worker's
+        items, each with the pass's digest before and after it (flowplug._passcheck)."""
+        w, n = info.id, info.num_workers
+        send = sender.send
+        flush = sender.flush
+        notices = self.notices
+        credits = self.credits
+        try_acquire = credits.acquire
+        seed_pass(df, mix(base_seed, epoch) & 0x7FFFFFFF)
+        digest = START
+        position = -1
+        next_check = monotonic() + NOTICE_CHECK
+        for position, dp in enumerate(df):
+            before = digest
+            digest = mix(digest, fingerprint(dp))
+            if position % n != w or (skip is not None and position in skip):
+                continue  # another worker's item, or one received before a resume
+            if not try_acquire(False):
+                flush()
+                _acquire(credits, stop)
+                next_check = 0.0
+            if monotonic() >= next_check:
+                if notices.poll() > epoch:
+                    credits.release()
+                    return EpochEnd(w, epoch)  # abandoned: nothing to compare
+                next_check = monotonic() + NOTICE_CHECK
+            send((epoch, position, dp, before, digest))
+        return EpochEnd(w, epoch, position + 1, digest)
 
 
 class MapWork:
