@@ -716,6 +716,6 @@ def _resume_shard_state(runner: Runner) -> dict[str, Any]:
             )
         obj = runner._next_slow(run.transport.recv(POLL_INTERVAL))
         if runner._file(obj, k):  # an item of epoch k: its iteration yields it from there
-            runner._ahead.setdefault(k, {})[obj[1]] = obj[2]
+            runner._ahead.setdefault(k, {})[obj[1]] = obj[2] if len(obj) == 3 else obj[2:]
     states = [passes[w] for w in range(n)]
     return progress.to_dict(k, received, n, None if all(s is None for s in states) else states)
