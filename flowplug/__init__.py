@@ -26,6 +26,7 @@ from .ipc import ZmqSockets, bind_ipc
 from .parallel import ParallelMap
 from .plugins import available_transports, get_transport, load_config, reload_plugins
 from .runner import Runner
+from .stats import RunnerStats, WorkerStats
 from .transport import (
     EMPTY,
     Endpoint,
@@ -74,6 +75,7 @@ __all__ = [
     "PluginError",
     "ProcessWorkers",
     "Runner",
+    "RunnerStats",
     "RunnerTimeout",
     "Sender",
     "Settings",
@@ -91,6 +93,7 @@ __all__ = [
     "WorkerError",
     "WorkerGroup",
     "WorkerInfo",
+    "WorkerStats",
     "ZmqSockets",
     "available_transports",
     "bind_ipc",
