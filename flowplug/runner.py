@@ -342,6 +342,10 @@ class Runner:
         if self._run is not None or self._closed:
             raise _resume.refuse_started(type(self).__name__)
         self._progress.load(state, self.num_workers)
+        if self._progress.seed is not None:
+            # The run's seed: the passes of a dataflow without shard() are seeded from it
+            # and the absolute epoch, so the resumed passes are the saved run's passes.
+            self.seed = self._progress.seed
 
     # ------------------------------------------------------------------ iteration
 
@@ -761,7 +765,7 @@ def _resume_shard_state(runner: Runner) -> dict[str, Any]:
     run = runner._run
     if run is None:  # not started: what was loaded, or a fresh start
         states = progress.states if k == 0 else None
-        return progress.to_dict(k, received, n, states)
+        return progress.to_dict(k, received, n, states, runner.seed)
     passes = progress.passes.setdefault(k, {})
     while len(passes) < n:
         if runner._closed:
@@ -773,7 +777,8 @@ def _resume_shard_state(runner: Runner) -> dict[str, Any]:
         if runner._file(obj, k):  # an item of epoch k: its iteration yields it from there
             runner._ahead.setdefault(k, {})[obj[1]] = obj[2] if len(obj) == 3 else obj[2:]
     states = [passes[w] for w in range(n)]
-    return progress.to_dict(k, received, n, None if all(s is None for s in states) else states)
+    states_ = None if all(s is None for s in states) else states
+    return progress.to_dict(k, received, n, states_, runner.seed)
 
 
 def _stats_hook() -> Any:
