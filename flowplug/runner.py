@@ -54,6 +54,19 @@ class _Run:
         self.workers = workers
         self.control = control
         self.owner_pid = os.getpid()
+        self.halted = False
+
+    def halt(self) -> None:
+        """Stop the workers but keep the transport open, so that what they sent before
+        can still be received. Thread workers are only asked to stop: they end at their
+        next send once the transport is closed."""
+        if self.halted:
+            return
+        self.halted = True
+        if isinstance(self.workers, ThreadWorkers):
+            self.workers.request_stop()
+        else:
+            self.workers.stop()
 
     def shutdown(self) -> None:
         if os.getpid() != self.owner_pid:
@@ -64,7 +77,9 @@ class _Run:
             self.transport.close()  # wakes senders blocked on a full transport
             workers.stop()
         else:
-            workers.stop()
+            if not self.halted:
+                self.halted = True
+                workers.stop()
             self.transport.close()
         if self.control is not None:
             self.control.close()
@@ -374,7 +389,12 @@ class Runner:
         )
 
     def _next_slow(self, obj: Any) -> Any:
-        """Handle everything that is not a plain datapoint; return the next datapoint."""
+        """Handle everything that is not a plain datapoint; return the next datapoint.
+
+        A worker that ended (a :class:`Death`) is reported only once what the workers
+        sent before is delivered: the workers are stopped first, so that this is finite,
+        and an error report found on the way wins over the death it explains.
+        """
         run = self._run
         assert run is not None
         waited = POLL_INTERVAL if obj is EMPTY else 0.0
@@ -384,7 +404,18 @@ class Runner:
                 raise self._fail(_worker_error(obj))
             death = run.workers.death
             if death is not None:
-                raise self._fail(_worker_died(death))
+                if not run.halted:
+                    run.halt()
+                    if isinstance(run.workers, ThreadWorkers):
+                        obj = EMPTY  # threads keep sending until closed: do not drain
+                if obj is EMPTY:
+                    obj = run.transport.recv(POLL_INTERVAL)
+                    if obj is EMPTY:
+                        if death.failure is not None:
+                            raise self._fail(_worker_error(death.failure))
+                        raise self._fail(_worker_died(death))
+                    continue
+                return obj
             if obj is not EMPTY:
                 return obj
             if self.timeout is not None and time.monotonic() - started > self.timeout:
@@ -504,6 +535,10 @@ def _worker_error(failure: RemoteFailure) -> WorkerError:
         where = f"in fn on input {failure.index}"
     elif failure.phase == "reset_state":
         where = "in reset_state()"
+    elif failure.phase == "start":
+        where = "while starting (before it could run the dataflow)"
+    elif failure.phase == "connect":
+        where = "while connecting to the transport"
     else:
         where = "while iterating"
     return WorkerError(

@@ -291,6 +291,11 @@ class Death:
     exitcode: int | None
     #: what else is known, e.g. the node it ran on or the cluster's own words.
     reason: str = ""
+    #: the worker's own account of why it ended (a :class:`flowplug.worker.RemoteFailure`)
+    #: when it failed in a way it could not report through the transport (it could not
+    #: connect, or the transport broke); the Runner then raises a
+    #: :class:`~flowplug.WorkerError` from it instead of a :class:`~flowplug.WorkerDied`.
+    failure: Any = None
 
     def describe(self) -> str:
         code = self.exitcode
