@@ -177,6 +177,8 @@ class Runner:
         self._run: _Run | None = None
         self._closed = False
         self._failure: BaseException | None = None
+        #: after a death: how many more objects to take from the transport (None: all).
+        self._drain_left: int | None = None
         self._finalizer: weakref.finalize | None = None
         self.mode = mode
         self.ordered = ordered
@@ -406,15 +408,20 @@ class Runner:
             if death is not None:
                 if not run.halted:
                     run.halt()
-                    if isinstance(run.workers, ThreadWorkers):
-                        obj = EMPTY  # threads keep sending until closed: do not drain
-                if obj is EMPTY:
+                    # Threads keep sending until the transport closes: take at most what
+                    # the transport held when the death was noticed (FIFO), no more.
+                    threads = isinstance(run.workers, ThreadWorkers)
+                    self._drain_left = self.capacity + self.num_workers if threads else None
+                if obj is EMPTY and self._drain_left != 0:
                     obj = run.transport.recv(POLL_INTERVAL)
-                    if obj is EMPTY:
-                        if death.failure is not None:
-                            raise self._fail(_worker_error(death.failure))
-                        raise self._fail(_worker_died(death))
-                    continue
+                    if obj is not EMPTY:
+                        continue  # an error report on the way wins over the death
+                if obj is EMPTY or self._drain_left == 0:
+                    if death.failure is not None:
+                        raise self._fail(_worker_error(death.failure))
+                    raise self._fail(_worker_died(death))
+                if self._drain_left is not None:
+                    self._drain_left -= 1
                 return obj
             if obj is not EMPTY:
                 return obj

@@ -25,6 +25,11 @@ from faultlib import (
     scenario_unpicklable,
     scenario_worker_dies,
     scenario_worker_raises,
+    scenario_report_with_closed_stdio,
+    scenario_broken_str,
+    scenario_cannot_connect,
+    scenario_report_cannot_be_sent,
+    scenario_dataflow_fails_to_load,
 )
 
 
@@ -106,3 +111,26 @@ def test_17_strangers_bytes_are_never_unpickled(transport):
 
 def test_18_a_flooding_worker_cannot_hold_back_an_error(transport):
     assert scenario_fair(transport) == 1
+
+
+def test_19_error_report_survives_closed_stdio_and_comes_after_the_data(transport):
+    assert scenario_report_with_closed_stdio(transport) == 1
+
+
+def test_20_exception_whose_str_raises(transport):
+    assert scenario_broken_str(transport) == 1
+
+
+@pytest.mark.parametrize("in_threads", [False, True], ids=["processes", "threads"])
+def test_21_worker_that_cannot_connect(in_threads):
+    assert scenario_cannot_connect(in_threads) == 1
+
+
+@pytest.mark.parametrize("in_threads", [False, True], ids=["processes", "threads"])
+def test_22_report_that_cannot_go_through_the_transport(in_threads):
+    assert scenario_report_cannot_be_sent(in_threads) == 1
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_23_dataflow_that_fails_to_load_in_the_worker(transport, start_method):
+    scenario_dataflow_fails_to_load(transport, start_method)
