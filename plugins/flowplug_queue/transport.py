@@ -89,22 +89,36 @@ class QueueSender(flowplug.BatchingSender):
         self._slots.acquire()
         try:
             _write_all(self._fd, iov)
-        except OSError as exc:
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # Only these mean the reading end is gone. Anything else (EINVAL, ENOMEM...)
+            # is a failure of this worker, reported with its cause.
             raise flowplug.TransportClosed(f"the consumer closed the queue: {exc}") from exc
 
     def release(self) -> None:
         self._conn.close()
 
 
+def _iov_max() -> int:
+    try:
+        value = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        value = -1
+    return value if value > 0 else 16  # POSIX guarantees at least 16
+
+
+#: how many buffers one writev() takes (1024 on Linux); more is EINVAL.
+_IOV_MAX = _iov_max()
+
+
 def _write_all(fd: int, iov: list[Any]) -> None:
     views = [memoryview(b).cast("B") for b in iov]
+    views.reverse()  # pop() from the end: a datapoint may have thousands of buffers
     while views:
-        n = os.writev(fd, views)
-        while views and n >= views[0].nbytes:
-            n -= views[0].nbytes
-            views.pop(0)
+        n = os.writev(fd, views[: -_IOV_MAX - 1 : -1])
+        while views and n >= views[-1].nbytes:
+            n -= views.pop().nbytes
         if n:
-            views[0] = views[0][n:]
+            views[-1] = views[-1][n:]
 
 
 class QueueEndpoint(flowplug.Endpoint):

@@ -1144,3 +1144,29 @@ def scenario_dataflow_fails_to_load(transport: str, start_method: str) -> int:
     assert err.exc_type == "ImportError" and "only_in_the_consumer" in str(err), str(err)
     assert "starting" in str(err) and "__setstate__" in err.remote_traceback, str(err)
     return 1
+
+
+class ManyBuffers(fp.DataFlow):
+    """One datapoint per pass: a list of ``n`` arrays, each large enough to travel out
+    of band (its own frame, its own writev buffer)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[Any]:
+        yield [np.full(4096, i, np.int32) for i in range(self.n)]
+
+
+def scenario_many_buffers(transport: str) -> int:
+    """24. A datapoint with more out-of-band buffers than one system call takes
+    (IOV_MAX is 1024 on Linux): delivered whole on every transport."""
+    for n in (1100, 5000):
+        with fp.Runner(ManyBuffers(n), transport=transport, num_workers=1, timeout=60) as runner:
+            for _ in range(2):
+                (got,) = list(runner)
+                assert len(got) == n
+                assert all(a.shape == (4096,) and a[0] == a[-1] == i for i, a in enumerate(got))
+    return 1

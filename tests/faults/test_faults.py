@@ -30,6 +30,7 @@ from faultlib import (
     scenario_cannot_connect,
     scenario_report_cannot_be_sent,
     scenario_dataflow_fails_to_load,
+    scenario_many_buffers,
 )
 
 
@@ -134,3 +135,7 @@ def test_22_report_that_cannot_go_through_the_transport(in_threads):
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
 def test_23_dataflow_that_fails_to_load_in_the_worker(transport, start_method):
     scenario_dataflow_fails_to_load(transport, start_method)
+
+
+def test_24_a_datapoint_with_thousands_of_buffers(transport):
+    assert scenario_many_buffers(transport) == 1
