@@ -27,7 +27,7 @@ def _registry() -> plugins.TransportRegistry:
     """The registry, plus the plugins a valid config file names (autoload off)."""
     registry = plugins.get_registry()
     try:
-        settings = config.gather_settings()
+        settings = config.read_settings()
     except ConfigError:
         return registry  # `flowplug config` and `flowplug doctor` report a bad config
     if settings.plugins:
@@ -80,7 +80,7 @@ def _cmd_transports(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    settings = config.load_config(args.file)
+    settings = plugins.load_config(args.file)
     registry = plugins.get_registry()
     values = {key: getattr(settings, key) for key in config.SETTINGS}
     values["plugins"] = list(values["plugins"])
@@ -148,7 +148,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
             check("FAIL", f"{dist} is not installed ({purpose} needs it): pip install {dist}")
     # The config first: its plugins = [...] load before the transports are listed.
     try:
-        settings = config.load_config()
+        settings = plugins.load_config()
     except FlowplugError as exc:
         check("FAIL", f"config: {exc}")
     else:
@@ -267,14 +267,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     # Imported here: the harness (and numpy) is not needed by the other commands.
     from . import bench
     from .bench.harness import PEER_KEYS
-    from .config import resolve_settings
 
     if args.all:
         args.transport = args.transport or ["all"]
         args.peers = args.peers or "all"
         args.workers = args.workers or [1, 2]
         args.touch = args.touch or "both"
-    transports = args.transport or [resolve_settings().transport]
+    transports = args.transport or [plugins.load_config().transport]
     if "all" in transports:
         transports = sorted(plugins.available_transports())
     for name in transports:

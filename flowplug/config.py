@@ -22,21 +22,17 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import plugins
-from .errors import ConfigError, PluginError, TransportNotFound
-from .transport import Option
+from .errors import ConfigError
+from .transport import Option, Transport, option_defaults
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - tomllib is in the standard library from 3.11 on
     import tomli as tomllib
-
-if TYPE_CHECKING:
-    from .transport import Transport
 
 START_METHODS = ("fork", "spawn", "forkserver")
 #: the config file read from the working directory.
@@ -90,7 +86,7 @@ class Settings:
 
         :raises flowplug.ConfigError: an explicit option is unknown or of the wrong type.
         """
-        merged = {opt.name: opt.default for opt in transport.options}
+        merged = option_defaults(transport.options)
         merged.update(self.transports.get(transport.name, {}))
         merged.update(
             validate_options(transport.name, transport.options, explicit or {}, defaults=False)
@@ -113,30 +109,22 @@ SETTINGS = ("transport", "num_workers", "capacity", "start_method", "timeout", "
 FILE_KEYS = (*SETTINGS, "transports")
 
 
-# ---------------------------------------------------------------------------- entry points
+# ---------------------------------------------------------------------------- reading
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Return the effective settings: environment variables over config files over defaults.
+def read_settings(path: str | os.PathLike[str] | None = None, **explicit: Any) -> Settings:
+    """Read and type-check every source, highest first: ``explicit`` (None means "not
+    given"), environment variables, config files, defaults.
+
+    Plugins are not loaded here: :func:`flowplug.load_config` also checks the transport
+    tables against the installed transports.
 
     :param path: a config file to read instead of ``./flowplug.toml`` and
         ``./pyproject.toml``; a file named ``pyproject.toml`` is read for its
         ``[tool.flowplug]`` table, any other file from its top level.
     :raises flowplug.ConfigError: a bad key or value; the message names the file or
         variable, the key, the value and the valid choices.
-    :raises flowplug.TransportNotFound: the selected transport is not installed.
-    :raises flowplug.PluginError: the selected transport's plugin is broken.
     """
-    return resolve_settings(path)
-
-
-def resolve_settings(path: str | os.PathLike[str] | None = None, **explicit: Any) -> Settings:
-    """:func:`load_config` with explicit arguments on top (None means "not given")."""
-    return _check(gather_settings(path, **explicit))
-
-
-def gather_settings(path: str | os.PathLike[str] | None = None, **explicit: Any) -> Settings:
-    """Read and type-check every source, without loading plugins (see :func:`load_config`)."""
     layers: list[tuple[str, dict[str, Any]]] = []  # (source, {key: parsed value}), highest first
     given = {k: v for k, v in explicit.items() if v is not None}
     unknown = sorted(set(given) - set(SETTINGS))
@@ -398,56 +386,6 @@ def _coerce_option(transport: str, opt: Option, value: Any, where: str, strict: 
         f"{label}: option {opt.name!r} of transport {transport!r} must be "
         f"{opt.type.__name__}, got {type(value).__name__}"
     )
-
-
-# ---------------------------------------------------------------------------- checks with plugins
-
-
-def _check(settings: Settings) -> Settings:
-    """Load the named plugins, validate the transport tables and the selected transport."""
-    registry = plugins.get_registry()
-    if settings.plugins:
-        registry.ensure(settings.plugins, settings.source("plugins"))
-    tables: dict[str, dict[str, Any]] = {}
-    for name, options in settings.transports.items():
-        if name in registry.broken or name in registry.conflicts:
-            tables[name] = dict(options)  # selecting it raises the plugin's own error
-            continue
-        if name not in registry.transports:
-            where = settings.source(f"transports.{name}")
-            available = sorted(registry.transports)
-            raise ConfigError(
-                f"{where}: table [transports.{name}] names no installed transport; "
-                f"available: {', '.join(available)}" + _did_you_mean(name, available)
-            )
-        cls = registry.transports[name]
-        tables[name] = {}
-        for key, value in options.items():
-            source = settings.source(f"transports.{name}.{key}")
-            prefix = "tool.flowplug." if source.endswith("[tool.flowplug]") else ""
-            tables[name].update(
-                validate_options(
-                    name,
-                    cls.options,
-                    {key: value},
-                    f"{source}: [{prefix}transports.{name}]",
-                    strict=True,
-                    defaults=False,
-                )
-            )
-    try:
-        registry.get(settings.transport)
-    except TransportNotFound as exc:
-        source = settings.source("transport")
-        if source in (DEFAULT, ARGUMENT):
-            raise
-        raise TransportNotFound(exc.name, exc.available, exc.suggestion, where=source) from None
-    except PluginError as exc:
-        source = settings.source("transport")
-        if source in (DEFAULT, ARGUMENT):
-            raise
-        raise PluginError(f"{source}: transport = {settings.transport!r}: {exc}") from exc
-    return replace(settings, transports=tables)
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

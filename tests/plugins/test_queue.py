@@ -1,4 +1,5 @@
-"""The queue transport's own edges: writev limits and what an error from the pipe means."""
+"""The pipe framing (flowplug.pipes) and the queue transport's own edges: writev limits,
+and what an error from the pipe means."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import threading
 
 import numpy as np
 import pytest
-from flowplug_queue.transport import _IOV_MAX, QueueSender, _write_all
+from flowplug_queue.transport import QueueSender
 
 import flowplug as fp
+from flowplug.pipes import IOV_MAX, write_all
 
 
 def test_write_all_takes_more_buffers_than_iov_max():
-    """One writev() takes at most IOV_MAX buffers (EINVAL beyond): _write_all chunks."""
-    parts = [bytes([i % 251]) * (1 + i % 7) for i in range(3 * _IOV_MAX + 5)]
+    """One writev() takes at most IOV_MAX buffers (EINVAL beyond): write_all chunks."""
+    parts = [bytes([i % 251]) * (1 + i % 7) for i in range(3 * IOV_MAX + 5)]
     expected = b"".join(parts)
     r, w = os.pipe()
     got = bytearray()
@@ -26,7 +28,7 @@ def test_write_all_takes_more_buffers_than_iov_max():
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        _write_all(w, parts)
+        write_all(w, parts)
         reader.join(30)
     finally:
         os.close(w)
@@ -55,7 +57,7 @@ def test_einval_is_an_error_not_a_closed_transport():
             sender.send(np.zeros(100_000, np.uint8))
         assert not isinstance(info.value, fp.TransportClosed)
     finally:
-        sender.release()
+        sender.disconnect()
 
 
 def test_broken_pipe_is_a_closed_transport():
@@ -66,4 +68,4 @@ def test_broken_pipe_is_a_closed_transport():
         with pytest.raises(fp.TransportClosed):
             sender.send(np.zeros(100_000, np.uint8))
     finally:
-        sender.release()
+        sender.disconnect()
