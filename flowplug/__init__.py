@@ -32,9 +32,10 @@ from .transport import (
     Sender,
     TaskEndpoint,
     TaskReceiver,
+    TaskTransport,
     Transport,
 )
-from .worker_groups import ControlSink, Death, ProcessWorkers, WorkerGroup
+from .worker_groups import ControlSink, Death, OwnWorkersTransport, ProcessWorkers, WorkerGroup
 from .worker_loop import WorkerInfo, worker_info
 
 __version__ = "0.1.0"
@@ -67,6 +68,7 @@ __all__ = [
     "FlowplugError",
     "ObjectNotFound",
     "Option",
+    "OwnWorkersTransport",
     "ParallelMap",
     "PluginError",
     "ProcessWorkers",
@@ -78,6 +80,7 @@ __all__ = [
     "StoreFull",
     "TaskEndpoint",
     "TaskReceiver",
+    "TaskTransport",
     "Transport",
     "TransportClosed",
     "TransportNotFound",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import TransportClosed
-from .transport import Endpoint
+from .transport import Connect
 
 _PR_SET_PDEATHSIG = 1
 
@@ -72,7 +72,7 @@ REPORTED = "reported"
 
 def run_worker(
     df: Any,
-    endpoint: Endpoint,
+    endpoint: Connect,
     info: WorkerInfo,
     stop: threading.Event | None = None,
     gate: Any = None,
@@ -93,7 +93,7 @@ def run_worker(
     phase = "connect"
     sender = None
     try:
-        sender = endpoint.connect(info.id)
+        sender = endpoint(info.id)
         phase = "reset_state"
         df.reset_state()
         phase = "iteration"
@@ -179,7 +179,7 @@ def _with_note(failure: RemoteFailure, note: str) -> RemoteFailure:
 
 def process_main(
     df: Any,
-    endpoint: Endpoint,
+    endpoint: Connect,
     info: WorkerInfo,
     parent_pid: int,
     death_signal: bool,
