@@ -51,7 +51,7 @@ def test_einval_is_an_error_not_a_closed_transport():
     """Only a broken pipe means the consumer is gone. EINVAL (here: an eventfd, which
     takes 8-byte writes only) is the worker's failure and must be reported as one, not
     taken for TransportClosed (which ends the worker as if it had been stopped)."""
-    sender = QueueSender(_Conn(os.eventfd(0)), threading.Semaphore(10), 1, 0.0)
+    sender = QueueSender([_Conn(os.eventfd(0))], [threading.Semaphore(10)], 1, 0.0, 0)
     try:
         with pytest.raises(OSError) as info:
             sender.send(np.zeros(100_000, np.uint8))
@@ -63,7 +63,7 @@ def test_einval_is_an_error_not_a_closed_transport():
 def test_broken_pipe_is_a_closed_transport():
     r, w = os.pipe()
     os.close(r)
-    sender = QueueSender(_Conn(w), threading.Semaphore(10), 1, 0.0)
+    sender = QueueSender([_Conn(w)], [threading.Semaphore(10)], 1, 0.0, 0)
     try:
         with pytest.raises(fp.TransportClosed):
             sender.send(np.zeros(100_000, np.uint8))
