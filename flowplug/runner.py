@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from . import _resume, plugins
+from . import _exc, _resume, plugins
 from ._gates import Control, EpochEnd
 from ._sweep import new_run_id, sweep_stale
 from .config import ARGUMENT
@@ -588,6 +588,8 @@ def _length(df: Any) -> int | None:
 
 
 def _worker_error(failure: RemoteFailure) -> WorkerError:
+    """The exception the consumer raises for a worker's report: a ``WorkerError`` that is
+    also of the original type where that type allows it (see flowplug._exc)."""
     if failure.phase == "map":
         where = f"in fn on input {failure.index}"
     elif failure.phase == "reset_state":
@@ -598,13 +600,21 @@ def _worker_error(failure: RemoteFailure) -> WorkerError:
         where = "while connecting to the transport"
     else:
         where = "while iterating"
-    return WorkerError(
-        f"worker {failure.worker_id} raised {failure.exc_type} {where}: {failure.message}\n"
-        f"\nRemote traceback:\n{failure.traceback}",
+    # passed on from a runner inside the worker: say from where, once
+    passed = f", passed on from its own {failure.origin}" if failure.origin else ""
+    original = failure.original
+    if original is not None and original.__traceback__ is not None:
+        original.__traceback__ = None  # a live exception of a worker thread: drop its frames
+    return _exc.combine(
+        original,
+        f"worker {failure.worker_id} raised {failure.exc_type} {where}{passed}: "
+        f"{failure.message}\n\nRemote traceback:\n{failure.traceback}",
         worker_id=failure.worker_id,
         exc_type=failure.exc_type,
         remote_traceback=failure.traceback,
         index=failure.index,
+        remote_message=failure.message,
+        origin=f"worker {failure.worker_id} {where}{passed}",
     )
 
 

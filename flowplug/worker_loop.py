@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import multiprocessing
 import os
 import pickle
@@ -15,7 +16,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import TransportClosed
+from . import _exc
+from .errors import TransportClosed, WorkerError
 from .transport import Connect
 
 _PR_SET_PDEATHSIG = 1
@@ -35,7 +37,7 @@ class WorkerInfo:
 
 @dataclass(frozen=True)
 class RemoteFailure:
-    """An exception raised inside a worker, as sent to the consumer (strings only)."""
+    """An exception raised inside a worker, as sent to the consumer."""
 
     worker_id: int
     phase: str  # "reset_state", "iteration" or "map"
@@ -44,6 +46,74 @@ class RemoteFailure:
     traceback: str
     #: ParallelMap: the index of the input whose fn raised.
     index: int | None = None
+    #: the exception itself: the live object between threads; after pickling, the copy
+    #: rebuilt in the consumer, or None when that was impossible (see flowplug._exc).
+    original: BaseException | None = None
+    #: an error a runner inside this worker passed on: where it was raised, as that
+    #: runner described it ("worker 0 in fn on input 7"); empty otherwise.
+    origin: str = ""
+
+    @classmethod
+    def of(cls, exc: BaseException, worker_id: int, phase: str, index: int | None) -> RemoteFailure:
+        """The report of ``exc``; a ``WorkerError`` of a nested runner is passed on as the
+        error it reports, so that the consumer's message does not wrap it twice."""
+        if isinstance(exc, WorkerError) and exc._origin:
+            return cls(
+                worker_id,
+                phase,
+                exc.exc_type,
+                exc._remote_message,
+                exc.remote_traceback,
+                index,
+                exc.original,
+                exc._origin,
+            )
+        try:
+            message = str(exc)
+        except Exception as str_failed:
+            message = f"<str() of the exception raised {type(str_failed).__name__}>"
+        return cls(
+            worker_id,
+            phase,
+            type(exc).__name__,
+            message,
+            "".join(traceback.format_exception(exc)),
+            index,
+            exc,
+        )
+
+    def __reduce__(self) -> Any:
+        # The exception travels packed (flowplug._exc.pack), so that unpickling the report
+        # itself cannot fail in the consumer, whatever the exception's class does.
+        packed = _exc.pack(self.original) if self.original is not None else None
+        return (
+            _rebuild_failure,
+            (
+                self.worker_id,
+                self.phase,
+                self.exc_type,
+                self.message,
+                self.traceback,
+                self.index,
+                packed,
+                self.origin,
+            ),
+        )
+
+
+def _rebuild_failure(
+    worker_id: int,
+    phase: str,
+    exc_type: str,
+    message: str,
+    traceback: str,
+    index: int | None,
+    packed: bytes | None,
+    origin: str,
+) -> RemoteFailure:
+    return RemoteFailure(
+        worker_id, phase, exc_type, message, traceback, index, _exc.unpack(packed), origin
+    )
 
 
 class TaskFailed(Exception):
@@ -143,19 +213,18 @@ def run_worker(
 def make_failure(
     worker_id: int, phase: str, exc: BaseException, index: int | None = None
 ) -> RemoteFailure:
-    """Describe ``exc`` as a :class:`RemoteFailure`; never raises (``str(exc)`` may)."""
+    """Describe ``exc`` as a :class:`RemoteFailure`; never raises."""
     try:
-        tb = "".join(traceback.format_exception(exc))
-    except BaseException as err:  # a broken __str__ or __repr__ in the chain
-        tb = f"(the traceback could not be formatted: {_describe(err)})\n"
-    return RemoteFailure(
-        worker_id=worker_id,
-        phase=phase,
-        exc_type=type(exc).__name__,
-        message=_describe(exc, with_type=False),
-        traceback=tb,
-        index=index,
-    )
+        return RemoteFailure.of(exc, worker_id, phase, index)
+    except BaseException as err:  # a __str__ or __repr__ that raises more than Exception
+        return RemoteFailure(
+            worker_id,
+            phase,
+            type(exc).__name__,
+            _describe(exc, with_type=False),
+            f"(the traceback could not be formatted: {_describe(err)})\n",
+            index,
+        )
 
 
 def _describe(exc: BaseException, with_type: bool = True) -> str:
@@ -167,14 +236,7 @@ def _describe(exc: BaseException, with_type: bool = True) -> str:
 
 
 def _with_note(failure: RemoteFailure, note: str) -> RemoteFailure:
-    return RemoteFailure(
-        failure.worker_id,
-        failure.phase,
-        failure.exc_type,
-        failure.message,
-        f"{failure.traceback}\n({note})\n",
-        failure.index,
-    )
+    return dataclasses.replace(failure, traceback=f"{failure.traceback}\n({note})\n")
 
 
 def process_main(
