@@ -189,8 +189,9 @@ class ParallelMap(Runner):
         progress.passes[k] = {0: self._source_state()}
         got = progress.got.add
         transport = run.transport
-        recv = transport.recv
-        send_task = transport.send_task
+        # Through the run: close() from another thread waits until these return.
+        recv = run.recv
+        send_task = run.send_task
         workers = run.workers
         cap = self.capacity
         ordered = self.ordered

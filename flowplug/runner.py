@@ -41,8 +41,24 @@ MODES = ("replicate", "shard")
 _MISSING: Any = object()
 
 
+#: every started run of this process; a forked child marks them as not its own.
+_RUNS: weakref.WeakSet[_Run] = weakref.WeakSet()
+#: how long close() waits for a consumer thread to come out of a receive (each lasts
+#: POLL_INTERVAL by the transport contract; this only bounds a misbehaving transport).
+CLOSE_WAITS_FOR_CONSUMER = 5.0
+
+
 class _Run:
-    """What a started runner holds; kept apart from the Runner so gc can finalize it."""
+    """What a started runner holds; kept apart from the Runner so gc can finalize it.
+
+    Closing from any thread: the consumer thread marks itself :attr:`inside` (its thread
+    id) around every call into the transport and checks :attr:`closing` before it;
+    :meth:`shutdown` sets :attr:`closing` first and waits for the consumer to be out
+    before it closes the transport. So a transport is never closed under a receive (a
+    read of a closed, or reused, fd; a zmq socket used from two threads), and a consumer
+    blocked in ``next()`` wakes within one receive with a StateError. Two plain
+    attributes, no lock: the GIL orders them, and a lock per datapoint costs more.
+    """
 
     def __init__(
         self,
@@ -55,34 +71,96 @@ class _Run:
         self.control = control
         self.owner_pid = os.getpid()
         self.halted = False
+        #: None while open; "closed", or "forked" in a child that inherited this run.
+        self.closing: str | None = None
+        #: the id of the consumer thread while it is inside the transport, else 0.
+        self.inside = 0
+        self._stop_lock = threading.Lock()
+        _RUNS.add(self)
+
+    def refusal(self) -> StateError:
+        """The error for a consumer that finds this run closing."""
+        if self.closing == "forked":
+            return StateError(
+                f"this runner was started by process {self.owner_pid}, and this process "
+                f"({os.getpid()}) is a fork of it: its workers and transport are the "
+                "parent's, and only the parent may use or close them. Create a new Runner "
+                "in this process"
+            )
+        return StateError(
+            "this runner was closed (by close() from another thread, or at exit) while "
+            "it was being iterated; create a new Runner"
+        )
+
+    def recv(self, timeout: float) -> Any:
+        """Receive, as the consumer thread; refused once closing (the slow paths)."""
+        self.inside = threading.get_ident()
+        try:
+            if self.closing is not None:
+                raise self.refusal()
+            return self.transport.recv(timeout)
+        finally:
+            self.inside = 0
+
+    def send_task(self, task: Any, timeout: float) -> bool:
+        """Send a task, as the consumer thread; refused once closing."""
+        self.inside = threading.get_ident()
+        try:
+            if self.closing is not None:
+                raise self.refusal()
+            return self.transport.send_task(task, timeout)  # type: ignore[attr-defined]
+        finally:
+            self.inside = 0
 
     def halt(self) -> None:
         """Stop the workers but keep the transport open, so that what they sent before
         can still be received. Thread workers are only asked to stop: they end at their
         next send once the transport is closed."""
-        if self.halted:
-            return
-        self.halted = True
-        if isinstance(self.workers, ThreadWorkers):
-            self.workers.request_stop()
-        else:
-            self.workers.stop()
+        with self._stop_lock:
+            if self.halted:
+                return
+            self.halted = True
+            if isinstance(self.workers, ThreadWorkers):
+                self.workers.request_stop()
+            else:
+                self.workers.stop()
 
     def shutdown(self) -> None:
         if os.getpid() != self.owner_pid:
             return  # a forked child inherited this object; the workers are not its own
+        if self.closing is None:
+            self.closing = "closed"
         workers = self.workers
         if isinstance(workers, ThreadWorkers):
             workers.request_stop()
+            self._wait_for_consumer()
             self.transport.close()  # wakes senders blocked on a full transport
             workers.stop()
         else:
-            if not self.halted:
-                self.halted = True
-                workers.stop()
+            self.halt()
+            self._wait_for_consumer()
             self.transport.close()
         if self.control is not None:
             self.control.close()
+
+    def _wait_for_consumer(self) -> None:
+        """Wait until no other thread is inside the transport (one receive at most)."""
+        me = threading.get_ident()
+        deadline = time.monotonic() + CLOSE_WAITS_FOR_CONSUMER
+        while self.inside and self.inside != me and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+
+def _after_fork_in_child() -> None:
+    """A fork of the consumer (os.fork, a multiprocessing pool, a worker of ours) holds
+    copies of every run: mark them as not its own, so that using one is a StateError and
+    closing one (explicitly, by gc or at exit) touches nothing of the parent's."""
+    for run in list(_RUNS):
+        run.closing = "forked"
+        run.inside = 0
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Runner:
@@ -337,8 +415,15 @@ class Runner:
         workers = run.workers
         size = self._size
         count = 0
+        me = threading.get_ident  # called per receive: a generator may move between threads
         while size is None or count < size:
-            obj = recv(POLL_INTERVAL)
+            run.inside = me()  # see _Run: close() from another thread waits for this
+            try:
+                if run.closing is not None:
+                    raise run.refusal()
+                obj = recv(POLL_INTERVAL)
+            finally:
+                run.inside = 0
             if obj is EMPTY or type(obj) is RemoteFailure or workers.death is not None:
                 obj = self._next_slow(obj)
             count += 1
@@ -366,6 +451,7 @@ class Runner:
         ended = self._ended.setdefault(k, set())
         recv = run.transport.recv
         workers = run.workers
+        me = threading.get_ident  # called per receive: a generator may move between threads
         if not self.ordered:
             got = progress.got.add
             while len(ended) < n:
@@ -375,7 +461,13 @@ class Runner:
                     got(index)
                     yield dp
                     continue
-                obj = recv(POLL_INTERVAL)
+                run.inside = me()  # see _Run
+                try:
+                    if run.closing is not None:
+                        raise run.refusal()
+                    obj = recv(POLL_INTERVAL)
+                finally:
+                    run.inside = 0
                 if type(obj) is not tuple or obj[0] != k or workers.death is not None:
                     obj = self._next_slow(obj)
                     if not self._file(obj, k):
@@ -399,7 +491,13 @@ class Runner:
                         else:
                             nxt += 1
                         continue
-                    obj = recv(POLL_INTERVAL)
+                    run.inside = me()  # see _Run
+                    try:
+                        if run.closing is not None:
+                            raise run.refusal()
+                        obj = recv(POLL_INTERVAL)
+                    finally:
+                        run.inside = 0
                     if type(obj) is not tuple or obj[0] != k or workers.death is not None:
                         obj = self._next_slow(obj)
                         if not self._file(obj, k):
@@ -463,7 +561,7 @@ class Runner:
                     threads = isinstance(run.workers, ThreadWorkers)
                     self._drain_left = self.capacity + self.num_workers if threads else None
                 if obj is EMPTY and self._drain_left != 0:
-                    obj = run.transport.recv(POLL_INTERVAL)
+                    obj = run.recv(POLL_INTERVAL)
                     if obj is not EMPTY:
                         continue  # an error report on the way wins over the death
                 if obj is EMPTY or self._drain_left == 0:
@@ -481,7 +579,7 @@ class Runner:
                     f"{self.num_workers} worker(s) on transport {self.transport_name!r}; "
                     "raise timeout= or check the dataflow"
                 )
-            obj = run.transport.recv(POLL_INTERVAL)
+            obj = run.recv(POLL_INTERVAL)
 
     def _fail(self, exc: BaseException) -> BaseException:
         """Stop everything; the error is what the consumer sees."""
@@ -655,7 +753,7 @@ def _resume_shard_state(runner: Runner) -> dict[str, Any]:
                 "this runner is closed before its workers reported where epoch "
                 f"{progress.base + k} starts; take state_dict() before closing"
             )
-        obj = runner._next_slow(run.transport.recv(POLL_INTERVAL))
+        obj = runner._next_slow(run.recv(POLL_INTERVAL))
         if runner._file(obj, k):  # an item of epoch k: its iteration yields it from there
             runner._ahead.setdefault(k, {})[obj[1]] = obj[2]
     states = [passes[w] for w in range(n)]

@@ -32,6 +32,25 @@ from .worker_loop import RemoteFailure, WorkerInfo, process_main, run_worker
 _FORKED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+def _after_fork_in_child() -> None:
+    """In a fork of the consumer (os.fork, a pool): forget the worker processes.
+
+    multiprocessing keeps the processes it started in ``multiprocessing.process._children``,
+    and a forked child inherits that set; at the child's exit, multiprocessing's atexit
+    handler terminates every daemonic process in it, which would be our workers, which
+    belong to the parent. (multiprocessing's own children reset the set when they start;
+    a plain os.fork does not.)
+    """
+    children = getattr(mp.process, "_children", None)
+    for proc in list(_FORKED):
+        if children is not None:
+            children.discard(proc)
+    _FORKED.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _read_report(conn: Any) -> Any:
     """The RemoteFailure a worker wrote to its report pipe, or None (it wrote nothing
     complete: killed while writing)."""

@@ -8,7 +8,10 @@ It prints ``READY`` once datapoints flow, then, by MODE:
 - ``drop``: breaks out of the loop and exits without ``close()``, the runner still
   referenced by a global (scenario 6: atexit must clean up);
 - ``chatty``: consumes 200 datapoints from workers that write heavily to stdout and
-  stderr, closes, prints ``DONE`` (scenario 16).
+  stderr, closes, prints ``DONE`` (scenario 16);
+- ``fork-child``: forks; the child tries ``next()`` (prints ``CHILD-STATEERROR fork``),
+  closes and exits normally (atexit runs); the parent consumes 1.5 s more and prints
+  ``PARENT-OK`` (scenario 26); ``fork-pool``: the same around a fork Pool.
 
 ``--in-thread`` starts the runner from a thread that then ends, so the workers have no
 parent-death signal and rely on their watchdog.
@@ -16,6 +19,8 @@ parent-death signal and rely on their watchdog.
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import signal
 import sys
 import threading
@@ -50,6 +55,28 @@ def main() -> None:
         kept = runner  # still referenced at exit: only atexit can release it
         it.close()
         print("DONE", flush=True)
+    elif mode.startswith("fork-"):
+        # Others' forks: the child must not use or kill what belongs to this process.
+        if mode == "fork-child":
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    next(it)
+                    print("CHILD-READ-THE-PARENTS-DATA", flush=True)
+                except fp.StateError as exc:
+                    print("CHILD-STATEERROR", "fork" if "fork" in str(exc) else str(exc), flush=True)
+                runner.close()
+                sys.exit(0)  # atexit runs: multiprocessing's, flowplug's
+            os.waitpid(pid, 0)
+        else:
+            with mp.get_context("fork").Pool(2) as pool:
+                assert pool.map(abs, range(-10, 0)) == list(range(10, 0, -1))
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            next(it)
+        it.close()
+        runner.close()
+        print("PARENT-OK", flush=True)
     elif mode == "chatty":
         for _ in range(200):
             next(it)

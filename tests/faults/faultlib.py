@@ -1170,3 +1170,82 @@ def scenario_many_buffers(transport: str) -> int:
                 assert len(got) == n
                 assert all(a.shape == (4096,) and a[0] == a[-1] == i for i, a in enumerate(got))
     return 1
+
+
+# ---------------------------------------------------------------------------- close() from
+# another thread, forks of the consumer (issue 13, items 5 and 2)
+
+
+class Blocked(fp.DataFlow):
+    """Yield one item at once, then one every 2 s: the consumer waits in ``next()``.
+    (Not for ever: a worker thread can only stop at a send.)"""
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            yield 0
+            time.sleep(2.0)
+
+
+def scenario_close_from_another_thread(transport: str, rounds: int = 6) -> int:
+    """25. ``close()`` from another thread while the consumer thread is blocked in
+    ``next()`` (nothing comes), or busy receiving (data streams): the consumer wakes
+    within a receive or two with StateError, never a raw OSError/ZMQError, never a hang;
+    iterating again is a StateError; nothing leaks."""
+    before = snapshot()
+    for r in range(rounds):
+        _close_under_a_consumer(transport, r)
+    left = workers_released(before)
+    assert not left, left
+    return rounds
+
+
+def _close_under_a_consumer(transport: str, r: int) -> None:
+    blocked = r % 2 == 0
+    df = Blocked() if blocked else Forever(size=64 << 10 if r % 4 == 1 else 0)
+    runner = fp.Runner(df, transport=transport, num_workers=2)
+    it = iter(runner)
+    next(it)
+    outcome: list[Any] = []
+
+    def consume() -> None:
+        try:
+            while True:
+                next(it)
+        except BaseException as exc:  # what the consumer sees is the point
+            outcome.append((type(exc), str(exc), time.monotonic()))
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    time.sleep(0.3 + 0.05 * r)
+    closed_at = time.monotonic()
+    runner.close()
+    consumer.join(CLOSE_RETURNS_WITHIN)
+    assert not consumer.is_alive(), "the consumer thread did not wake after close()"
+    ((kind, text, when),) = outcome
+    assert issubclass(kind, (fp.StateError, StopIteration)), (kind, text)
+    assert "closed" in text, text
+    measured("close() from another thread to the consumer's StateError", when - closed_at)
+    try:
+        next(iter(runner))
+        raise AssertionError("a closed runner must refuse to iterate")
+    except fp.StateError:
+        pass
+    it.close()
+
+
+def scenario_fork_of_the_consumer(transport: str, how: str) -> int:
+    """26. The consumer forks (``os.fork`` and the child exits normally, running atexit;
+    a multiprocessing fork pool made and closed by other code): the child cannot use
+    the runner (StateError naming the fork) and never touches the parent's workers; the
+    parent keeps iterating."""
+    proc = start_consumer(transport, f"fork-{how}")
+    try:
+        wait_ready(proc, timeout=60)
+    finally:
+        out, err = finish(proc, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, out, err)
+    assert "PARENT-OK" in out, (out, err)
+    if how == "child":
+        assert "CHILD-STATEERROR fork" in out, (out, err)
+    assert "WorkerDied" not in out + err and tracebacks(err) == 0, err
+    return 1

@@ -31,6 +31,8 @@ from faultlib import (
     scenario_report_cannot_be_sent,
     scenario_dataflow_fails_to_load,
     scenario_many_buffers,
+    scenario_close_from_another_thread,
+    scenario_fork_of_the_consumer,
 )
 
 
@@ -139,3 +141,12 @@ def test_23_dataflow_that_fails_to_load_in_the_worker(transport, start_method):
 
 def test_24_a_datapoint_with_thousands_of_buffers(transport):
     assert scenario_many_buffers(transport) == 1
+
+
+def test_25_close_from_another_thread_wakes_the_consumer(transport):
+    assert scenario_close_from_another_thread(transport) > 0
+
+
+@pytest.mark.parametrize("how", ["child", "pool"])
+def test_26_a_fork_of_the_consumer_leaves_the_runner_alone(transport, how):
+    assert scenario_fork_of_the_consumer(transport, how) == 1
