@@ -33,6 +33,7 @@ from faultlib import (
     scenario_many_buffers,
     scenario_close_from_another_thread,
     scenario_fork_of_the_consumer,
+    scenario_segfault_is_quiet,
 )
 
 
@@ -150,3 +151,7 @@ def test_25_close_from_another_thread_wakes_the_consumer(transport):
 @pytest.mark.parametrize("how", ["child", "pool"])
 def test_26_a_fork_of_the_consumer_leaves_the_runner_alone(transport, how):
     assert scenario_fork_of_the_consumer(transport, how) == 1
+
+
+def test_27_an_intended_segfault_prints_no_dump(transport):
+    scenario_segfault_is_quiet(transport)
