@@ -6,10 +6,13 @@ errors and deaths, timeouts, and cleanup (close, garbage collection, interpreter
 
 from __future__ import annotations
 
+import _thread
 import copy
 import difflib
+import functools
 import os
 import secrets
+import signal
 import threading
 import time
 import weakref
@@ -126,8 +129,32 @@ class _Run:
                 self.workers.stop()
 
     def shutdown(self) -> None:
+        """Stop the workers and close the transport; from close(), gc or atexit.
+
+        In the main thread, a Ctrl-C that comes meanwhile is held back and delivered
+        when this returns: raised inside cleanup that gc runs, a KeyboardInterrupt is
+        only printed ("Exception ignored in ...") and the program would go on, with the
+        cleanup half done.
+        """
         if os.getpid() != self.owner_pid:
             return  # a forked child inherited this object; the workers are not its own
+        if threading.current_thread() is not threading.main_thread():
+            self._shutdown()  # Python raises KeyboardInterrupt in the main thread only
+            return
+        held: list[int] = []
+        try:
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        except ValueError:  # signals are not ours to handle here (an embedded interpreter)
+            self._shutdown()
+            return
+        try:
+            self._shutdown()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if held:
+                _redeliver_sigint(previous)
+
+    def _shutdown(self) -> None:
         if self.closing is None:
             self.closing = "closed"
         workers = self.workers
@@ -149,6 +176,32 @@ class _Run:
         deadline = time.monotonic() + CLOSE_WAITS_FOR_CONSUMER
         while self.inside and self.inside != me and time.monotonic() < deadline:
             time.sleep(0.002)
+
+
+#: how long after a cleanup a Ctrl-C held back during it is delivered.
+REDELIVER_AFTER = 0.02
+
+
+def _redeliver_sigint(handler: Any) -> None:
+    """Deliver a Ctrl-C held back during cleanup to ``handler``, in the program's code.
+
+    Not from here: an interrupt raised in this frame would be lost again when gc runs
+    the cleanup. A short timer thread sends it, so that it lands after this returns
+    (Python runs signal handlers in the main thread, at its next check).
+    """
+    if callable(handler):
+        deliver: Any = _thread.interrupt_main
+    elif handler == signal.SIG_DFL:
+        deliver = functools.partial(os.kill, os.getpid())  # the default action: exit
+    else:
+        return  # SIG_IGN, or a handler not set from Python: nothing to deliver
+    timer = threading.Timer(REDELIVER_AFTER, deliver, (signal.SIGINT,))
+    timer.name = "flowplug-ctrl-c"
+    timer.daemon = True
+    try:
+        timer.start()
+    except RuntimeError:
+        pass  # the interpreter is shutting down: the program is ending anyway
 
 
 def _after_fork_in_child() -> None:

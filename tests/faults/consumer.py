@@ -11,7 +11,10 @@ It prints ``READY`` once datapoints flow, then, by MODE:
   stderr, closes, prints ``DONE`` (scenario 16);
 - ``fork-child``: forks; the child tries ``next()`` (prints ``CHILD-STATEERROR fork``),
   closes and exits normally (atexit runs); the parent consumes 1.5 s more and prints
-  ``PARENT-OK`` (scenario 26); ``fork-pool``: the same around a fork Pool.
+  ``PARENT-OK`` (scenario 26); ``fork-pool``: the same around a fork Pool;
+- ``gc-sigint``: drops the runner (its workers stuck, so its cleanup is slow) and gets
+  SIGINT while gc cleans up: prints ``INTERRUPTED`` and ends by KeyboardInterrupt, or
+  ``SWALLOWED`` if the interrupt was lost (scenario 28).
 
 ``--in-thread`` starts the runner from a thread that then ends, so the workers have no
 parent-death signal and rely on their watchdog.
@@ -19,6 +22,7 @@ parent-death signal and rely on their watchdog.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import signal
@@ -26,7 +30,7 @@ import sys
 import threading
 import time
 
-from faultlib import Chatty, Forever
+from faultlib import Chatty, Forever, StuckInC
 
 import flowplug as fp
 
@@ -36,14 +40,14 @@ def main() -> None:
     # SIGINT is inherited as ignored and Python would install no KeyboardInterrupt handler.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     transport, mode = sys.argv[1], sys.argv[2]
-    df = Chatty(64 << 10) if mode == "chatty" else Forever()
+    df = Chatty(64 << 10) if mode == "chatty" else StuckInC() if mode == "gc-sigint" else Forever()
     runner = fp.Runner(df, transport=transport, num_workers=2)
     if "--in-thread" in sys.argv:
         starter = threading.Thread(target=runner.reset_state)
         starter.start()
         starter.join()
     it = iter(runner)
-    for _ in range(5):
+    for _ in range(2 if mode == "gc-sigint" else 5):  # StuckInC: one item per worker
         next(it)
     print("READY", flush=True)
     if mode == "stream":
@@ -77,6 +81,18 @@ def main() -> None:
         it.close()
         runner.close()
         print("PARENT-OK", flush=True)
+    elif mode == "gc-sigint":
+        # Ctrl-C while gc runs the cleanup of a dropped runner (slow: its workers ignore
+        # SIGTERM), scenario 28: it must reach this code, not be "ignored" in a finalizer.
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            del it, runner
+            gc.collect()
+            time.sleep(1.0)
+            print("SWALLOWED", flush=True)
+        except KeyboardInterrupt:
+            print("INTERRUPTED", flush=True)
+            raise
     elif mode == "chatty":
         for _ in range(200):
             next(it)

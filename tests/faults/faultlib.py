@@ -1274,3 +1274,22 @@ def scenario_segfault_is_quiet(transport: str) -> int:
         text = dump.read().decode(errors="replace")
     assert "Fatal Python error" not in text, text
     return 1
+
+
+def scenario_ctrl_c_during_gc_cleanup(transport: str) -> int:
+    """28. Ctrl-C arrives while garbage collection runs a dropped runner's cleanup (a
+    slow one: its workers ignore SIGTERM): the KeyboardInterrupt reaches the program
+    after the cleanup, never "Exception ignored" with the program going on; the
+    workers are gone."""
+    proc = start_consumer(transport, "gc-sigint")
+    try:
+        workers = wait_ready(proc)
+    finally:
+        out, err = finish(proc, timeout=60)
+    assert "INTERRUPTED" in out and "SWALLOWED" not in out, (out, err)
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, err)
+    assert "Exception ignored" not in err, err
+    assert err.rstrip().endswith("KeyboardInterrupt"), err
+    alive = gone(workers, ORPHANS_GONE_WITHIN)
+    assert not alive, f"workers outlived the consumer: {alive}"
+    return 1

@@ -34,6 +34,7 @@ from faultlib import (
     scenario_close_from_another_thread,
     scenario_fork_of_the_consumer,
     scenario_segfault_is_quiet,
+    scenario_ctrl_c_during_gc_cleanup,
 )
 
 
@@ -155,3 +156,7 @@ def test_26_a_fork_of_the_consumer_leaves_the_runner_alone(transport, how):
 
 def test_27_an_intended_segfault_prints_no_dump(transport):
     scenario_segfault_is_quiet(transport)
+
+
+def test_28_ctrl_c_during_cleanup_by_gc_is_not_swallowed(transport):
+    assert scenario_ctrl_c_during_gc_cleanup(transport) == 1
