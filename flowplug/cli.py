@@ -257,9 +257,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 count += 1
             elapsed = time.perf_counter() - start
             it.close()
+            verdict = runner.stats().verdict
         rate = count / elapsed
         gib = rate * args.mb / 1024
-        print(f"{name:<10} {rate:10.1f} items/s  {gib:6.2f} GiB/s")
+        print(f"{name:<10} {rate:10.1f} items/s  {gib:6.2f} GiB/s  {verdict}")
     return 0
 
 
@@ -297,6 +298,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=1))
     else:
         print(bench.table(result["rows"]))
+        for row in result["rows"]:
+            if row.get("verdict"):  # the runner's own view (docs/bottleneck.md)
+                print(f"verdict of {row['label']}, {row['payload']}: {row['verdict']}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
