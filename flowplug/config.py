@@ -132,31 +132,51 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Settings:
 
 def resolve_settings(path: str | os.PathLike[str] | None = None, **explicit: Any) -> Settings:
     """:func:`load_config` with explicit arguments on top (None means "not given")."""
-    return _check(gather_settings(path, **explicit))
+    problems: list[str] = []
+    settings = _check(gather_settings(path, _problems=problems, **explicit), problems)
+    if problems:
+        raise ConfigError.of(problems)
+    return settings
 
 
-def gather_settings(path: str | os.PathLike[str] | None = None, **explicit: Any) -> Settings:
-    """Read and type-check every source, without loading plugins (see :func:`load_config`)."""
+def gather_settings(
+    path: str | os.PathLike[str] | None = None,
+    _problems: list[str] | None = None,
+    **explicit: Any,
+) -> Settings:
+    """Read and type-check every source, without loading plugins (see :func:`load_config`).
+
+    Every problem is collected, then raised as one :class:`~flowplug.ConfigError` (or, given
+    ``_problems``, appended there and the bad values left out).
+    """
+    problems: list[str] = [] if _problems is None else _problems
     layers: list[tuple[str, dict[str, Any]]] = []  # (source, {key: parsed value}), highest first
     given = {k: v for k, v in explicit.items() if v is not None}
-    unknown = sorted(set(given) - set(SETTINGS))
-    if unknown:
-        raise ConfigError(f"unknown setting {unknown[0]!r}; valid: {', '.join(SETTINGS)}")
-    layers.append((ARGUMENT, {k: _parse(k, v, f"argument {k}", "arg") for k, v in given.items()}))
+    for key in sorted(set(given) - set(SETTINGS)):
+        problems.append(f"unknown setting {key!r}; valid: {', '.join(SETTINGS)}")
+        del given[key]
+    arguments: dict[str, Any] = {}
+    for key, value in given.items():
+        _collect(problems, arguments, key, _parse, key, value, f"argument {key}", "arg")
+    layers.append((ARGUMENT, arguments))
 
-    env = {}
+    env: dict[str, Any] = {}
     for var, key in ENV_VARS.items():
         raw = os.environ.get(var, "").strip()
         if raw:
-            env[key] = _parse(key, raw, f"environment variable {var}", "env")
+            _collect(problems, env, key, _parse, key, raw, f"environment variable {var}", "env")
     # Every variable has its own source, so split the layer per variable.
     layers += [(_env_source(key), {key: value}) for key, value in env.items()]
 
     tables: dict[str, dict[str, Any]] = {}
     sources: dict[str, str] = {}
-    files = _config_files(path)
+    try:
+        files = _config_files(path)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        files = []
     for source, prefix, data in files:
-        parsed = _parse_file(source, prefix, data)
+        parsed = _parse_file(source, prefix, data, problems)
         table_options = parsed.pop("transports", {})
         layers.append((source, parsed))
         for name, options in table_options.items():
@@ -172,12 +192,25 @@ def gather_settings(path: str | os.PathLike[str] | None = None, **explicit: Any)
             if key not in values:
                 values[key] = value
                 sources[key] = source
-    return Settings(
+    settings = Settings(
         **values,
         transports=tables,
         sources=sources,
         files=tuple(source for source, _, _ in files),
     )
+    if problems and _problems is None:
+        raise ConfigError.of(problems)
+    return settings
+
+
+def _collect(
+    problems: list[str], into: dict[str, Any], key: str, parse: Any, *args: Any, **kwargs: Any
+) -> None:
+    """``into[key] = parse(...)``, or the ConfigError's problems appended to ``problems``."""
+    try:
+        into[key] = parse(*args, **kwargs)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
 
 
 def _env_source(key: str) -> str:
@@ -233,23 +266,26 @@ def _as_table(value: Any, file: Path) -> dict[str, Any]:
     return value
 
 
-def _parse_file(source: str, prefix: str, data: dict[str, Any]) -> dict[str, Any]:
+def _parse_file(
+    source: str, prefix: str, data: dict[str, Any], problems: list[str]
+) -> dict[str, Any]:
+    """The file's valid settings; each bad one is a line in ``problems``."""
     parsed: dict[str, Any] = {}
     for key, value in data.items():
         if key not in FILE_KEYS:
-            raise ConfigError(
+            problems.append(
                 f"{source}: unknown key {prefix}{key} = {value!r}; valid keys: "
                 f"{', '.join(FILE_KEYS)}" + _did_you_mean(key, FILE_KEYS)
             )
-        if key != "transports":
-            parsed[key] = _parse(key, value, f"{source}: {prefix}{key}", "file")
-            continue
-        if not isinstance(value, dict) or not all(isinstance(t, dict) for t in value.values()):
-            raise ConfigError(
+        elif key != "transports":
+            _collect(problems, parsed, key, _parse, key, value, f"{source}: {prefix}{key}", "file")
+        elif not isinstance(value, dict) or not all(isinstance(t, dict) for t in value.values()):
+            problems.append(
                 f"{source}: {prefix}transports must hold one table per transport, such as "
                 f"[{prefix}transports.zmq] with hwm = 100; got {value!r}"
             )
-        parsed["transports"] = value
+        else:
+            parsed["transports"] = value
     return parsed
 
 
@@ -341,6 +377,20 @@ def parse_size(value: Any) -> int:
     )
 
 
+def format_size(n: int) -> str:
+    """A byte count the way people write it: ``1073741824`` -> ``"1 GiB"``, ``2000000000``
+    -> ``"2 GB"``; a count no unit divides stays in bytes (``"1000001 B"``). ``0`` -> ``"0"``.
+    :func:`parse_size` reads every result back to ``n``."""
+    if n == 0:
+        return "0"
+    units = (("TiB", 1024**4), ("TB", 1000**4), ("GiB", 1024**3), ("GB", 1000**3))
+    units += (("MiB", 1024**2), ("MB", 1000**2), ("KiB", 1024), ("kB", 1000))
+    for unit, factor in units:  # the largest unit that divides it
+        if n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} B"
+
+
 # ---------------------------------------------------------------------------- transport options
 
 
@@ -403,8 +453,12 @@ def _coerce_option(transport: str, opt: Option, value: Any, where: str, strict: 
 # ---------------------------------------------------------------------------- checks with plugins
 
 
-def _check(settings: Settings) -> Settings:
-    """Load the named plugins, validate the transport tables and the selected transport."""
+def _check(settings: Settings, problems: list[str]) -> Settings:
+    """Load the named plugins, validate the transport tables and the selected transport.
+
+    A bad table or option is a line in ``problems``; a missing or broken transport raises
+    (after the caller's other problems, when there are any: they may be the cause).
+    """
     registry = plugins.get_registry()
     if settings.plugins:
         registry.ensure(settings.plugins, settings.source("plugins"))
@@ -416,32 +470,43 @@ def _check(settings: Settings) -> Settings:
         if name not in registry.transports:
             where = settings.source(f"transports.{name}")
             available = sorted(registry.transports)
-            raise ConfigError(
+            problems.append(
                 f"{where}: table [transports.{name}] names no installed transport; "
                 f"available: {', '.join(available)}" + _did_you_mean(name, available)
             )
+            continue
         cls = registry.transports[name]
         tables[name] = {}
         for key, value in options.items():
             source = settings.source(f"transports.{name}.{key}")
             prefix = "tool.flowplug." if source.endswith("[tool.flowplug]") else ""
-            tables[name].update(
-                validate_options(
-                    name,
-                    cls.options,
-                    {key: value},
-                    f"{source}: [{prefix}transports.{name}]",
-                    strict=True,
-                    defaults=False,
+            try:
+                tables[name].update(
+                    validate_options(
+                        name,
+                        cls.options,
+                        {key: value},
+                        f"{source}: [{prefix}transports.{name}]",
+                        strict=True,
+                        defaults=False,
+                    )
                 )
-            )
+            except ConfigError as exc:
+                problems.extend(exc.problems)
     try:
         registry.get(settings.transport)
     except TransportNotFound as exc:
         source = settings.source("transport")
         if source in (DEFAULT, ARGUMENT):
+            if problems:
+                problems.append(str(exc))
+                return settings
             raise
-        raise TransportNotFound(exc.name, exc.available, exc.suggestion, where=source) from None
+        found = TransportNotFound(exc.name, exc.available, exc.suggestion, where=source)
+        if problems:
+            problems.append(str(found))
+            return settings
+        raise found from None
     except PluginError as exc:
         source = settings.source("transport")
         if source in (DEFAULT, ARGUMENT):

@@ -40,7 +40,23 @@ class PluginError(FlowplugError):
 
 
 class ConfigError(FlowplugError, ValueError):
-    """A setting is unknown, has the wrong type, or a value that cannot be used."""
+    """A setting is unknown, has the wrong type, or a value that cannot be used.
+
+    :ivar problems: every problem found, one line each: a config file with three mistakes
+        is reported with all three, not one fix-and-retry round each.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
+
+    @classmethod
+    def of(cls, problems: list[str]) -> ConfigError:
+        """One error for ``problems`` (at least one): the message lists them all."""
+        if len(problems) == 1:
+            return cls(problems[0])
+        listed = "\n".join(f"  - {p}" for p in problems)
+        return cls(f"{len(problems)} problems in the configuration:\n{listed}", problems)
 
 
 class StateError(FlowplugError, RuntimeError):

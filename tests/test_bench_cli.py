@@ -55,5 +55,5 @@ def test_a_missing_peer_is_reported_not_faked(monkeypatch):
 
 
 def test_unknown_peer_is_a_usage_error(capsys):
-    assert main(["bench", "--quick", "--peers", "tensorflow"]) == 1
+    assert main(["bench", "--quick", "--peers", "tensorflow"]) == 2
     assert "unknown peer 'tensorflow'" in capsys.readouterr().err
