@@ -320,14 +320,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     # Imported here: the harness (and numpy) is not needed by the other commands.
     from . import bench
     from .bench.harness import PEER_KEYS
-    from .config import resolve_settings
 
     if args.all:
         args.transport = args.transport or ["all"]
         args.peers = args.peers or "all"
         args.workers = args.workers or [1, 2]
         args.touch = args.touch or "both"
-    transports = args.transport or [resolve_settings().transport]
+    transports = args.transport or ["all"]
     if "all" in transports:
         transports = sorted(plugins.available_transports())
     _check_transports(transports)  # an unknown name: exit 2, with "did you mean"
@@ -346,8 +345,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         payloads=payloads,
         workers=args.workers or [1],
         touch={"off": [False], "on": [True], "both": [False, True]}[args.touch or "off"],
-        warmup=args.warmup if args.warmup is not None else (0.05 if quick else 0.5),
-        seconds=args.seconds if args.seconds is not None else (0.1 if quick else 1.0),
+        warmup=args.warmup if args.warmup is not None else (0.05 if quick else 0.3),
+        seconds=args.seconds if args.seconds is not None else (0.1 if quick else 0.5),
         repeats=args.repeats if args.repeats is not None else (1 if quick else 3),
     )
     result = bench.run(bench_config, progress=None if args.json == "-" else bench.Progress())
@@ -360,7 +359,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 json.dump(result, f, indent=1)
             print(f"wrote {args.json}")
     if args.plot:
-        bench.plot(result, args.plot)
+        bench.plot(result["rows"], args.plot, result["machine"])
         print(f"wrote {args.plot}", file=sys.stderr if args.json == "-" else sys.stdout)
     return 0
 
@@ -478,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-t",
         "--transport",
         action="append",
-        help="flowplug transport to measure (repeatable); default: every installed one",
+        help="flowplug transport to measure (repeatable); default: every installed one ('all')",
     )
     p.add_argument(
         "--peers",
@@ -499,9 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("off", "on", "both"),
         help="the consumer reads every byte of each item (default: off)",
     )
-    p.add_argument("--seconds", type=_seconds(True), help="seconds per repeat (default 1)")
+    p.add_argument("--seconds", type=_seconds(True), help="seconds per repeat (default 0.5)")
     p.add_argument(
-        "--warmup", type=_seconds(False), help="seconds of warm-up per row (default 0.5)"
+        "--warmup", type=_seconds(False), help="seconds of warm-up per row (default 0.3)"
     )
     p.add_argument(
         "--repeats", type=_int_at_least(1), help="timed repeats per row; median (default 3)"
