@@ -138,3 +138,13 @@ class StoreFull(FlowplugError, TimeoutError):
 
 class ObjectNotFound(FlowplugError, LookupError):
     """No object with this id is in the store: it was taken or deleted, or never put."""
+
+
+class ReplicateWarning(UserWarning):
+    """A replicate-mode runner with several workers over a dataflow of known length: every
+    worker yields its own copy of the dataflow, so an "epoch" of ``len(df)`` datapoints
+    mixes the copies (items repeat, others are missing). Pass ``mode="shard"`` for every
+    item once per epoch, or ``mode="replicate"`` explicitly (tensorpack's semantics, for
+    infinite or randomised dataflows) and it is not raised; or silence it with
+    ``warnings.simplefilter("ignore", fp.ReplicateWarning)``.
+    """

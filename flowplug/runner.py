@@ -12,6 +12,7 @@ import os
 import secrets
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from .config import ARGUMENT, resolve_settings
 from .errors import (
     ConfigError,
     PluginError,
+    ReplicateWarning,
     RunnerTimeout,
     StateError,
     UnknownLength,
@@ -76,7 +78,9 @@ class Runner:
     ``mode="replicate"`` (the default): every worker runs its own copy of ``df`` and
     repeats it forever; with ``num_workers=1`` the order of ``df`` is preserved. When
     ``len(df)`` is known, one iteration (an epoch) yields ``len(df)`` datapoints;
-    otherwise it never ends.
+    otherwise it never ends. With several workers and a known ``len(df)``, a runner whose
+    mode was not given warns once (:class:`~flowplug.ReplicateWarning`) that the
+    workers' copies mix: such an "epoch" repeats some items and misses others.
 
     ``mode="shard"``: one iteration (an epoch) yields every item of one pass of ``df``
     exactly once, split over the workers (item ``i`` goes to worker ``i % num_workers``,
@@ -95,7 +99,8 @@ class Runner:
     :param timeout: seconds to wait for one datapoint before raising
         :class:`~flowplug.RunnerTimeout`; None waits forever (deaths are still noticed).
     :param seed: base of the per-worker seeds; random when None.
-    :param mode: ``"replicate"`` or ``"shard"``, as above.
+    :param mode: ``"replicate"`` or ``"shard"``, as above; None (not given) is
+        ``"replicate"``.
     :param ordered: shard mode only: deliver in the order of ``df``, buffering at most
         ``capacity`` items; otherwise items come as they arrive.
     :param config: a config file to read instead of ``./flowplug.toml`` and
@@ -121,7 +126,7 @@ class Runner:
         start_method: str | None = None,
         timeout: float | None = None,
         seed: int | None = None,
-        mode: str = "replicate",
+        mode: str | None = None,
         ordered: bool = False,
         *,
         config: str | os.PathLike[str] | None = None,
@@ -163,7 +168,9 @@ class Runner:
         self._closed = False
         self._failure: BaseException | None = None
         self._finalizer: weakref.finalize | None = None
-        self.mode = mode
+        #: the mode was left to its default: a replicate runner then warns (see above).
+        self._mode_given = mode is not None
+        self.mode = mode = "replicate" if mode is None else mode
         self.ordered = ordered
         _check_mode(mode, ordered, self.num_workers, self.capacity)
         # Shard mode: the consumer's epoch, and what arrived ahead of it (per epoch: the
@@ -196,6 +203,17 @@ class Runner:
         dfs = self._dataflows()
         if self._factory:
             self._size = _length(dfs[0])
+        replicate = self.mode == "replicate" and not self._mode_given
+        if replicate and self.num_workers > 1 and self._size is not None:
+            warnings.warn(
+                f"Runner(num_workers={self.num_workers}) over a dataflow of {self._size} "
+                "items replicates it: every worker yields its own copy, so an epoch of "
+                f"{self._size} datapoints repeats some items and misses others. For every "
+                "item once per epoch pass mode='shard'; for independent streams (infinite or "
+                "randomised dataflows, tensorpack's semantics) pass mode='replicate'",
+                ReplicateWarning,
+                stacklevel=3,
+            )
         n = self.num_workers
         infos = [WorkerInfo(i, n, (self.seed + i) % 2**31) for i in range(n)]
         if self._transport_cls.uses_shared_memory:

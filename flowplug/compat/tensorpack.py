@@ -40,7 +40,9 @@ class MultiProcessRunner(Runner):
     """
 
     def __init__(self, ds: Any, num_prefetch: int, num_proc: int):
-        super().__init__(ds, transport="queue", num_workers=num_proc, capacity=num_prefetch)
+        super().__init__(
+            ds, transport="queue", num_workers=num_proc, capacity=num_prefetch, mode="replicate"
+        )
         self.ds = ds
 
 
@@ -53,7 +55,7 @@ class MultiProcessRunnerZMQ(Runner):
     """
 
     def __init__(self, ds: Any, num_proc: int = 1, hwm: int = 50):
-        super().__init__(ds, transport="zmq", num_workers=num_proc, capacity=hwm)
+        super().__init__(ds, transport="zmq", num_workers=num_proc, capacity=hwm, mode="replicate")
         self.ds = ds
 
 
@@ -79,6 +81,7 @@ class MultiThreadRunner(Runner):
             transport="thread",
             num_workers=num_thread,
             capacity=num_prefetch,
+            mode="replicate",
         )
         self.get_df = get_df
         self._size = _length(dfs[0])
