@@ -2,8 +2,8 @@
 
 from typing import TYPE_CHECKING
 
-from ._workers import ProcessWorkers
-from .config import Settings, load_config, parse_size
+from .batching import BatchingSender
+from .config import Settings, parse_size
 from .dataflow import DataFlow, DataFlowLike, DataFromGenerator, DataFromList
 from .errors import (
     ConfigError,
@@ -22,24 +22,21 @@ from .errors import (
     WorkerError,
 )
 from .hookspecs import hookimpl
-from .ipc import bind_ipc
+from .ipc import ZmqSockets, bind_ipc
 from .parallel import ParallelMap
-from .plugins import available_transports, get_transport, reload_plugins
+from .plugins import available_transports, get_transport, load_config, reload_plugins
 from .runner import Runner
 from .transport import (
     EMPTY,
-    BatchingSender,
-    ControlSink,
-    Death,
     Endpoint,
     Option,
     Sender,
     TaskEndpoint,
     TaskReceiver,
     Transport,
-    WorkerGroup,
 )
-from .worker import WorkerInfo, worker_info
+from .worker_groups import ControlSink, Death, ProcessWorkers, WorkerGroup
+from .worker_loop import WorkerInfo, worker_info
 
 __version__ = "0.1.0"
 
@@ -91,6 +88,7 @@ __all__ = [
     "WorkerError",
     "WorkerGroup",
     "WorkerInfo",
+    "ZmqSockets",
     "available_transports",
     "bind_ipc",
     "get_transport",

@@ -28,14 +28,15 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
 from .errors import TransportClosed
-from .transport import EMPTY, ControlSink, TaskEndpoint
-from .worker import TaskFailed, WorkerInfo
+from .transport import EMPTY, TaskEndpoint
+from .worker_loop import TaskFailed, WorkerInfo
 
 #: how often a waiting worker thread checks whether the runner stopped.
 STOP_CHECK = 0.1
@@ -191,7 +192,7 @@ class MapGate:
         A task of an epoch the consumer has left is answered with ``None`` unseen: the
         consumer counts answers, and drops those of old epochs.
 
-        :raises flowplug.worker.TaskFailed: ``fn`` raised; the cause is its exception.
+        :raises flowplug.worker_loop.TaskFailed: ``fn`` raised; the cause is its exception.
         """
         receiver = self.tasks.connect(info.id)
         try:
@@ -221,6 +222,37 @@ class MapGate:
 
 
 # ---------------------------------------------------------------------------- consumer side
+
+
+class ControlSink(ABC):
+    """The consumer's line to one worker's shard-mode control: epoch notices and credits.
+
+    In shard mode the consumer announces each epoch it starts and gives a worker a credit
+    back for every item of it that it yields or drops (docs/sharding.md). The Runner does
+    it through one sink per worker, from its consumer thread only. Workers the Runner
+    starts get sinks of the core's own (a pipe and a semaphore per process); a
+    :class:`WorkerGroup` that runs its workers elsewhere returns its own from
+    :meth:`WorkerGroup.control_sinks`, typically forwarding to the sinks of a
+    :class:`flowplug.ProcessWorkers` next to the worker.
+    """
+
+    @abstractmethod
+    def start_epoch(self, epoch: int) -> None:
+        """Tell the worker that the consumer started ``epoch``: it may run ``epoch + 1``,
+        and must leave earlier ones. Epochs only grow; an epoch applied after a later one
+        (calls reordered on the way) must not move the worker back."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give the worker one credit back. Called once per item, on the consumer's hot
+        path: keep it cheap.
+
+        A sink whose every call crosses a network may hold credits back and send several
+        at once, but always fewer than the worker's ``credits``: then at least one of them
+        is on an item on its way, and an ordered consumer never waits for an item whose
+        worker waits for a credit. Send what is held with :meth:`start_epoch` and before
+        the consumer waits for data (in :meth:`Transport.recv`), or the worker idles
+        meanwhile."""
 
 
 class _LocalSink(ControlSink):

@@ -63,7 +63,7 @@ def _registry() -> plugins.TransportRegistry:
     """The registry, plus the plugins a valid config file names (autoload off)."""
     registry = plugins.get_registry()
     try:
-        settings = config.gather_settings()
+        settings = config.read_settings()
     except ConfigError:
         return registry  # `flowplug config` and `flowplug doctor` report a bad config
     if settings.plugins:
@@ -125,7 +125,7 @@ def _cmd_transports(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    settings = config.load_config(args.file)
+    settings = plugins.load_config(args.file)
     registry = plugins.get_registry()
     values = {key: getattr(settings, key) for key in config.SETTINGS}
     values["plugins"] = list(values["plugins"])
@@ -196,7 +196,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
             check("FAIL", f"{dist} is not installed ({purpose} needs it): pip install {dist}")
     # The config first: its plugins = [...] load before the transports are listed.
     try:
-        settings = config.load_config()
+        settings = plugins.load_config()
     except FlowplugError as exc:
         check("FAIL", f"config: {exc}")
     else:

@@ -22,21 +22,17 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import plugins
-from .errors import ConfigError, PluginError, TransportNotFound
-from .transport import Option
+from .errors import ConfigError
+from .transport import Option, Transport, option_defaults
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - tomllib is in the standard library from 3.11 on
     import tomli as tomllib
-
-if TYPE_CHECKING:
-    from .transport import Transport
 
 START_METHODS = ("fork", "spawn", "forkserver")
 #: the config file read from the working directory.
@@ -90,7 +86,7 @@ class Settings:
 
         :raises flowplug.ConfigError: an explicit option is unknown or of the wrong type.
         """
-        merged = {opt.name: opt.default for opt in transport.options}
+        merged = option_defaults(transport.options)
         merged.update(self.transports.get(transport.name, {}))
         merged.update(
             validate_options(transport.name, transport.options, explicit or {}, defaults=False)
@@ -113,41 +109,28 @@ SETTINGS = ("transport", "num_workers", "capacity", "start_method", "timeout", "
 FILE_KEYS = (*SETTINGS, "transports")
 
 
-# ---------------------------------------------------------------------------- entry points
+# ---------------------------------------------------------------------------- reading
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Return the effective settings: environment variables over config files over defaults.
-
-    :param path: a config file to read instead of ``./flowplug.toml`` and
-        ``./pyproject.toml``; a file named ``pyproject.toml`` is read for its
-        ``[tool.flowplug]`` table, any other file from its top level.
-    :raises flowplug.ConfigError: a bad key or value; the message names the file or
-        variable, the key, the value and the valid choices.
-    :raises flowplug.TransportNotFound: the selected transport is not installed.
-    :raises flowplug.PluginError: the selected transport's plugin is broken.
-    """
-    return resolve_settings(path)
-
-
-def resolve_settings(path: str | os.PathLike[str] | None = None, **explicit: Any) -> Settings:
-    """:func:`load_config` with explicit arguments on top (None means "not given")."""
-    problems: list[str] = []
-    settings = _check(gather_settings(path, _problems=problems, **explicit), problems)
-    if problems:
-        raise ConfigError.of(problems)
-    return settings
-
-
-def gather_settings(
+def read_settings(
     path: str | os.PathLike[str] | None = None,
     _problems: list[str] | None = None,
     **explicit: Any,
 ) -> Settings:
-    """Read and type-check every source, without loading plugins (see :func:`load_config`).
+    """Read and type-check every source, highest first: ``explicit`` (None means "not
+    given"), environment variables, config files, defaults.
 
-    Every problem is collected, then raised as one :class:`~flowplug.ConfigError` (or, given
-    ``_problems``, appended there and the bad values left out).
+    Plugins are not loaded here: :func:`flowplug.load_config` also checks the transport
+    tables against the installed transports.
+
+    :param path: a config file to read instead of ``./flowplug.toml`` and
+        ``./pyproject.toml``; a file named ``pyproject.toml`` is read for its
+        ``[tool.flowplug]`` table, any other file from its top level.
+    :param _problems: append every problem here (the bad values left out) instead of
+        raising; :func:`flowplug.load_config` adds the plugin checks' problems and raises
+        them all at once.
+    :raises flowplug.ConfigError: a bad key or value; the message names the file or
+        variable, the key, the value and the valid choices; every problem, not the first.
     """
     problems: list[str] = [] if _problems is None else _problems
     layers: list[tuple[str, dict[str, Any]]] = []  # (source, {key: parsed value}), highest first
@@ -448,71 +431,6 @@ def _coerce_option(transport: str, opt: Option, value: Any, where: str, strict: 
         f"{label}: option {opt.name!r} of transport {transport!r} must be "
         f"{opt.type.__name__}, got {type(value).__name__}"
     )
-
-
-# ---------------------------------------------------------------------------- checks with plugins
-
-
-def _check(settings: Settings, problems: list[str]) -> Settings:
-    """Load the named plugins, validate the transport tables and the selected transport.
-
-    A bad table or option is a line in ``problems``; a missing or broken transport raises
-    (after the caller's other problems, when there are any: they may be the cause).
-    """
-    registry = plugins.get_registry()
-    if settings.plugins:
-        registry.ensure(settings.plugins, settings.source("plugins"))
-    tables: dict[str, dict[str, Any]] = {}
-    for name, options in settings.transports.items():
-        if name in registry.broken or name in registry.conflicts:
-            tables[name] = dict(options)  # selecting it raises the plugin's own error
-            continue
-        if name not in registry.transports:
-            where = settings.source(f"transports.{name}")
-            available = sorted(registry.transports)
-            problems.append(
-                f"{where}: table [transports.{name}] names no installed transport; "
-                f"available: {', '.join(available)}" + _did_you_mean(name, available)
-            )
-            continue
-        cls = registry.transports[name]
-        tables[name] = {}
-        for key, value in options.items():
-            source = settings.source(f"transports.{name}.{key}")
-            prefix = "tool.flowplug." if source.endswith("[tool.flowplug]") else ""
-            try:
-                tables[name].update(
-                    validate_options(
-                        name,
-                        cls.options,
-                        {key: value},
-                        f"{source}: [{prefix}transports.{name}]",
-                        strict=True,
-                        defaults=False,
-                    )
-                )
-            except ConfigError as exc:
-                problems.extend(exc.problems)
-    try:
-        registry.get(settings.transport)
-    except TransportNotFound as exc:
-        source = settings.source("transport")
-        if source in (DEFAULT, ARGUMENT):
-            if problems:
-                problems.append(str(exc))
-                return settings
-            raise
-        found = TransportNotFound(exc.name, exc.available, exc.suggestion, where=source)
-        if problems:
-            problems.append(str(found))
-            return settings
-        raise found from None
-    except PluginError as exc:
-        source = settings.source("transport")
-        if source in (DEFAULT, ARGUMENT):
-            raise
-        raise PluginError(f"{source}: transport = {settings.transport!r}: {exc}") from exc
-    return replace(settings, transports=tables)
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -1,4 +1,5 @@
-"""``ipc://`` addresses for the ZeroMQ sockets of a run (the zmq and shm transports, doctor)."""
+"""ZeroMQ over ``ipc://`` for the sockets of a run: addresses, and the socket setup and
+close sequence the zmq-based transports share (zmq, shm, doctor)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,71 @@ def bind_ipc(sock: Any, run_id: str, what: str = "zmq socket") -> str:
             "FLOWPLUG_PIPEDIR to a local directory"
         ) from exc
     return address
+
+
+class ZmqSockets:
+    """One zmq context and the sockets made from it, closed together: the setup and close
+    sequence every zmq-based transport needs, on either side.
+
+    Example, a worker's sender::
+
+        sockets = ZmqSockets()
+        sock = sockets.connect(zmq.PUSH, endpoint.address, hwm=50, linger_ms=5000)
+        ...
+        sockets.close()  # waits up to linger_ms for what was sent to be delivered
+    """
+
+    def __init__(self) -> None:
+        import zmq  # the caller uses zmq already: importing it here costs nothing more
+
+        self.ctx = zmq.Context()
+        self._sockets: list[Any] = []
+
+    def connect(self, kind: int, address: str, *, hwm: int, linger_ms: int = 0) -> Any:
+        """Return a new socket of ``kind`` (``zmq.PUSH``, ``zmq.PULL``) connected to ``address``.
+
+        :param hwm: the high-water mark of the socket's direction (send for PUSH).
+        :param linger_ms: how long :meth:`close` keeps trying to deliver what was sent.
+        """
+        sock = self._socket(kind, hwm, linger_ms)
+        sock.connect(address)
+        return sock
+
+    def bind(
+        self, kind: int, run_id: str, *, hwm: int, what: str = "zmq socket"
+    ) -> tuple[Any, str]:
+        """Return a new socket of ``kind`` bound by :func:`bind_ipc`, and its address.
+
+        The socket does not linger: the consumer closes it only once its workers are gone.
+        On an error every socket of this object is closed (the caller's ``close`` may not
+        run: ``open`` failed).
+
+        :raises flowplug.ConfigError: as :func:`bind_ipc`.
+        """
+        sock = self._socket(kind, hwm, 0)
+        try:
+            address = bind_ipc(sock, run_id, what)
+        except ConfigError:
+            self.close()
+            raise
+        return sock, address
+
+    def _socket(self, kind: int, hwm: int, linger_ms: int) -> Any:
+        import zmq
+
+        sock = self.ctx.socket(kind)
+        if kind in (zmq.PUSH, zmq.PUB, zmq.DEALER):
+            sock.sndhwm = hwm
+        else:
+            sock.rcvhwm = hwm
+        sock.linger = linger_ms
+        self._sockets.append(sock)
+        return sock
+
+    def close(self) -> None:
+        """Close every socket (each after its own linger), then the context. Idempotent."""
+        sockets, self._sockets = self._sockets, []
+        for sock in reversed(sockets):
+            sock.close()
+        if not self.ctx.closed:
+            self.ctx.term()

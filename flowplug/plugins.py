@@ -19,13 +19,15 @@ import functools
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from types import MappingProxyType
+from typing import Any
 
 import pluggy
 
 from . import hookspecs
+from .config import ARGUMENT, DEFAULT, Settings, read_settings, validate_options
 from .errors import ConfigError, PluginError, TransportNotFound
 from .transport import Transport
 
@@ -191,6 +193,79 @@ class TransportRegistry:
         self.transports[name] = transport
         self.origin[name] = origin
 
+    def check_settings(self, settings: Settings, problems: list[str] | None = None) -> Settings:
+        """Load the plugins ``settings`` names, check its transport tables against the
+        transports' declared options and that its transport is installed.
+
+        :param problems: the problems found so far (by :func:`~flowplug.config.read_settings`);
+            this adds its own and raises them all in one :class:`~flowplug.ConfigError`.
+        :returns: ``settings`` with its transport tables validated.
+        :raises flowplug.ConfigError: a table names no transport, or holds a bad option.
+        :raises flowplug.TransportNotFound: the selected transport is not installed.
+        :raises flowplug.PluginError: the selected transport's plugin is broken.
+        """
+        problems = [] if problems is None else problems
+        checked = self._check_settings(settings, problems)
+        if problems:
+            raise ConfigError.of(problems)
+        return checked
+
+    def _check_settings(self, settings: Settings, problems: list[str]) -> Settings:
+        if settings.plugins:
+            self.ensure(settings.plugins, settings.source("plugins"))
+        tables: dict[str, dict[str, Any]] = {}
+        for name, options in settings.transports.items():
+            if name in self.broken or name in self.conflicts:
+                tables[name] = dict(options)  # selecting it raises the plugin's own error
+                continue
+            if name not in self.transports:
+                where = settings.source(f"transports.{name}")
+                available = sorted(self.transports)
+                close = difflib.get_close_matches(name, available, n=1)
+                problems.append(
+                    f"{where}: table [transports.{name}] names no installed transport; "
+                    f"available: {', '.join(available)}"
+                    + (f". Did you mean {close[0]!r}?" if close else "")
+                )
+                continue
+            cls = self.transports[name]
+            tables[name] = {}
+            for key, value in options.items():
+                source = settings.source(f"transports.{name}.{key}")
+                prefix = "tool.flowplug." if source.endswith("[tool.flowplug]") else ""
+                try:
+                    tables[name].update(
+                        validate_options(
+                            name,
+                            cls.options,
+                            {key: value},
+                            f"{source}: [{prefix}transports.{name}]",
+                            strict=True,
+                            defaults=False,
+                        )
+                    )
+                except ConfigError as exc:
+                    problems.extend(exc.problems)
+        try:
+            self.get(settings.transport)
+        except TransportNotFound as exc:
+            source = settings.source("transport")
+            found = exc
+            if source not in (DEFAULT, ARGUMENT):
+                found = TransportNotFound(exc.name, exc.available, exc.suggestion, where=source)
+            if problems:  # said with the others: a bad file may be why
+                problems.append(str(found))
+                return settings
+            if found is exc:
+                raise
+            raise found from None
+        except PluginError as exc:
+            source = settings.source("transport")
+            if source in (DEFAULT, ARGUMENT):
+                raise
+            raise PluginError(f"{source}: transport = {settings.transport!r}: {exc}") from exc
+        return replace(settings, transports=tables)
+
     def get(self, name: str) -> type[Transport]:
         if name in self.conflicts:
             raise self.conflicts[name]
@@ -261,3 +336,21 @@ def get_transport(name: str) -> type[Transport]:
     :raises flowplug.PluginError: the plugin that provides ``name`` failed to load.
     """
     return get_registry().get(name)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **explicit: Any) -> Settings:
+    """Return the effective settings: ``explicit`` arguments over environment variables
+    over config files over defaults, checked against the installed transports.
+
+    :param path: a config file to read instead of ``./flowplug.toml`` and
+        ``./pyproject.toml``; a file named ``pyproject.toml`` is read for its
+        ``[tool.flowplug]`` table, any other file from its top level.
+    :param explicit: settings given as arguments (the Runner's); None means "not given".
+    :raises flowplug.ConfigError: a bad key or value; the message names the file or
+        variable, the key, the value and the valid choices.
+    :raises flowplug.TransportNotFound: the selected transport is not installed.
+    :raises flowplug.PluginError: the selected transport's plugin is broken.
+    """
+    problems: list[str] = []  # every problem of every source, raised at once
+    settings = read_settings(path, _problems=problems, **explicit)
+    return get_registry().check_settings(settings, problems)

@@ -20,8 +20,7 @@ from typing import Any
 from . import plugins
 from ._gates import Control, EpochEnd
 from ._sweep import new_run_id, sweep_stale
-from ._workers import ProcessWorkers, ThreadWorkers
-from .config import ARGUMENT, resolve_settings
+from .config import ARGUMENT
 from .errors import (
     ConfigError,
     PluginError,
@@ -32,8 +31,9 @@ from .errors import (
     WorkerDied,
     WorkerError,
 )
-from .transport import EMPTY, Transport, WorkerGroup
-from .worker import RemoteFailure, WorkerInfo
+from .transport import EMPTY, Transport
+from .worker_groups import ProcessWorkers, ThreadWorkers, WorkerGroup
+from .worker_loop import RemoteFailure, WorkerInfo
 
 #: how long one blocking receive waits before the runner checks on its workers.
 POLL_INTERVAL = 0.1
@@ -132,7 +132,7 @@ class Runner:
         config: str | os.PathLike[str] | None = None,
         **options: Any,
     ):
-        settings = resolve_settings(
+        settings = plugins.load_config(
             config,
             transport=transport,
             num_workers=num_workers,

@@ -65,6 +65,7 @@ def loads(frames: list[Any]) -> Any:
 # multiple of _ALIGN, so arrays rebuilt on top of the blob are aligned.
 
 _ALIGN = 16
+_PADDING = bytes(_ALIGN)
 
 
 class Batch:
@@ -106,6 +107,28 @@ class Batch:
         self._lengths = [0]
         self.count = 0
         return header, blob
+
+
+def batch_of_one(frames: list[Any]) -> tuple[bytes, list[Any], int]:
+    """Lay out one object's frames as a batch of one, without copying them.
+
+    For a transport that writes a large object with one gathered write (``writev``) where
+    it would write a :class:`Batch`: the receiver rebuilds both with :func:`unpack_batch`.
+
+    :returns: ``(header, parts, size)``: the batch header, the blob as a list of buffers
+        (the frames, with padding between them), and the blob's size in bytes.
+    """
+    lengths = [memoryview(f).nbytes for f in frames]
+    parts: list[Any] = []
+    size = 0
+    for frame, length in zip(frames, lengths, strict=True):
+        pad = -size % _ALIGN
+        if pad:
+            parts.append(_PADDING[:pad])
+            size += pad
+        parts.append(frame)
+        size += length
+    return array("Q", [1, len(frames), *lengths]).tobytes(), parts, size
 
 
 def unpack_batch(header: Any, blob: Any) -> list[Any]:

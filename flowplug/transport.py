@@ -1,80 +1,29 @@
-"""The transport base classes: what a plugin implements to move objects.
+"""The plugin contract: what a transport implements to move objects.
 
 A transport only moves objects; the :class:`~flowplug.Runner` owns everything else
-(starting workers, errors, deaths, timeouts, cleanup). Its life, driven by the Runner:
+(starting workers, errors, deaths, timeouts, cleanup). The Runner drives it:
 
-1. ``Transport(capacity=..., num_workers=..., run_id=..., start_method=..., **options)``
-   in the consumer.
-2. ``endpoint = transport.open()`` in the consumer, before any worker starts. The
-   endpoint is what a worker needs to connect; it must be picklable when
-   :attr:`Transport.crosses_processes` is true (``spawn`` pickles it).
-3. ``sender = endpoint.connect(worker_id)`` inside each worker, then ``sender.send(obj)``
-   per datapoint and ``sender.close()`` at the end.
-4. ``transport.recv(timeout)`` in the consumer returns the next object, or :data:`EMPTY`
-   when nothing arrived within ``timeout`` seconds.
-5. ``transport.close()`` in the consumer, after the workers are stopped. Idempotent.
+1. ``transport = Cls(capacity=..., num_workers=..., run_id=..., start_method=..., **options)``
+   in the consumer; ``endpoint = transport.open()`` before any worker starts (picklable
+   when :attr:`Transport.crosses_processes`: ``spawn`` pickles it).
+2. In each worker: ``sender = endpoint.connect(worker_id)``, ``sender.send(obj)`` per
+   datapoint, ``sender.close()`` at the end.
+3. In the consumer: ``transport.recv(timeout)`` returns the next object or :data:`EMPTY`;
+   ``transport.close()`` after the workers are stopped (idempotent).
 
-Small objects cost more per message than per byte, so a process transport should batch
-them: subclass :class:`BatchingSender`, which packs small objects into one message and
-bounds the latency this adds (``max_delay``: at the next ``send()``, or from a timer thread
-when the dataflow stalls). The consumer side unpacks a batch into a local deque and returns
-its objects one per :meth:`Transport.recv`, so neither the Runner nor the user sees batches.
-
-Objects sent by one sender must arrive in the order they were sent (shard mode's epoch
-markers rely on it); objects of different senders may interleave freely. An object
-returned by ``recv`` stays valid for as long as it is referenced, whatever is received
-after it (shard mode's reorder buffer holds some while it receives others).
-
-Tasks, the other direction (optional). A transport whose :attr:`Transport.carries_tasks`
-is true also moves tasks from the consumer to the workers, which
-:class:`~flowplug.ParallelMap` needs:
-
-6. ``task_endpoint = transport.open_tasks()`` in the consumer, after ``open()`` and before
-   any worker starts; picklable like the endpoint.
-7. ``receiver = task_endpoint.connect(worker_id)`` inside each worker, then
-   ``receiver.recv(timeout)`` per task (any free worker takes the next task).
-8. ``transport.send_task(obj, timeout)`` in the consumer; false when the channel stayed
-   full. ``transport.close()`` releases the task channel too.
-
-Where the workers run is the Runner's choice, by :attr:`Transport.crosses_processes`:
-forked processes or threads of the consumer. A transport whose workers must run somewhere
-else (Ray actors on a cluster) sets :attr:`Transport.runs_workers` and returns a
-:class:`WorkerGroup` from :meth:`Transport.make_workers` (step 2b, after ``open()``). The
-Runner then starts, watches and stops that group exactly as its own: the worker loop inside
-is still :func:`flowplug.worker.run_worker`, errors still arrive as objects through the
-transport, a death is still a :class:`Death` in ``group.death``. For shard mode the group
-also carries the consumer's epoch notices and credits to its workers
-(:meth:`WorkerGroup.control_sinks`, one :class:`ControlSink` per worker); a group that does
-not runs replicate mode only.
-
-Example, the smallest in-process transport::
-
-    class ListTransport(Transport):
-        name = "list"
-        crosses_processes = False
-
-        def open(self):
-            self.items = collections.deque()
-            return ListEndpoint(self.items)
-
-        def recv(self, timeout):
-            return self.items.popleft() if self.items else EMPTY
+Objects of one sender arrive in the order they were sent; objects of different senders
+may interleave. An object returned by ``recv`` stays valid while it is referenced.
+Optional parts (tasks for :class:`~flowplug.ParallelMap`, workers run by the transport)
+and helpers (:mod:`flowplug.batching`, :mod:`flowplug.ipc`) are described where they live;
+docs/plugins.md walks through a whole transport.
 """
 
 from __future__ import annotations
 
-import signal
-import threading
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
-
-if TYPE_CHECKING:
-    from .worker import WorkerInfo
-
-from .serialize import Batch, dumps
+from typing import Any, ClassVar
 
 
 class _Empty:
@@ -134,117 +83,9 @@ class Sender(ABC):
         self.flush()
 
 
-class BatchingSender(Sender):
-    """A sender that packs small objects into one message, with a bounded added latency.
-
-    ``send(obj)`` serializes ``obj`` (:func:`flowplug.serialize.dumps`). An object of at
-    most ``item_max`` bytes is copied into the pending :class:`~flowplug.serialize.Batch`;
-    a larger one goes out alone, right after the pending batch (order is kept). The batch
-    goes out when it holds ``max_items`` objects or ``max_bytes`` bytes, on :meth:`flush`
-    and :meth:`close`, and at the latest ``max_delay`` seconds after its first object: at
-    the next ``send()``, or from a timer thread when the dataflow stalls. Subclasses
-    implement :meth:`write_one` and :meth:`write_batch`; both are called under a lock, one
-    at a time. The receiver rebuilds a batch with :func:`flowplug.serialize.unpack_batch`.
-
-    :param max_items: at most this many objects per batch; 1 turns batching off.
-    :param max_bytes: a batch goes out once it holds this many bytes.
-    :param item_max: objects larger than this are never batched.
-    :param max_delay: seconds an object may wait in a batch.
-    """
-
-    def __init__(
-        self,
-        max_items: int = 64,
-        max_bytes: int = 256 * 1024,
-        item_max: int = 128 * 1024,
-        max_delay: float = 0.002,
-    ):
-        self._max_items = max_items
-        self._max_bytes = max_bytes
-        self._item_max = item_max if max_items > 1 else -1
-        self._max_delay = max_delay
-        self._batch = Batch()
-        self._started = 0.0  # when the pending batch got its first object
-        self._lock = threading.Lock()
-        self._pending = threading.Event()  # set while a batch waits: wakes the timer
-        self._closed = False
-        self._timer: threading.Thread | None = None
-
-    @abstractmethod
-    def write_one(self, frames: list[Any]) -> None:
-        """Send one object's frames as one message. ``frames`` may be views of the
-        caller's memory: when this returns, the transport must no longer read them."""
-
-    @abstractmethod
-    def write_batch(self, header: bytes, blob: bytearray) -> None:
-        """Send a batch as one message; the sender never touches ``blob`` again."""
-
-    def send(self, obj: Any) -> None:
-        frames = dumps(obj)
-        size = sum(memoryview(f).nbytes for f in frames) if len(frames) > 1 else len(frames[0])
-        with self._lock:
-            batch = self._batch
-            if size > self._item_max:
-                if batch.count:
-                    self._write_pending()
-                self.write_one(frames)
-                return
-            if not batch.count:
-                self._started = time.monotonic()
-                if self._timer is None:
-                    self._start_timer()
-                self._pending.set()
-            batch.add(frames)
-            if (
-                batch.count >= self._max_items
-                or batch.nbytes >= self._max_bytes
-                or time.monotonic() - self._started >= self._max_delay
-            ):
-                self._write_pending()
-
-    def _write_pending(self) -> None:
-        self._pending.clear()
-        header, blob = self._batch.take()
-        self.write_batch(header, blob)
-
-    def flush(self) -> None:
-        with self._lock:
-            if self._batch.count:
-                self._write_pending()
-
-    def close(self) -> None:
-        """Flush, stop the timer thread, then :meth:`release`."""
-        try:
-            self.flush()
-        finally:
-            self._closed = True
-            self._pending.set()
-            if self._timer is not None:
-                self._timer.join(1.0)
-            self.release()
-
-    def release(self) -> None:
-        """Release the worker side (sockets, pipes); called once by :meth:`close`."""
-
-    def _start_timer(self) -> None:
-        self._timer = threading.Thread(target=self._flush_late, name="flowplug-flush", daemon=True)
-        self._timer.start()
-
-    def _flush_late(self) -> None:
-        """Timer thread: flush a batch that waited ``max_delay`` (the dataflow stalled)."""
-        while True:
-            self._pending.wait()
-            if self._closed:
-                return
-            with self._lock:
-                due = self._started + self._max_delay - time.monotonic()
-                if self._batch.count and due <= 0:
-                    try:
-                        self._write_pending()
-                    except Exception:
-                        return  # the consumer is gone; the next send() reports it
-                    continue
-            time.sleep(max(due, 0.0002))
+def option_defaults(options: Sequence[Option]) -> dict[str, Any]:
+    """Return ``{name: default}`` of declared options: the one place defaults are read."""
+    return {opt.name: opt.default for opt in options}
 
 
 class Endpoint(ABC):
@@ -278,111 +119,6 @@ class TaskEndpoint(ABC):
     @abstractmethod
     def connect(self, worker_id: int) -> TaskReceiver:
         """Connect inside the worker and return its task receiver."""
-
-
-@dataclass(frozen=True)
-class Death:
-    """A worker that ended on its own, as put in :attr:`WorkerGroup.death`."""
-
-    worker_id: int
-    pid: int | None
-    #: negative for a signal, as in :mod:`multiprocessing`; None when nobody can know
-    #: (the process ran on a machine that is gone).
-    exitcode: int | None
-    #: what else is known, e.g. the node it ran on or the cluster's own words.
-    reason: str = ""
-
-    def describe(self) -> str:
-        code = self.exitcode
-        if code is None:
-            how = "ended with an unknown exit status"
-        elif code < 0:
-            try:
-                how = f"was killed by signal {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        else:
-            how = f"exited with code {code}"
-        text = f"worker {self.worker_id} (pid {self.pid}) {how}"
-        return f"{text} ({self.reason})" if self.reason else text
-
-
-class ControlSink(ABC):
-    """The consumer's line to one worker's shard-mode control: epoch notices and credits.
-
-    In shard mode the consumer announces each epoch it starts and gives a worker a credit
-    back for every item of it that it yields or drops (docs/sharding.md). The Runner does
-    it through one sink per worker, from its consumer thread only. Workers the Runner
-    starts get sinks of the core's own (a pipe and a semaphore per process); a
-    :class:`WorkerGroup` that runs its workers elsewhere returns its own from
-    :meth:`WorkerGroup.control_sinks`, typically forwarding to the sinks of a
-    :class:`flowplug.ProcessWorkers` next to the worker.
-    """
-
-    @abstractmethod
-    def start_epoch(self, epoch: int) -> None:
-        """Tell the worker that the consumer started ``epoch``: it may run ``epoch + 1``,
-        and must leave earlier ones. Epochs only grow; an epoch applied after a later one
-        (calls reordered on the way) must not move the worker back."""
-
-    @abstractmethod
-    def release(self) -> None:
-        """Give the worker one credit back. Called once per item, on the consumer's hot
-        path: keep it cheap.
-
-        A sink whose every call crosses a network may hold credits back and send several
-        at once, but always fewer than the worker's ``credits``: then at least one of them
-        is on an item on its way, and an ordered consumer never waits for an item whose
-        worker waits for a credit. Send what is held with :meth:`start_epoch` and before
-        the consumer waits for data (in :meth:`Transport.recv`), or the worker idles
-        meanwhile."""
-
-
-class WorkerGroup(ABC):
-    """The workers of one run: started, watched and stopped by the Runner.
-
-    The Runner uses its own groups (processes it forks, or threads) unless the transport
-    sets :attr:`Transport.runs_workers`. Each worker must run
-    :func:`flowplug.worker.run_worker` (or a process running it), so that errors reach the
-    consumer as objects through the transport. A group on other machines can fork its
-    workers there with :class:`flowplug.ProcessWorkers` (the Ray plugin does, one per
-    actor): death signals, seeds and exit statuses then stay the core's.
-
-    Shard mode needs the group to carry the consumer's control to its workers
-    (:meth:`control_sinks`); a group that cannot runs replicate mode only.
-    """
-
-    #: the first unexpected end of a worker, or None. Read by the Runner after every
-    #: receive; set it from any thread (or from the transport's ``recv``).
-    death: Death | None = None
-
-    @abstractmethod
-    def start(self) -> None:
-        """Start every worker. Called once, right after the group is made."""
-
-    @abstractmethod
-    def alive(self) -> int:
-        """Return how many workers are running."""
-
-    @abstractmethod
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop every worker, forcibly after ``timeout`` s; called before
-        :meth:`Transport.close`. Must not raise, and must not hang on a worker that is gone."""
-
-    def control_sinks(self, credits: int) -> Sequence[ControlSink] | None:
-        """Run the workers in shard mode; return one :class:`ControlSink` per worker.
-
-        Called at most once, by a Runner in shard mode, before :meth:`start`. Worker ``i``
-        must then run its dataflow under a shard gate whose epoch notices and
-        ``credits`` credits are driven by the ``i``-th sink. A remote group gets such a
-        gate by hosting a :class:`flowplug.ProcessWorkers` per machine (or per worker),
-        asking it for its sinks with the same ``credits``, and forwarding the consumer's
-        calls to them. The default, None, says the group cannot: the Runner then refuses
-        ``mode="shard"`` with a :class:`~flowplug.ConfigError`.
-
-        :param credits: how many items each worker may have sent and not yet released.
-        """
-        return None
 
 
 class Transport(ABC):
@@ -439,7 +175,16 @@ class Transport(ABC):
         self.num_workers = num_workers
         self.run_id = run_id
         self.start_method = start_method
-        self.settings = options
+        #: the values of the declared :attr:`options`: their defaults, overridden by what
+        #: the user gave (validated by the Runner). Read ``self.option_values["hwm"]``;
+        #: never repeat a default here.
+        self.option_values: Mapping[str, Any] = {**option_defaults(self.options), **options}
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        """The old name of :attr:`option_values`; kept until every plugin in this repository
+        has moved (the shm and ray branches were mid-change when it was renamed)."""
+        return self.option_values
 
     @abstractmethod
     def open(self) -> Endpoint:
@@ -470,13 +215,12 @@ class Transport(ABC):
             f"transport {self.name!r} does not carry tasks (carries_tasks is false)"
         )
 
-    def make_workers(
-        self, dfs: Sequence[Any], endpoint: Endpoint, infos: Sequence[WorkerInfo]
-    ) -> WorkerGroup:
-        """Return the (not yet started) workers of this run; only when :attr:`runs_workers`.
+    def make_workers(self, dfs: Sequence[Any], endpoint: Endpoint, infos: Sequence[Any]) -> Any:
+        """Return the (not yet started) :class:`~flowplug.WorkerGroup` of this run; only
+        when :attr:`runs_workers`.
 
         Called once, after :meth:`open`, with what it returned as ``endpoint``. Worker
-        ``i`` runs ``dfs[i]`` with ``infos[i]`` through :func:`flowplug.worker.run_worker`,
+        ``i`` runs ``dfs[i]`` with ``infos[i]`` through :func:`flowplug.worker_loop.run_worker`,
         sending through ``endpoint`` or a medium of the group's own that ends in
         :meth:`recv`. The Runner calls ``start()`` next, and ``stop()`` before :meth:`close`.
         """

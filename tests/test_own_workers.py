@@ -13,7 +13,7 @@ import pytest
 import flowplug as fp
 from flowplug.plugins import PluginInfo, get_registry
 from flowplug.testing.contract import Counting, RaiseAfter
-from flowplug.worker import run_worker
+from flowplug.worker_loop import run_worker
 
 
 class QueueSender(fp.Sender):

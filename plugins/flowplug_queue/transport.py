@@ -8,8 +8,7 @@ the buffers straight into the pipe with one ``writev``; the consumer reads a mes
 one buffer and rebuilds the datapoint on top of it, so received arrays are (writable)
 views of that buffer. Small datapoints are batched (:class:`flowplug.BatchingSender`).
 
-A message is ``[u64 header words, u64 body bytes, header, body]``, where header and body
-are a :class:`flowplug.serialize.Batch` (a lone datapoint is a batch of one).
+Messages are framed by :mod:`flowplug.pipes` (a lone datapoint is a batch of one).
 
 Fairness: each worker writes to its own pipe, with its own share of ``capacity`` (a
 semaphore), and the consumer takes complete messages from the pipes in turn. With one pipe
@@ -36,27 +35,11 @@ import queue
 import select
 import threading
 import time
-from array import array
 from typing import Any
 
 import flowplug
+from flowplug.pipes import MessageReader, grow_pipe, write_batch, write_frames
 from flowplug.serialize import dumps_bytes, unpack_batch
-
-_ALIGN = 16  # as flowplug.serialize.Batch lays out frames
-_ZEROS = bytes(_ALIGN)
-#: the pipe buffer asked for (Linux); fewer wake-ups per large datapoint.
-_PIPE_SIZE = 1024 * 1024
-
-
-def _grow_pipe(fd: int) -> None:
-    try:
-        import fcntl
-
-        with open("/proc/sys/fs/pipe-max-size") as f:
-            limit = int(f.read())
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(_PIPE_SIZE, limit))
-    except (ImportError, AttributeError, OSError, ValueError):
-        pass  # not Linux, or not allowed: the default pipe size works, a little slower
 
 
 class QueueSender(flowplug.BatchingSender):
@@ -69,42 +52,21 @@ class QueueSender(flowplug.BatchingSender):
         self._slots = slots
 
     def write_one(self, frames: list[Any]) -> None:
-        lengths = [memoryview(f).nbytes for f in frames]
-        iov: list[Any] = []
-        size = 0
-        for frame, length in zip(frames, lengths, strict=True):
-            pad = -size % _ALIGN
-            if pad:
-                iov.append(_ZEROS[:pad])
-                size += pad
-            iov.append(frame)
-            size += length
-        self._write(array("Q", [1, len(frames), *lengths]).tobytes(), size, iov)
-
-    def write_batch(self, header: bytes, blob: bytearray) -> None:
-        self._write(header, len(blob), [blob])
-
-    def _write(self, header: bytes, size: int, body: list[Any]) -> None:
-        iov = [array("Q", [len(header) // 8, size]).tobytes(), header, *body]
         self._slots.acquire()
         try:
-            _write_all(self._fd, iov)
+            write_frames(self._fd, frames)
         except OSError as exc:
             raise flowplug.TransportClosed(f"the consumer closed the queue: {exc}") from exc
 
-    def release(self) -> None:
+    def write_batch(self, header: bytes, blob: bytearray) -> None:
+        self._slots.acquire()
+        try:
+            write_batch(self._fd, header, [blob], len(blob))
+        except OSError as exc:
+            raise flowplug.TransportClosed(f"the consumer closed the queue: {exc}") from exc
+
+    def disconnect(self) -> None:
         self._conn.close()
-
-
-def _write_all(fd: int, iov: list[Any]) -> None:
-    views = [memoryview(b).cast("B") for b in iov]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= views[0].nbytes:
-            n -= views[0].nbytes
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
 
 
 class QueueEndpoint(flowplug.Endpoint):
@@ -157,7 +119,7 @@ class _Channel:
         self.fd = conn.fileno()
         os.set_blocking(self.fd, False)
         self.slots = slots
-        self.message = _Message()
+        self.message = MessageReader()
 
 
 class QueueTransport(flowplug.Transport):
@@ -185,7 +147,7 @@ class QueueTransport(flowplug.Transport):
         # and so a pipe never reads as ended while the transport is open.
         self._writers = [writer for _, writer in pipes]
         for writer in self._writers:
-            _grow_pipe(writer.fileno())
+            grow_pipe(writer.fileno())
         self._channels = [_Channel(r, s) for (r, _), s in zip(pipes, slots, strict=True)]
         self._poller = select.poll()
         for channel in self._channels:
@@ -195,8 +157,8 @@ class QueueTransport(flowplug.Transport):
         return QueueEndpoint(
             self._writers,
             slots,
-            max(1, self.settings.get("batch", 64)),
-            self.settings.get("batch_delay", 0.002),
+            max(1, self.option_values["batch"]),
+            self.option_values["batch_delay"],
         )
 
     def recv(self, timeout: float) -> Any:
@@ -217,7 +179,7 @@ class QueueTransport(flowplug.Transport):
                 channel = channels[i]
                 message = channel.message
                 if message.read(channel.fd):
-                    channel.message = _Message()
+                    channel.message = MessageReader()
                     channel.slots.release()
                     self._turn = i + 1
                     ready.extend(unpack_batch(message.header, message.body))
@@ -290,38 +252,3 @@ class QueueTransport(flowplug.Transport):
                 channel.conn.close()
             for writer in self._writers:
                 writer.close()
-
-
-class _Message:
-    """One message being read from a non-blocking pipe, possibly over several calls."""
-
-    __slots__ = ("body", "buf", "header", "pos", "stage")
-
-    def __init__(self) -> None:
-        self.stage = 0  # 0: sizes, 1: header, 2: body
-        self.buf = bytearray(16)
-        self.pos = 0
-        self.header: Any = None
-        self.body: Any = None
-
-    def read(self, fd: int) -> bool:
-        """Read what the pipe has; return true once the message is complete."""
-        while True:
-            view = memoryview(self.buf)
-            while self.pos < len(view):
-                try:
-                    n = os.readv(fd, [view[self.pos :]])
-                except BlockingIOError:
-                    return False
-                if n == 0:
-                    return False  # every writer is gone; the Runner notices the deaths
-                self.pos += n
-            if self.stage == 0:
-                words, size = array("Q", self.buf)
-                self.stage, self.buf, self.pos = 1, bytearray(words * 8), 0
-                self.body = bytearray(size)
-            elif self.stage == 1:
-                self.header = self.buf
-                self.stage, self.buf, self.pos = 2, self.body, 0
-            else:
-                return True

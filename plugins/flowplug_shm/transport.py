@@ -72,11 +72,8 @@ class ShmSender(flowplug.Sender):
             self.store = ObjectStore.attach(store_name)
         except flowplug.StateError as exc:
             raise flowplug.TransportClosed(str(exc)) from exc
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PUSH)
-        self._sock.sndhwm = hwm
-        self._sock.linger = _LINGER_MS
-        self._sock.connect(address)
+        self._sockets = flowplug.ZmqSockets()
+        self._sock = self._sockets.connect(zmq.PUSH, address, hwm=hwm, linger_ms=_LINGER_MS)
         self._send = self._sock.send
         self._put = self.store.put_frames
         self._object = token + _OBJECT
@@ -105,8 +102,7 @@ class ShmSender(flowplug.Sender):
 
     def close(self) -> None:
         self._using.__exit__(None, None, None)
-        self._sock.close()
-        self._ctx.term()
+        self._sockets.close()
         self.store.close()
 
 
@@ -136,12 +132,9 @@ class ShmTaskReceiver(flowplug.TaskReceiver):
     def __init__(self, store: ObjectStore, own: bool, address: str, token: bytes):
         self._store = store
         self._own = own  # attached for the receiver alone: close it with the receiver
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PULL)
+        self._sockets = flowplug.ZmqSockets()
         # Take one task at a time, so that a busy worker leaves the next to an idle one.
-        self._sock.rcvhwm = 1
-        self._sock.linger = 0
-        self._sock.connect(address)
+        self._sock = self._sockets.connect(zmq.PULL, address, hwm=1)
         self._token = token
 
     def recv(self, timeout: float) -> Any:
@@ -169,8 +162,7 @@ class ShmTaskReceiver(flowplug.TaskReceiver):
         return flowplug.EMPTY
 
     def close(self) -> None:
-        self._sock.close()
-        self._ctx.term()
+        self._sockets.close()
         if self._own:
             self._store.close()
 
@@ -236,20 +228,18 @@ class ShmTransport(flowplug.Transport):
     )
 
     def open(self) -> ShmEndpoint:
+        values = self.option_values
         self._store: ObjectStore | None = ObjectStore(
-            self.settings["size"],
-            dir=self.settings["dir"] or None,
-            reserve=self.settings["reserve"],
+            values["size"],
+            dir=values["dir"] or None,
+            reserve=values["reserve"],
             run_id=self.run_id,
         )
         self._hellos = 0
         self._token = secrets.token_bytes(_TOKEN_LEN)
-        self._ctx = zmq.Context()
-        self._sock: zmq.Socket | None = self._ctx.socket(zmq.PULL)
-        self._sock.rcvhwm = self.capacity
-        self._sock.linger = 0
+        self._sockets = flowplug.ZmqSockets()
         try:
-            self.address = flowplug.bind_ipc(self._sock, self.run_id)
+            self._sock, self.address = self._sockets.bind(zmq.PULL, self.run_id, hwm=self.capacity)
         except flowplug.ConfigError:
             self.close()
             raise
@@ -292,10 +282,10 @@ class ShmTransport(flowplug.Transport):
                     self._store.unlink()  # all attached: nothing to leave behind after a crash
 
     def open_tasks(self) -> ShmTaskEndpoint:
-        sock = self._task_sock = self._ctx.socket(zmq.PUSH)
-        sock.sndhwm = max(1, self.capacity // self.num_workers)
-        sock.linger = 0
-        address = flowplug.bind_ipc(sock, self.run_id, "zmq task socket")
+        hwm = max(1, self.capacity // self.num_workers)
+        self._task_sock, address = self._sockets.bind(
+            zmq.PUSH, self.run_id, hwm=hwm, what="zmq task socket"
+        )
         return ShmTaskEndpoint(address, self._token, self._endpoint)
 
     def send_task(self, obj: Any, timeout: float) -> bool:
@@ -331,15 +321,9 @@ class ShmTransport(flowplug.Transport):
         return True
 
     def close(self) -> None:
-        task_sock = getattr(self, "_task_sock", None)
-        if task_sock is not None:
-            self._task_sock = None
-            task_sock.close(linger=0)
-        sock = getattr(self, "_sock", None)
-        if sock is not None:
-            self._sock = None
-            sock.close(linger=0)
-            self._ctx.term()
+        sockets = getattr(self, "_sockets", None)
+        if sockets is not None:
+            sockets.close()
         store = getattr(self, "_store", None)
         if store is not None:
             self._store = None

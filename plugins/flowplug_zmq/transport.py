@@ -28,11 +28,8 @@ _LINGER_MS = 5000
 class ZmqSender(flowplug.BatchingSender):
     def __init__(self, address: str, token: bytes, hwm: int, batch: int, batch_delay: float):
         super().__init__(max_items=batch, max_delay=batch_delay)
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PUSH)
-        self._sock.sndhwm = hwm
-        self._sock.linger = _LINGER_MS
-        self._sock.connect(address)
+        self._sockets = flowplug.ZmqSockets()
+        self._sock = self._sockets.connect(zmq.PUSH, address, hwm=hwm, linger_ms=_LINGER_MS)
         self._token = token
         self._send = self._sock.send_multipart
 
@@ -48,9 +45,8 @@ class ZmqSender(flowplug.BatchingSender):
     def write_batch(self, header: bytes, blob: bytearray) -> None:
         self._send([self._token, header, blob], copy=False)
 
-    def release(self) -> None:
-        self._sock.close()
-        self._ctx.term()
+    def disconnect(self) -> None:
+        self._sockets.close()
 
 
 class ZmqEndpoint(flowplug.Endpoint):
@@ -67,12 +63,9 @@ class ZmqEndpoint(flowplug.Endpoint):
 
 class ZmqTaskReceiver(flowplug.TaskReceiver):
     def __init__(self, address: str, token: bytes):
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PULL)
+        self._sockets = flowplug.ZmqSockets()
         # Take one task at a time, so that a busy worker leaves the next to an idle one.
-        self._sock.rcvhwm = 1
-        self._sock.linger = 0
-        self._sock.connect(address)
+        self._sock = self._sockets.connect(zmq.PULL, address, hwm=1)
         self._token = token
 
     def recv(self, timeout: float) -> Any:
@@ -88,8 +81,7 @@ class ZmqTaskReceiver(flowplug.TaskReceiver):
         return loads(frames[1:])
 
     def close(self) -> None:
-        self._sock.close()
-        self._ctx.term()
+        self._sockets.close()
 
 
 class ZmqTaskEndpoint(flowplug.TaskEndpoint):
@@ -121,17 +113,11 @@ class ZmqTransport(flowplug.Transport):
     )
 
     def open(self) -> ZmqEndpoint:
-        hwm = self.settings.get("hwm") or self.capacity
+        values = self.option_values
+        hwm = values["hwm"] or self.capacity
         self._token = secrets.token_bytes(16)
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PULL)
-        self._sock.rcvhwm = hwm
-        self._sock.linger = 0
-        try:
-            self.address = flowplug.bind_ipc(self._sock, self.run_id)
-        except flowplug.ConfigError:
-            self.close()
-            raise
+        self._sockets = flowplug.ZmqSockets()
+        self._sock, self.address = self._sockets.bind(zmq.PULL, self.run_id, hwm=hwm)
         self._recv = self._sock.recv_multipart
         self._poll = self._sock.poll
         self._events = self._sock.get
@@ -140,8 +126,8 @@ class ZmqTransport(flowplug.Transport):
             self.address,
             self._token,
             hwm,
-            max(1, self.settings.get("batch", 64)),
-            self.settings.get("batch_delay", 0.002),
+            max(1, values["batch"]),
+            values["batch_delay"],
         )
 
     def recv(self, timeout: float) -> Any:
@@ -167,10 +153,10 @@ class ZmqTransport(flowplug.Transport):
         return ready.popleft()
 
     def open_tasks(self) -> ZmqTaskEndpoint:
-        sock = self._task_sock = self._ctx.socket(zmq.PUSH)
-        sock.sndhwm = max(1, self.capacity // self.num_workers)
-        sock.linger = 0
-        address = flowplug.bind_ipc(sock, self.run_id, "zmq task socket")
+        hwm = max(1, self.capacity // self.num_workers)
+        self._task_sock, address = self._sockets.bind(
+            zmq.PUSH, self.run_id, hwm=hwm, what="zmq task socket"
+        )
         return ZmqTaskEndpoint(address, self._token)
 
     def send_task(self, obj: Any, timeout: float) -> bool:
@@ -190,12 +176,6 @@ class ZmqTransport(flowplug.Transport):
         return True
 
     def close(self) -> None:
-        task_sock = getattr(self, "_task_sock", None)
-        if task_sock is not None:
-            self._task_sock = None
-            task_sock.close(linger=0)
-        sock = getattr(self, "_sock", None)
-        if sock is not None:
-            self._sock = None
-            sock.close(linger=0)
-            self._ctx.term()
+        sockets = getattr(self, "_sockets", None)
+        if sockets is not None:
+            sockets.close()

@@ -296,7 +296,7 @@ class LimitedTransport(fp.Transport):
 
     def open(self) -> _LimitedEndpoint:
         self._queue = mp.get_context(self.start_method).Queue(self.capacity)
-        return _LimitedEndpoint(self._queue, self.settings["max_item_size"])
+        return _LimitedEndpoint(self._queue, self.option_values["max_item_size"])
 
     def recv(self, timeout: float) -> Any:
         try:

@@ -9,6 +9,11 @@ The consumer's ends are non-blocking and every pipe has its own partial-message 
 consumer (the Runner notices the death and raises ``flowplug.WorkerDied``).
 
 Only the public API is used: ``flowplug`` and ``flowplug.serialize``.
+
+This plugin is a from-scratch example of a third party's transport: it writes its own
+framing on purpose, to show every step. A real pipe transport would use the core's
+:mod:`flowplug.pipes` (one ``writev`` per message, a non-blocking reader), as the built-in
+``queue`` transport does.
 """
 
 from __future__ import annotations
@@ -136,8 +141,8 @@ class PipeTransport(flowplug.Transport):
                 readers.append(r)
                 writers.append(w)
                 os.set_blocking(r, False)
-                if self.settings["pipe_size"]:
-                    self._set_pipe_size(w, self.settings["pipe_size"])
+                if self.option_values["pipe_size"]:
+                    self._set_pipe_size(w, self.option_values["pipe_size"])
         except BaseException:
             self.close()
             raise

@@ -3,7 +3,7 @@
 The actor does not iterate the dataflow itself. It runs the core's
 :class:`flowplug.ProcessWorkers` for one worker, so the worker is a process forked by the
 same code as on one machine (death signal, parent watchdog, seeds, the send loop
-:func:`flowplug.worker.run_worker`), and its exit status is known: a worker killed by
+:func:`flowplug.worker_loop.run_worker`), and its exit status is known: a worker killed by
 SIGSEGV is reported as such, which Ray alone cannot tell (it sees a closed connection).
 
 The worker sends pickled frames through a pipe; the actor's relay thread queues them, and

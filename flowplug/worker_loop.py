@@ -12,12 +12,10 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import TransportClosed
-
-if TYPE_CHECKING:
-    from .transport import Endpoint
+from .transport import Endpoint
 
 _PR_SET_PDEATHSIG = 1
 

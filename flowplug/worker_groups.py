@@ -1,4 +1,11 @@
-"""Consumer-side management of workers: start, watch for deaths, stop with a ladder."""
+"""The consumer's side of workers: groups that start them, notice deaths, stop them.
+
+The Runner starts a :class:`ProcessWorkers` (forked processes) or a :class:`ThreadWorkers`
+group; a transport that runs its workers elsewhere (Ray actors) returns a
+:class:`WorkerGroup` of its own from :meth:`flowplug.Transport.make_workers`. Either way the
+Runner starts, watches and stops the group the same way, and a worker that ends on its own
+is a :class:`Death` in ``group.death``.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +16,90 @@ import signal
 import threading
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
 
-from ._gates import Control
+from ._gates import Control, ControlSink
 from .errors import StateError
-from .transport import ControlSink, Death, Endpoint, WorkerGroup
-from .worker import WorkerInfo, process_main, run_worker
+from .transport import Endpoint
+from .worker_loop import WorkerInfo, process_main, run_worker
+
+
+@dataclass(frozen=True)
+class Death:
+    """A worker that ended on its own, as put in :attr:`WorkerGroup.death`."""
+
+    worker_id: int
+    pid: int | None
+    #: negative for a signal, as in :mod:`multiprocessing`; None when nobody can know
+    #: (the process ran on a machine that is gone).
+    exitcode: int | None
+    #: what else is known, e.g. the node it ran on or the cluster's own words.
+    reason: str = ""
+
+    def describe(self) -> str:
+        code = self.exitcode
+        if code is None:
+            how = "ended with an unknown exit status"
+        elif code < 0:
+            try:
+                how = f"was killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        text = f"worker {self.worker_id} (pid {self.pid}) {how}"
+        return f"{text} ({self.reason})" if self.reason else text
+
+
+class WorkerGroup(ABC):
+    """The workers of one run: started, watched and stopped by the Runner.
+
+    The Runner uses its own groups (processes it forks, or threads) unless the transport
+    sets :attr:`Transport.runs_workers`. Each worker must run
+    :func:`flowplug.worker_loop.run_worker` (or a process running it), so that errors reach the
+    consumer as objects through the transport. A group on other machines can fork its
+    workers there with :class:`flowplug.ProcessWorkers` (the Ray plugin does, one per
+    actor): death signals, seeds and exit statuses then stay the core's.
+
+    Shard mode needs the group to carry the consumer's control to its workers
+    (:meth:`control_sinks`); a group that cannot runs replicate mode only.
+    """
+
+    #: the first unexpected end of a worker, or None. Read by the Runner after every
+    #: receive; set it from any thread (or from the transport's ``recv``).
+    death: Death | None = None
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start every worker. Called once, right after the group is made."""
+
+    @abstractmethod
+    def alive(self) -> int:
+        """Return how many workers are running."""
+
+    @abstractmethod
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop every worker, forcibly after ``timeout`` s; called before
+        :meth:`Transport.close`. Must not raise, and must not hang on a worker that is gone."""
+
+    def control_sinks(self, credits: int) -> Sequence[ControlSink] | None:
+        """Run the workers in shard mode; return one :class:`ControlSink` per worker.
+
+        Called at most once, by a Runner in shard mode, before :meth:`start`. Worker ``i``
+        must then run its dataflow under a shard gate whose epoch notices and
+        ``credits`` credits are driven by the ``i``-th sink. A remote group gets such a
+        gate by hosting a :class:`flowplug.ProcessWorkers` per machine (or per worker),
+        asking it for its sinks with the same ``credits``, and forwarding the consumer's
+        calls to them. The default, None, says the group cannot: the Runner then refuses
+        ``mode="shard"`` with a :class:`~flowplug.ConfigError`.
+
+        :param credits: how many items each worker may have sent and not yet released.
+        """
+        return None
 
 
 class ProcessWorkers(WorkerGroup):
