@@ -73,7 +73,7 @@ def _registry() -> plugins.TransportRegistry:
 
 def _cmd_transports(args: argparse.Namespace) -> int:
     registry = _registry()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, cls in sorted(registry.transports.items()):
         origin = registry.origin[name]
         rows.append(
@@ -135,10 +135,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
     tables: dict[str, dict[str, Any]] = {}
     selected = registry.transports.get(settings.transport)
     if selected is not None:
-        options = settings.options_for(selected)
         tables[settings.transport] = {
             k: {"value": v, "source": settings.source(f"transports.{settings.transport}.{k}")}
-            for k, v in options.items()
+            for k, v in settings.options_for(selected).items()
         }
     for name, options in settings.transports.items():
         if name not in tables:
@@ -298,7 +297,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     source = DataFromGenerator(lambda: items)
     for name in names:
         with Runner(source, transport=name, num_workers=args.workers) as runner:
-            it = iter(runner)
+            it = runner.__iter__()
             next(it)  # startup is not throughput
             count, start = 0, time.perf_counter()
             while time.perf_counter() - start < args.seconds:

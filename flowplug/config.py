@@ -236,7 +236,8 @@ def _tool_flowplug(file: Path) -> Any:
 def _read_toml(file: Path) -> dict[str, Any]:
     try:
         with open(file, "rb") as f:
-            return tomllib.load(f)
+            data: dict[str, Any] = tomllib.load(f)  # tomli (3.10) may be untyped here
+            return data
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file} is not valid TOML: {exc}") from None
     except OSError as exc:
@@ -366,7 +367,8 @@ def format_size(n: int) -> str:
     :func:`parse_size` reads every result back to ``n``."""
     if n == 0:
         return "0"
-    units = (("TiB", 1024**4), ("TB", 1000**4), ("GiB", 1024**3), ("GB", 1000**3))
+    units: tuple[tuple[str, int], ...] = (("TiB", 1024**4), ("TB", 1000**4), ("GiB", 1024**3))
+    units += (("GB", 1000**3),)
     units += (("MiB", 1024**2), ("MB", 1000**2), ("KiB", 1024), ("kB", 1000))
     for unit, factor in units:  # the largest unit that divides it
         if n % factor == 0:

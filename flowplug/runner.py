@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from . import plugins
@@ -275,7 +275,7 @@ class Runner:
 
     # ------------------------------------------------------------------ iteration
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Generator[Any, None, None]:  # a generator: callers may close() it
         if not self._guard.acquire(blocking=False):
             raise StateError(
                 "this runner is already being iterated (by another thread, or by an "

@@ -160,7 +160,7 @@ def machine() -> dict[str, Any]:
         load = os.getloadavg()
     except OSError:
         load = None
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in ("torch", "tensorpack"):  # the peers' versions, without importing them
         try:
             versions[dist] = metadata.version(dist)

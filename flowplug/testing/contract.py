@@ -48,6 +48,7 @@ class Counting(fp.DataFlow):
 
     def __iter__(self):
         info = fp.worker_info()
+        assert info is not None  # runs in a worker
         for i in range(self.n):
             yield (info.id, i) if self.tag else i
 
@@ -102,6 +103,7 @@ class InfoFlow(fp.DataFlow):
 
     def __iter__(self):
         info = fp.worker_info()
+        assert info is not None  # runs in a worker
         while True:
             yield (info.id, info.num_workers, info.seed)
 
@@ -244,7 +246,7 @@ class TransportContract:
 
     def test_worker_exception_becomes_worker_error(self, transport):
         runner = fp.Runner(RaiseAfter(5), transport=transport, num_workers=2)
-        got = []
+        got: list[int] = []
         with pytest.raises(fp.WorkerError) as info:
             for _ in range(10):
                 got.extend(runner)
