@@ -34,9 +34,10 @@ from .transport import (
     Sender,
     TaskEndpoint,
     TaskReceiver,
+    TaskTransport,
     Transport,
 )
-from .worker_groups import ControlSink, Death, ProcessWorkers, WorkerGroup
+from .worker_groups import ControlSink, Death, OwnWorkersTransport, ProcessWorkers, WorkerGroup
 from .worker_loop import WorkerInfo, worker_info
 
 __version__ = "0.1.0"
@@ -69,6 +70,7 @@ __all__ = [
     "FlowplugError",
     "ObjectNotFound",
     "Option",
+    "OwnWorkersTransport",
     "ParallelMap",
     "PluginError",
     "ProcessWorkers",
@@ -81,6 +83,7 @@ __all__ = [
     "StoreFull",
     "TaskEndpoint",
     "TaskReceiver",
+    "TaskTransport",
     "Transport",
     "TransportClosed",
     "TransportNotFound",

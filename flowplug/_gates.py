@@ -29,13 +29,14 @@ import itertools
 import multiprocessing as mp
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
+from ._resume import PassStart, Resumed, load_into, take_state
 from .errors import TransportClosed
-from .transport import EMPTY, TaskEndpoint
+from .transport import EMPTY, TaskReceiver
 from .worker_loop import TaskFailed, WorkerInfo
 
 #: how often a waiting worker thread checks whether the runner stopped.
@@ -130,8 +131,15 @@ class ShardGate:
         of the shard gets the index ``id + j * num_workers``.
         """
         w, n = info.id, info.num_workers
+        plan = None
+        if type(df) is Resumed:  # a resumed runner: see flowplug/_resume.py
+            df, plan = df.inner, df.plan
         shard = getattr(df, "shard", None)
         source = shard(w, n) if callable(shard) else None
+        target = source if source is not None else df
+        if plan is not None and plan.states is not None:
+            load_into(target, plan.state_for(w))
+        skip = plan.skip if plan is not None else None
         send = sender.send
         # Before any wait, push out what a batching sender holds: the consumer may be
         # waiting for exactly those items before it can give a credit back.
@@ -143,10 +151,16 @@ class ShardGate:
         while stop is None or not stop.is_set():
             notices.wait_for(epoch - 1, stop)
             if notices.poll() <= epoch:
+                # The state this pass starts from: what a resumed run loads (no credit).
+                send(PassStart(w, epoch, take_state(target)))
+                flush()
                 items = source if source is not None else itertools.islice(df, w, None, n)
                 index = w
                 next_check = monotonic() + NOTICE_CHECK
                 for dp in items:
+                    if skip is not None and index in skip:  # received before the resume
+                        index += n
+                        continue
                     if not try_acquire(False):
                         flush()
                         _acquire(credits, stop)
@@ -161,6 +175,7 @@ class ShardGate:
             send(EpochEnd(w, epoch))
             flush()  # the consumer ends the epoch on this marker
             epoch += 1
+            skip = None  # only the first pass of a resumed run skips
         raise _Stopped("the runner stopped")
 
 
@@ -180,7 +195,7 @@ class MapWork:
 class MapGate:
     """One worker's side of a ParallelMap: takes tasks, applies ``fn``, sends results."""
 
-    def __init__(self, notices: Any, tasks: TaskEndpoint):
+    def __init__(self, notices: Any, tasks: Callable[[int], TaskReceiver]):
         self.notices = notices
         self.tasks = tasks
 
@@ -194,7 +209,7 @@ class MapGate:
 
         :raises flowplug.worker_loop.TaskFailed: ``fn`` raised; the cause is its exception.
         """
-        receiver = self.tasks.connect(info.id)
+        receiver = self.tasks(info.id)
         try:
             recv = receiver.recv
             send = sender.send
@@ -291,7 +306,7 @@ class Control:
         num_workers: int,
         start_method: str | None,
         credits: int | None = None,
-        tasks: TaskEndpoint | None = None,
+        tasks: Callable[[int], TaskReceiver] | None = None,
         sinks: Sequence[ControlSink] | None = None,
     ):
         self._writers: list[Any] = []

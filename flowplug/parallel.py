@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import plugins
+from . import _resume, plugins
 from ._gates import Control, MapWork
 from .errors import ConfigError, RunnerTimeout, StateError, UnknownLength
 from .runner import _MISSING, POLL_INTERVAL, Runner
-from .transport import EMPTY, Transport
+from .transport import EMPTY, TaskTransport, Transport
 
 
 class ParallelMap(Runner):
@@ -102,6 +102,7 @@ class ParallelMap(Runner):
         self.mode = "map"
         #: tasks sent whose answer has not arrived, over all epochs.
         self._in_flight = 0
+        self._progress = _resume.Progress("map")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -113,6 +114,8 @@ class ParallelMap(Runner):
         if self._run is None and not self._closed:
             if not isinstance(self._df, Runner):
                 self._df.reset_state()  # a Runner starts when first iterated (or already has)
+            if self._progress.states is not None:  # resumed: the source's saved state
+                _resume.load_into(self._df, self._progress.states)
         super().reset_state()
 
     def close(self) -> None:
@@ -120,6 +123,40 @@ class ParallelMap(Runner):
         super().close()
         if isinstance(self._df, Runner):
             self._df.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the consumer is: the epoch, the inputs of it whose results it received,
+        and the source's ``state_dict()`` at the start of that epoch (when it has one; a
+        :class:`Runner` source in shard mode has). As :meth:`Runner.state_dict`.
+        """
+        progress = self._progress
+        k = self._epoch_no
+        if self._guard.locked():  # mid-epoch
+            received: _resume.Done | None = progress.received(k, self.ordered)
+            source = progress.passes.get(k, {}).get(0)
+        else:
+            k += 1
+            received = progress.skip if k == 0 and progress.skip is not None else None
+            if self._run is None and k == 0:
+                source = progress.states  # not started: what was loaded, or nothing
+            else:
+                source = self._source_state()
+        return progress.to_dict(k, received or _resume.Done(), self.num_workers, source)
+
+    def _source_state(self) -> Any:
+        df = self._df
+        if isinstance(df, Runner) and df.mode == "replicate":
+            return None  # no position to save; resuming re-reads its stream
+        return _resume.take_state(df)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state`` (made by :meth:`state_dict`) on a new map built the same
+        way, before it starts; the source's state is loaded into it at ``reset_state()``.
+        The source must yield the same inputs in the same order on every run.
+        """
+        if self._run is not None or self._closed:
+            raise _resume.refuse_started(type(self).__name__)
+        self._progress.load(state, self.num_workers)
 
     def __len__(self) -> int:
         if self.drop_none:
@@ -139,6 +176,7 @@ class ParallelMap(Runner):
         return [MapWork(self.fn) for _ in range(self.num_workers)]
 
     def _control(self, transport: Transport) -> Control:
+        assert isinstance(transport, TaskTransport)  # checked when the map was built
         return Control(self.num_workers, self.start_method, tasks=transport.open_tasks())
 
     def _iterate(self) -> Iterator[Any]:
@@ -147,7 +185,12 @@ class ParallelMap(Runner):
         assert run is not None and run.control is not None
         k = self._epoch_no = self._epoch_no + 1
         run.control.start_epoch(k)  # workers skip tasks of earlier epochs
+        progress = self._progress
+        skip = progress.begin(k)  # after a resume: the inputs the saved run had answered
+        progress.passes[k] = {0: self._source_state()}
+        got = progress.got.add
         transport = run.transport
+        assert isinstance(transport, TaskTransport)
         recv = transport.recv
         send_task = transport.send_task
         workers = run.workers
@@ -173,6 +216,12 @@ class ParallelMap(Runner):
                         except StopIteration:
                             exhausted = True
                             break
+                        if skip is not None and sent in skip:
+                            sent += 1  # answered before the resume: not sent again
+                            answered += 1
+                            if not ordered:
+                                nxt += 1
+                            continue
                         held = (k, sent, dp)
                     if not send_task(held, 0.0):
                         break
@@ -183,8 +232,12 @@ class ParallelMap(Runner):
                     out = buf.pop(nxt, _MISSING)
                     if out is not _MISSING:
                         nxt += 1
+                        progress.nxt = nxt
                         if out is not None or not drop_none:
                             yield out
+                        continue
+                    if skip is not None and nxt < sent and nxt in skip:
+                        nxt += 1
                         continue
                 if exhausted and answered == sent:
                     return
@@ -212,11 +265,13 @@ class ParallelMap(Runner):
                 answered += 1
                 if not ordered:
                     nxt += 1
+                    got(obj[1])
                     out = obj[2]
                     if out is not None or not drop_none:
                         yield out
                 elif obj[1] == nxt:
                     nxt += 1
+                    progress.nxt = nxt
                     out = obj[2]
                     if out is not None or not drop_none:
                         yield out

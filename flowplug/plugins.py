@@ -29,7 +29,8 @@ import pluggy
 from . import hookspecs
 from .config import ARGUMENT, DEFAULT, Settings, read_settings, validate_options
 from .errors import ConfigError, PluginError, TransportNotFound
-from .transport import Transport
+from .transport import TaskTransport, Transport
+from .worker_groups import OwnWorkersTransport
 
 GROUP = "flowplug"
 
@@ -173,6 +174,23 @@ class TransportRegistry:
                 f"plugin {origin.name!r} ({origin.distribution}) registered "
                 f"{transport.__qualname__} with name {name!r}; a transport name is "
                 "lower-case letters, digits and '_', starting with a letter"
+            )
+        who = f"plugin {origin.name!r} ({origin.distribution}) registered {transport.__qualname__}"
+        for flag, base, methods in (
+            ("carries_tasks", TaskTransport, "open_tasks() and send_task()"),
+            ("runs_workers", OwnWorkersTransport, "make_workers()"),
+        ):
+            if getattr(transport, flag) and not issubclass(transport, base):
+                raise PluginError(
+                    f"{who} with {flag} = True, but that part is opted into by subclassing "
+                    f"flowplug.{base.__name__} (which declares {methods}), not by the flag; "
+                    f"subclass it instead of flowplug.Transport"
+                )
+        missing = sorted(getattr(transport, "__abstractmethods__", ()))
+        if missing:
+            raise PluginError(
+                f"{who}, which does not implement {', '.join(m + '()' for m in missing)}; "
+                "implement it, or drop the base class that asks for it"
             )
         if name in self.transports:
             first = self.origin[name]

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from . import plugins
+from . import _exc, _resume, plugins
 from ._gates import Control, EpochEnd
 from ._sweep import new_run_id, sweep_stale
 from .config import ARGUMENT
@@ -32,7 +32,7 @@ from .errors import (
     WorkerError,
 )
 from .transport import EMPTY, Transport
-from .worker_groups import ProcessWorkers, ThreadWorkers, WorkerGroup
+from .worker_groups import OwnWorkersTransport, ProcessWorkers, ThreadWorkers, WorkerGroup
 from .worker_loop import RemoteFailure, WorkerInfo
 
 #: how long one blocking receive waits before the runner checks on its workers.
@@ -178,6 +178,8 @@ class Runner:
         self._epoch_no = -1
         self._ahead: dict[int, dict[int, Any]] = {}
         self._ended: dict[int, set[int]] = {}
+        #: the epoch and what the consumer received of it (state_dict(), load_state_dict()).
+        self._progress = _resume.Progress("shard")
 
     @classmethod
     def from_config(
@@ -214,6 +216,9 @@ class Runner:
                 ReplicateWarning,
                 stacklevel=3,
             )
+        plan = self._progress.plan() if self.mode == "shard" else None
+        if plan is not None:  # a resumed runner: its workers get the plan with their dataflow
+            dfs = [_resume.Resumed(df, plan) for df in dfs]
         n = self.num_workers
         infos = [WorkerInfo(i, n, (self.seed + i) % 2**31) for i in range(n)]
         if self._transport_cls.uses_shared_memory:
@@ -229,7 +234,7 @@ class Runner:
         control = None
         try:
             workers: WorkerGroup
-            if self._transport_cls.runs_workers:
+            if isinstance(transport, OwnWorkersTransport):
                 workers = transport.make_workers(dfs, endpoint, infos)
                 control = self._group_control(workers)
             else:
@@ -272,6 +277,37 @@ class Runner:
         if self._size is None:
             raise UnknownLength("the dataflow has no known length")
         return self._size
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the consumer is: the epoch, the items of it received, the dataflow's state.
+
+        Call it between two ``next()`` calls (or between epochs). The dict is small (no
+        datapoints), picklable and JSON-serializable (if the dataflow's own
+        ``state_dict()`` is). A new runner built the same way, given it with
+        :meth:`load_state_dict`, delivers the rest of that epoch, then the next ones.
+        ``state["epoch"]`` is the epoch to resume at. See docs/checkpoint.md.
+
+        :raises flowplug.StateError: in replicate mode, which has no position to save.
+        """
+        if self.mode != "shard":
+            raise _resume.refuse_replicate()
+        return _resume_shard_state(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state`` (made by :meth:`state_dict`): call it on a new runner
+        built the same way, before it starts. ``num_workers`` may differ, unless each
+        worker's shard has a state of its own.
+
+        :raises flowplug.StateError: the runner already started, or replicate mode.
+        :raises flowplug.ConfigError: the state does not fit this runner.
+        """
+        if self.mode != "shard":
+            raise _resume.refuse_replicate()
+        if self._run is not None or self._closed:
+            raise _resume.refuse_started(type(self).__name__)
+        self._progress.load(state, self.num_workers)
 
     # ------------------------------------------------------------------ iteration
 
@@ -316,6 +352,8 @@ class Runner:
         control = run.control
         k = self._epoch_no = self._epoch_no + 1
         control.start_epoch(k)  # workers may now run epoch k + 1, and must leave k - 1
+        progress = self._progress
+        skip = progress.begin(k)  # after a resume: what the saved run had received
         n = self.num_workers
         release = control.release
         for old in [e for e in self._ahead if e < k]:  # an epoch the user broke out of
@@ -330,23 +368,30 @@ class Runner:
         recv = run.transport.recv
         workers = run.workers
         if not self.ordered:
-            while buf:
-                index, dp = buf.popitem()
-                release[index % n]()
-                yield dp
+            got = progress.got.add
             while len(ended) < n:
+                if buf:  # arrived ahead, or while state_dict() waited
+                    index, dp = buf.popitem()
+                    release[index % n]()
+                    got(index)
+                    yield dp
+                    continue
                 obj = recv(POLL_INTERVAL)
                 if type(obj) is not tuple or obj[0] != k or workers.death is not None:
                     obj = self._next_slow(obj)
                     if not self._file(obj, k):
                         continue
                 release[obj[1] % n]()
+                got(obj[1])
                 yield obj[2]
         else:
             nxt = 0  # the index to yield next
             while True:
                 dp = buf.pop(nxt, _MISSING)
                 if dp is _MISSING:
+                    if skip is not None and nxt in skip:  # received before the resume
+                        nxt += 1
+                        continue
                     if nxt % n in ended:  # its worker has no item at nxt: a short shard
                         if len(ended) == n:
                             if not buf:
@@ -366,6 +411,7 @@ class Runner:
                     dp = obj[2]
                 release[nxt % n]()
                 nxt += 1
+                progress.nxt = nxt
                 yield dp
         del self._ahead[k], self._ended[k]
 
@@ -385,6 +431,10 @@ class Runner:
         if type(obj) is EpochEnd:
             if obj.epoch >= k:
                 self._ended.setdefault(obj.epoch, set()).add(obj.worker_id)
+            return False
+        if type(obj) is _resume.PassStart:
+            if obj.epoch >= k:
+                self._progress.passed(obj)
             return False
         raise StateError(
             f"a worker sent a {type(obj).__name__} where shard mode expects items; "
@@ -518,19 +568,29 @@ def _length(df: Any) -> int | None:
 
 
 def _worker_error(failure: RemoteFailure) -> WorkerError:
+    """The exception the consumer raises for a worker's report: a ``WorkerError`` that is
+    also of the original type where that type allows it (see flowplug._exc)."""
     if failure.phase == "map":
         where = f"in fn on input {failure.index}"
     elif failure.phase == "reset_state":
         where = "in reset_state()"
     else:
         where = "while iterating"
-    return WorkerError(
-        f"worker {failure.worker_id} raised {failure.exc_type} {where}: {failure.message}\n"
-        f"\nRemote traceback:\n{failure.traceback}",
+    # passed on from a runner inside the worker: say from where, once
+    passed = f", passed on from its own {failure.origin}" if failure.origin else ""
+    original = failure.original
+    if original is not None and original.__traceback__ is not None:
+        original.__traceback__ = None  # a live exception of a worker thread: drop its frames
+    return _exc.combine(
+        original,
+        f"worker {failure.worker_id} raised {failure.exc_type} {where}{passed}: "
+        f"{failure.message}\n\nRemote traceback:\n{failure.traceback}",
         worker_id=failure.worker_id,
         exc_type=failure.exc_type,
         remote_traceback=failure.traceback,
         index=failure.index,
+        remote_message=failure.message,
+        origin=f"worker {failure.worker_id} {where}{passed}",
     )
 
 
@@ -541,3 +601,40 @@ def _worker_died(death: Any) -> WorkerDied:
         pid=death.pid,
         exitcode=death.exitcode,
     )
+
+
+def _resume_shard_state(runner: Runner) -> dict[str, Any]:
+    """The state of a runner in shard mode (see :meth:`Runner.state_dict`).
+
+    Mid-epoch (an iteration is suspended) it is that epoch; otherwise the next one. The
+    dataflow states are those the workers reported at the start of that epoch's pass;
+    when some have not arrived yet, this receives until they have, keeping the items for
+    the epoch's iteration.
+    """
+    progress = runner._progress
+    k = runner._epoch_no
+    mid = runner._guard.locked()
+    if not mid:
+        k += 1  # the epoch the next iteration runs
+    received = (
+        progress.received(k, runner.ordered)
+        if mid
+        else (progress.skip if k == 0 and progress.skip is not None else _resume.Done())
+    )
+    n = runner.num_workers
+    run = runner._run
+    if run is None:  # not started: what was loaded, or a fresh start
+        states = progress.states if k == 0 else None
+        return progress.to_dict(k, received, n, states)
+    passes = progress.passes.setdefault(k, {})
+    while len(passes) < n:
+        if runner._closed:
+            raise StateError(
+                "this runner is closed before its workers reported where epoch "
+                f"{progress.base + k} starts; take state_dict() before closing"
+            )
+        obj = runner._next_slow(run.transport.recv(POLL_INTERVAL))
+        if runner._file(obj, k):  # an item of epoch k: its iteration yields it from there
+            runner._ahead.setdefault(k, {})[obj[1]] = obj[2]
+    states = [passes[w] for w in range(n)]
+    return progress.to_dict(k, received, n, None if all(s is None for s in states) else states)

@@ -1,27 +1,31 @@
 """The plugin contract: what a transport implements to move objects.
 
 A transport only moves objects; the :class:`~flowplug.Runner` owns everything else
-(starting workers, errors, deaths, timeouts, cleanup). The Runner drives it:
+(starting workers, errors, deaths, timeouts, cleanup). A transport implements three
+methods, which the Runner calls in this order:
 
-1. ``transport = Cls(capacity=..., num_workers=..., run_id=..., start_method=..., **options)``
-   in the consumer; ``endpoint = transport.open()`` before any worker starts (picklable
-   when :attr:`Transport.crosses_processes`: ``spawn`` pickles it).
-2. In each worker: ``sender = endpoint.connect(worker_id)``, ``sender.send(obj)`` per
-   datapoint, ``sender.close()`` at the end.
-3. In the consumer: ``transport.recv(timeout)`` returns the next object or :data:`EMPTY`;
-   ``transport.close()`` after the workers are stopped (idempotent).
+1. ``connect = transport.open()`` in the consumer, before any worker starts. ``connect``
+   is a callable (picklable when :attr:`Transport.crosses_processes`: ``spawn`` pickles
+   it), e.g. ``functools.partial(MySender, address)``.
+2. ``sender = connect(worker_id)`` inside each worker, then ``sender.send(obj)`` per
+   datapoint and ``sender.close()`` at the end (a :class:`Sender`).
+3. ``transport.recv(timeout)`` in the consumer: the next object, or :data:`EMPTY` after
+   ``timeout`` seconds; ``transport.close()`` once the workers are stopped (idempotent).
 
 Objects of one sender arrive in the order they were sent; objects of different senders
 may interleave. An object returned by ``recv`` stays valid while it is referenced.
-Optional parts (tasks for :class:`~flowplug.ParallelMap`, workers run by the transport)
-and helpers (:mod:`flowplug.batching`, :mod:`flowplug.ipc`) are described where they live;
-docs/plugins.md walks through a whole transport.
+
+Optional parts are base classes to opt into, checked when the transport is registered:
+:class:`TaskTransport` also carries tasks to the workers (:class:`~flowplug.ParallelMap`),
+:class:`~flowplug.OwnWorkersTransport` runs the workers itself (Ray). Helpers:
+:mod:`flowplug.batching` (pack small objects), :mod:`flowplug.ipc` (zmq sockets),
+:mod:`flowplug.pipes` (messages over pipes). docs/plugins.md walks through a transport.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -59,6 +63,11 @@ class Option:
     size: bool = field(default=False)
 
 
+def option_defaults(options: Sequence[Option]) -> dict[str, Any]:
+    """Return ``{name: default}`` of declared options: the one place defaults are read."""
+    return {opt.name: opt.default for opt in options}
+
+
 class Sender(ABC):
     """The worker side of a transport: sends objects to the consumer."""
 
@@ -79,57 +88,53 @@ class Sender(ABC):
         """
 
     def close(self) -> None:
-        """Flush and release the worker side. Called once."""
+        """Flush and close the worker side. Called once."""
         self.flush()
 
 
-def option_defaults(options: Sequence[Option]) -> dict[str, Any]:
-    """Return ``{name: default}`` of declared options: the one place defaults are read."""
-    return {opt.name: opt.default for opt in options}
+#: What :meth:`Transport.open` returns: called in each worker with its id, it returns
+#: that worker's :class:`Sender`.
+Connect = Callable[[int], Sender]
 
 
 class Endpoint(ABC):
-    """What a worker needs to connect to the consumer; returned by :meth:`Transport.open`."""
+    """An optional base for what :meth:`Transport.open` returns: a class with a
+    :meth:`connect` method; calling the endpoint connects. A plain function or a
+    ``functools.partial`` does as well."""
 
     @abstractmethod
     def connect(self, worker_id: int) -> Sender:
         """Connect inside the worker and return its sender."""
 
-
-class TaskReceiver(ABC):
-    """The worker side of a task channel: receives the tasks the consumer sends."""
-
-    @abstractmethod
-    def recv(self, timeout: float) -> Any:
-        """Return the next task, or :data:`EMPTY` after ``timeout`` seconds.
-
-        Each task goes to exactly one worker.
-
-        :raises flowplug.TransportClosed: the consumer closed the channel (a worker thread
-            must notice it to end).
-        """
-
-    def close(self) -> None:
-        """Release the worker side. Called at most once."""
-
-
-class TaskEndpoint(ABC):
-    """What a worker needs to receive tasks; returned by :meth:`Transport.open_tasks`."""
-
-    @abstractmethod
-    def connect(self, worker_id: int) -> TaskReceiver:
-        """Connect inside the worker and return its task receiver."""
+    def __call__(self, worker_id: int) -> Sender:
+        return self.connect(worker_id)
 
 
 class Transport(ABC):
     """Moves objects from workers to one consumer. Subclass it in a plugin.
+
+    Example, a whole transport whose workers are threads (no bound on what is in
+    flight: see the ``thread`` transport for one with it)::
+
+        class ListTransport(flowplug.Transport):
+            name = "list"
+            crosses_processes = False
+
+            def open(self):
+                self.items = collections.deque()
+                return functools.partial(ListSender, self.items)
+
+            def recv(self, timeout):
+                return self.items.popleft() if self.items else flowplug.EMPTY
+
+    where ``ListSender(items, worker_id)`` is a :class:`Sender` whose ``send`` appends.
 
     :param capacity: how many objects may be in flight (buffered) at once.
     :param num_workers: how many workers will connect.
     :param run_id: a name unique to this run (pid and random part), for pipes and segments.
     :param start_method: how worker processes start (``"fork"``, ``"spawn"``,
         ``"forkserver"``); None for transports whose workers are threads.
-    :param options: the transport's own options, declared in :attr:`options`.
+    :param options: the values of the transport's declared :attr:`options`.
     """
 
     #: registered name, short and lower-case (``"zmq"``).
@@ -138,9 +143,12 @@ class Transport(ABC):
     crosses_processes: ClassVar[bool] = True
     #: true when the consumer receives views of shared memory rather than copies.
     zero_copy: ClassVar[bool] = False
-    #: true when the transport also carries tasks from the consumer to the workers
-    #: (:meth:`open_tasks`, :meth:`send_task`), which :class:`~flowplug.ParallelMap` needs.
+    #: true for a :class:`TaskTransport`: it also carries tasks to the workers, which
+    #: :class:`~flowplug.ParallelMap` needs. Set by subclassing, never by hand.
     carries_tasks: ClassVar[bool] = False
+    #: true for an :class:`~flowplug.OwnWorkersTransport`: it runs the workers itself
+    #: instead of the Runner; ``start_method`` is then unused. Set by subclassing.
+    runs_workers: ClassVar[bool] = False
     #: true when the transport keeps data in ``/dev/shm``. Each entry is named
     #: ``<run_id>`` or ``<run_id>-<suffix>`` (the run id is ``fp-<owner pid>-<8 hex>``; the
     #: suffix has letters, digits, ``_`` and ``-``), and the process that made it holds a
@@ -156,9 +164,6 @@ class Transport(ABC):
     #: :class:`~flowplug.DataTooLarge` naming the sizes and this option for a larger one,
     #: before anything of it is sent.
     size_limit_option: ClassVar[str | None] = None
-    #: true when the transport runs the workers itself (:meth:`make_workers`) instead of
-    #: the Runner forking processes or starting threads; ``start_method`` is then unused.
-    runs_workers: ClassVar[bool] = False
     #: the options this transport accepts.
     options: ClassVar[tuple[Option, ...]] = ()
 
@@ -187,44 +192,13 @@ class Transport(ABC):
         return self.option_values
 
     @abstractmethod
-    def open(self) -> Endpoint:
-        """Create the medium in the consumer and return the workers' endpoint."""
+    def open(self) -> Connect:
+        """Create the medium in the consumer; return what a worker calls with its id to
+        get its :class:`Sender` (picklable when :attr:`crosses_processes`)."""
 
     @abstractmethod
     def recv(self, timeout: float) -> Any:
         """Return the next object, or :data:`EMPTY` after ``timeout`` seconds."""
-
-    def open_tasks(self) -> TaskEndpoint:
-        """Create the task channel (consumer to workers) and return the workers' endpoint.
-
-        Optional: only called when :attr:`carries_tasks` is true. The channel holds at
-        least ``capacity`` tasks.
-        """
-        raise NotImplementedError(
-            f"transport {self.name!r} does not carry tasks (carries_tasks is false)"
-        )
-
-    def send_task(self, obj: Any, timeout: float) -> bool:
-        """Send one task to whichever worker takes it first.
-
-        :param timeout: seconds to wait while the channel is full; 0 does not wait.
-        :returns: false when the channel stayed full; the task was not sent.
-        :raises Exception: ``obj`` cannot be serialized (raised here, in the consumer).
-        """
-        raise NotImplementedError(
-            f"transport {self.name!r} does not carry tasks (carries_tasks is false)"
-        )
-
-    def make_workers(self, dfs: Sequence[Any], endpoint: Endpoint, infos: Sequence[Any]) -> Any:
-        """Return the (not yet started) :class:`~flowplug.WorkerGroup` of this run; only
-        when :attr:`runs_workers`.
-
-        Called once, after :meth:`open`, with what it returned as ``endpoint``. Worker
-        ``i`` runs ``dfs[i]`` with ``infos[i]`` through :func:`flowplug.worker_loop.run_worker`,
-        sending through ``endpoint`` or a medium of the group's own that ends in
-        :meth:`recv`. The Runner calls ``start()`` next, and ``stop()`` before :meth:`close`.
-        """
-        raise NotImplementedError(f"transport {self.name!r} does not run its own workers")
 
     def close(self) -> None:
         """Release everything the transport holds, the task channel too. Idempotent."""
@@ -234,3 +208,63 @@ class Transport(ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------- tasks
+
+
+class TaskReceiver(ABC):
+    """The worker side of a task channel: receives the tasks the consumer sends."""
+
+    @abstractmethod
+    def recv(self, timeout: float) -> Any:
+        """Return the next task, or :data:`EMPTY` after ``timeout`` seconds.
+
+        Each task goes to exactly one worker.
+
+        :raises flowplug.TransportClosed: the consumer closed the channel (a worker thread
+            must notice it to end).
+        """
+
+    def close(self) -> None:
+        """Close the worker side. Called at most once."""
+
+
+class TaskEndpoint(ABC):
+    """An optional base for what :meth:`TaskTransport.open_tasks` returns (as
+    :class:`Endpoint` is for :meth:`Transport.open`); calling it connects."""
+
+    @abstractmethod
+    def connect(self, worker_id: int) -> TaskReceiver:
+        """Connect inside the worker and return its task receiver."""
+
+    def __call__(self, worker_id: int) -> TaskReceiver:
+        return self.connect(worker_id)
+
+
+class TaskTransport(Transport):
+    """A transport that also carries tasks from the consumer to the workers, which
+    :class:`~flowplug.ParallelMap` needs. Subclass it instead of :class:`Transport`.
+
+    The Runner calls :meth:`open_tasks` after :meth:`~Transport.open` and before any
+    worker starts; each worker calls what it returned with its id and receives tasks from
+    the :class:`TaskReceiver` it gets; the consumer sends with :meth:`send_task`.
+    :meth:`~Transport.close` closes the task channel too.
+    """
+
+    carries_tasks = True
+
+    @abstractmethod
+    def open_tasks(self) -> Callable[[int], TaskReceiver]:
+        """Create the task channel; return what a worker calls with its id to get its
+        :class:`TaskReceiver` (picklable like :meth:`~Transport.open`'s). The channel
+        holds at least ``capacity`` tasks."""
+
+    @abstractmethod
+    def send_task(self, obj: Any, timeout: float) -> bool:
+        """Send one task to whichever worker takes it first.
+
+        :param timeout: seconds to wait while the channel is full; 0 does not wait.
+        :returns: false when the channel stayed full; the task was not sent.
+        :raises Exception: ``obj`` cannot be serialized (raised here, in the consumer).
+        """

@@ -2,7 +2,7 @@
 
 The Runner starts a :class:`ProcessWorkers` (forked processes) or a :class:`ThreadWorkers`
 group; a transport that runs its workers elsewhere (Ray actors) returns a
-:class:`WorkerGroup` of its own from :meth:`flowplug.Transport.make_workers`. Either way the
+:class:`WorkerGroup` of its own from :meth:`OwnWorkersTransport.make_workers`. Either way the
 Runner starts, watches and stops the group the same way, and a worker that ends on its own
 is a :class:`Death` in ``group.death``.
 """
@@ -24,7 +24,7 @@ from typing import Any
 
 from ._gates import Control, ControlSink
 from .errors import StateError
-from .transport import Endpoint
+from .transport import Connect, Transport
 from .worker_loop import WorkerInfo, process_main, run_worker
 
 
@@ -102,6 +102,35 @@ class WorkerGroup(ABC):
         return None
 
 
+class OwnWorkersTransport(Transport):
+    """A transport that runs the workers itself (Ray actors on a cluster) instead of the
+    Runner forking processes or starting threads. Subclass it instead of
+    :class:`~flowplug.Transport`.
+
+    The Runner then starts, watches and stops the :class:`WorkerGroup` that
+    :meth:`make_workers` returns exactly as its own: the worker loop inside is still
+    :func:`flowplug.worker_loop.run_worker`, errors still arrive as objects through the
+    transport, a death is still a :class:`Death` in ``group.death``. For shard mode the
+    group also carries the consumer's control to its workers
+    (:meth:`WorkerGroup.control_sinks`); a group that does not runs replicate mode only.
+    """
+
+    runs_workers = True
+
+    @abstractmethod
+    def make_workers(
+        self, dfs: Sequence[Any], endpoint: Connect, infos: Sequence[WorkerInfo]
+    ) -> WorkerGroup:
+        """Return the (not yet started) workers of this run.
+
+        Called once, after :meth:`~flowplug.Transport.open`, with what it returned as
+        ``endpoint``. Worker ``i`` runs ``dfs[i]`` with ``infos[i]`` through
+        :func:`flowplug.worker_loop.run_worker`, sending through ``endpoint`` or a medium
+        of the group's own that ends in :meth:`~flowplug.Transport.recv`. The Runner calls
+        ``start()`` next, and ``stop()`` before :meth:`~flowplug.Transport.close`.
+        """
+
+
 class ProcessWorkers(WorkerGroup):
     """Worker processes, a watcher thread that notices deaths, and the stop ladder.
 
@@ -109,7 +138,8 @@ class ProcessWorkers(WorkerGroup):
     elsewhere (a Ray actor) can fork them there with this same code.
 
     :param dfs: one dataflow per worker.
-    :param endpoint: what each worker connects to (inherited or pickled).
+    :param endpoint: what :meth:`Transport.open` returned: each worker calls it with its
+        id to get its sender (inherited under fork, pickled otherwise).
     :param infos: one :class:`~flowplug.WorkerInfo` per worker.
     :param start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"``.
     """
@@ -117,7 +147,7 @@ class ProcessWorkers(WorkerGroup):
     def __init__(
         self,
         dfs: Sequence[Any],
-        endpoint: Endpoint,
+        endpoint: Connect,
         infos: Sequence[WorkerInfo],
         start_method: str,
         gates: Sequence[Any] | None = None,
@@ -246,7 +276,7 @@ class ThreadWorkers(WorkerGroup):
     def __init__(
         self,
         dfs: Sequence[Any],
-        endpoint: Endpoint,
+        endpoint: Connect,
         infos: Sequence[WorkerInfo],
         gates: Sequence[Any] | None = None,
     ):

@@ -67,10 +67,9 @@ class ElsewhereWorkers(fp.WorkerGroup):
             t.join(timeout)
 
 
-class ElsewhereTransport(fp.Transport):
+class ElsewhereTransport(fp.OwnWorkersTransport):
     name = "elsewhere"
     crosses_processes = False
-    runs_workers = True
     #: what happened, in order, for the tests to check.
     log: ClassVar[list[str]] = []
     #: set to make recv() report that worker 0's machine is gone.
@@ -145,8 +144,10 @@ def test_start_method_is_refused_for_such_transports(elsewhere):
 
 def test_the_default_transport_does_not_run_workers():
     assert not fp.Transport.runs_workers
-    with pytest.raises(NotImplementedError, match="zmq"):
-        fp.get_transport("zmq")(capacity=1, num_workers=1, run_id="x").make_workers([], None, [])
+    assert fp.OwnWorkersTransport.runs_workers
+    zmq = fp.get_transport("zmq")
+    assert not zmq.runs_workers and not issubclass(zmq, fp.OwnWorkersTransport)
+    assert not hasattr(zmq, "make_workers")
 
 
 # ---------------------------------------------------------------------------- shard mode
@@ -237,9 +238,8 @@ class HostedWorkers(fp.WorkerGroup):
             host.stop(timeout)
 
 
-class HostedTransport(fp.Transport):
+class HostedTransport(fp.OwnWorkersTransport):
     name = "hosted"
-    runs_workers = True
 
     def open(self) -> PipesEndpoint:
         pipes = [

@@ -409,11 +409,11 @@ class BatchingSender(fp.Sender):
 
 
 class BatchingEndpoint(fp.Endpoint):
-    def __init__(self, inner: fp.Endpoint):
+    def __init__(self, inner):
         self.inner = inner
 
     def connect(self, worker_id: int) -> BatchingSender:
-        return BatchingSender(self.inner.connect(worker_id))
+        return BatchingSender(self.inner(worker_id))
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ closing drains the pipe so the feeder never stays blocked on workers that are go
 from __future__ import annotations
 
 import collections
+import functools
 import multiprocessing as mp
 import os
 import pickle
@@ -45,11 +46,13 @@ from flowplug.serialize import dumps_bytes, unpack_batch
 class QueueSender(flowplug.BatchingSender):
     """Writes to its worker's own pipe: no other process writes there, so no lock."""
 
-    def __init__(self, conn: Any, slots: Any, batch: int, batch_delay: float):
+    def __init__(
+        self, conns: list[Any], slots: list[Any], batch: int, batch_delay: float, worker_id: int
+    ):
         super().__init__(max_items=batch, max_delay=batch_delay)
-        self._conn = conn
-        self._fd = conn.fileno()
-        self._slots = slots
+        self._conn = conns[worker_id]
+        self._fd = self._conn.fileno()
+        self._slots = slots[worker_id]
 
     def write_one(self, frames: list[Any]) -> None:
         self._slots.acquire()
@@ -69,21 +72,8 @@ class QueueSender(flowplug.BatchingSender):
         self._conn.close()
 
 
-class QueueEndpoint(flowplug.Endpoint):
-    def __init__(self, conns: list[Any], slots: list[Any], batch: int, batch_delay: float):
-        self._conns = conns
-        self._slots = slots
-        self._batch = batch
-        self._batch_delay = batch_delay
-
-    def connect(self, worker_id: int) -> QueueSender:
-        return QueueSender(
-            self._conns[worker_id], self._slots[worker_id], self._batch, self._batch_delay
-        )
-
-
 class QueueTaskReceiver(flowplug.TaskReceiver):
-    def __init__(self, reader: Any, lock: Any):
+    def __init__(self, reader: Any, lock: Any, worker_id: int):
         self._reader = reader
         self._lock = lock
 
@@ -100,15 +90,6 @@ class QueueTaskReceiver(flowplug.TaskReceiver):
         return pickle.loads(data)
 
 
-class QueueTaskEndpoint(flowplug.TaskEndpoint):
-    def __init__(self, reader: Any, lock: Any):
-        self._reader = reader
-        self._lock = lock
-
-    def connect(self, worker_id: int) -> QueueTaskReceiver:
-        return QueueTaskReceiver(self._reader, self._lock)
-
-
 class _Channel:
     """The consumer's end of one worker's pipe, with the message it is reading."""
 
@@ -122,7 +103,7 @@ class _Channel:
         self.message = MessageReader()
 
 
-class QueueTransport(flowplug.Transport):
+class QueueTransport(flowplug.TaskTransport):
     """Bounded multiprocessing pipes, one per worker: portable, works with every start method.
 
     ``capacity`` bounds the messages in flight, each worker having its share; a message is
@@ -130,7 +111,6 @@ class QueueTransport(flowplug.Transport):
     """
 
     name = "queue"
-    carries_tasks = True
     options = (
         flowplug.Option("batch", int, 64, "pack up to this many small items per message (1: off)"),
         flowplug.Option(
@@ -138,7 +118,7 @@ class QueueTransport(flowplug.Transport):
         ),
     )
 
-    def open(self) -> QueueEndpoint:
+    def open(self) -> functools.partial[QueueSender]:
         ctx = mp.get_context(self.start_method)
         share = max(1, -(-self.capacity // self.num_workers))
         pipes = [ctx.Pipe(duplex=False) for _ in range(self.num_workers)]
@@ -154,7 +134,8 @@ class QueueTransport(flowplug.Transport):
             self._poller.register(channel.fd, select.POLLIN)
         self._turn = 0
         self._ready: collections.deque[Any] = collections.deque()
-        return QueueEndpoint(
+        return functools.partial(
+            QueueSender,
             self._writers,
             slots,
             max(1, self.option_values["batch"]),
@@ -191,7 +172,7 @@ class QueueTransport(flowplug.Transport):
             if timeout <= 0 or not self._poller.poll(timeout * 1000):
                 return flowplug.EMPTY  # partial messages stay in their channels
 
-    def open_tasks(self) -> QueueTaskEndpoint:
+    def open_tasks(self) -> functools.partial[QueueTaskReceiver]:
         ctx = mp.get_context(self.start_method)
         self._task_reader, self._task_writer = ctx.Pipe(duplex=False)
         # Pickled tasks wait here for the feeder thread, started on the first task (after
@@ -199,7 +180,7 @@ class QueueTransport(flowplug.Transport):
         self._task_buffer: queue.Queue = queue.Queue(maxsize=self.capacity)
         self._task_stop = threading.Event()
         self._feeder: threading.Thread | None = None
-        return QueueTaskEndpoint(self._task_reader, ctx.Lock())
+        return functools.partial(QueueTaskReceiver, self._task_reader, ctx.Lock())
 
     def send_task(self, obj: Any, timeout: float) -> bool:
         data = dumps_bytes(obj)

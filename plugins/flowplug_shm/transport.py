@@ -191,7 +191,7 @@ class ShmTaskEndpoint(flowplug.TaskEndpoint):
         return ShmTaskReceiver(store, own, self.address, self.token)
 
 
-class ShmTransport(flowplug.Transport):
+class ShmTransport(flowplug.TaskTransport):
     """A shared-memory object store plus a zmq socket for ids: zero-copy for large arrays.
 
     The consumer receives numpy and Arrow data as views of the store; their memory is
@@ -204,7 +204,6 @@ class ShmTransport(flowplug.Transport):
     zero_copy = True
     uses_shared_memory = True
     size_limit_option = "size"
-    carries_tasks = True
     options = (
         flowplug.Option(
             "size",

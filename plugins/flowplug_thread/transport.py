@@ -6,6 +6,7 @@ thread, or calls a factory (``Runner(make_df, transport="thread")``).
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from typing import Any
@@ -19,12 +20,12 @@ _STOP_CHECK = 0.1
 class ThreadSender(flowplug.Sender):
     def __init__(
         self,
-        slots: threading.Semaphore,
+        slots: list[threading.Semaphore],
         ready: queue.SimpleQueue,
-        worker_id: int,
         closed: threading.Event,
+        worker_id: int,
     ):
-        self._take_slot = slots.acquire
+        self._take_slot = slots[worker_id].acquire
         self._put = ready.put
         self._id = worker_id
         self._is_closed = closed.is_set
@@ -39,20 +40,8 @@ class ThreadSender(flowplug.Sender):
         raise flowplug.TransportClosed("the consumer closed the thread transport")
 
 
-class ThreadEndpoint(flowplug.Endpoint):
-    def __init__(
-        self, slots: list[threading.Semaphore], ready: queue.SimpleQueue, closed: threading.Event
-    ):
-        self._slots = slots
-        self._ready = ready
-        self._closed = closed
-
-    def connect(self, worker_id: int) -> ThreadSender:
-        return ThreadSender(self._slots[worker_id], self._ready, worker_id, self._closed)
-
-
 class ThreadTaskReceiver(flowplug.TaskReceiver):
-    def __init__(self, q: queue.Queue, closed: threading.Event):
+    def __init__(self, q: queue.Queue, closed: threading.Event, worker_id: int):
         self._get = q.get
         self._closed = closed
 
@@ -65,16 +54,7 @@ class ThreadTaskReceiver(flowplug.TaskReceiver):
             return flowplug.EMPTY
 
 
-class ThreadTaskEndpoint(flowplug.TaskEndpoint):
-    def __init__(self, q: queue.Queue, closed: threading.Event):
-        self._queue = q
-        self._closed = closed
-
-    def connect(self, worker_id: int) -> ThreadTaskReceiver:
-        return ThreadTaskReceiver(self._queue, self._closed)
-
-
-class ThreadTransport(flowplug.Transport):
+class ThreadTransport(flowplug.TaskTransport):
     """Threads, one ``queue.SimpleQueue`` and a semaphore per worker: the fastest choice
     when the dataflow releases the GIL (I/O, numpy, decoding in C) and nothing needs to
     be pickled.
@@ -87,15 +67,14 @@ class ThreadTransport(flowplug.Transport):
     name = "thread"
     crosses_processes = False
     zero_copy = True
-    carries_tasks = True
 
-    def open(self) -> ThreadEndpoint:
+    def open(self) -> functools.partial[ThreadSender]:
         per_worker = max(1, -(-self.capacity // self.num_workers))
         self._slots = [threading.Semaphore(per_worker) for _ in range(self.num_workers)]
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = threading.Event()
         self._get = self._ready.get
-        return ThreadEndpoint(self._slots, self._ready, self._closed)
+        return functools.partial(ThreadSender, self._slots, self._ready, self._closed)
 
     def recv(self, timeout: float) -> Any:
         try:
@@ -105,9 +84,9 @@ class ThreadTransport(flowplug.Transport):
         self._slots[worker_id].release()
         return obj
 
-    def open_tasks(self) -> ThreadTaskEndpoint:
+    def open_tasks(self) -> functools.partial[ThreadTaskReceiver]:
         self._tasks: queue.Queue = queue.Queue(maxsize=self.capacity)
-        return ThreadTaskEndpoint(self._tasks, self._closed)
+        return functools.partial(ThreadTaskReceiver, self._tasks, self._closed)
 
     def send_task(self, obj: Any, timeout: float) -> bool:
         try:

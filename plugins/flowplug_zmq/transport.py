@@ -13,6 +13,7 @@ array as soon as ``send()`` returns.
 from __future__ import annotations
 
 import collections
+import functools
 import secrets
 from typing import Any
 
@@ -26,7 +27,9 @@ _LINGER_MS = 5000
 
 
 class ZmqSender(flowplug.BatchingSender):
-    def __init__(self, address: str, token: bytes, hwm: int, batch: int, batch_delay: float):
+    def __init__(
+        self, address: str, token: bytes, hwm: int, batch: int, batch_delay: float, worker_id: int
+    ):
         super().__init__(max_items=batch, max_delay=batch_delay)
         self._sockets = flowplug.ZmqSockets()
         self._sock = self._sockets.connect(zmq.PUSH, address, hwm=hwm, linger_ms=_LINGER_MS)
@@ -49,20 +52,8 @@ class ZmqSender(flowplug.BatchingSender):
         self._sockets.close()
 
 
-class ZmqEndpoint(flowplug.Endpoint):
-    def __init__(self, address: str, token: bytes, hwm: int, batch: int, batch_delay: float):
-        self.address = address
-        self.token = token
-        self.hwm = hwm
-        self.batch = batch
-        self.batch_delay = batch_delay
-
-    def connect(self, worker_id: int) -> ZmqSender:
-        return ZmqSender(self.address, self.token, self.hwm, self.batch, self.batch_delay)
-
-
 class ZmqTaskReceiver(flowplug.TaskReceiver):
-    def __init__(self, address: str, token: bytes):
+    def __init__(self, address: str, token: bytes, worker_id: int):
         self._sockets = flowplug.ZmqSockets()
         # Take one task at a time, so that a busy worker leaves the next to an idle one.
         self._sock = self._sockets.connect(zmq.PULL, address, hwm=1)
@@ -84,16 +75,7 @@ class ZmqTaskReceiver(flowplug.TaskReceiver):
         self._sockets.close()
 
 
-class ZmqTaskEndpoint(flowplug.TaskEndpoint):
-    def __init__(self, address: str, token: bytes):
-        self.address = address
-        self.token = token
-
-    def connect(self, worker_id: int) -> ZmqTaskReceiver:
-        return ZmqTaskReceiver(self.address, self.token)
-
-
-class ZmqTransport(flowplug.Transport):
+class ZmqTransport(flowplug.TaskTransport):
     """ZeroMQ PUSH/PULL over an ipc:// socket: fast for large arrays, no feeder thread.
 
     Tasks go the other way over a second PUSH/PULL pair (round robin over the workers
@@ -101,7 +83,6 @@ class ZmqTransport(flowplug.Transport):
     """
 
     name = "zmq"
-    carries_tasks = True
     options = (
         flowplug.Option(
             "hwm", int, 0, "zmq high-water mark on both sides (0: use the runner's capacity)"
@@ -112,7 +93,7 @@ class ZmqTransport(flowplug.Transport):
         ),
     )
 
-    def open(self) -> ZmqEndpoint:
+    def open(self) -> functools.partial[ZmqSender]:
         values = self.option_values
         hwm = values["hwm"] or self.capacity
         self._token = secrets.token_bytes(16)
@@ -122,7 +103,8 @@ class ZmqTransport(flowplug.Transport):
         self._poll = self._sock.poll
         self._events = self._sock.get
         self._ready: collections.deque[Any] = collections.deque()
-        return ZmqEndpoint(
+        return functools.partial(
+            ZmqSender,
             self.address,
             self._token,
             hwm,
@@ -152,12 +134,12 @@ class ZmqTransport(flowplug.Transport):
         ready.extend(unpack_batch(header, frames[2].buffer))
         return ready.popleft()
 
-    def open_tasks(self) -> ZmqTaskEndpoint:
+    def open_tasks(self) -> functools.partial[ZmqTaskReceiver]:
         hwm = max(1, self.capacity // self.num_workers)
         self._task_sock, address = self._sockets.bind(
             zmq.PUSH, self.run_id, hwm=hwm, what="zmq task socket"
         )
-        return ZmqTaskEndpoint(address, self._token)
+        return functools.partial(ZmqTaskReceiver, address, self._token)
 
     def send_task(self, obj: Any, timeout: float) -> bool:
         sock = self._task_sock

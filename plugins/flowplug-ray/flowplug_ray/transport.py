@@ -214,7 +214,7 @@ class RayWorkers(flowplug.WorkerGroup):
         self.sinks = []
 
 
-class RayTransport(flowplug.Transport):
+class RayTransport(flowplug.OwnWorkersTransport):
     """Workers as Ray actors anywhere in a cluster; datapoints through Ray's object store.
 
     Ray starts lazily in :meth:`open`: with ``address`` (``"auto"``, ``"ray://host:10001"``)
@@ -225,7 +225,6 @@ class RayTransport(flowplug.Transport):
     name = "ray"
     crosses_processes = True
     zero_copy = True
-    runs_workers = True
     options = (
         flowplug.Option(
             "address",
@@ -270,9 +269,7 @@ class RayTransport(flowplug.Transport):
             cls._host_class = _ray().remote(WorkerHost)
         return cls._host_class
 
-    def make_workers(
-        self, dfs: Sequence[Any], endpoint: flowplug.Endpoint, infos: Sequence[Any]
-    ) -> RayWorkers:
+    def make_workers(self, dfs: Sequence[Any], endpoint: Any, infos: Sequence[Any]) -> RayWorkers:
         self._group = RayWorkers(self, dfs, infos)
         return self._group
 
