@@ -89,6 +89,15 @@ class Runner:
     epochs. With ``ordered=True`` the items come in the order of ``df``. See
     docs/sharding.md.
 
+    Arguments left as None come from the environment (``FLOWPLUG_NUM_WORKERS``...), then
+    ``./flowplug.toml``, then ``[tool.flowplug]`` in ``./pyproject.toml``, then defaults.
+
+    Example::
+
+        with fp.Runner(fp.DataFromList(items), mode="shard", num_workers=2) as runner:
+            for dp in runner:
+                ...
+
     :param df: a dataflow (anything with ``__iter__`` and ``reset_state()``), or a
         zero-argument factory returning one, called once per worker in the consumer.
     :param transport: name of the transport (``"zmq"``, ``"queue"``, ``"thread"``...).
@@ -106,15 +115,6 @@ class Runner:
     :param config: a config file to read instead of ``./flowplug.toml`` and
         ``./pyproject.toml`` (see :func:`flowplug.load_config`).
     :param options: the transport's own options (see ``flowplug transports``).
-
-    Arguments left as None come from the environment (``FLOWPLUG_NUM_WORKERS``...), then
-    ``./flowplug.toml``, then ``[tool.flowplug]`` in ``./pyproject.toml``, then defaults.
-
-    Example::
-
-        with fp.Runner(fp.DataFromList(items), transport="zmq", num_workers=2) as runner:
-            for dp in runner:
-                ...
     """
 
     def __init__(

@@ -153,6 +153,12 @@ def title(machine: dict[str, Any] | None) -> str:
     return ", ".join(parts)
 
 
+def _threads(row: dict[str, Any]) -> bool:
+    """True for a system whose workers are threads: they hand references over, so its
+    GB/s measures no copy."""
+    return row["system"] == "tp-thread" or row.get("counterpart") == "tp-thread"
+
+
 def plot(rows: Sequence[dict[str, Any]], path: str, machine: dict[str, Any] | None = None) -> None:
     """Bar charts of items/s and GB/s per payload, one bar per system, one pair of charts
     per (workers, touch) group; log scales (the payloads span six orders of magnitude);
@@ -185,18 +191,22 @@ def plot(rows: Sequence[dict[str, Any]], path: str, machine: dict[str, Any] | No
                     and (r["system"] == "memcpy" or (r["workers"], r["touch"]) == (workers, touch))
                 ]
                 items.append(match[0]["items_per_s"] if match else 0.0)
-                gbs.append(match[0]["gb_per_s"] if match else 0.0)
+                copies = match and not _threads(match[0])
+                gbs.append(match[0]["gb_per_s"] if copies else 0.0)
             xs = [i + (j - len(labels) / 2 + 0.5) * width for i in range(len(payloads))]
             color = colors[j % len(colors)]
             ax_items.bar(xs, items, width, label=label, color=color)
             ax_gb.bar(xs, gbs, width, label=label, color=color)
         what = f"{workers} worker{'s' if workers > 1 else ''}"
         what += ", consumer reads every byte" if touch else ""
-        for ax, unit in ((ax_items, "items/s"), (ax_gb, "GB/s")):
+        for ax, unit, note in (
+            (ax_items, "items/s", ""),
+            (ax_gb, "GB/s", " (thread workers copy nothing: no bar)"),
+        ):
             ax.set_xticks(range(len(payloads)), payloads)
             ax.set_yscale("log")
             ax.set_ylabel(f"{unit} (log scale)")
-            ax.set_title(f"{unit} per payload, {what}", fontsize="medium")
+            ax.set_title(f"{unit} per payload, {what}{note}", fontsize="medium")
             ax.grid(axis="y", which="major", alpha=0.3)
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize="small")
