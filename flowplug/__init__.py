@@ -27,6 +27,7 @@ from .ipc import ZmqSockets, bind_ipc
 from .parallel import ParallelMap
 from .plugins import available_transports, get_transport, load_config, reload_plugins
 from .runner import Runner
+from .stats import RunnerStats, WorkerStats
 from .transport import (
     EMPTY,
     Endpoint,
@@ -76,6 +77,7 @@ __all__ = [
     "ProcessWorkers",
     "ReplicateWarning",
     "Runner",
+    "RunnerStats",
     "RunnerTimeout",
     "Sender",
     "Settings",
@@ -92,6 +94,7 @@ __all__ = [
     "WorkerError",
     "WorkerGroup",
     "WorkerInfo",
+    "WorkerStats",
     "ZmqSockets",
     "available_transports",
     "bind_ipc",

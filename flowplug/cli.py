@@ -306,12 +306,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 count += 1
             elapsed = time.perf_counter() - start
             it.close()
+            verdict = runner.stats().verdict
         rate = count / elapsed
         if plugins.get_transport(name).crosses_processes:
             moved = f"{rate * args.mb / 1024:6.2f} GiB/s"
         else:  # threads hand the same array over: nothing moves, a GiB/s would be fiction
             moved = "no copy (reference handed over)"
-        print(f"{name:<10} {rate:10.1f} items/s  {moved}", flush=True)
+        print(f"{name:<10} {rate:10.1f} items/s  {moved}  {verdict}", flush=True)
     return 0
 
 
@@ -353,6 +354,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=1))
     else:
         print(bench.table(result["rows"]))
+        for row in result["rows"]:
+            if row.get("verdict"):  # the runner's own view (docs/bottleneck.md)
+                print(f"verdict of {row['label']}, {row['payload']}: {row['verdict']}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)

@@ -189,6 +189,7 @@ class ParallelMap(Runner):
         skip = progress.begin(k)  # after a resume: the inputs the saved run had answered
         progress.passes[k] = {0: self._source_state()}
         got = progress.got.add
+        meter = self._meter
         transport = run.transport
         assert isinstance(transport, TaskTransport)
         recv = transport.recv
@@ -234,6 +235,7 @@ class ParallelMap(Runner):
                         nxt += 1
                         progress.nxt = nxt
                         if out is not None or not drop_none:
+                            meter.delivered += 1
                             yield out
                         continue
                     if skip is not None and nxt < sent and nxt in skip:
@@ -250,7 +252,7 @@ class ParallelMap(Runner):
                     sent += 1
                     self._in_flight += 1
                     continue
-                obj = recv(POLL_INTERVAL)
+                obj = recv(0.0)
                 if type(obj) is not tuple or obj[0] != k or workers.death is not None:
                     obj = self._next_slow(obj)
                     if type(obj) is not tuple:
@@ -268,12 +270,14 @@ class ParallelMap(Runner):
                     got(obj[1])
                     out = obj[2]
                     if out is not None or not drop_none:
+                        meter.delivered += 1
                         yield out
                 elif obj[1] == nxt:
                     nxt += 1
                     progress.nxt = nxt
                     out = obj[2]
                     if out is not None or not drop_none:
+                        meter.delivered += 1
                         yield out
                 else:
                     buf[obj[1]] = obj[2]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import os
 import secrets
 import threading
@@ -31,12 +32,15 @@ from .errors import (
     WorkerDied,
     WorkerError,
 )
+from .stats import HookTimer, Meter, RunnerStats
 from .transport import EMPTY, Transport
 from .worker_groups import OwnWorkersTransport, ProcessWorkers, ThreadWorkers, WorkerGroup
 from .worker_loop import RemoteFailure, WorkerInfo
 
 #: how long one blocking receive waits before the runner checks on its workers.
 POLL_INTERVAL = 0.1
+
+logger = logging.getLogger("flowplug")
 #: the Runner's modes.
 MODES = ("replicate", "shard")
 
@@ -180,6 +184,10 @@ class Runner:
         self._ended: dict[int, set[int]] = {}
         #: the epoch and what the consumer received of it (state_dict(), load_state_dict()).
         self._progress = _resume.Progress("shard")
+        #: what stats() reports; the loops add to ``delivered`` and ``waited``.
+        self._meter = Meter()
+        self._hook_timer: HookTimer | None = None
+        self._reported_stop = False
 
     @classmethod
     def from_config(
@@ -248,6 +256,7 @@ class Runner:
             run = _Run(transport, workers, control)
             self._finalizer = weakref.finalize(self, run.shutdown)
             workers.start()
+            self._meter.start(control.counters if control is not None else None)
         except BaseException:
             if self._finalizer is not None:
                 self._finalizer()
@@ -258,12 +267,42 @@ class Runner:
             self._closed = True
             raise
         self._run = run
+        logger.info(
+            "%s started: transport %r, %d worker(s), mode %r, capacity %d",
+            type(self).__name__,
+            self.transport_name,
+            n,
+            self.mode,
+            self.capacity,
+        )
+        if _stats_hook().get_hookimpls():
+            self._hook_timer = HookTimer(_reporter(self))
+
+    def stats(self) -> RunnerStats:
+        """The numbers of this run so far: delivered, rates, who waits on whom.
+
+        Cheap to call (no datapoint is touched); see docs/bottleneck.md. ``.verdict``
+        says whether the consumer waits on the workers (input-bound) or the other way.
+        """
+        run = self._run
+        counters = run.transport.counters() if run is not None else {}
+        return self._meter.snapshot(self.transport_name, self.mode, counters)
 
     def close(self) -> None:
         """Stop every worker and release the transport. Idempotent."""
         self._closed = True
+        final = None
+        if self._run is not None and not self._reported_stop:
+            self._reported_stop = True
+            if self._hook_timer is not None:
+                self._hook_timer.stop()
+            final = self.stats()  # before the transport goes: its counters too
         if self._finalizer is not None:
             self._finalizer()
+        if final is not None:
+            logger.info("%s stopped: %s", type(self).__name__, final.summary())
+            if self._hook_timer is not None:
+                _stats_hook()(runner=self, stats=final)
 
     def __enter__(self) -> Runner:
         if self._run is None:
@@ -337,12 +376,14 @@ class Runner:
         recv = run.transport.recv
         workers = run.workers
         size = self._size
+        meter = self._meter
         count = 0
         while size is None or count < size:
-            obj = recv(POLL_INTERVAL)
+            obj = recv(0.0)
             if obj is EMPTY or type(obj) is RemoteFailure or workers.death is not None:
                 obj = self._next_slow(obj)
             count += 1
+            meter.delivered += 1
             yield obj
 
     def _shard_epoch(self) -> Iterator[Any]:
@@ -367,6 +408,7 @@ class Runner:
         ended = self._ended.setdefault(k, set())
         recv = run.transport.recv
         workers = run.workers
+        meter = self._meter
         if not self.ordered:
             got = progress.got.add
             while len(ended) < n:
@@ -374,15 +416,17 @@ class Runner:
                     index, dp = buf.popitem()
                     release[index % n]()
                     got(index)
+                    meter.delivered += 1
                     yield dp
                     continue
-                obj = recv(POLL_INTERVAL)
+                obj = recv(0.0)
                 if type(obj) is not tuple or obj[0] != k or workers.death is not None:
                     obj = self._next_slow(obj)
                     if not self._file(obj, k):
                         continue
                 release[obj[1] % n]()
                 got(obj[1])
+                meter.delivered += 1
                 yield obj[2]
         else:
             nxt = 0  # the index to yield next
@@ -400,7 +444,7 @@ class Runner:
                         else:
                             nxt += 1
                         continue
-                    obj = recv(POLL_INTERVAL)
+                    obj = recv(0.0)
                     if type(obj) is not tuple or obj[0] != k or workers.death is not None:
                         obj = self._next_slow(obj)
                         if not self._file(obj, k):
@@ -412,6 +456,7 @@ class Runner:
                 release[nxt % n]()
                 nxt += 1
                 progress.nxt = nxt
+                meter.delivered += 1
                 yield dp
         del self._ahead[k], self._ended[k]
 
@@ -445,15 +490,23 @@ class Runner:
         """Handle everything that is not a plain datapoint; return the next datapoint."""
         run = self._run
         assert run is not None
-        waited = POLL_INTERVAL if obj is EMPTY else 0.0
-        started = time.monotonic() - waited
+        started = time.monotonic()
+        waits = obj is EMPTY  # the loops try without waiting: a wait is timed here
         while True:
             if type(obj) is RemoteFailure:
+                logger.error("worker %d failed (%s); closing", obj.worker_id, obj.exc_type)
                 raise self._fail(_worker_error(obj))
             death = run.workers.death
             if death is not None:
+                logger.error("%s; closing", death.describe())
                 raise self._fail(_worker_died(death))
             if obj is not EMPTY:
+                if waits:
+                    meter = self._meter
+                    if meter.delivered:
+                        meter.waited += time.monotonic() - started
+                    else:  # the workers' start: not a sign of who is slower
+                        meter.startup += time.monotonic() - started
                 return obj
             if self.timeout is not None and time.monotonic() - started > self.timeout:
                 raise RunnerTimeout(
@@ -638,3 +691,23 @@ def _resume_shard_state(runner: Runner) -> dict[str, Any]:
             runner._ahead.setdefault(k, {})[obj[1]] = obj[2]
     states = [passes[w] for w in range(n)]
     return progress.to_dict(k, received, n, None if all(s is None for s in states) else states)
+
+
+def _stats_hook() -> Any:
+    return plugins.get_registry().pm.hook.flowplug_runner_stats
+
+
+def _reporter(runner: Runner) -> Any:
+    """What the hook timer calls; holds the runner weakly, so it can still be collected."""
+    ref = weakref.ref(runner)
+
+    def report() -> None:
+        r = ref()
+        if r is None or r._closed:
+            return
+        try:
+            _stats_hook()(runner=r, stats=r.stats())
+        except Exception:
+            logger.exception("a flowplug_runner_stats hook raised; the runner goes on")
+
+    return report

@@ -223,10 +223,8 @@ def test_demo_says_threads_copy_nothing(capsys):
     assert code == 0, err
     header, thread, zmq = out.splitlines()
     assert header.startswith("pushing 1 MiB uint8 arrays")
-    assert thread.startswith("thread") and thread.endswith(
-        "items/s  no copy (reference handed over)"
-    )
-    assert zmq.startswith("zmq") and zmq.endswith("GiB/s")
+    assert thread.startswith("thread") and "items/s  no copy (reference handed over)" in thread
+    assert zmq.startswith("zmq") and " GiB/s " in zmq
 
 
 # ---------------------------------------------------------------------------- doctor

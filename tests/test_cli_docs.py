@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import flowplug as fp
+from flowplug import stats
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -27,6 +28,10 @@ SHOWN_CWD = "/home/me/proj"
 #: the transports the samples show: the built-ins.
 SHOWN = {"queue", "shm", "thread", "zmq"}
 VARYING = {"doctor", "demo", "bench", "--version"}
+VERDICT = "|".join(
+    re.escape(v)
+    for v in (stats.INPUT_BOUND_VERDICT, stats.CONSUMER_BOUND_VERDICT, stats.NO_VERDICT)
+)
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
@@ -64,6 +69,7 @@ def _normal(text: str, varying: bool) -> list[str]:
             if "stale flowplug segment" in line or line.startswith("      /dev/shm/"):
                 continue
             line = re.sub(r"\d[\d,]*(\.\d+)?", "N", line)
+            line = re.sub(VERDICT, "<verdict>", line)  # the runner's view of this run
             line = re.sub(r"-{2,}", "--", " ".join(line.split()))
             line = re.sub(r"^N problem\(s\) to fix$|^no problems found$", "<verdict>", line)
         lines.append(line.rstrip())

@@ -109,7 +109,7 @@ def _measure_memcpy(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure_stream(spec: dict[str, Any]) -> dict[str, Any]:
-    from .systems import open_stream
+    from .systems import VERDICTS, open_stream
 
     expected = nbytes(make(spec["payload"]))
     check = touch if spec["touch"] else None
@@ -132,13 +132,17 @@ def _measure_stream(spec: dict[str, Any]) -> dict[str, Any]:
                 check(next(items))
 
         rates, cpu, own = _timed_runs(step, spec["warmup"], spec["seconds"], spec["repeats"])
-    return {
+    out: dict[str, Any] = {
         "rates": rates,
         "cpu_s_per_item": cpu,
         "consumer_cpu_s_per_item": own,
         "startup_s": startup,
         "nbytes": expected,
     }
+    verdict = VERDICTS.get(spec["system"])
+    if verdict is not None:
+        out["verdict"] = verdict
+    return out
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
