@@ -60,7 +60,8 @@ def test_map_and_replicate_mode_count_in_the_consumer(no_leaks):
         assert len(list(m)) == 30 and len(list(m)) == 30
         stats = m.stats()
     assert stats.delivered == 60 and stats.mode == "map" and stats.workers is None
-    with fp.Runner(fp.DataFromList(range(5)), transport="thread", num_workers=2) as runner:
+    df = fp.DataFromList(range(5))
+    with fp.Runner(df, transport="thread", num_workers=2, mode="replicate") as runner:
         assert len(list(runner)) == 5  # an epoch is len(df) datapoints
         it = iter(runner)
         next(it), next(it)
