@@ -20,6 +20,7 @@ from typing import Any
 
 from . import _exc, _resume, plugins
 from ._gates import Control, EpochEnd
+from ._passcheck import START as PASS_START
 from ._sweep import new_run_id, sweep_stale
 from .config import ARGUMENT
 from .errors import (
@@ -27,6 +28,7 @@ from .errors import (
     PluginError,
     ReplicateWarning,
     RunnerTimeout,
+    ShardMismatch,
     StateError,
     UnknownLength,
     WorkerDied,
@@ -184,6 +186,11 @@ class Runner:
         self._ended: dict[int, set[int]] = {}
         #: the epoch and what the consumer received of it (state_dict(), load_state_dict()).
         self._progress = _resume.Progress("shard")
+        # Shard mode without df.shard(): the passes are checked (flowplug._passcheck); the
+        # length and digest each worker reported for its whole pass, per epoch.
+        self._checked = False
+        self._pass_ends: dict[int, dict[int, tuple[int, int]]] = {}
+        self._df_name = type(df).__name__
         #: what stats() reports; the loops add to ``delivered`` and ``waited``.
         self._meter = Meter()
         self._hook_timer: HookTimer | None = None
@@ -213,6 +220,12 @@ class Runner:
         dfs = self._dataflows()
         if self._factory:
             self._size = _length(dfs[0])
+            self._df_name = type(dfs[0]).__name__
+        self._checked = (
+            self.mode == "shard"
+            and self.num_workers > 1
+            and not callable(getattr(dfs[0], "shard", None))
+        )
         replicate = self.mode == "replicate" and not self._mode_given
         if replicate and self.num_workers > 1 and self._size is not None:
             warnings.warn(
@@ -402,6 +415,8 @@ class Runner:
                 release[index % n]()
         for old in [e for e in self._ended if e < k]:
             del self._ended[old]
+        for old in [e for e in self._pass_ends if e < k]:
+            del self._pass_ends[old]
         # Kept on self, not popped: items left here when the user breaks out are released
         # when the next epoch starts, so no credit is ever lost.
         buf = self._ahead.setdefault(k, {})
@@ -409,7 +424,9 @@ class Runner:
         recv = run.transport.recv
         workers = run.workers
         meter = self._meter
-        if not self.ordered:
+        if self._checked:
+            yield from self._checked_epoch(k, buf, ended, skip)
+        elif not self.ordered:
             got = progress.got.add
             while len(ended) < n:
                 if buf:  # arrived ahead, or while state_dict() waited
@@ -460,6 +477,85 @@ class Runner:
                 yield dp
         del self._ahead[k], self._ended[k]
 
+    def _checked_epoch(
+        self, k: int, buf: dict[int, Any], ended: set[int], skip: Any
+    ) -> Iterator[Any]:
+        """Epoch ``k`` of shard mode without ``shard()``: every worker reads the whole pass
+        and keeps its items. Each item carries the pass's digest before and after it, as
+        its worker computed it (flowplug._passcheck): item ``i`` is yielded only once its
+        "before" equals item ``i - 1``'s "after", so workers whose passes differ are an
+        error, before any duplicate is delivered. In order, whatever ``ordered`` says.
+        """
+        run = self._run
+        assert run is not None and run.control is not None
+        release = run.control.release
+        recv = run.transport.recv
+        workers = run.workers
+        n = self.num_workers
+        progress = self._progress
+        meter = self._meter
+        got = None if self.ordered else progress.got.add  # what state_dict() reads
+        nxt = 0
+        last: int | None = PASS_START  # the digest after item nxt - 1; None: not known
+        while True:
+            item = buf.pop(nxt, _MISSING)
+            if item is _MISSING:
+                if skip is not None and nxt in skip:  # received before a resume: not sent
+                    nxt += 1
+                    last = None  # the pair across the gap cannot be compared
+                    continue
+                if nxt % n in ended:  # the pass of nxt's worker ended before nxt
+                    break
+                obj = recv(POLL_INTERVAL)
+                if type(obj) is not tuple or obj[0] != k or workers.death is not None:
+                    obj = self._next_slow(obj)
+                    if not self._file(obj, k):
+                        continue
+                if obj[1] != nxt:
+                    buf[obj[1]] = obj[2:]
+                    continue
+                item = obj[2:]
+            dp, before, after = item
+            if before != last and last is not None:
+                raise self._fail(self._passes_differ(k, nxt))
+            last = after
+            release[nxt % n]()
+            if got is not None:
+                got(nxt)
+            nxt += 1
+            progress.nxt = nxt
+            meter.delivered += 1
+            yield dp
+        while len(ended) < n:  # every pass must have ended here, with the same digest
+            obj = self._next_slow(recv(POLL_INTERVAL))
+            if self._file(obj, k):
+                buf[obj[1]] = obj[2:]
+        ends = self._pass_ends.pop(k, {})
+        if buf or len(set(ends.values())) > 1:
+            counts = ", ".join(f"worker {w}: {c}" for w, (c, _) in sorted(ends.items()))
+            raise self._fail(self._passes_differ(k, nxt, f"passes of {counts} items"))
+
+    def _passes_differ(self, k: int, index: int, detail: str = "") -> ShardMismatch:
+        n = self.num_workers
+        name = self._df_name
+        where = detail or (
+            f"worker {index % n}'s pass and worker {(index - 1) % n}'s differ at or before "
+            f"item {index}"
+        )
+        return ShardMismatch(
+            f"shard mode: the workers read different passes of {name} in epoch {k} "
+            f"({where}). Without a shard() method each of the {n} workers reads the whole "
+            f"pass and keeps item i when i % {n} is its number, which is exactly once only "
+            "if every pass yields the same items in the same order; flowplug seeds random, "
+            "numpy.random and the 'rng' attributes alike in every worker, and "
+            f"{name} still differs (another random source, or data that changes?). The "
+            "runner is closed, and no item was delivered twice. Fix: give "
+            f"{name} a shard(index, count) method (fp.DataFromList has one), or draw its "
+            "randomness from those generators, or read it once in the consumer with "
+            "fp.ParallelMap(df, fn), or use mode='replicate' where duplicates are fine. "
+            "See docs/sharding.md."
+        )
+
     def _file(self, obj: Any, k: int) -> bool:
         """Put away a message that is not an item of epoch ``k``; true if it is one after all."""
         if type(obj) is tuple:
@@ -467,7 +563,7 @@ class Runner:
             if epoch == k:
                 return True
             if epoch > k:  # a worker prefetching the next epoch
-                self._ahead.setdefault(epoch, {})[index] = obj[2]
+                self._ahead.setdefault(epoch, {})[index] = obj[2] if len(obj) == 3 else obj[2:]
             else:  # left over from an epoch the user broke out of
                 run = self._run
                 assert run is not None and run.control is not None
@@ -476,6 +572,11 @@ class Runner:
         if type(obj) is EpochEnd:
             if obj.epoch >= k:
                 self._ended.setdefault(obj.epoch, set()).add(obj.worker_id)
+                if obj.count >= 0:
+                    self._pass_ends.setdefault(obj.epoch, {})[obj.worker_id] = (
+                        obj.count,
+                        obj.digest,
+                    )
             return False
         if type(obj) is _resume.PassStart:
             if obj.epoch >= k:
@@ -688,7 +789,7 @@ def _resume_shard_state(runner: Runner) -> dict[str, Any]:
             )
         obj = runner._next_slow(run.transport.recv(POLL_INTERVAL))
         if runner._file(obj, k):  # an item of epoch k: its iteration yields it from there
-            runner._ahead.setdefault(k, {})[obj[1]] = obj[2]
+            runner._ahead.setdefault(k, {})[obj[1]] = obj[2] if len(obj) == 3 else obj[2:]
     states = [passes[w] for w in range(n)]
     return progress.to_dict(k, received, n, None if all(s is None for s in states) else states)
 
