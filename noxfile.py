@@ -4,22 +4,36 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.default_venv_backend = "venv"
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite in parallel (pytest -n auto), every test under a timeout."""
+    # The test extra pins torch==2.13.0 (tests/test_torch.py): the CPU build, never a GPU one.
     session.install("-e", ".[test]")
     session.run("pytest", "-n", "auto", *session.posargs)
 
 
+LINTED = ["flowplug", "plugins", "tests", "benchmarks", "noxfile.py"]
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Check style and common bugs with ruff."""
-    session.install("ruff")
-    session.run("ruff", "check", "flowplug", "plugins", "tests", "benchmarks", "noxfile.py")
+    """Check style, formatting and common bugs with ruff, and with vermin that nothing
+    needs a Python newer than 3.10 (the floor of requires-python)."""
+    session.install("ruff", "vermin")
+    session.run("ruff", "check", *LINTED)
+    session.run("ruff", "format", "--check", *LINTED)
+    session.run("vermin", "--no-tips", "--violations", "--eval-annotations", "-t=3.10-", *LINTED)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Type-check the core and every plugin with mypy, as Python 3.10 (see [tool.mypy])."""
+    session.install("-e", ".", "mypy")
+    session.run("mypy", *session.posargs)
 
 
 @nox.session(default=False)

@@ -1,16 +1,18 @@
 """flowplug: move datapoints from parallel producers to one consumer via pluggable transports."""
 
+from types import ModuleType as _ModuleType
 from typing import TYPE_CHECKING
 
 from .batching import BatchingSender
 from .config import Settings, parse_size
-from .dataflow import DataFlow, DataFlowLike, DataFromGenerator, DataFromList
+from .dataflow import Batch, DataFlow, DataFlowLike, DataFromGenerator, DataFromList
 from .errors import (
     ConfigError,
     DataTooLarge,
     FlowplugError,
     ObjectNotFound,
     PluginError,
+    ReplicateWarning,
     RunnerTimeout,
     ShardMismatch,
     StateError,
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
     from . import shm
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> _ModuleType:
     # flowplug.shm needs numpy; load it on first use so that `import flowplug` stays light.
     if name == "shm":
         import importlib
@@ -56,6 +58,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "Batch",
     "BatchingSender",
     "ConfigError",
     "ControlSink",
@@ -74,6 +77,7 @@ __all__ = [
     "ParallelMap",
     "PluginError",
     "ProcessWorkers",
+    "ReplicateWarning",
     "Runner",
     "RunnerStats",
     "RunnerTimeout",
