@@ -16,7 +16,7 @@ from . import _resume, plugins
 from ._gates import Control, MapWork
 from .errors import ConfigError, RunnerTimeout, StateError, UnknownLength
 from .runner import _MISSING, POLL_INTERVAL, Runner
-from .transport import EMPTY, Transport
+from .transport import EMPTY, TaskTransport, Transport
 
 
 class ParallelMap(Runner):
@@ -143,7 +143,7 @@ class ParallelMap(Runner):
         progress = self._progress
         k = self._epoch_no
         if self._guard.locked():  # mid-epoch
-            received = progress.received(k, self.ordered)
+            received: _resume.Done | None = progress.received(k, self.ordered)
             source = progress.passes.get(k, {}).get(0)
         else:
             k += 1
@@ -192,6 +192,7 @@ class ParallelMap(Runner):
         return [MapWork(self.fn) for _ in range(self.num_workers)]
 
     def _control(self, transport: Transport) -> Control:
+        assert isinstance(transport, TaskTransport)  # checked when the map was built
         return Control(self.num_workers, self.start_method, tasks=transport.open_tasks())
 
     def _iterate(self) -> Iterator[Any]:
@@ -206,8 +207,10 @@ class ParallelMap(Runner):
         got = progress.got.add
         meter = self._meter
         transport = run.transport
-        recv = transport.recv
-        send_task = transport.send_task
+        assert isinstance(transport, TaskTransport)
+        # Through the run: close() from another thread waits until these return.
+        recv = run.recv
+        send_task = run.send_task
         workers = run.workers
         cap = self.capacity
         ordered = self.ordered

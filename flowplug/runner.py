@@ -6,19 +6,22 @@ errors and deaths, timeouts, and cleanup (close, garbage collection, interpreter
 
 from __future__ import annotations
 
+import _thread
 import copy
 import difflib
+import functools
 import logging
 import os
 import secrets
+import signal
 import threading
 import time
+import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from . import _exc, _resume, plugins
-from .stats import HookTimer, Meter, RunnerStats
 from ._gates import Control, EpochEnd
 from ._passcheck import START as PASS_START
 from ._sweep import new_run_id, sweep_stale
@@ -26,6 +29,7 @@ from .config import ARGUMENT
 from .errors import (
     ConfigError,
     PluginError,
+    ReplicateWarning,
     RunnerTimeout,
     ShardMismatch,
     StateError,
@@ -33,6 +37,7 @@ from .errors import (
     WorkerDied,
     WorkerError,
 )
+from .stats import HookTimer, Meter, RunnerStats
 from .transport import EMPTY, Transport
 from .worker_groups import OwnWorkersTransport, ProcessWorkers, ThreadWorkers, WorkerGroup
 from .worker_loop import RemoteFailure, WorkerInfo
@@ -47,8 +52,24 @@ MODES = ("replicate", "shard")
 _MISSING: Any = object()
 
 
+#: every started run of this process; a forked child marks them as not its own.
+_RUNS: weakref.WeakSet[_Run] = weakref.WeakSet()
+#: how long close() waits for a consumer thread to come out of a receive (each lasts
+#: POLL_INTERVAL by the transport contract; this only bounds a misbehaving transport).
+CLOSE_WAITS_FOR_CONSUMER = 5.0
+
+
 class _Run:
-    """What a started runner holds; kept apart from the Runner so gc can finalize it."""
+    """What a started runner holds; kept apart from the Runner so gc can finalize it.
+
+    Closing from any thread: the consumer thread marks itself :attr:`inside` (its thread
+    id) around every call into the transport and checks :attr:`closing` before it;
+    :meth:`shutdown` sets :attr:`closing` first and waits for the consumer to be out
+    before it closes the transport. So a transport is never closed under a receive (a
+    read of a closed, or reused, fd; a zmq socket used from two threads), and a consumer
+    blocked in ``next()`` wakes within one receive with a StateError. Two plain
+    attributes, no lock: the GIL orders them, and a lock per datapoint costs more.
+    """
 
     def __init__(
         self,
@@ -60,20 +81,147 @@ class _Run:
         self.workers = workers
         self.control = control
         self.owner_pid = os.getpid()
+        self.halted = False
+        #: None while open; "closed", or "forked" in a child that inherited this run.
+        self.closing: str | None = None
+        #: the id of the consumer thread while it is inside the transport, else 0.
+        self.inside = 0
+        self._stop_lock = threading.Lock()
+        _RUNS.add(self)
+
+    def refusal(self) -> StateError:
+        """The error for a consumer that finds this run closing."""
+        if self.closing == "forked":
+            return StateError(
+                f"this runner was started by process {self.owner_pid}, and this process "
+                f"({os.getpid()}) is a fork of it: its workers and transport are the "
+                "parent's, and only the parent may use or close them. Create a new Runner "
+                "in this process"
+            )
+        return StateError(
+            "this runner was closed (by close() from another thread, or at exit) while "
+            "it was being iterated; create a new Runner"
+        )
+
+    def recv(self, timeout: float) -> Any:
+        """Receive, as the consumer thread; refused once closing (the slow paths)."""
+        self.inside = threading.get_ident()
+        try:
+            if self.closing is not None:
+                raise self.refusal()
+            return self.transport.recv(timeout)
+        finally:
+            self.inside = 0
+
+    def send_task(self, task: Any, timeout: float) -> bool:
+        """Send a task, as the consumer thread; refused once closing."""
+        self.inside = threading.get_ident()
+        try:
+            if self.closing is not None:
+                raise self.refusal()
+            return self.transport.send_task(task, timeout)  # type: ignore[attr-defined]
+        finally:
+            self.inside = 0
+
+    def halt(self) -> None:
+        """Stop the workers but keep the transport open, so that what they sent before
+        can still be received. Thread workers are only asked to stop: they end at their
+        next send once the transport is closed."""
+        with self._stop_lock:
+            if self.halted:
+                return
+            self.halted = True
+            if isinstance(self.workers, ThreadWorkers):
+                self.workers.request_stop()
+            else:
+                self.workers.stop()
 
     def shutdown(self) -> None:
+        """Stop the workers and close the transport; from close(), gc or atexit.
+
+        In the main thread, a Ctrl-C that comes meanwhile is held back and delivered
+        when this returns: raised inside cleanup that gc runs, a KeyboardInterrupt is
+        only printed ("Exception ignored in ...") and the program would go on, with the
+        cleanup half done.
+        """
         if os.getpid() != self.owner_pid:
             return  # a forked child inherited this object; the workers are not its own
+        if threading.current_thread() is not threading.main_thread():
+            self._shutdown()  # Python raises KeyboardInterrupt in the main thread only
+            return
+        held: list[int] = []
+        try:
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        except ValueError:  # signals are not ours to handle here (an embedded interpreter)
+            self._shutdown()
+            return
+        try:
+            self._shutdown()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if held:
+                _redeliver_sigint(previous)
+
+    def _shutdown(self) -> None:
+        if self.closing is None:
+            self.closing = "closed"
         workers = self.workers
         if isinstance(workers, ThreadWorkers):
             workers.request_stop()
+            self._wait_for_consumer()
             self.transport.close()  # wakes senders blocked on a full transport
             workers.stop()
         else:
-            workers.stop()
+            self.halt()
+            self._wait_for_consumer()
             self.transport.close()
         if self.control is not None:
             self.control.close()
+
+    def _wait_for_consumer(self) -> None:
+        """Wait until no other thread is inside the transport (one receive at most)."""
+        me = threading.get_ident()
+        deadline = time.monotonic() + CLOSE_WAITS_FOR_CONSUMER
+        while self.inside and self.inside != me and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+
+#: how long after a cleanup a Ctrl-C held back during it is delivered.
+REDELIVER_AFTER = 0.02
+
+
+def _redeliver_sigint(handler: Any) -> None:
+    """Deliver a Ctrl-C held back during cleanup to ``handler``, in the program's code.
+
+    Not from here: an interrupt raised in this frame would be lost again when gc runs
+    the cleanup. A short timer thread sends it, so that it lands after this returns
+    (Python runs signal handlers in the main thread, at its next check).
+    """
+    if callable(handler):
+        deliver: Any = _thread.interrupt_main
+    elif handler == signal.SIG_DFL:
+        deliver = functools.partial(os.kill, os.getpid())  # the default action: exit
+    else:
+        return  # SIG_IGN, or a handler not set from Python: nothing to deliver
+    timer = threading.Timer(REDELIVER_AFTER, deliver, (signal.SIGINT,))
+    timer.name = "flowplug-ctrl-c"
+    timer.daemon = True
+    try:
+        timer.start()
+    except RuntimeError:
+        pass  # the interpreter is shutting down: the program is ending anyway
+
+
+def _after_fork_in_child() -> None:
+    """A fork of the consumer (os.fork, a multiprocessing pool, a worker of ours) holds
+    copies of every run: mark them as not its own, so that using one is a StateError and
+    closing one (explicitly, by gc or at exit) touches nothing of the parent's."""
+    for run in list(_RUNS):
+        run.closing = "forked"
+        run.inside = 0
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Runner:
@@ -82,7 +230,9 @@ class Runner:
     ``mode="replicate"`` (the default): every worker runs its own copy of ``df`` and
     repeats it forever; with ``num_workers=1`` the order of ``df`` is preserved. When
     ``len(df)`` is known, one iteration (an epoch) yields ``len(df)`` datapoints;
-    otherwise it never ends.
+    otherwise it never ends. With several workers and a known ``len(df)``, a runner whose
+    mode was not given warns once (:class:`~flowplug.ReplicateWarning`) that the
+    workers' copies mix: such an "epoch" repeats some items and misses others.
 
     ``mode="shard"``: one iteration (an epoch) yields every item of one pass of ``df``
     exactly once, split over the workers (item ``i`` goes to worker ``i % num_workers``,
@@ -90,6 +240,15 @@ class Runner:
     again runs the next epoch on the same workers, which prefetch it without mixing
     epochs. With ``ordered=True`` the items come in the order of ``df``. See
     docs/sharding.md.
+
+    Arguments left as None come from the environment (``FLOWPLUG_NUM_WORKERS``...), then
+    ``./flowplug.toml``, then ``[tool.flowplug]`` in ``./pyproject.toml``, then defaults.
+
+    Example::
+
+        with fp.Runner(fp.DataFromList(items), mode="shard", num_workers=2) as runner:
+            for dp in runner:
+                ...
 
     :param df: a dataflow (anything with ``__iter__`` and ``reset_state()``), or a
         zero-argument factory returning one, called once per worker in the consumer.
@@ -101,21 +260,13 @@ class Runner:
     :param timeout: seconds to wait for one datapoint before raising
         :class:`~flowplug.RunnerTimeout`; None waits forever (deaths are still noticed).
     :param seed: base of the per-worker seeds; random when None.
-    :param mode: ``"replicate"`` or ``"shard"``, as above.
+    :param mode: ``"replicate"`` or ``"shard"``, as above; None (not given) is
+        ``"replicate"``.
     :param ordered: shard mode only: deliver in the order of ``df``, buffering at most
         ``capacity`` items; otherwise items come as they arrive.
     :param config: a config file to read instead of ``./flowplug.toml`` and
         ``./pyproject.toml`` (see :func:`flowplug.load_config`).
     :param options: the transport's own options (see ``flowplug transports``).
-
-    Arguments left as None come from the environment (``FLOWPLUG_NUM_WORKERS``...), then
-    ``./flowplug.toml``, then ``[tool.flowplug]`` in ``./pyproject.toml``, then defaults.
-
-    Example::
-
-        with fp.Runner(fp.DataFromList(items), transport="zmq", num_workers=2) as runner:
-            for dp in runner:
-                ...
     """
 
     def __init__(
@@ -127,7 +278,7 @@ class Runner:
         start_method: str | None = None,
         timeout: float | None = None,
         seed: int | None = None,
-        mode: str = "replicate",
+        mode: str | None = None,
         ordered: bool = False,
         *,
         config: str | os.PathLike[str] | None = None,
@@ -168,8 +319,12 @@ class Runner:
         self._run: _Run | None = None
         self._closed = False
         self._failure: BaseException | None = None
+        #: after a death: how many more objects to take from the transport (None: all).
+        self._drain_left: int | None = None
         self._finalizer: weakref.finalize | None = None
-        self.mode = mode
+        #: the mode was left to its default: a replicate runner then warns (see above).
+        self._mode_given = mode is not None
+        self.mode = mode = "replicate" if mode is None else mode
         self.ordered = ordered
         _check_mode(mode, ordered, self.num_workers, self.capacity)
         # Shard mode: the consumer's epoch, and what arrived ahead of it (per epoch: the
@@ -219,6 +374,17 @@ class Runner:
             and self.num_workers > 1
             and not callable(getattr(dfs[0], "shard", None))
         )
+        replicate = self.mode == "replicate" and not self._mode_given
+        if replicate and self.num_workers > 1 and self._size is not None:
+            warnings.warn(
+                f"Runner(num_workers={self.num_workers}) over a dataflow of {self._size} "
+                "items replicates it: every worker yields its own copy, so an epoch of "
+                f"{self._size} datapoints repeats some items and misses others. For every "
+                "item once per epoch pass mode='shard'; for independent streams (infinite or "
+                "randomised dataflows, tensorpack's semantics) pass mode='replicate'",
+                ReplicateWarning,
+                stacklevel=3,
+            )
         plan = self._progress.plan() if self.mode == "shard" else None
         if plan is not None:  # a resumed runner: its workers get the plan with their dataflow
             dfs = [_resume.Resumed(df, plan) for df in dfs]
@@ -349,7 +515,7 @@ class Runner:
 
     # ------------------------------------------------------------------ iteration
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Generator[Any, None, None]:  # a generator: callers may close() it
         if not self._guard.acquire(blocking=False):
             raise StateError(
                 "this runner is already being iterated (by another thread, or by an "
@@ -377,8 +543,15 @@ class Runner:
         size = self._size
         meter = self._meter
         count = 0
+        me = threading.get_ident  # called per receive: a generator may move between threads
         while size is None or count < size:
-            obj = recv(0.0)
+            run.inside = me()  # see _Run: close() from another thread waits for this
+            try:
+                if run.closing is not None:
+                    raise run.refusal()
+                obj = recv(0.0)
+            finally:
+                run.inside = 0
             if obj is EMPTY or type(obj) is RemoteFailure or workers.death is not None:
                 obj = self._next_slow(obj)
             count += 1
@@ -409,6 +582,7 @@ class Runner:
         ended = self._ended.setdefault(k, set())
         recv = run.transport.recv
         workers = run.workers
+        me = threading.get_ident  # called per receive: a generator may move between threads
         meter = self._meter
         if self._checked:
             yield from self._checked_epoch(k, buf, ended, skip)
@@ -422,7 +596,13 @@ class Runner:
                     meter.delivered += 1
                     yield dp
                     continue
-                obj = recv(0.0)
+                run.inside = me()  # see _Run
+                try:
+                    if run.closing is not None:
+                        raise run.refusal()
+                    obj = recv(0.0)
+                finally:
+                    run.inside = 0
                 if type(obj) is not tuple or obj[0] != k or workers.death is not None:
                     obj = self._next_slow(obj)
                     if not self._file(obj, k):
@@ -447,7 +627,13 @@ class Runner:
                         else:
                             nxt += 1
                         continue
-                    obj = recv(0.0)
+                    run.inside = me()  # see _Run
+                    try:
+                        if run.closing is not None:
+                            raise run.refusal()
+                        obj = recv(0.0)
+                    finally:
+                        run.inside = 0
                     if type(obj) is not tuple or obj[0] != k or workers.death is not None:
                         obj = self._next_slow(obj)
                         if not self._file(obj, k):
@@ -574,7 +760,12 @@ class Runner:
         )
 
     def _next_slow(self, obj: Any) -> Any:
-        """Handle everything that is not a plain datapoint; return the next datapoint."""
+        """Handle everything that is not a plain datapoint; return the next datapoint.
+
+        A worker that ended (a :class:`Death`) is reported only once what the workers
+        sent before is delivered: the workers are stopped first, so that this is finite,
+        and an error report found on the way wins over the death it explains.
+        """
         run = self._run
         assert run is not None
         started = time.monotonic()
@@ -585,8 +776,24 @@ class Runner:
                 raise self._fail(_worker_error(obj))
             death = run.workers.death
             if death is not None:
-                logger.error("%s; closing", death.describe())
-                raise self._fail(_worker_died(death))
+                if not run.halted:
+                    logger.error("%s; closing", death.describe())
+                    run.halt()
+                    # Threads keep sending until the transport closes: take at most what
+                    # the transport held when the death was noticed (FIFO), no more.
+                    threads = isinstance(run.workers, ThreadWorkers)
+                    self._drain_left = self.capacity + self.num_workers if threads else None
+                if obj is EMPTY and self._drain_left != 0:
+                    obj = run.recv(POLL_INTERVAL)
+                    if obj is not EMPTY:
+                        continue  # an error report on the way wins over the death
+                if obj is EMPTY or self._drain_left == 0:
+                    if death.failure is not None:
+                        raise self._fail(_worker_error(death.failure))
+                    raise self._fail(_worker_died(death))
+                if self._drain_left is not None:
+                    self._drain_left -= 1
+                return obj
             if obj is not EMPTY:
                 if waits:
                     meter = self._meter
@@ -601,7 +808,7 @@ class Runner:
                     f"{self.num_workers} worker(s) on transport {self.transport_name!r}; "
                     "raise timeout= or check the dataflow"
                 )
-            obj = run.transport.recv(POLL_INTERVAL)
+            obj = run.recv(POLL_INTERVAL)
 
     def _fail(self, exc: BaseException) -> BaseException:
         """Stop everything; the error is what the consumer sees."""
@@ -714,6 +921,10 @@ def _worker_error(failure: RemoteFailure) -> WorkerError:
         where = f"in fn on input {failure.index}"
     elif failure.phase == "reset_state":
         where = "in reset_state()"
+    elif failure.phase == "start":
+        where = "while starting (before it could run the dataflow)"
+    elif failure.phase == "connect":
+        where = "while connecting to the transport"
     else:
         where = "while iterating"
     # passed on from a runner inside the worker: say from where, once
@@ -773,7 +984,7 @@ def _resume_shard_state(runner: Runner) -> dict[str, Any]:
                 "this runner is closed before its workers reported where epoch "
                 f"{progress.base + k} starts; take state_dict() before closing"
             )
-        obj = runner._next_slow(run.transport.recv(POLL_INTERVAL))
+        obj = runner._next_slow(run.recv(POLL_INTERVAL))
         if runner._file(obj, k):  # an item of epoch k: its iteration yields it from there
             runner._ahead.setdefault(k, {})[obj[1]] = obj[2] if len(obj) == 3 else obj[2:]
     states = [passes[w] for w in range(n)]

@@ -84,7 +84,7 @@ def test_consumer_sigterm_handler_does_not_run_in_workers(no_leaks, tmp_path):
 
     old = signal.signal(signal.SIGTERM, handler)
     try:
-        with fp.Runner(Counting(10**6), transport="zmq", num_workers=2) as runner:
+        with fp.Runner(Counting(10**6), transport="zmq", num_workers=2, mode="replicate") as runner:
             next(iter(runner))
     finally:
         signal.signal(signal.SIGTERM, old)
@@ -121,7 +121,7 @@ def test_unpicklable_dataflow_under_spawn_names_it(no_leaks):
 
 
 def test_thread_workers_get_their_own_copy(no_leaks):
-    with fp.Runner(PerThreadState(), transport="thread", num_workers=3) as runner:
+    with fp.Runner(PerThreadState(), transport="thread", num_workers=3, mode="replicate") as runner:
         for _ in range(5):
             assert sorted(runner) == [0, 1, 2]
 
@@ -134,7 +134,7 @@ def test_thread_workers_from_a_factory(no_leaks):
         made.append(df)
         return df
 
-    with fp.Runner(factory, transport="thread", num_workers=2) as runner:
+    with fp.Runner(factory, transport="thread", num_workers=2, mode="replicate") as runner:
         assert len(runner) == 3
         assert len(list(runner)) == 3
     assert len(made) == 2 and made[0] is not made[1]
