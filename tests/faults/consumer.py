@@ -68,7 +68,9 @@ def main() -> None:
                     next(it)
                     print("CHILD-READ-THE-PARENTS-DATA", flush=True)
                 except fp.StateError as exc:
-                    print("CHILD-STATEERROR", "fork" if "fork" in str(exc) else str(exc), flush=True)
+                    print(
+                        "CHILD-STATEERROR", "fork" if "fork" in str(exc) else str(exc), flush=True
+                    )
                 runner.close()
                 sys.exit(0)  # atexit runs: multiprocessing's, flowplug's
             os.waitpid(pid, 0)

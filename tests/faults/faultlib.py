@@ -1110,7 +1110,9 @@ def scenario_cannot_connect(in_threads: bool) -> int:
     register_faulty()
     name = "faulty_thread" if in_threads else "faulty"
     before = snapshot()
-    runner = fp.Runner(Counting(5), transport=name, num_workers=2, fail="connect", timeout=30)
+    runner = fp.Runner(
+        Counting(5), transport=name, num_workers=2, fail="connect", timeout=30, mode="replicate"
+    )
     try:
         got, err = _drain_until(fp.WorkerError, runner)
     finally:
