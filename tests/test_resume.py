@@ -439,9 +439,7 @@ def as_int(dp) -> int:
 @pytest.mark.parametrize("kind", ["tensorpack", "numpy"])
 @pytest.mark.parametrize("ordered", [True, False])
 @pytest.mark.parametrize("workers_after", [2, 3])
-def test_seeded_passes_resume_in_the_saved_order(
-    no_leaks, transport, kind, ordered, workers_after
-):
+def test_seeded_passes_resume_in_the_saved_order(no_leaks, transport, kind, ordered, workers_after):
     """Without shard(), every worker's generators are seeded per epoch: the seed is the
     run's seed and the absolute epoch, so a fresh runner resumed mid-epoch 1 or at the
     start of epoch 2 makes the same passes as the saved run. Each epoch is exact, no
