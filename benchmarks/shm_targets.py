@@ -10,8 +10,9 @@ rows interleaved so that a change in the machine's load hits all of them alike; 
 number is the median of its rounds (each round itself the median of 3 repeats). Rows:
 flowplug shm, zmq (default, and ``fresh_arrays=True`` through a ``flowplug.toml``), queue,
 the raw shm ring baseline (``shm-ring``: 16 slots, slot numbers over two pipes) and the
-bare pyzmq pickle-5 loop. Prints items/s, CPU us per item (all processes of the row) and the
-ratios the issue asks for, met or not. The load average is printed: quote it.
+bare pyzmq pickle-5 loop. Prints items/s, CPU us per item (all processes of the row, and the
+consumer process alone) and the ratios the issue asks for, met or not. The load average is
+printed: quote it.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
     rows = [(s, p, w) for p in args.payloads for w in args.workers for s in args.systems]
     rates: dict = {r: [] for r in rows}
     cpus: dict = {r: [] for r in rows}
+    owns: dict = {r: [] for r in rows}  # the consumer process alone
     for k in range(args.rounds):
         for row in rows:
             res = run_row(*row, seconds=args.seconds)
@@ -74,20 +76,34 @@ def main() -> None:
                 rates[row].append(res["items_per_s"])
                 if res.get("cpu_s_per_item") is not None:
                     cpus[row].append(res["cpu_s_per_item"] * 1e6)
+                if res.get("consumer_cpu_s_per_item") is not None:
+                    owns[row].append(res["consumer_cpu_s_per_item"] * 1e6)
                 # each row as it is measured: a run cut short still has its numbers
                 cpu_us = cpus[row][-1] if cpus[row] else float("nan")
-                print(f"  {row}: {res['items_per_s']:,.0f}/s, {cpu_us:,.1f} us CPU", flush=True)
+                own_us = owns[row][-1] if owns[row] else float("nan")
+                print(
+                    f"  {row}: {res['items_per_s']:,.0f}/s, {cpu_us:,.1f} us CPU "
+                    f"({own_us:,.1f} consumer)",
+                    flush=True,
+                )
             else:
                 print(f"  {row}: {res.get('status')}", flush=True)
         print(f"round {k + 1} done, load {os.getloadavg()}", flush=True)
     med = {r: statistics.median(v) if v else None for r, v in rates.items()}
     cpu = {r: statistics.median(v) if v else None for r, v in cpus.items()}
-    print(f"\n{'system':14} {'payload':8} {'w':>2} {'items/s':>12} {'cpu us/item':>12}")
+    own = {r: statistics.median(v) if v else None for r, v in owns.items()}
+
+    def num(x: float | None, f: str) -> str:
+        return "-" if x is None else format(x, f)
+
+    print(
+        f"\n{'system':14} {'payload':8} {'w':>2} {'items/s':>12} {'cpu us/item':>12} "
+        f"{'consumer us':>12}"
+    )
     for row in rows:
-        r, c = med[row], cpu[row]
         print(
-            f"{row[0]:14} {row[1]:8} {row[2]:>2} "
-            f"{'-' if r is None else f'{r:,.0f}':>12} {'-' if c is None else f'{c:,.1f}':>12}"
+            f"{row[0]:14} {row[1]:8} {row[2]:>2} {num(med[row], ',.0f'):>12} "
+            f"{num(cpu[row], ',.1f'):>12} {num(own[row], ',.1f'):>12}"
         )
 
     def ratio(a: str, b: str, p: str, w: int, goal: float, what: str) -> None:
@@ -105,6 +121,13 @@ def main() -> None:
             default="fp-zmq",
         )
         ratio("fp-shm", best, "small", w, 0.9, f"small w={w}: shm vs best other ({best})")
+        for p in ("small", "medium"):
+            c = own.get(("fp-shm", p, w))
+            if c is not None:
+                print(
+                    f"  {'met' if c <= 5 else 'NOT MET':12}  {p} w={w}: shm consumer CPU "
+                    f"{c:.1f} us/item (goal <= 5 us)"
+                )
         for p, goal in (("medium", 0.5), ("large", 0.8), ("xl", 1.0)):
             ratio("fp-shm", "shm-ring", p, w, goal, f"{p} w={w}: shm vs raw shm ring")
         for p in args.payloads:
@@ -121,6 +144,7 @@ def main() -> None:
                             "workers": w,
                             "items_per_s": med[(s, p, w)],
                             "cpu_us_per_item": cpu[(s, p, w)],
+                            "consumer_cpu_us_per_item": own[(s, p, w)],
                             "rounds": rates[(s, p, w)],
                         }
                         for s, p, w in rows

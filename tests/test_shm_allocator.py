@@ -81,3 +81,14 @@ def test_random_alloc_free_never_overlaps_and_returns_everything(seed):
     for off, n in live.items():
         ext.free(off, n)
     assert ext.extents() == [(0, size)] and ext.used == 0
+
+
+def test_trim_returns_the_tail_and_keeps_the_range():
+    ext = Extents.new(1 << 16)
+    a = ext.alloc(8192)
+    ext.alloc(1024)
+    ext.trim(a, 8192, 1024)  # the tail is a hole between two ranges now
+    assert ext.extents() == [(1024, 7168), (9216, (1 << 16) - 9216)]
+    assert ext.used == 2048
+    ext.free(a, 1024)
+    assert ext.alloc(8192) == 0  # the whole range, merged again

@@ -125,6 +125,28 @@ def test_take_removes_the_object_and_delete_frees_it(store):
         store.get(shm.ObjectID(12345, 1))
 
 
+def test_a_batch_block_is_trimmed_when_sealed_and_freed_with_its_last_view(store):
+    off, tag, at = store.open_batch(64 * 1024)
+    mm = store.channel_area()[0]
+    mm[at : at + 5] = b"hello"
+    big = store.used
+    store.seal_batch(off, tag, 5, 1, 0)
+    assert store.used < big  # the unused tail went back at once
+    view, count, index = store.take_batch(off, tag)
+    assert (bytes(view[:5]), count, index) == (b"hello", 1, 0)
+    with pytest.raises(fp.ObjectNotFound):
+        store.take_batch(off, tag)  # taken once
+    with pytest.raises(fp.ObjectNotFound):
+        store.take(fp.shm.ObjectID(off, tag))  # a batch is no object
+    part = view[1:3]
+    del view
+    gc.collect()
+    assert store.used > 0  # a view made from it keeps the block
+    del part
+    gc.collect()
+    assert store.used == 0
+
+
 def test_object_id_is_small_and_round_trips():
     oid = shm.ObjectID(4096, 77)
     assert len(oid.binary()) == 16

@@ -120,6 +120,13 @@ class Extents:
         hdr[H_USED] -= size
         hdr[H_FREES] += 1
 
+    def trim(self, off: int, size: int, keep: int) -> None:
+        """Shrink the range ``[off, off + size)`` to its first ``keep`` bytes; the rest is free."""
+        if keep >= size:
+            return
+        self.free(off + keep, size - keep)
+        self.hdr[H_BLOCKS] += 1  # the range itself stays allocated
+
     def extents(self) -> list[tuple[int, int]]:
         """The free extents, ``(offset, length)`` by offset (for tests and tools)."""
         n = int(self.hdr[H_EXTENTS])

@@ -53,8 +53,8 @@ _HEAD_BYTES = 32
 INLINE_MAX = SLOT - _HEAD_BYTES
 _SEM = 64  # room for one sem_t (32 bytes on glibc x86-64 and aarch64), cache-line aligned
 
-# entry kinds
-OBJECT, INLINE, COPY = 1, 2, 3
+# entry kinds: an object id, a pickle in the slot, a copy through a socket, a batch block id
+OBJECT, INLINE, COPY, BATCH = 1, 2, 3, 4
 
 _HEAD = struct.Struct("<qqq")
 # A producer whose ring is full sleeps in steps from _MIN_STEP to _MAX_STEP seconds, and
@@ -170,6 +170,25 @@ class Channels:
         r = self.rings[ring]
         if _libc.sem_trywait(r.free) != 0:
             self._wait(r.free, alive)
+        self.push(ring, kind, a, b, inline)
+
+    def try_credit(self, ring: int) -> bool:
+        """Take one credit of ``ring`` (room for one datapoint) if there is one, at once."""
+        return _libc.sem_trywait(self.rings[ring].free) == 0
+
+    def credit(self, ring: int, alive: Any) -> None:
+        """Take one credit of ``ring``, waiting while there is none (as :meth:`put` does).
+
+        A producer that batches takes one credit per datapoint, then sends the batch as
+        one entry with :meth:`push`: an entry holds at least one credit until the
+        consumer reads it, so a ring as long as its credits never overflows.
+        """
+        if _libc.sem_trywait(self.rings[ring].free) != 0:
+            self._wait(self.rings[ring].free, alive)
+
+    def push(self, ring: int, kind: int, a: int, b: int, inline: Any = None) -> None:
+        """Write one entry into ``ring`` for datapoints whose credits the caller took."""
+        r = self.rings[ring]
         at = r.base + (r.pos % r.slots) * SLOT
         r.pos += 1
         mm = self.mm
@@ -266,7 +285,11 @@ class Channels:
             i = i + 1 if i + 1 < n else 0
 
     def release(self, ring: int) -> None:
-        """The entry taken last from ``ring`` was read: its slot is free again."""
+        """One datapoint of ``ring`` was handed on: its credit returns to the producer.
+
+        Without batches (one datapoint per entry) that is: the entry taken last from
+        ``ring`` was read, its slot is free again.
+        """
         _libc.sem_post(self.rings[ring].free)
 
 

@@ -50,7 +50,8 @@ from .segment import (
 DEFAULT_SIZE = 1 << 30
 
 _BLOCK_MAGIC = 0x6B63_6F6C_6270_6766  # "fgpblock"
-_RECORD, _RAW = 1, 2  # block kinds: a pickled object, or the memory of one fp.shm.empty() array
+# block kinds: a pickled object, the memory of one fp.shm.empty() array, a transport's batch
+_RECORD, _RAW, _BATCH = 1, 2, 3
 _BLOCK = struct.Struct("<8q")
 _B_MAGIC, _B_REFS, _B_STORED = 0, 3, 4  # the words a block's life changes
 _ENTRY = struct.Struct("<4q")
@@ -319,6 +320,78 @@ class ObjectStore:
         if stream is None:
             return self._load(oid, consume=True)
         return pickle.loads(stream, buffers=buffers)
+
+    # ------------------------------------------------------------ batches (transports)
+    # A batch block holds several small objects that one producer wrote in place, for a
+    # transport that moves one id per batch through a private channel (the ``shm`` rings):
+    # one allocation and one free per batch instead of per object. Its layout is the
+    # transport's; the store only allocates it, trims it and hands it to the reader.
+
+    def has_views(self) -> bool:
+        """True while this process has views of the store (or arrays from :meth:`empty`):
+        a buffer of an object may then lie in the store already."""
+        return bool(self._local)
+
+    def open_batch(self, nbytes: int, *, give_way: bool = False) -> tuple[int, int, int]:
+        """Allocate a batch block with room for ``nbytes``; waits for room like :meth:`put`.
+
+        :returns: (offset, tag, position in the mapping where the caller writes); the
+            caller writes at most ``nbytes`` there, then calls :meth:`seal_batch`.
+        :raises flowplug.StoreFull: as for :meth:`put_frames` with ``give_way``.
+        """
+        need = align(_BLOCK_HEADER + nbytes)
+        if need > self.size:
+            raise StoreFull(f"no room for a batch of {fmt(need)} in {self.name}")
+        off, tag = self._allocate(need, _BATCH, None, [], give_way)
+        return off, tag, self._data + off + _BLOCK_HEADER
+
+    def seal_batch(self, off: int, tag: int, used: int, count: int, index: int) -> None:
+        """Close a batch block opened with :meth:`open_batch`, before its id is sent.
+
+        ``used`` bytes were written; the rest of the block returns to the store now.
+        ``count`` and ``index`` (the transport's: how many objects, where their index
+        starts) go into the block's header for the reader (:meth:`take_batch`).
+        """
+        mm = self._mm
+        assert mm is not None
+        at = self._data + off
+        nbytes = _BLOCK.unpack_from(mm, at)[2]
+        keep = align(_BLOCK_HEADER + used)
+        struct.pack_into("<2q", mm, at + 48, count, index)
+        if keep >= nbytes:
+            return
+        self._acquire()
+        try:
+            # Nobody else knows this block yet: its size changes before its id is sent.
+            self._write_word(off, 2, keep)
+            self._extents.trim(off, nbytes, keep)
+        finally:
+            self._release()
+
+    def take_batch(self, off: int, tag: int) -> tuple[Any, int, int]:
+        """The reader's view of a sealed batch block whose id came through a private
+        channel (as :meth:`take_sole`: no other process can take it, so no mutex).
+
+        :returns: (view of the block's data, count, index) as given to :meth:`seal_batch`;
+            the block returns to the store once the view and every view made from it are
+            garbage.
+        :raises flowplug.ObjectNotFound: no such batch.
+        """
+        self._check()
+        lock = self._thread_lock
+        lock.acquire()
+        try:
+            if 0 <= off <= self.size - _BLOCK_HEADER and off % ALIGN == 0:
+                magic, btag, _, _, stored, kind, count, index = self._block(off)
+                if magic == _BLOCK_MAGIC and btag == tag and stored and kind == _BATCH:
+                    block = self._view(off, tag, transfer=True)
+                    self._write_word(off, _B_STORED, 0)
+                    return block[_BLOCK_HEADER:], count, index
+        finally:
+            lock.release()
+        raise ObjectNotFound(
+            f"no batch at {off} (tag {tag}) in the shared-memory store {self.name}"
+        )
 
     def get(self, oid: ObjectID) -> Any:
         """Return the object, leaving it stored (for other readers); views are read-only.
@@ -628,7 +701,7 @@ class ObjectStore:
         hdr = self._hdr
         tag = int(hdr[H_TAG]) + 1
         hdr[H_TAG] = tag
-        stored = 1 if kind == _RECORD else 0
+        stored = 1 if kind != _RAW else 0
         _BLOCK.pack_into(self._mm, self._data + off, _BLOCK_MAGIC, tag, need, 1, stored, kind, 0, 0)  # type: ignore[arg-type]
         return off, tag
 

@@ -43,6 +43,9 @@ import os
 import pickle
 import secrets
 import struct
+import threading
+import time
+from array import array
 from typing import Any
 
 import zmq
@@ -57,6 +60,15 @@ logger = logging.getLogger("flowplug.shm")
 _LINGER_MS = 5000
 #: a task of at most this many bytes, buffers included, travels inline.
 INLINE_MAX = 64 * 1024
+#: small datapoints per batch block, at most (and at most half of the worker's ring).
+BATCH_ITEMS = 64
+#: bytes of a batch block (at most 1/16 of the store).
+BATCH_BYTES = 512 * 1024
+#: larger datapoints (buffers included) go alone (at most 1/4 of a batch block).
+BATCH_ITEM_MAX = 128 * 1024
+#: seconds the first datapoint of a batch may wait for the batch to fill.
+BATCH_DELAY = 0.002
+ALIGN = 64
 #: tasks go into the store only while it stays at most this full: the rest is for results.
 TASK_SHARE = 0.5
 # zmq message kinds: object id (tasks), one-frame pickle (tasks), copy (stream and buffers).
@@ -84,6 +96,19 @@ def ring_lengths(capacity: int, num_workers: int) -> list[int]:
 
 
 class ShmSender(flowplug.Sender):
+    """A worker's side: datapoints into the store, their ids into the worker's ring.
+
+    Small datapoints (at most :data:`BATCH_ITEM_MAX` bytes, buffers included) are
+    written one after the other into a *batch block* of the store, which goes through the
+    ring as one entry once it holds :data:`BATCH_ITEMS` of them (or half the ring), is
+    full, or its first one waited :data:`BATCH_DELAY` seconds (at the next send, or from
+    a timer thread when the dataflow stalls): one allocation, one ring entry and one
+    free per batch instead of per datapoint. Each datapoint still takes one credit of
+    the ring, and the consumer returns one per datapoint it hands on, so ``capacity``
+    bounds datapoints, batched or not. Before it waits for anything (a credit, room in
+    the store, the consumer's next epoch: :meth:`flush`), the sender sends what it holds.
+    """
+
     def __init__(self, endpoint: ShmEndpoint, worker_id: int):
         store = endpoint.store
         try:
@@ -94,10 +119,26 @@ class ShmSender(flowplug.Sender):
         except flowplug.StateError as exc:
             raise flowplug.TransportClosed(str(exc)) from exc
         self._chan = _channel.Channels(mm, offset, address, endpoint.slots)
+        self._mm = mm
         self._ring = worker_id
         self._endpoint = endpoint
         self._sock: zmq.Socket | None = None
         self._put = store.put_frames
+        # Batching: off when the ring holds fewer than 4 (a batch would hold the ring).
+        self._max_items = min(BATCH_ITEMS, endpoint.slots[worker_id] // 2)
+        self._block_bytes = min(BATCH_BYTES, store.size // 16)
+        self._item_max = min(BATCH_ITEM_MAX, self._block_bytes // 4)
+        if self._max_items < 2:
+            self._item_max = -1
+        self._block: tuple[int, int, int, int] | None = None  # (offset, tag, at, bytes)
+        self._fill = 0  # bytes written into the open block
+        self._index: list[int] = []  # per datapoint: frames, (start, length) per frame
+        self._count = 0
+        self._started = 0.0  # when the open block got its first datapoint
+        self._lock = threading.Lock()
+        self._pending = threading.Event()  # set while a batch is open: wakes the timer
+        self._timer: threading.Thread | None = None
+        self._closed = False
         # fp.shm.empty() in this worker allocates in the transport's store.
         self._using = use_store(store)
         self._using.__enter__()
@@ -105,9 +146,94 @@ class ShmSender(flowplug.Sender):
 
     def send(self, obj: Any) -> None:
         frames = dumps(obj)
+        if len(frames) == 1:
+            size = len(frames[0])
+        else:
+            size = len(frames[0]) + sum(f.nbytes for f in frames[1:])
+            # arrays of fp.shm.empty() are referenced where they are, never copied
+            if size <= self._item_max and self.store.has_views():
+                size = -1
+        with self._lock:
+            if 0 <= size <= self._item_max:
+                self._add(frames, size)
+                return
+            if self._count:
+                self._seal()
+            self._send_one(frames)
+
+    def _add(self, frames: list[Any], size: int) -> None:
         chan = self._chan
+        ring = self._ring
+        if not chan.try_credit(ring):
+            if self._count:
+                self._seal()  # the consumer may need these to give a credit back
+            chan.credit(ring, self._alive)
+        # its frames (aligned), its index words, and the block's padding at the end
+        need = size + ALIGN * len(frames) + 8 * (1 + 2 * len(frames)) + 16
+        if self._count and self._fill + 8 * len(self._index) + need > self._block[3]:  # type: ignore[index]
+            self._seal()
+        if not self._count:
+            nbytes = max(self._block_bytes, need)
+            try:
+                off, tag, at = self.store.open_batch(nbytes, give_way=True)
+            except flowplug.StoreFull:
+                self._send_one(frames, credited=True)  # alone: the usual way, or a copy
+                return
+            except flowplug.StateError as exc:  # the consumer closed the store
+                raise flowplug.TransportClosed(str(exc)) from exc
+            self._block = (off, tag, at, nbytes)
+            self._fill = 0
+            self._started = time.monotonic()
+            if self._timer is None:
+                self._timer = threading.Thread(
+                    target=self._flush_late, name="flowplug-shm-flush", daemon=True
+                )
+                self._timer.start()
+            self._pending.set()
+        at = self._block[2]  # type: ignore[index]
+        mm = self._mm
+        index = self._index
+        pos = self._fill
+        index.append(len(frames))
+        first = True
+        for frame in frames:
+            if first:
+                n = len(frame)
+                first = False
+            else:
+                n = frame.nbytes
+                pos = (pos + ALIGN - 1) & -ALIGN  # arrays start aligned, as in a record
+            mm[at + pos : at + pos + n] = frame
+            index.append(pos)
+            index.append(n)
+            pos += n
+        self._fill = (pos + 15) & -16
+        self._count += 1
+        if self._count >= self._max_items or time.monotonic() - self._started >= BATCH_DELAY:
+            self._seal()
+
+    def _seal(self) -> None:
+        """Send the open batch block through the ring (the lock is held)."""
+        off, tag, at, _ = self._block  # type: ignore[misc]
+        index = self._index
+        words = array("q", index).tobytes()
+        pos = self._fill
+        self._mm[at + pos : at + pos + len(words)] = words
+        count = self._count
+        self._block = None
+        self._index = []
+        self._count = 0
+        self._pending.clear()
+        self.store.seal_batch(off, tag, pos + len(words), count, pos)
+        self._chan.push(self._ring, _channel.BATCH, off, tag)
+
+    def _send_one(self, frames: list[Any], credited: bool = False) -> None:
+        chan = self._chan
+        ring = self._ring
         if len(frames) == 1 and len(frames[0]) <= _channel.INLINE_MAX:
-            chan.put(self._ring, _channel.INLINE, len(frames[0]), 0, frames[0], self._alive)
+            if not credited:
+                chan.credit(ring, self._alive)
+            chan.push(ring, _channel.INLINE, len(frames[0]), 0, frames[0])
             return
         try:
             oid = self._put(frames, give_way=True)
@@ -115,11 +241,36 @@ class ShmSender(flowplug.Sender):
             # The consumer waits while it holds the memory: waiting for room would never
             # end, so this one goes as a copy (zmq copies the frames before returning).
             self._copy_socket().send_multipart([self._copy_head, *frames])
-            chan.put(self._ring, _channel.COPY, 0, 0, None, self._alive)
+            if not credited:
+                chan.credit(ring, self._alive)
+            chan.push(ring, _channel.COPY, 0, 0)
             return
         except flowplug.StateError as exc:  # the consumer closed the store
             raise flowplug.TransportClosed(str(exc)) from exc
-        chan.put(self._ring, _channel.OBJECT, oid.offset, oid.tag, None, self._alive)
+        if not credited:
+            chan.credit(ring, self._alive)
+        chan.push(ring, _channel.OBJECT, oid.offset, oid.tag)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._count:
+                self._seal()
+
+    def _flush_late(self) -> None:
+        """Timer thread: send a batch whose first datapoint waited BATCH_DELAY."""
+        while True:
+            self._pending.wait()
+            if self._closed:
+                return
+            with self._lock:
+                due = self._started + BATCH_DELAY - time.monotonic()
+                if self._count and due <= 0:
+                    try:
+                        self._seal()
+                    except Exception:
+                        return  # the consumer is gone; the next send() reports it
+                    continue
+            time.sleep(max(due, 0.0002))
 
     def _alive(self) -> None:
         # called while the ring is full, every 0.5 s
@@ -138,6 +289,13 @@ class ShmSender(flowplug.Sender):
         return self._sock
 
     def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._pending.set()
+            if self._timer is not None:
+                self._timer.join(1.0)
         self._using.__exit__(None, None, None)
         self._chan = None  # type: ignore[assignment]
         if self._sock is not None:
@@ -299,6 +457,8 @@ class ShmTransport(flowplug.TaskTransport):
             self._unhello = set(range(self.num_workers))
         self._unlinked = False
         self._next = 0
+        self._held: list[Any] = []  # the rest of a batch, last first
+        self._held_ring = 0
         self._copies: dict[int, collections.deque] = {}
         self._copy_due: int | None = None  # a COPY entry read whose copy has not come yet
         self._copies_received = 0
@@ -322,6 +482,11 @@ class ShmTransport(flowplug.TaskTransport):
         chan = self._chan  # held here: the mapping outlives a close() from another thread
         if chan is None:
             raise flowplug.TransportClosed("the shm transport was closed")
+        held = self._held
+        if held:
+            obj = held.pop()
+            chan.release(self._held_ring)  # one credit per datapoint handed on
+            return obj
         if not self._unlinked and not self._ready(timeout):
             return flowplug.EMPTY
         if self._copy_due is not None:
@@ -334,6 +499,12 @@ class ShmTransport(flowplug.TaskTransport):
             raise flowplug.TransportClosed("the shm transport was closed")
         ring, kind, a, b, at = chan.take(self._next)
         self._next = ring + 1 if ring + 1 < self.num_workers else 0
+        if kind == _channel.BATCH:
+            held = self._unpack(a, b)
+            obj = held.pop()
+            self._held, self._held_ring = held, ring
+            chan.release(ring)
+            return obj
         if kind == _channel.OBJECT:
             chan.release(ring)
             return self._take(ObjectID(a, b))
@@ -343,6 +514,38 @@ class ShmTransport(flowplug.TaskTransport):
             return obj
         chan.release(ring)  # a COPY: it comes through the socket
         return self._copy(ring, timeout)
+
+    def _unpack(self, off: int, tag: int) -> list[Any]:
+        """The datapoints of a batch block, last first (arrays are views of the block)."""
+        store = self._store
+        if store is None:
+            raise flowplug.TransportClosed("the shm transport was closed")
+        view, count, index = store.take_batch(off, tag)
+        mv = memoryview(view)
+        words = mv[index:].cast("q").tolist()
+        loads = pickle.loads
+        out = []
+        p = 0
+        for _ in range(count):
+            if words[p] == 1:  # a small datapoint without buffers: one frame
+                start, n = words[p + 1], words[p + 2]
+                out.append(loads(mv[start : start + n]))
+                p += 3
+                continue
+            nf = words[p]
+            start, n = words[p + 1], words[p + 2]
+            buffers = [
+                view[b : b + m]
+                for b, m in zip(
+                    words[p + 3 : p + 1 + 2 * nf : 2],
+                    words[p + 4 : p + 2 + 2 * nf : 2],
+                    strict=True,
+                )
+            ]
+            out.append(loads(mv[start : start + n], buffers=buffers))
+            p += 1 + 2 * nf
+        out.reverse()
+        return out
 
     def _closed_check(self, value: Any) -> Any:
         if self._sock is None:

@@ -241,6 +241,84 @@ def test_capacity_bounds_the_datapoints_in_flight_across_workers(capacity, worke
         it.close()
 
 
+class CountedSmall(Counted):
+    """Small dicts (batched: many per batch block), counted per worker as they are yielded."""
+
+    def __iter__(self):
+        w = fp.worker_info().id
+        i = 0
+        while True:
+            self.counts[w] += 1
+            yield {"w": w, "i": i}
+            i += 1
+
+
+@pytest.mark.parametrize("capacity, workers", [(20, 1), (21, 2), (64, 2)])
+def test_capacity_bounds_batched_datapoints_too(capacity, workers):
+    df = CountedSmall()
+    with fp.Runner(df, transport="shm", num_workers=workers, capacity=capacity) as runner:
+        it = iter(runner)
+        kept = [next(it) for _ in range(3)]
+        time.sleep(1.0)  # the workers fill whatever room there is
+        in_flight = int(df.counts.sum()) - len(kept)
+        assert in_flight <= capacity + workers, (in_flight, capacity)
+        last = {w: -1 for w in range(workers)}
+        for dp in kept + [next(it) for _ in range(5000)]:  # they go on, each worker in order
+            assert dp["i"] == last[dp["w"]] + 1
+            last[dp["w"]] = dp["i"]
+        it.close()
+
+
+class Mixed(fp.DataFlow):
+    """Each worker yields small dicts, 16 KiB and 300 KB arrays and tiny ints, in turn."""
+
+    def __iter__(self):
+        w = fp.worker_info().id
+        sizes = [0, 10, 2048, 40_000, 0, 0, 5]
+        i = 0
+        while True:
+            n = sizes[i % len(sizes)]
+            if n:
+                yield {"w": w, "i": i, "x": np.full(n, value(w, i), np.int64)}
+            else:
+                yield (w, i)
+            i += 1
+
+
+def test_batched_and_single_datapoints_keep_each_workers_order():
+    with fp.Runner(Mixed(), transport="shm", num_workers=2, size="16MiB") as runner:
+        it = iter(runner)
+        last = {0: -1, 1: -1}
+        for _ in range(3000):
+            dp = next(it)
+            if isinstance(dp, tuple):
+                w, i = dp
+            else:
+                w, i = dp["w"], dp["i"]
+                assert (dp["x"] == value(w, i)).all()
+            assert i == last[w] + 1
+            last[w] = i
+        del dp
+        it.close()
+
+
+class Stalls(fp.DataFlow):
+    """Three small datapoints, then a long wait."""
+
+    def __iter__(self):
+        yield from range(3)
+        time.sleep(60)
+
+
+def test_a_batch_goes_out_when_the_dataflow_stalls():
+    with fp.Runner(Stalls(), transport="shm") as runner:
+        it = iter(runner)
+        start = time.monotonic()
+        assert [next(it) for _ in range(3)] == [0, 1, 2]
+        assert time.monotonic() - start < 5  # not after the stall: the timer sent them
+        it.close()
+
+
 def test_the_store_is_unlinked_once_every_worker_attached():
     with fp.Runner(Numbered(), transport="shm", num_workers=3) as runner:
         it = iter(runner)
