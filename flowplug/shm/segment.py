@@ -207,7 +207,12 @@ def _load_pthread() -> Any:
         return None
     try:
         lib = ctypes.CDLL(None, use_errno=True)
-        for name in ("pthread_mutex_lock", "pthread_mutex_unlock", "pthread_mutex_consistent"):
+        for name in (
+            "pthread_mutex_lock",
+            "pthread_mutex_unlock",
+            "pthread_mutex_consistent",
+            "pthread_mutex_trylock",
+        ):
             fn = getattr(lib, name)
             fn.argtypes = [ctypes.c_void_p]
             fn.restype = ctypes.c_int
@@ -218,6 +223,21 @@ def _load_pthread() -> Any:
 
 
 _pthread = _load_pthread()
+
+
+def _load_fast() -> tuple[Any, Any]:
+    # trylock and unlock never block: called without releasing the GIL (PyDLL), they cost
+    # a third of a CDLL call, and a process with a second thread (a batching timer) does
+    # not hand the GIL over twice per store operation.
+    if _pthread is None:
+        return None, None
+    lib = ctypes.PyDLL(None)
+    trylock, unlock = lib.pthread_mutex_trylock, lib.pthread_mutex_unlock
+    trylock.restype = unlock.restype = ctypes.c_int
+    return trylock, unlock
+
+
+_trylock, _unlock = _load_fast()
 _PTHREAD_PROCESS_SHARED, _PTHREAD_MUTEX_ROBUST = 1, 1
 
 
@@ -241,21 +261,23 @@ def _init_mutex(at: int) -> None:
 class Mutex:
     """The store's mutex, seen from one process (the segment mapped at ``address``)."""
 
-    __slots__ = ("_lock", "_unlock", "at", "fd")
+    __slots__ = ("_lock", "_ptr", "at", "fd")
 
     def __init__(self, fd: int, address: int):
         self.fd = fd
         self.at = address + MUTEX_AT
+        self._ptr = ctypes.c_void_p(self.at)
         if _pthread is not None:
             self._lock = _pthread.pthread_mutex_lock
-            self._unlock = _pthread.pthread_mutex_unlock
 
     def lock(self) -> None:
         """Take the mutex (waits); goes on after a holder that died."""
         if _pthread is None:
             _lock(self.fd, MUTEX, fcntl.F_WRLCK)
             return
-        err = self._lock(self.at)
+        err = _trylock(self._ptr)  # free: taken without letting the GIL go
+        if err == errno.EBUSY:
+            err = self._lock(self.at)  # held: wait, with the GIL released
         if err == errno.EOWNERDEAD:
             # Its holder died: what it was changing may be half done (as with a file lock
             # dropped at death); the store's words are each written whole, so go on.
@@ -267,7 +289,7 @@ class Mutex:
         if _pthread is None:
             _lock(self.fd, MUTEX, fcntl.F_UNLCK)
             return
-        self._unlock(self.at)
+        _unlock(self._ptr)
 
 
 def owner_alive(fd: int) -> bool:

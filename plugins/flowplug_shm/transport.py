@@ -66,7 +66,8 @@ BATCH_ITEMS = 64
 BATCH_BYTES = 512 * 1024
 #: larger datapoints (buffers included) go alone (at most 1/4 of a batch block).
 BATCH_ITEM_MAX = 128 * 1024
-#: seconds the first datapoint of a batch may wait for the batch to fill.
+#: seconds the consumer waits before it asks the workers for their open batches (a
+#: datapoint waits in a batch longer only while the consumer has others to take).
 BATCH_DELAY = 0.002
 ALIGN = 64
 #: tasks go into the store only while it stays at most this full: the rest is for results.
@@ -98,15 +99,17 @@ def ring_lengths(capacity: int, num_workers: int) -> list[int]:
 class ShmSender(flowplug.Sender):
     """A worker's side: datapoints into the store, their ids into the worker's ring.
 
-    Small datapoints (at most :data:`BATCH_ITEM_MAX` bytes, buffers included) are
-    written one after the other into a *batch block* of the store, which goes through the
-    ring as one entry once it holds :data:`BATCH_ITEMS` of them (or half the ring), is
-    full, or its first one waited :data:`BATCH_DELAY` seconds (at the next send, or from
-    a timer thread when the dataflow stalls): one allocation, one ring entry and one
-    free per batch instead of per datapoint. Each datapoint still takes one credit of
-    the ring, and the consumer returns one per datapoint it hands on, so ``capacity``
-    bounds datapoints, batched or not. Before it waits for anything (a credit, room in
-    the store, the consumer's next epoch: :meth:`flush`), the sender sends what it holds.
+    Small datapoints are batched. A pickle without buffers of at most
+    :data:`~flowplug.shm.channel.INLINE_MAX` bytes goes into a slot of the ring itself,
+    and consecutive ones go out as one *run* (one entry). Other datapoints of at most
+    :data:`BATCH_ITEM_MAX` bytes (buffers included) are written one after the other into
+    a *batch block* of the store, sent as one entry. A run or block goes out once it holds
+    :data:`BATCH_ITEMS` datapoints (or half the ring), when a block is full, when its first
+    datapoint waited :data:`BATCH_DELAY` (seen at the next send), when the consumer asks
+    (it waited that long: a flusher thread, asleep on a semaphore until then, sends it),
+    and before the sender waits for anything (a credit, room, the next epoch:
+    :meth:`flush`). Each datapoint takes one credit of the ring and the consumer returns
+    one per datapoint it hands on, so ``capacity`` bounds datapoints, batched or not.
     """
 
     def __init__(self, endpoint: ShmEndpoint, worker_id: int):
@@ -130,15 +133,24 @@ class ShmSender(flowplug.Sender):
         self._item_max = min(BATCH_ITEM_MAX, self._block_bytes // 4)
         if self._max_items < 2:
             self._item_max = -1
-        self._block: tuple[int, int, int, int] | None = None  # (offset, tag, at, bytes)
-        self._fill = 0  # bytes written into the open block
+        self._probe = self._chan.credit_probe(worker_id)  # 0: took a credit
+        self._block = (0, 0)  # (offset, tag) of the open batch block, while _count
+        self._at = 0  # where its data starts in the mapping
+        self._end = 0  # its bytes
+        self._fill = 0  # bytes written into it
         self._index: list[int] = []  # per datapoint: frames, (start, length) per frame
-        self._count = 0
-        self._started = 0.0  # when the open block got its first datapoint
+        self._count = 0  # datapoints in the open batch block
+        self._staged = 0  # datapoints staged in ring slots (a run not yet sent)
+        self._stage = self._chan.stage
+        self._started = 0.0  # when the open run or block got its first datapoint
         self._lock = threading.Lock()
-        self._pending = threading.Event()  # set while a batch is open: wakes the timer
         self._timer: threading.Thread | None = None
         self._closed = False
+        if self._max_items > 1:  # sends what is batched when the consumer asks for it
+            self._timer = threading.Thread(
+                target=self._flush_late, name="flowplug-shm-flush", daemon=True
+            )
+            self._timer.start()
         # fp.shm.empty() in this worker allocates in the transport's store.
         self._using = use_store(store)
         self._using.__enter__()
@@ -147,7 +159,46 @@ class ShmSender(flowplug.Sender):
     def send(self, obj: Any) -> None:
         frames = dumps(obj)
         if len(frames) == 1:
-            size = len(frames[0])
+            stream = frames[0]
+            n = len(stream)
+            if n <= _channel.INLINE_MAX and self._max_items > 1:
+                # The smallest: a slot of the ring each, staged and sent as one run.
+                with self._lock:
+                    if self._probe() != 0:
+                        self._no_credit()
+                    if self._count:
+                        self._seal()
+                    if not self._staged:
+                        self._started = time.monotonic()
+                    self._stage(self._ring, stream)
+                    self._staged += 1
+                    if (
+                        self._staged >= self._max_items
+                        or time.monotonic() - self._started >= BATCH_DELAY
+                    ):
+                        self._publish()
+                return
+            if n <= self._item_max:  # small, into a batch block; kept short
+                with self._lock:
+                    if self._probe() != 0:
+                        self._no_credit()
+                    pos = self._fill
+                    if not self._count or pos + 8 * len(self._index) + n + 48 > self._end:
+                        if not self._open(n + 48, frames):
+                            return
+                        pos = 0
+                    at = self._at + pos
+                    self._mm[at : at + n] = stream
+                    self._index += (1, pos, n)
+                    self._fill = (pos + n + 15) & -16
+                    self._count += 1
+                    if (
+                        self._count >= self._max_items
+                        or time.monotonic() - self._started >= BATCH_DELAY
+                    ):
+                        self._seal()
+                return
+            size = n
         else:
             size = len(frames[0]) + sum(f.nbytes for f in frames[1:])
             # arrays of fp.shm.empty() are referenced where they are, never copied
@@ -157,40 +208,54 @@ class ShmSender(flowplug.Sender):
             if 0 <= size <= self._item_max:
                 self._add(frames, size)
                 return
-            if self._count:
-                self._seal()
+            self._send_open()
             self._send_one(frames)
 
-    def _add(self, frames: list[Any], size: int) -> None:
-        chan = self._chan
-        ring = self._ring
-        if not chan.try_credit(ring):
-            if self._count:
-                self._seal()  # the consumer may need these to give a credit back
-            chan.credit(ring, self._alive)
-        # its frames (aligned), its index words, and the block's padding at the end
-        need = size + ALIGN * len(frames) + 8 * (1 + 2 * len(frames)) + 16
-        if self._count and self._fill + 8 * len(self._index) + need > self._block[3]:  # type: ignore[index]
+    def _publish(self) -> None:
+        self._staged = 0
+        self._chan.publish(self._ring)
+
+    def _send_open(self) -> None:
+        """Send the open run or batch block, if any (the lock is held)."""
+        if self._staged:
+            self._publish()
+        if self._count:
             self._seal()
-        if not self._count:
-            nbytes = max(self._block_bytes, need)
-            try:
-                off, tag, at = self.store.open_batch(nbytes, give_way=True)
-            except flowplug.StoreFull:
-                self._send_one(frames, credited=True)  # alone: the usual way, or a copy
+
+    def _no_credit(self) -> None:
+        """The ring is out of credits: send what is batched, then wait for one."""
+        self._send_open()  # the consumer may need these to give a credit back
+        self._chan.credit(self._ring, self._alive)
+
+    def _open(self, need: int, frames: list[Any]) -> bool:
+        """Start a batch block with room for ``need`` bytes more than its index (a credit
+        is taken). False: no room while the consumer waits, so ``frames`` went alone."""
+        self._send_open()
+        nbytes = max(self._block_bytes, need + 8 * (1 + 2 * len(frames)))
+        try:
+            off, tag, at = self.store.open_batch(nbytes, give_way=True)
+        except flowplug.StoreFull:
+            self._send_one(frames, credited=True)  # alone: the usual way, or a copy
+            return False
+        except flowplug.StateError as exc:  # the consumer closed the store
+            raise flowplug.TransportClosed(str(exc)) from exc
+        self._block = (off, tag)
+        self._at = at
+        self._end = nbytes
+        self._fill = 0
+        self._started = time.monotonic()
+        return True
+
+    def _add(self, frames: list[Any], size: int) -> None:
+        if self._probe() != 0:
+            self._no_credit()
+        # its frames (aligned) and the block's padding at the end
+        need = size + ALIGN * len(frames) + 16
+        index_bytes = 8 * (len(self._index) + 1 + 2 * len(frames))
+        if not self._count or self._fill + index_bytes + need > self._end:
+            if not self._open(need, frames):
                 return
-            except flowplug.StateError as exc:  # the consumer closed the store
-                raise flowplug.TransportClosed(str(exc)) from exc
-            self._block = (off, tag, at, nbytes)
-            self._fill = 0
-            self._started = time.monotonic()
-            if self._timer is None:
-                self._timer = threading.Thread(
-                    target=self._flush_late, name="flowplug-shm-flush", daemon=True
-                )
-                self._timer.start()
-            self._pending.set()
-        at = self._block[2]  # type: ignore[index]
+        at = self._at
         mm = self._mm
         index = self._index
         pos = self._fill
@@ -214,16 +279,15 @@ class ShmSender(flowplug.Sender):
 
     def _seal(self) -> None:
         """Send the open batch block through the ring (the lock is held)."""
-        off, tag, at, _ = self._block  # type: ignore[misc]
+        off, tag = self._block
         index = self._index
         words = array("q", index).tobytes()
         pos = self._fill
-        self._mm[at + pos : at + pos + len(words)] = words
+        at = self._at + pos
+        self._mm[at : at + len(words)] = words
         count = self._count
-        self._block = None
         self._index = []
         self._count = 0
-        self._pending.clear()
         self.store.seal_batch(off, tag, pos + len(words), count, pos)
         self._chan.push(self._ring, _channel.BATCH, off, tag)
 
@@ -253,24 +317,21 @@ class ShmSender(flowplug.Sender):
 
     def flush(self) -> None:
         with self._lock:
-            if self._count:
-                self._seal()
+            self._send_open()
 
     def _flush_late(self) -> None:
-        """Timer thread: send a batch whose first datapoint waited BATCH_DELAY."""
-        while True:
-            self._pending.wait()
-            if self._closed:
-                return
+        """Flusher thread: send the open batch when the consumer asks (it waited
+        :data:`BATCH_DELAY` for a datapoint). It sleeps on a semaphore in between, so a
+        busy sender never shares the GIL with it."""
+        chan = self._chan
+        while not self._closed:
+            if not chan.wait_flush(self._ring, 1.0) or self._closed:
+                continue
             with self._lock:
-                due = self._started + BATCH_DELAY - time.monotonic()
-                if self._count and due <= 0:
-                    try:
-                        self._seal()
-                    except Exception:
-                        return  # the consumer is gone; the next send() reports it
-                    continue
-            time.sleep(max(due, 0.0002))
+                try:
+                    self._send_open()
+                except Exception:
+                    return  # the consumer is gone; the next send() reports it
 
     def _alive(self) -> None:
         # called while the ring is full, every 0.5 s
@@ -293,8 +354,8 @@ class ShmSender(flowplug.Sender):
             self.flush()
         finally:
             self._closed = True
-            self._pending.set()
             if self._timer is not None:
+                self._chan.request_flush()  # wakes our flusher (and others, harmlessly)
                 self._timer.join(1.0)
         self._using.__exit__(None, None, None)
         self._chan = None  # type: ignore[assignment]
@@ -458,7 +519,8 @@ class ShmTransport(flowplug.TaskTransport):
         self._unlinked = False
         self._next = 0
         self._held: list[Any] = []  # the rest of a batch, last first
-        self._held_ring = 0
+        self._releasers = [self._chan.releaser(w) for w in range(self.num_workers)]
+        self._held_release = self._releasers[0]  # gives a credit back to the batch's ring
         self._copies: dict[int, collections.deque] = {}
         self._copy_due: int | None = None  # a COPY entry read whose copy has not come yet
         self._copies_received = 0
@@ -484,31 +546,42 @@ class ShmTransport(flowplug.TaskTransport):
             raise flowplug.TransportClosed("the shm transport was closed")
         held = self._held
         if held:
-            obj = held.pop()
-            chan.release(self._held_ring)  # one credit per datapoint handed on
-            return obj
+            self._held_release()  # one credit per datapoint handed on
+            return held.pop()
         if not self._unlinked and not self._ready(timeout):
             return flowplug.EMPTY
         if self._copy_due is not None:
             return self._copy(self._copy_due, timeout)
         if not chan.wait(0):
+            if timeout <= 0:  # the Runner looks first, then waits with a timeout
+                return self._closed_check(flowplug.EMPTY)
             with self._waiting():  # workers waiting for room send copies meanwhile
-                if not chan.wait(timeout):
-                    return self._closed_check(flowplug.EMPTY)
+                # After BATCH_DELAY, workers send what they have batched (a stalled
+                # dataflow's last datapoints, a slow one's first).
+                if not chan.wait(min(timeout, BATCH_DELAY)):
+                    chan.request_flush()
+                    if timeout <= BATCH_DELAY or not chan.wait(timeout - BATCH_DELAY):
+                        return self._closed_check(flowplug.EMPTY)
         if chan.closed:
             raise flowplug.TransportClosed("the shm transport was closed")
         ring, kind, a, b, at = chan.take(self._next)
         self._next = ring + 1 if ring + 1 < self.num_workers else 0
         if kind == _channel.BATCH:
             held = self._unpack(a, b)
-            obj = held.pop()
-            self._held, self._held_ring = held, ring
+            self._held, self._held_release = held, self._releasers[ring]
             chan.release(ring)
-            return obj
+            return held.pop()
         if kind == _channel.OBJECT:
             chan.release(ring)
             return self._take(ObjectID(a, b))
         if kind == _channel.INLINE:
+            if b > 1:  # a run of b slots
+                loads = pickle.loads
+                held = [loads(v) for v in chan.run(ring, b)]
+                held.reverse()
+                self._held, self._held_release = held, self._releasers[ring]
+                chan.release(ring)
+                return held.pop()
             obj = pickle.loads(chan.mm[at : at + a])
             chan.release(ring)
             return obj
