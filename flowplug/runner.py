@@ -1,13 +1,13 @@
 """The Runner: runs a dataflow in parallel workers and delivers its datapoints.
 
-It owns the semantics for every transport: starting workers, the reentrancy guard,
-errors and deaths, timeouts, and cleanup (close, garbage collection, interpreter exit).
+It holds the configuration and owns the lifecycle for every transport: starting workers,
+the reentrancy guard, errors and deaths, timeouts, and cleanup (close, garbage
+collection, interpreter exit). What one epoch yields is its mode's (:mod:`flowplug.modes`).
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 import secrets
 import threading
@@ -17,28 +17,23 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import plugins
-from ._gates import Control, EpochEnd
+from ._gates import Control
 from ._sweep import new_run_id, sweep_stale
 from .config import ARGUMENT
 from .errors import (
     ConfigError,
-    PluginError,
     RunnerTimeout,
     StateError,
     UnknownLength,
     WorkerDied,
     WorkerError,
 )
+from .modes import MODES, POLL_INTERVAL, Feed, Mode, make_mode
 from .transport import EMPTY, Transport
 from .worker_groups import OwnWorkersTransport, ProcessWorkers, ThreadWorkers, WorkerGroup
 from .worker_loop import RemoteFailure, WorkerInfo
 
-#: how long one blocking receive waits before the runner checks on its workers.
-POLL_INTERVAL = 0.1
-#: the Runner's modes.
-MODES = ("replicate", "shard")
-
-_MISSING: Any = object()
+__all__ = ["MODES", "POLL_INTERVAL", "Runner"]
 
 
 class _Run:
@@ -56,10 +51,12 @@ class _Run:
         self.owner_pid = os.getpid()
 
     def shutdown(self) -> None:
+        """The shutdown protocol, written once (docs/architecture.md): stop the workers,
+        then close the transport, then the control."""
         if os.getpid() != self.owner_pid:
             return  # a forked child inherited this object; the workers are not its own
         workers = self.workers
-        if isinstance(workers, ThreadWorkers):
+        if workers.woken_by_transport_close:
             workers.request_stop()
             self.transport.close()  # wakes senders blocked on a full transport
             workers.stop()
@@ -95,7 +92,8 @@ class Runner:
     :param timeout: seconds to wait for one datapoint before raising
         :class:`~flowplug.RunnerTimeout`; None waits forever (deaths are still noticed).
     :param seed: base of the per-worker seeds; random when None.
-    :param mode: ``"replicate"`` or ``"shard"``, as above.
+    :param mode: ``"replicate"`` or ``"shard"``, as above; or a :class:`~flowplug.modes.Mode`
+        object, the extension point for other kinds of passes (:class:`~flowplug.ParallelMap`).
     :param ordered: shard mode only: deliver in the order of ``df``, buffering at most
         ``capacity`` items; otherwise items come as they arrive.
     :param config: a config file to read instead of ``./flowplug.toml`` and
@@ -121,7 +119,7 @@ class Runner:
         start_method: str | None = None,
         timeout: float | None = None,
         seed: int | None = None,
-        mode: str = "replicate",
+        mode: str | Mode = "replicate",
         ordered: bool = False,
         *,
         config: str | os.PathLike[str] | None = None,
@@ -163,14 +161,15 @@ class Runner:
         self._closed = False
         self._failure: BaseException | None = None
         self._finalizer: weakref.finalize | None = None
-        self.mode = mode
+        #: what one epoch means, and the state that spans epochs.
+        self._mode = mode if isinstance(mode, Mode) else make_mode(mode, ordered)
+        self._mode.check(self.num_workers, self.capacity)
         self.ordered = ordered
-        _check_mode(mode, ordered, self.num_workers, self.capacity)
-        # Shard mode: the consumer's epoch, and what arrived ahead of it (per epoch: the
-        # items by index, the workers that ended it).
-        self._epoch_no = -1
-        self._ahead: dict[int, dict[int, Any]] = {}
-        self._ended: dict[int, set[int]] = {}
+
+    @property
+    def mode(self) -> str:
+        """The mode's name: ``"replicate"``, ``"shard"`` (or ``"map"`` for a ParallelMap)."""
+        return self._mode.name
 
     @classmethod
     def from_config(
@@ -193,9 +192,11 @@ class Runner:
             raise StateError("this runner is closed; create a new Runner")
         if self._run is not None:
             raise StateError("reset_state() was called twice; a runner starts once")
-        dfs = self._dataflows()
-        if self._factory:
-            self._size = _length(dfs[0])
+        dfs = self._mode.dataflows(self.num_workers)
+        if dfs is None:
+            dfs = self._dataflows()
+            if self._factory:
+                self._size = _length(dfs[0])
         n = self.num_workers
         infos = [WorkerInfo(i, n, (self.seed + i) % 2**31) for i in range(n)]
         if self._transport_cls.uses_shared_memory:
@@ -209,13 +210,14 @@ class Runner:
         )
         endpoint = transport.open()
         control = None
+        mode = self._mode
         try:
             workers: WorkerGroup
             if isinstance(transport, OwnWorkersTransport):
                 workers = transport.make_workers(dfs, endpoint, infos)
-                control = self._group_control(workers)
+                control = mode.group_control(workers, n, self.capacity, self.transport_name)
             else:
-                control = self._control(transport)
+                control = mode.control(n, self.start_method, self.capacity, transport)
                 gates = control.gates if control is not None else None
                 if self._transport_cls.crosses_processes:
                     assert self.start_method is not None
@@ -275,103 +277,20 @@ class Runner:
             self._guard.release()
 
     def _iterate(self) -> Iterator[Any]:
-        return self._shard_epoch() if self.mode == "shard" else self._epoch()
-
-    def _epoch(self) -> Iterator[Any]:
         run = self._run
         assert run is not None
-        recv = run.transport.recv
-        workers = run.workers
-        size = self._size
-        count = 0
-        while size is None or count < size:
-            obj = recv(POLL_INTERVAL)
-            if obj is EMPTY or type(obj) is RemoteFailure or workers.death is not None:
-                obj = self._next_slow(obj)
-            count += 1
-            yield obj
-
-    def _shard_epoch(self) -> Iterator[Any]:
-        """One epoch of shard mode: every item of one pass of ``df`` exactly once."""
-        run = self._run
-        assert run is not None and run.control is not None
-        control = run.control
-        k = self._epoch_no = self._epoch_no + 1
-        control.start_epoch(k)  # workers may now run epoch k + 1, and must leave k - 1
-        n = self.num_workers
-        release = control.release
-        for old in [e for e in self._ahead if e < k]:  # an epoch the user broke out of
-            for index in self._ahead.pop(old):
-                release[index % n]()
-        for old in [e for e in self._ended if e < k]:
-            del self._ended[old]
-        # Kept on self, not popped: items left here when the user breaks out are released
-        # when the next epoch starts, so no credit is ever lost.
-        buf = self._ahead.setdefault(k, {})
-        ended = self._ended.setdefault(k, set())
-        recv = run.transport.recv
-        workers = run.workers
-        if not self.ordered:
-            while buf:
-                index, dp = buf.popitem()
-                release[index % n]()
-                yield dp
-            while len(ended) < n:
-                obj = recv(POLL_INTERVAL)
-                if type(obj) is not tuple or obj[0] != k or workers.death is not None:
-                    obj = self._next_slow(obj)
-                    if not self._file(obj, k):
-                        continue
-                release[obj[1] % n]()
-                yield obj[2]
-        else:
-            nxt = 0  # the index to yield next
-            while True:
-                dp = buf.pop(nxt, _MISSING)
-                if dp is _MISSING:
-                    if nxt % n in ended:  # its worker has no item at nxt: a short shard
-                        if len(ended) == n:
-                            if not buf:
-                                break
-                            nxt = min(buf)
-                        else:
-                            nxt += 1
-                        continue
-                    obj = recv(POLL_INTERVAL)
-                    if type(obj) is not tuple or obj[0] != k or workers.death is not None:
-                        obj = self._next_slow(obj)
-                        if not self._file(obj, k):
-                            continue
-                    if obj[1] != nxt:
-                        buf[obj[1]] = obj[2]
-                        continue
-                    dp = obj[2]
-                release[nxt % n]()
-                nxt += 1
-                yield dp
-        del self._ahead[k], self._ended[k]
-
-    def _file(self, obj: Any, k: int) -> bool:
-        """Put away a message that is not an item of epoch ``k``; true if it is one after all."""
-        if type(obj) is tuple:
-            epoch, index = obj[0], obj[1]
-            if epoch == k:
-                return True
-            if epoch > k:  # a worker prefetching the next epoch
-                self._ahead.setdefault(epoch, {})[index] = obj[2]
-            else:  # left over from an epoch the user broke out of
-                run = self._run
-                assert run is not None and run.control is not None
-                run.control.release[index % self.num_workers]()
-            return False
-        if type(obj) is EpochEnd:
-            if obj.epoch >= k:
-                self._ended.setdefault(obj.epoch, set()).add(obj.worker_id)
-            return False
-        raise StateError(
-            f"a worker sent a {type(obj).__name__} where shard mode expects items; "
-            "is a dataflow sending to the transport itself?"
+        feed = Feed(
+            run.transport,
+            run.workers,
+            run.control,
+            self.num_workers,
+            self.capacity,
+            self._size,
+            self.timeout,
+            self.transport_name,
+            self._next_slow,
         )
+        return self._mode.epoch(feed)
 
     def _next_slow(self, obj: Any) -> Any:
         """Handle everything that is not a plain datapoint; return the next datapoint."""
@@ -403,39 +322,6 @@ class Runner:
 
     # ------------------------------------------------------------------ helpers
 
-    def _control(self, transport: Transport) -> Control | None:
-        """The consumer-to-worker control of this mode; None in replicate mode."""
-        if self.mode != "shard":
-            return None
-        return Control(
-            self.num_workers, self.start_method, credits=self.capacity // self.num_workers
-        )
-
-    def _group_control(self, workers: WorkerGroup) -> Control | None:
-        """The control of this mode over a group the transport runs; None in replicate mode."""
-        if self.mode == "replicate":
-            return None
-        sinks = None
-        if self.mode == "shard":
-            sinks = workers.control_sinks(self.capacity // self.num_workers)
-        if sinks is None:
-            what, instead = ("mode='shard'", "mode='replicate', or ")
-            if self.mode != "shard":
-                what, instead = "ParallelMap", ""
-            raise ConfigError(
-                f"transport {self.transport_name!r} runs its own workers, and its worker group "
-                f"({type(workers).__name__}) cannot carry the per-worker control that {what} "
-                f"needs (WorkerGroup.control_sinks); use {instead}a transport whose workers "
-                "the runner starts"
-            )
-        if len(sinks) != self.num_workers:
-            raise PluginError(
-                f"{type(workers).__name__}.control_sinks() of transport "
-                f"{self.transport_name!r} returned {len(sinks)} sinks for {self.num_workers} "
-                "workers, where it must return one per worker; report it to the plugin's authors"
-            )
-        return Control(self.num_workers, None, sinks=sinks)
-
     def _dataflows(self) -> list[Any]:
         n = self.num_workers
         if self._factory:
@@ -454,26 +340,6 @@ class Runner:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self._run else "new"
         return f"<Runner transport={self.transport_name!r} num_workers={self.num_workers} {state}>"
-
-
-def _check_mode(mode: str, ordered: bool, num_workers: int, capacity: int) -> None:
-    if mode not in MODES:
-        close = difflib.get_close_matches(str(mode), MODES, n=1)
-        raise ConfigError(
-            f"mode={mode!r} is not one of {', '.join(map(repr, MODES))}"
-            + (f". Did you mean {close[0]!r}?" if close else "")
-        )
-    if ordered and mode != "shard":
-        raise ConfigError(
-            "ordered=True needs mode='shard': replicated workers each run the whole "
-            "dataflow, so there is no single order to keep"
-        )
-    if mode == "shard" and capacity < num_workers:
-        raise ConfigError(
-            f"mode='shard' needs capacity >= num_workers (every worker holds at least one "
-            f"item in flight), got capacity={capacity} for num_workers={num_workers}; "
-            "raise capacity or lower num_workers"
-        )
 
 
 def _as_factory(df: Any) -> bool:

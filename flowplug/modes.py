@@ -1,0 +1,262 @@
+"""What one pass over a Runner's workers means: replicate, shard (and map, in parallel.py).
+
+The :class:`~flowplug.Runner` holds the configuration and the lifecycle (start, errors,
+deaths, timeouts, stop); a :class:`Mode` holds the state of its passes (epochs) and turns
+what the workers send into the datapoints of one epoch. A Runner has one mode object,
+made from the ``mode=`` name (:data:`MODES`), or given as a :class:`Mode` instance: the
+extension point :class:`~flowplug.ParallelMap` uses.
+
+Each epoch reads from a :class:`Feed`: the started run's transport, workers and control,
+and the Runner's slow path (:meth:`Feed.slow`) for everything that is not a datapoint.
+"""
+
+from __future__ import annotations
+
+import difflib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ._gates import Control, EpochEnd, Item
+from .errors import ConfigError, PluginError, StateError
+from .transport import EMPTY, Transport
+from .worker_groups import WorkerGroup
+from .worker_loop import RemoteFailure
+
+#: how long one blocking receive waits before the runner checks on its workers.
+POLL_INTERVAL = 0.1
+
+#: a value no datapoint is (an empty slot of a reorder buffer).
+_NOTHING: Any = object()
+
+
+@dataclass
+class Feed:
+    """What an epoch reads from: a started run, as its :class:`Mode` sees it."""
+
+    transport: Transport
+    workers: WorkerGroup
+    #: the consumer-to-worker control (shard mode, map), or None.
+    control: Control | None
+    num_workers: int
+    capacity: int
+    #: the number of datapoints of an epoch in replicate mode, None when unknown.
+    size: int | None
+    #: the Runner's ``timeout`` (None: wait forever), and its transport's name, for errors.
+    timeout: float | None
+    transport_name: str
+    #: the Runner's slow path: given what ``recv`` returned that is not a plain datapoint
+    #: (EMPTY, an error report, or anything while a worker died), it raises the error,
+    #: the death or the timeout, or returns the next object received.
+    slow: Callable[[Any], Any]
+
+
+class Mode(ABC):
+    """How a Runner runs its workers and what one epoch of them yields.
+
+    One instance per Runner; it keeps the state that spans epochs. Subclass it to give a
+    Runner a new kind of pass (as :class:`~flowplug.ParallelMap` does).
+    """
+
+    #: the mode's name, as ``Runner.mode`` shows it.
+    name: ClassVar[str]
+
+    def check(self, num_workers: int, capacity: int) -> None:
+        """Refuse settings this mode cannot run with (:class:`~flowplug.ConfigError`)."""
+
+    def dataflows(self, num_workers: int) -> list[Any] | None:
+        """What each worker runs; None: a copy of the Runner's dataflow each."""
+        return None
+
+    def control(
+        self, num_workers: int, start_method: str | None, capacity: int, transport: Transport
+    ) -> Control | None:
+        """The control of workers the Runner starts; None when the mode needs none."""
+        return None
+
+    def group_control(
+        self, workers: WorkerGroup, num_workers: int, capacity: int, transport_name: str
+    ) -> Control | None:
+        """The control over a group the transport runs (:class:`~flowplug.OwnWorkersTransport`)."""
+        return None
+
+    @abstractmethod
+    def epoch(self, feed: Feed) -> Iterator[Any]:
+        """Yield the datapoints of the next epoch."""
+
+
+class ReplicateMode(Mode):
+    """Every worker runs its own copy of the dataflow, forever; an epoch is ``len(df)``
+    datapoints as they come (or never ends when the length is unknown)."""
+
+    name = "replicate"
+
+    def epoch(self, feed: Feed) -> Iterator[Any]:
+        recv = feed.transport.recv
+        workers = feed.workers
+        size = feed.size
+        count = 0
+        while size is None or count < size:
+            obj = recv(POLL_INTERVAL)
+            if obj is EMPTY or type(obj) is RemoteFailure or workers.death is not None:
+                obj = feed.slow(obj)
+            count += 1
+            yield obj
+
+
+class ShardMode(Mode):
+    """One epoch yields every item of one pass of the dataflow exactly once, split over
+    the workers, which prefetch the next epoch without mixing them (docs/sharding.md).
+
+    Items arrive as :data:`~flowplug._gates.Item` ``(epoch, index, value)``; each worker
+    ends its share of an epoch with an :class:`~flowplug._gates.EpochEnd`. Every item
+    yielded or dropped gives its worker a credit back.
+    """
+
+    name = "shard"
+
+    def __init__(self, ordered: bool):
+        self.ordered = ordered
+        #: the consumer's epoch: the last one started.
+        self.epoch_no = -1
+        #: per epoch, the items that arrived ahead of it, by index.
+        self.ahead: dict[int, dict[int, Any]] = {}
+        #: per epoch, the workers that ended it.
+        self.ended: dict[int, set[int]] = {}
+
+    def check(self, num_workers: int, capacity: int) -> None:
+        if capacity < num_workers:
+            raise ConfigError(
+                f"mode='shard' needs capacity >= num_workers (every worker holds at least one "
+                f"item in flight), got capacity={capacity} for num_workers={num_workers}; "
+                "raise capacity or lower num_workers"
+            )
+
+    def control(
+        self, num_workers: int, start_method: str | None, capacity: int, transport: Transport
+    ) -> Control:
+        return Control(num_workers, start_method, credits=capacity // num_workers)
+
+    def group_control(
+        self, workers: WorkerGroup, num_workers: int, capacity: int, transport_name: str
+    ) -> Control:
+        sinks = workers.control_sinks(capacity // num_workers)
+        if sinks is None:
+            raise ConfigError(
+                f"transport {transport_name!r} runs its own workers, and its worker group "
+                f"({type(workers).__name__}) cannot carry the per-worker control that "
+                "mode='shard' needs (WorkerGroup.control_sinks); use mode='replicate', or "
+                "a transport whose workers the runner starts"
+            )
+        if len(sinks) != num_workers:
+            raise PluginError(
+                f"{type(workers).__name__}.control_sinks() of transport {transport_name!r} "
+                f"returned {len(sinks)} sinks for {num_workers} workers, where it must return "
+                "one per worker; report it to the plugin's authors"
+            )
+        return Control(num_workers, None, sinks=sinks)
+
+    def epoch(self, feed: Feed) -> Iterator[Any]:
+        control = feed.control
+        assert control is not None
+        k = self.epoch_no = self.epoch_no + 1
+        control.start_epoch(k)  # workers may now run epoch k + 1, and must leave k - 1
+        n = feed.num_workers
+        release = control.release
+        for old in [e for e in self.ahead if e < k]:  # an epoch the user broke out of
+            for index in self.ahead.pop(old):
+                release[index % n]()
+        for old in [e for e in self.ended if e < k]:
+            del self.ended[old]
+        # Kept on self, not popped: items left here when the user breaks out are released
+        # when the next epoch starts, so no credit is ever lost.
+        buf = self.ahead.setdefault(k, {})
+        ended = self.ended.setdefault(k, set())
+        recv = feed.transport.recv
+        workers = feed.workers
+        slow = feed.slow
+        if not self.ordered:
+            while buf:
+                index, dp = buf.popitem()
+                release[index % n]()
+                yield dp
+            while len(ended) < n:
+                obj = recv(POLL_INTERVAL)
+                if type(obj) is not Item or obj[0] != k or workers.death is not None:
+                    obj = slow(obj)
+                    if not self._file(obj, k, release, n):
+                        continue
+                release[obj[1] % n]()
+                yield obj[2]
+        else:
+            nxt = 0  # the index to yield next
+            while True:
+                dp = buf.pop(nxt, _NOTHING)
+                if dp is _NOTHING:
+                    if nxt % n in ended:  # its worker has no item at nxt: a short shard
+                        if len(ended) == n:
+                            if not buf:
+                                break
+                            nxt = min(buf)
+                        else:
+                            nxt += 1
+                        continue
+                    obj = recv(POLL_INTERVAL)
+                    if type(obj) is not Item or obj[0] != k or workers.death is not None:
+                        obj = slow(obj)
+                        if not self._file(obj, k, release, n):
+                            continue
+                    if obj[1] != nxt:
+                        buf[obj[1]] = obj[2]
+                        continue
+                    dp = obj[2]
+                release[nxt % n]()
+                nxt += 1
+                yield dp
+        del self.ahead[k], self.ended[k]
+
+    def _file(self, obj: Any, k: int, release: list[Callable[[], None]], n: int) -> bool:
+        """Put away a message that is not an item of epoch ``k``; true if it is one after all."""
+        if type(obj) is Item:
+            epoch, index = obj[0], obj[1]
+            if epoch == k:
+                return True
+            if epoch > k:  # a worker prefetching the next epoch
+                self.ahead.setdefault(epoch, {})[index] = obj[2]
+            else:  # left over from an epoch the user broke out of
+                release[index % n]()
+            return False
+        if type(obj) is EpochEnd:
+            if obj.epoch >= k:
+                self.ended.setdefault(obj.epoch, set()).add(obj.worker_id)
+            return False
+        raise StateError(
+            f"a worker sent a {type(obj).__name__} where shard mode expects items; "
+            "is a dataflow sending to the transport itself?"
+        )
+
+
+#: the modes a Runner accepts by name.
+MODES = ("replicate", "shard")
+
+
+def make_mode(name: str, ordered: bool) -> Mode:
+    """The mode object for ``Runner(mode=name, ordered=ordered)``.
+
+    :raises flowplug.ConfigError: an unknown name, or ``ordered`` outside shard mode.
+    """
+    if name not in MODES:
+        close = difflib.get_close_matches(str(name), MODES, n=1)
+        raise ConfigError(
+            f"mode={name!r} is not one of {', '.join(map(repr, MODES))}"
+            + (f". Did you mean {close[0]!r}?" if close else "")
+        )
+    if name == "shard":
+        return ShardMode(ordered)
+    if ordered:
+        raise ConfigError(
+            "ordered=True needs mode='shard': replicated workers each run the whole "
+            "dataflow, so there is no single order to keep"
+        )
+    return ReplicateMode()
