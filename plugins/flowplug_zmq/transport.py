@@ -3,7 +3,7 @@
 A message is ``[token, b"", pickle stream, buffer...]`` for one object, or
 ``[token, header, blob]`` for a batch of small ones (:class:`flowplug.BatchingSender`).
 The token is private to the run, so bytes from a stranger who connects to the socket are
-dropped, never unpickled. Received numpy arrays are read-only views of the received frames.
+dropped, never unpickled. Received numpy arrays are views of the received frames.
 
 Large buffers are sent without a copy (``copy=False``); ``send()`` returns once zmq has
 handed them to the kernel (a ``MessageTracker``), because the worker may refill the same
