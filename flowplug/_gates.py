@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
+from ._resume import PassStart, Resumed, load_into, take_state
 from .errors import TransportClosed
 from .transport import EMPTY, TaskReceiver
 from .worker_loop import TaskFailed, WorkerInfo
@@ -137,8 +138,15 @@ class ShardGate:
         of the shard gets the index ``id + j * num_workers``.
         """
         w, n = info.id, info.num_workers
+        plan = None
+        if type(df) is Resumed:  # a resumed runner: see flowplug/_resume.py
+            df, plan = df.inner, df.plan
         shard = getattr(df, "shard", None)
         source = shard(w, n) if callable(shard) else None
+        target = source if source is not None else df
+        if plan is not None and plan.states is not None:
+            load_into(target, plan.state_for(w))
+        skip = plan.skip if plan is not None else None
         send = sender.send
         # Before any wait, push out what a batching sender holds: the consumer may be
         # waiting for exactly those items before it can give a credit back.
@@ -150,10 +158,16 @@ class ShardGate:
         while stop is None or not stop.is_set():
             notices.wait_for(epoch - 1, stop)
             if notices.poll() <= epoch:
+                # The state this pass starts from: what a resumed run loads (no credit).
+                send(PassStart(w, epoch, take_state(target)))
+                flush()
                 items = source if source is not None else itertools.islice(df, w, None, n)
                 index = w
                 next_check = monotonic() + NOTICE_CHECK
                 for dp in items:
+                    if skip is not None and index in skip:  # received before the resume
+                        index += n
+                        continue
                     if not try_acquire(False):
                         flush()
                         _acquire(credits, stop)
@@ -168,6 +182,7 @@ class ShardGate:
             send(EpochEnd(w, epoch))
             flush()  # the consumer ends the epoch on this marker
             epoch += 1
+            skip = None  # only the first pass of a resumed run skips
         raise _Stopped("the runner stopped")
 
 

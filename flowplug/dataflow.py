@@ -50,13 +50,31 @@ class DataFromList(DataFlow):
     def __init__(self, items: Iterable[Any], shuffle: bool = False):
         self.items = list(items)
         self.shuffle = shuffle
-        self._rng = random.Random()
+        # Each pass shuffles with a generator seeded by (seed, pass number), so that the
+        # state is two numbers (state_dict()) and a resumed run repeats the same orders.
+        self._seed = random.getrandbits(63)
+        self._passes = 0
 
     def __len__(self) -> int:
         return len(self.items)
 
     def reset_state(self) -> None:
-        self._rng = random.Random()
+        # In a worker, the random module is seeded from the runner's seed and the worker.
+        self._seed = random.getrandbits(63)
+        self._passes = 0
+
+    def state_dict(self) -> dict[str, int] | None:
+        """The shuffling state (torchdata's ``Stateful`` protocol): what the next pass needs
+        to repeat the order it would have had; None without ``shuffle`` (nothing to keep).
+        A runner saves it in its checkpoints (docs/checkpoint.md)."""
+        return {"seed": self._seed, "passes": self._passes} if self.shuffle else None
+
+    def load_state_dict(self, state: dict[str, int] | None) -> None:
+        """Continue from a state made by :meth:`state_dict`."""
+        if state is None:
+            return
+        self._seed = int(state["seed"])
+        self._passes = int(state["passes"])
 
     def shard(self, index: int, count: int) -> DataFromList:
         """Return the items at positions ``index, index + count, ...``: one worker's shard
@@ -72,7 +90,8 @@ class DataFromList(DataFlow):
             yield from self.items
             return
         order = list(range(len(self.items)))
-        self._rng.shuffle(order)
+        random.Random(f"{self._seed}:{self._passes}").shuffle(order)
+        self._passes += 1
         for i in order:
             yield self.items[i]
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from . import _resume
 from ._gates import Control, EpochEnd, Item
 from .errors import ConfigError, PluginError, StateError
 from .transport import EMPTY, Transport
@@ -61,6 +62,8 @@ class Mode(ABC):
 
     #: the mode's name, as ``Runner.mode`` shows it.
     name: ClassVar[str]
+    #: true when the mode has a position to save: :meth:`state_dict`, :meth:`load_state_dict`.
+    resumable: ClassVar[bool] = False
 
     def check(self, num_workers: int, capacity: int) -> None:
         """Refuse settings this mode cannot run with (:class:`~flowplug.ConfigError`)."""
@@ -81,9 +84,28 @@ class Mode(ABC):
         """The control over a group the transport runs (:class:`~flowplug.OwnWorkersTransport`)."""
         return None
 
+    def prepare(self, dfs: list[Any]) -> list[Any]:
+        """What the workers run, given the dataflows they would run; at start."""
+        return dfs
+
     @abstractmethod
     def epoch(self, feed: Feed) -> Iterator[Any]:
         """Yield the datapoints of the next epoch."""
+
+    def state_dict(
+        self, num_workers: int, feed: Feed | None, mid: bool, closed: Callable[[], bool]
+    ) -> dict[str, Any]:
+        """Where the consumer is (docs/checkpoint.md); only when :attr:`resumable`.
+
+        :param feed: the started run, or None before the start.
+        :param mid: an epoch's iteration is suspended (between two ``next()``).
+        :param closed: whether the runner is closed by now.
+        """
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any], num_workers: int) -> None:
+        """Resume from ``state``, before the start; only when :attr:`resumable`."""
+        raise NotImplementedError
 
 
 class ReplicateMode(Mode):
@@ -115,6 +137,7 @@ class ShardMode(Mode):
     """
 
     name = "shard"
+    resumable = True
 
     def __init__(self, ordered: bool):
         self.ordered = ordered
@@ -124,6 +147,8 @@ class ShardMode(Mode):
         self.ahead: dict[int, dict[int, Any]] = {}
         #: per epoch, the workers that ended it.
         self.ended: dict[int, set[int]] = {}
+        #: the epoch and what the consumer received of it (state_dict(), load_state_dict()).
+        self.progress = _resume.Progress("shard")
 
     def check(self, num_workers: int, capacity: int) -> None:
         if capacity < num_workers:
@@ -162,6 +187,8 @@ class ShardMode(Mode):
         assert control is not None
         k = self.epoch_no = self.epoch_no + 1
         control.start_epoch(k)  # workers may now run epoch k + 1, and must leave k - 1
+        progress = self.progress
+        skip = progress.begin(k)  # after a resume: what the saved run had received
         n = feed.num_workers
         release = control.release
         for old in [e for e in self.ahead if e < k]:  # an epoch the user broke out of
@@ -177,23 +204,30 @@ class ShardMode(Mode):
         workers = feed.workers
         slow = feed.slow
         if not self.ordered:
-            while buf:
-                index, dp = buf.popitem()
-                release[index % n]()
-                yield dp
+            got = progress.got.add
             while len(ended) < n:
+                if buf:  # arrived ahead, or while state_dict() waited
+                    index, dp = buf.popitem()
+                    release[index % n]()
+                    got(index)
+                    yield dp
+                    continue
                 obj = recv(POLL_INTERVAL)
                 if type(obj) is not Item or obj[0] != k or workers.death is not None:
                     obj = slow(obj)
                     if not self._file(obj, k, release, n):
                         continue
                 release[obj[1] % n]()
+                got(obj[1])
                 yield obj[2]
         else:
             nxt = 0  # the index to yield next
             while True:
                 dp = buf.pop(nxt, _NOTHING)
                 if dp is _NOTHING:
+                    if skip is not None and nxt in skip:  # received before the resume
+                        nxt += 1
+                        continue
                     if nxt % n in ended:  # its worker has no item at nxt: a short shard
                         if len(ended) == n:
                             if not buf:
@@ -213,6 +247,7 @@ class ShardMode(Mode):
                     dp = obj[2]
                 release[nxt % n]()
                 nxt += 1
+                progress.nxt = nxt
                 yield dp
         del self.ahead[k], self.ended[k]
 
@@ -231,10 +266,61 @@ class ShardMode(Mode):
             if obj.epoch >= k:
                 self.ended.setdefault(obj.epoch, set()).add(obj.worker_id)
             return False
+        if type(obj) is _resume.PassStart:
+            if obj.epoch >= k:
+                self.progress.passed(obj)
+            return False
         raise StateError(
             f"a worker sent a {type(obj).__name__} where shard mode expects items; "
             "is a dataflow sending to the transport itself?"
         )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def prepare(self, dfs: list[Any]) -> list[Any]:
+        plan = self.progress.plan()
+        if plan is None:
+            return dfs
+        # A resumed runner: its workers get the plan with their dataflow.
+        return [_resume.Resumed(df, plan) for df in dfs]
+
+    def state_dict(
+        self, num_workers: int, feed: Feed | None, mid: bool, closed: Callable[[], bool]
+    ) -> dict[str, Any]:
+        """Mid-epoch (an iteration is suspended) it is that epoch; otherwise the next one.
+        The dataflow states are those the workers reported at the start of that epoch's
+        pass; when some have not arrived yet, this receives until they have, keeping the
+        items for the epoch's iteration."""
+        progress = self.progress
+        k = self.epoch_no
+        if not mid:
+            k += 1  # the epoch the next iteration runs
+        received = (
+            progress.received(k, self.ordered)
+            if mid
+            else (progress.skip if k == 0 and progress.skip is not None else _resume.Done())
+        )
+        n = num_workers
+        if feed is None:  # not started: what was loaded, or a fresh start
+            states = progress.states if k == 0 else None
+            return progress.to_dict(k, received, n, states)
+        assert feed.control is not None
+        release = feed.control.release
+        passes = progress.passes.setdefault(k, {})
+        while len(passes) < n:
+            if closed():
+                raise StateError(
+                    "this runner is closed before its workers reported where epoch "
+                    f"{progress.base + k} starts; take state_dict() before closing"
+                )
+            obj = feed.slow(feed.transport.recv(POLL_INTERVAL))
+            if self._file(obj, k, release, n):  # an item of epoch k: its iteration yields it
+                self.ahead.setdefault(k, {})[obj[1]] = obj[2]
+        states = [passes[w] for w in range(n)]
+        return progress.to_dict(k, received, n, None if all(s is None for s in states) else states)
+
+    def load_state_dict(self, state: dict[str, Any], num_workers: int) -> None:
+        self.progress.load(state, num_workers)
 
 
 #: the modes a Runner accepts by name.

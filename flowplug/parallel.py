@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import plugins
+from . import _resume, plugins
 from ._gates import Control, Item, MapWork
 from .errors import ConfigError, RunnerTimeout, StateError, UnknownLength
 from .modes import POLL_INTERVAL, Feed, Mode
@@ -86,7 +86,7 @@ class ParallelMap(Runner):
                 f"ParallelMap reads df in the consumer, so it needs the dataflow itself "
                 f"(with __iter__ and reset_state), got {type(df).__name__}"
             )
-        mode = MapMode(df, fn, ordered, drop_none)
+        mode = self._map = MapMode(df, fn, ordered, drop_none)
         super().__init__(
             df,
             transport=transport,
@@ -119,6 +119,8 @@ class ParallelMap(Runner):
         if self._run is None and not self._closed:
             if not isinstance(self._df, Runner):
                 self._df.reset_state()  # a Runner starts when first iterated (or already has)
+            if self._map.progress.states is not None:  # resumed: the source's saved state
+                _resume.load_into(self._df, self._map.progress.states)
         super().reset_state()
 
     def close(self) -> None:
@@ -126,6 +128,20 @@ class ParallelMap(Runner):
         super().close()
         if isinstance(self._df, Runner):
             self._df.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the consumer is: the epoch, the inputs of it whose results it received,
+        and the source's ``state_dict()`` at the start of that epoch (when it has one; a
+        :class:`Runner` source in shard mode has). As :meth:`Runner.state_dict`.
+        """
+        return super().state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state`` (made by :meth:`state_dict`) on a new map built the same
+        way, before it starts; the source's state is loaded into it at ``reset_state()``.
+        The source must yield the same inputs in the same order on every run.
+        """
+        super().load_state_dict(state)
 
     def __len__(self) -> int:
         if self.drop_none:
@@ -149,6 +165,7 @@ class MapMode(Mode):
     """
 
     name = "map"
+    resumable = True
 
     def __init__(self, source: Any, fn: Callable[[Any], Any], ordered: bool, drop_none: bool):
         self.source = source
@@ -159,6 +176,8 @@ class MapMode(Mode):
         self.epoch_no = -1
         #: tasks sent whose answer has not arrived, over all epochs.
         self.in_flight = 0
+        #: the epoch and the inputs of it answered (state_dict(), load_state_dict()).
+        self.progress = _resume.Progress("map")
 
     def dataflows(self, num_workers: int) -> list[Any]:
         return [MapWork(self.fn) for _ in range(num_workers)]
@@ -185,6 +204,10 @@ class MapMode(Mode):
         assert control is not None
         k = self.epoch_no = self.epoch_no + 1
         control.start_epoch(k)  # workers skip tasks of earlier epochs
+        progress = self.progress
+        skip = progress.begin(k)  # after a resume: the inputs the saved run had answered
+        progress.passes[k] = {0: self._source_state()}
+        got = progress.got.add
         transport = feed.transport
         assert isinstance(transport, TaskTransport)
         recv = transport.recv
@@ -213,6 +236,12 @@ class MapMode(Mode):
                         except StopIteration:
                             exhausted = True
                             break
+                        if skip is not None and sent in skip:
+                            sent += 1  # answered before the resume: not sent again
+                            answered += 1
+                            if not ordered:
+                                nxt += 1
+                            continue
                         held = (k, sent, dp)  # an Item
                     if not send_task(held, 0.0):
                         break
@@ -223,8 +252,12 @@ class MapMode(Mode):
                     out = buf.pop(nxt, _NOTHING)
                     if out is not _NOTHING:
                         nxt += 1
+                        progress.nxt = nxt
                         if out is not None or not drop_none:
                             yield out
+                        continue
+                    if skip is not None and nxt < sent and nxt in skip:
+                        nxt += 1
                         continue
                 if exhausted and answered == sent:
                     return
@@ -252,11 +285,13 @@ class MapMode(Mode):
                 answered += 1
                 if not ordered:
                     nxt += 1
+                    got(obj[1])
                     out = obj[2]
                     if out is not None or not drop_none:
                         yield out
                 elif obj[1] == nxt:
                     nxt += 1
+                    progress.nxt = nxt
                     out = obj[2]
                     if out is not None or not drop_none:
                         yield out
@@ -266,6 +301,34 @@ class MapMode(Mode):
             close = getattr(source, "close", None)
             if close is not None:
                 close()  # a generator (a Runner's epoch) lets go of its guard now
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(
+        self, num_workers: int, feed: Feed | None, mid: bool, closed: Callable[[], bool]
+    ) -> dict[str, Any]:
+        progress = self.progress
+        k = self.epoch_no
+        if mid:
+            received = progress.received(k, self.ordered)
+            source = progress.passes.get(k, {}).get(0)
+        else:
+            k += 1
+            received = progress.skip if k == 0 and progress.skip is not None else None
+            if feed is None and k == 0:
+                source = progress.states  # not started: what was loaded, or nothing
+            else:
+                source = self._source_state()
+        return progress.to_dict(k, received or _resume.Done(), num_workers, source)
+
+    def load_state_dict(self, state: dict[str, Any], num_workers: int) -> None:
+        self.progress.load(state, num_workers)
+
+    def _source_state(self) -> Any:
+        df = self.source
+        if isinstance(df, Runner) and df.mode == "replicate":
+            return None  # no position to save; resuming re-reads its stream
+        return _resume.take_state(df)
 
     def _push(self, task: Any, send_task: Any, feed: Feed) -> None:
         """Send ``task``, waiting for room; notices deaths and the timeout meanwhile."""

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from . import plugins
+from . import _resume, plugins
 from ._gates import Control
 from ._sweep import new_run_id, sweep_stale
 from .config import ARGUMENT
@@ -197,6 +197,7 @@ class Runner:
             dfs = self._dataflows()
             if self._factory:
                 self._size = _length(dfs[0])
+        dfs = self._mode.prepare(dfs)
         n = self.num_workers
         infos = [WorkerInfo(i, n, (self.seed + i) % 2**31) for i in range(n)]
         if self._transport_cls.uses_shared_memory:
@@ -257,6 +258,40 @@ class Runner:
             raise UnknownLength("the dataflow has no known length")
         return self._size
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the consumer is: the epoch, the items of it received, the dataflow's state.
+
+        Call it between two ``next()`` calls (or between epochs). The dict is small (no
+        datapoints), picklable and JSON-serializable (if the dataflow's own
+        ``state_dict()`` is). A new runner built the same way, given it with
+        :meth:`load_state_dict`, delivers the rest of that epoch, then the next ones.
+        ``state["epoch"]`` is the epoch to resume at. See docs/checkpoint.md.
+
+        :raises flowplug.StateError: in replicate mode, which has no position to save.
+        """
+        if not self._mode.resumable:
+            raise _resume.refuse_replicate()
+        feed = self._feed() if self._run is not None else None
+        return self._mode.state_dict(
+            self.num_workers, feed, self._guard.locked(), lambda: self._closed
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state`` (made by :meth:`state_dict`): call it on a new runner
+        built the same way, before it starts. ``num_workers`` may differ, unless each
+        worker's shard has a state of its own.
+
+        :raises flowplug.StateError: the runner already started, or replicate mode.
+        :raises flowplug.ConfigError: the state does not fit this runner.
+        """
+        if not self._mode.resumable:
+            raise _resume.refuse_replicate()
+        if self._run is not None or self._closed:
+            raise _resume.refuse_started(type(self).__name__)
+        self._mode.load_state_dict(state, self.num_workers)
+
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[Any]:
@@ -277,9 +312,13 @@ class Runner:
             self._guard.release()
 
     def _iterate(self) -> Iterator[Any]:
+        return self._mode.epoch(self._feed())
+
+    def _feed(self) -> Feed:
+        """What the mode reads an epoch from: this started run."""
         run = self._run
         assert run is not None
-        feed = Feed(
+        return Feed(
             run.transport,
             run.workers,
             run.control,
@@ -290,7 +329,6 @@ class Runner:
             self.transport_name,
             self._next_slow,
         )
-        return self._mode.epoch(feed)
 
     def _next_slow(self, obj: Any) -> Any:
         """Handle everything that is not a plain datapoint; return the next datapoint."""
