@@ -25,6 +25,7 @@ from .ipc import ZmqSockets, bind_ipc
 from .parallel import ParallelMap
 from .plugins import available_transports, get_transport, load_config, reload_plugins
 from .runner import Runner
+from .stats import RunnerStats, WorkerStats
 from .transport import (
     EMPTY,
     Endpoint,
@@ -73,6 +74,7 @@ __all__ = [
     "PluginError",
     "ProcessWorkers",
     "Runner",
+    "RunnerStats",
     "RunnerTimeout",
     "Sender",
     "Settings",
@@ -89,6 +91,7 @@ __all__ = [
     "WorkerError",
     "WorkerGroup",
     "WorkerInfo",
+    "WorkerStats",
     "ZmqSockets",
     "available_transports",
     "bind_ipc",

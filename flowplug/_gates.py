@@ -36,6 +36,7 @@ from typing import Any
 
 from ._resume import PassStart, Resumed, load_into, take_state
 from .errors import TransportClosed
+from .stats import WorkerCounters
 from .transport import EMPTY, TaskReceiver
 from .worker_loop import TaskFailed, WorkerInfo
 
@@ -126,9 +127,14 @@ def _acquire(sem: Any, stop: threading.Event | None) -> None:
 class ShardGate:
     """One worker's side of shard mode: sends its shard of each epoch, within its credits."""
 
-    def __init__(self, notices: Any, credits: Any):
+    def __init__(self, notices: Any, credits: Any, counters: Any = None, slot: int = 0):
         self.notices = notices
         self.credits = credits
+        #: shared per-worker numbers (flowplug.stats.WorkerCounters.values), or None; this
+        #: gate's are at ``slot`` and ``slot + 1`` (a gate's place in its Control, which
+        #: is not the worker's id when a group hosts some workers of a run).
+        self.counters = counters
+        self.slot = slot
 
     def run(self, df: Any, sender: Any, info: WorkerInfo, stop: threading.Event | None) -> None:
         """Send this worker's items of epoch 0, 1, 2... until stopped; never returns normally.
@@ -154,25 +160,40 @@ class ShardGate:
         notices = self.notices
         credits = self.credits
         try_acquire = credits.acquire
+        # Statistics, published every NOTICE_CHECK at most: items sent, seconds waited for
+        # room (a credit, or the consumer's next epoch).
+        counters = self.counters
+        slot = self.slot
+        produced = 0
+        blocked = 0.0
         epoch = 0
         while stop is None or not stop.is_set():
+            waited = monotonic()
             notices.wait_for(epoch - 1, stop)
+            blocked += monotonic() - waited
+            index = w
+            skipped = 0
             if notices.poll() <= epoch:
                 # The state this pass starts from: what a resumed run loads (no credit).
                 send(PassStart(w, epoch, take_state(target)))
                 flush()
                 items = source if source is not None else itertools.islice(df, w, None, n)
-                index = w
                 next_check = monotonic() + NOTICE_CHECK
                 for dp in items:
                     if skip is not None and index in skip:  # received before the resume
                         index += n
+                        skipped += 1
                         continue
                     if not try_acquire(False):
                         flush()
+                        waited = monotonic()
                         _acquire(credits, stop)
+                        blocked += monotonic() - waited
                         next_check = 0.0  # we waited: the consumer may have moved on
                     if monotonic() >= next_check:
+                        if counters is not None:
+                            counters[slot] = produced + (index - w) // n - skipped
+                            counters[slot + 1] = blocked
                         if notices.poll() > epoch:  # the consumer left this epoch
                             credits.release()
                             break
@@ -181,6 +202,10 @@ class ShardGate:
                     index += n
             send(EpochEnd(w, epoch))
             flush()  # the consumer ends the epoch on this marker
+            produced += (index - w) // n - skipped
+            if counters is not None:
+                counters[slot] = produced
+                counters[slot + 1] = blocked
             epoch += 1
             skip = None  # only the first pass of a resumed run skips
         raise _Stopped("the runner stopped")
@@ -320,6 +345,8 @@ class Control:
         self._readers: list[Any] = []
         self._board: _Board | None = None
         self.gates: list[ShardGate | MapGate] = []
+        #: what the local shard gates count (runner.stats()); None otherwise.
+        self.counters: WorkerCounters | None = None
         if sinks is not None:
             self.sinks = list(sinks)
             self.release = [s.release for s in self.sinks]
@@ -339,7 +366,11 @@ class Control:
             make_sem = threading.Semaphore
         sems = [make_sem(credits) for _ in range(num_workers)] if credits else [None] * num_workers
         if credits:
-            self.gates = [ShardGate(m, s) for m, s in zip(notices, sems, strict=True)]
+            counters = self.counters = WorkerCounters(num_workers, start_method)
+            self.gates = [
+                ShardGate(m, s, counters.values, 2 * i)
+                for i, (m, s) in enumerate(zip(notices, sems, strict=True))
+            ]
         else:
             assert tasks is not None
             self.gates = [MapGate(m, tasks) for m in notices]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
 import secrets
@@ -119,6 +120,13 @@ def sweep_stale(directory: str | None = None) -> list[str]:
         except OSError:
             continue  # another sweeper was first
         removed.append(entry.path)
+    if removed:
+        logging.getLogger("flowplug").info(
+            "removed %d stale shared-memory entr%s of killed runs: %s",
+            len(removed),
+            "y" if len(removed) == 1 else "ies",
+            ", ".join(removed),
+        )
     return removed
 
 

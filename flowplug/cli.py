@@ -257,9 +257,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 count += 1
             elapsed = time.perf_counter() - start
             it.close()
+            verdict = runner.stats().verdict
         rate = count / elapsed
         gib = rate * args.mb / 1024
-        print(f"{name:<10} {rate:10.1f} items/s  {gib:6.2f} GiB/s")
+        print(f"{name:<10} {rate:10.1f} items/s  {gib:6.2f} GiB/s  {verdict}")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FlowplugError(Exception):
     """Base class of every flowplug error."""
@@ -52,14 +54,34 @@ class StateError(FlowplugError, RuntimeError):
 
 
 class WorkerError(FlowplugError):
-    """A worker's dataflow raised; the message carries the remote traceback.
+    """A worker's dataflow (or a map's ``fn``) raised; the message carries the remote traceback.
+
+    Where the original type allows it, the exception raised is also an instance of that
+    type, so that existing handlers still match: a worker's ``ValueError`` is caught by
+    ``except ValueError`` as well as by ``except fp.WorkerError``. Its ``args`` and
+    attributes are the original's (``errno`` of an ``OSError``, a custom exception's
+    fields), except where they collide with the attributes below; ``str()`` is flowplug's
+    message. Types that are not :class:`Exception` (``SystemExit``, ``KeyboardInterrupt``),
+    ``StopIteration`` and types that cannot be subclassed give a plain ``WorkerError``.
 
     :ivar worker_id: index of the worker that failed.
     :ivar exc_type: name of the original exception type (e.g. ``"ValueError"``).
     :ivar remote_traceback: the formatted traceback from inside the worker.
     :ivar index: for :class:`~flowplug.ParallelMap`, the index of the input whose ``fn``
         raised; None otherwise.
+    :ivar original: the original exception, rebuilt in the consumer (pickled across
+        processes, without calling its ``__init__`` when that cannot take its own
+        ``args``); None when its class cannot be pickled or imported here.
     """
+
+    worker_id: int
+    exc_type: str
+    remote_traceback: str
+    index: int | None
+    original: BaseException | None
+    _message: str
+    _remote_message: str
+    _origin: str
 
     def __init__(
         self,
@@ -69,12 +91,92 @@ class WorkerError(FlowplugError):
         exc_type: str,
         remote_traceback: str,
         index: int | None = None,
+        original: BaseException | None = None,
+        remote_message: str = "",
+        origin: str = "",
     ):
         super().__init__(message)
-        self.worker_id = worker_id
-        self.exc_type = exc_type
-        self.remote_traceback = remote_traceback
-        self.index = index
+        WorkerError._fill(
+            self,
+            message,
+            worker_id=worker_id,
+            exc_type=exc_type,
+            remote_traceback=remote_traceback,
+            index=index,
+            original=original,
+            remote_message=remote_message,
+            origin=origin,
+        )
+
+    @staticmethod
+    def _fill(
+        err: WorkerError,
+        message: str,
+        *,
+        worker_id: int,
+        exc_type: str,
+        remote_traceback: str,
+        index: int | None,
+        original: BaseException | None,
+        remote_message: str,
+        origin: str,
+    ) -> None:
+        # Set without __init__ as well: the instances that are also of the original type
+        # are made by __new__, with the original's args.
+        err._message = message
+        err.worker_id = worker_id
+        err.exc_type = exc_type
+        err.remote_traceback = remote_traceback
+        err.index = index
+        err.original = original
+        #: str() of the original exception, and where it was raised ("worker 0 in fn on
+        #: input 7"): what a runner inside a worker passes on, so nesting never wraps twice.
+        err._remote_message = remote_message
+        err._origin = origin
+
+    def __str__(self) -> str:
+        return self._message
+
+    def __reduce__(self) -> Any:
+        from ._exc import pack
+
+        return (
+            _rebuild_worker_error,
+            (
+                self._message,
+                self.worker_id,
+                self.exc_type,
+                self.remote_traceback,
+                self.index,
+                pack(self.original) if self.original is not None else None,
+                self._remote_message,
+                self._origin,
+            ),
+        )
+
+
+def _rebuild_worker_error(
+    message: str,
+    worker_id: int,
+    exc_type: str,
+    remote_traceback: str,
+    index: int | None,
+    packed: bytes | None,
+    remote_message: str,
+    origin: str,
+) -> WorkerError:
+    from ._exc import combine, unpack
+
+    return combine(
+        unpack(packed),
+        message,
+        worker_id=worker_id,
+        exc_type=exc_type,
+        remote_traceback=remote_traceback,
+        index=index,
+        remote_message=remote_message,
+        origin=origin,
+    )
 
 
 class WorkerDied(FlowplugError):
@@ -90,6 +192,16 @@ class WorkerDied(FlowplugError):
         self.worker_id = worker_id
         self.pid = pid
         self.exitcode = exitcode
+
+    def __reduce__(self) -> Any:
+        # the keyword-only arguments are not in args: pickle them explicitly
+        return (_rebuild_worker_died, (str(self), self.worker_id, self.pid, self.exitcode))
+
+
+def _rebuild_worker_died(
+    message: str, worker_id: int, pid: int | None, exitcode: int | None
+) -> WorkerDied:
+    return WorkerDied(message, worker_id=worker_id, pid=pid, exitcode=exitcode)
 
 
 class UnknownLength(FlowplugError, NotImplementedError, TypeError):

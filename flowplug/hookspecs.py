@@ -17,6 +17,8 @@ import pluggy
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from .runner import Runner
+    from .stats import RunnerStats
     from .transport import Transport
 
 hookspec = pluggy.HookspecMarker("flowplug")
@@ -47,4 +49,33 @@ def flowplug_register_transports(register: Callable[[type[Transport]], None]) ->
         @flowplug.hookimpl
         def flowplug_register_transports(register):
             register(ZmqTransport)
+    """
+
+
+# -------------------------------------------------------------------------
+# Observer hooks
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def flowplug_runner_stats(runner: Runner, stats: RunnerStats) -> None:
+    """Receive a runner's statistics: to export them (Prometheus, TensorBoard, a log).
+
+    Called every :data:`flowplug.stats.HOOK_INTERVAL` seconds (10) while a runner (or a
+    ``ParallelMap``) runs, from a thread of its own, and once more when it closes, from
+    the thread that closes it. A runner starts its timer only when some plugin implements
+    this hook. Never called on the per-datapoint path.
+
+    :param runner: the :class:`flowplug.Runner` (or ``ParallelMap``); read it, do not
+        iterate or close it.
+    :param stats: what ``runner.stats()`` returns; ``stats.as_dict()`` gives plain types.
+    :returns: nothing; every plugin's implementation is called. An exception raised on
+        the timer is logged to the ``flowplug`` logger and the runner goes on; one raised
+        at close propagates from ``close()``.
+
+    Example::
+
+        @flowplug.hookimpl
+        def flowplug_runner_stats(runner, stats):
+            gauge.labels(runner.transport_name).set(stats.recent_items_per_s)
     """

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from . import _resume
 from ._gates import Control, EpochEnd, Item
 from .errors import ConfigError, PluginError, StateError
+from .stats import Meter
 from .transport import EMPTY, Transport
 from .worker_groups import WorkerGroup
 from .worker_loop import RemoteFailure
@@ -49,8 +50,11 @@ class Feed:
     transport_name: str
     #: the Runner's slow path: given what ``recv`` returned that is not a plain datapoint
     #: (EMPTY, an error report, or anything while a worker died), it raises the error,
-    #: the death or the timeout, or returns the next object received.
+    #: the death or the timeout, or returns the next object received (waiting: the fast
+    #: path receives with ``recv(0.0)``, so that a wait is timed in one place).
     slow: Callable[[Any], Any]
+    #: what :meth:`flowplug.Runner.stats` reports: an epoch adds to ``meter.delivered``.
+    meter: Meter
 
 
 class Mode(ABC):
@@ -118,12 +122,14 @@ class ReplicateMode(Mode):
         recv = feed.transport.recv
         workers = feed.workers
         size = feed.size
+        meter = feed.meter
         count = 0
         while size is None or count < size:
-            obj = recv(POLL_INTERVAL)
+            obj = recv(0.0)
             if obj is EMPTY or type(obj) is RemoteFailure or workers.death is not None:
                 obj = feed.slow(obj)
             count += 1
+            meter.delivered += 1
             yield obj
 
 
@@ -203,6 +209,7 @@ class ShardMode(Mode):
         recv = feed.transport.recv
         workers = feed.workers
         slow = feed.slow
+        meter = feed.meter
         if not self.ordered:
             got = progress.got.add
             while len(ended) < n:
@@ -210,15 +217,17 @@ class ShardMode(Mode):
                     index, dp = buf.popitem()
                     release[index % n]()
                     got(index)
+                    meter.delivered += 1
                     yield dp
                     continue
-                obj = recv(POLL_INTERVAL)
+                obj = recv(0.0)
                 if type(obj) is not Item or obj[0] != k or workers.death is not None:
                     obj = slow(obj)
                     if not self._file(obj, k, release, n):
                         continue
                 release[obj[1] % n]()
                 got(obj[1])
+                meter.delivered += 1
                 yield obj[2]
         else:
             nxt = 0  # the index to yield next
@@ -236,7 +245,7 @@ class ShardMode(Mode):
                         else:
                             nxt += 1
                         continue
-                    obj = recv(POLL_INTERVAL)
+                    obj = recv(0.0)
                     if type(obj) is not Item or obj[0] != k or workers.death is not None:
                         obj = slow(obj)
                         if not self._file(obj, k, release, n):
@@ -248,6 +257,7 @@ class ShardMode(Mode):
                 release[nxt % n]()
                 nxt += 1
                 progress.nxt = nxt
+                meter.delivered += 1
                 yield dp
         del self.ahead[k], self.ended[k]
 

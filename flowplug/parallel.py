@@ -214,6 +214,7 @@ class MapMode(Mode):
         send_task = transport.send_task
         workers = feed.workers
         slow = feed.slow
+        meter = feed.meter
         cap = feed.capacity
         ordered = self.ordered
         drop_none = self.drop_none
@@ -254,6 +255,7 @@ class MapMode(Mode):
                         nxt += 1
                         progress.nxt = nxt
                         if out is not None or not drop_none:
+                            meter.delivered += 1
                             yield out
                         continue
                     if skip is not None and nxt < sent and nxt in skip:
@@ -270,7 +272,7 @@ class MapMode(Mode):
                     sent += 1
                     self.in_flight += 1
                     continue
-                obj = recv(POLL_INTERVAL)
+                obj = recv(0.0)
                 if type(obj) is not Item or obj[0] != k or workers.death is not None:
                     obj = slow(obj)
                     if type(obj) is not Item:
@@ -288,12 +290,14 @@ class MapMode(Mode):
                     got(obj[1])
                     out = obj[2]
                     if out is not None or not drop_none:
+                        meter.delivered += 1
                         yield out
                 elif obj[1] == nxt:
                     nxt += 1
                     progress.nxt = nxt
                     out = obj[2]
                     if out is not None or not drop_none:
+                        meter.delivered += 1
                         yield out
                 else:
                     buf[obj[1]] = obj[2]

@@ -8,6 +8,7 @@ collection, interpreter exit). What one epoch yields is its mode's (:mod:`flowpl
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import secrets
 import threading
@@ -16,7 +17,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from . import _resume, plugins
+from . import _exc, _resume, plugins
 from ._gates import Control
 from ._sweep import new_run_id, sweep_stale
 from .config import ARGUMENT
@@ -29,11 +30,14 @@ from .errors import (
     WorkerError,
 )
 from .modes import MODES, POLL_INTERVAL, Feed, Mode, make_mode
+from .stats import HookTimer, Meter, RunnerStats
 from .transport import EMPTY, Transport
 from .worker_groups import OwnWorkersTransport, ProcessWorkers, ThreadWorkers, WorkerGroup
 from .worker_loop import RemoteFailure, WorkerInfo
 
 __all__ = ["MODES", "POLL_INTERVAL", "Runner"]
+
+logger = logging.getLogger("flowplug")
 
 
 class _Run:
@@ -165,6 +169,10 @@ class Runner:
         self._mode = mode if isinstance(mode, Mode) else make_mode(mode, ordered)
         self._mode.check(self.num_workers, self.capacity)
         self.ordered = ordered
+        #: what stats() reports; the loops add to ``delivered`` and ``waited``.
+        self._meter = Meter()
+        self._hook_timer: HookTimer | None = None
+        self._reported_stop = False
 
     @property
     def mode(self) -> str:
@@ -228,6 +236,7 @@ class Runner:
             run = _Run(transport, workers, control)
             self._finalizer = weakref.finalize(self, run.shutdown)
             workers.start()
+            self._meter.start(control.counters if control is not None else None)
         except BaseException:
             if self._finalizer is not None:
                 self._finalizer()
@@ -238,12 +247,42 @@ class Runner:
             self._closed = True
             raise
         self._run = run
+        logger.info(
+            "%s started: transport %r, %d worker(s), mode %r, capacity %d",
+            type(self).__name__,
+            self.transport_name,
+            n,
+            self.mode,
+            self.capacity,
+        )
+        if _stats_hook().get_hookimpls():
+            self._hook_timer = HookTimer(_reporter(self))
+
+    def stats(self) -> RunnerStats:
+        """The numbers of this run so far: delivered, rates, who waits on whom.
+
+        Cheap to call (no datapoint is touched); see docs/bottleneck.md. ``.verdict``
+        says whether the consumer waits on the workers (input-bound) or the other way.
+        """
+        run = self._run
+        counters = run.transport.counters() if run is not None else {}
+        return self._meter.snapshot(self.transport_name, self.mode, counters)
 
     def close(self) -> None:
         """Stop every worker and release the transport. Idempotent."""
         self._closed = True
+        final = None
+        if self._run is not None and not self._reported_stop:
+            self._reported_stop = True
+            if self._hook_timer is not None:
+                self._hook_timer.stop()
+            final = self.stats()  # before the transport goes: its counters too
         if self._finalizer is not None:
             self._finalizer()
+        if final is not None:
+            logger.info("%s stopped: %s", type(self).__name__, final.summary())
+            if self._hook_timer is not None:
+                _stats_hook()(runner=self, stats=final)
 
     def __enter__(self) -> Runner:
         if self._run is None:
@@ -328,21 +367,30 @@ class Runner:
             self.timeout,
             self.transport_name,
             self._next_slow,
+            self._meter,
         )
 
     def _next_slow(self, obj: Any) -> Any:
         """Handle everything that is not a plain datapoint; return the next datapoint."""
         run = self._run
         assert run is not None
-        waited = POLL_INTERVAL if obj is EMPTY else 0.0
-        started = time.monotonic() - waited
+        started = time.monotonic()
+        waits = obj is EMPTY  # the loops try without waiting: a wait is timed here
         while True:
             if type(obj) is RemoteFailure:
+                logger.error("worker %d failed (%s); closing", obj.worker_id, obj.exc_type)
                 raise self._fail(_worker_error(obj))
             death = run.workers.death
             if death is not None:
+                logger.error("%s; closing", death.describe())
                 raise self._fail(_worker_died(death))
             if obj is not EMPTY:
+                if waits:
+                    meter = self._meter
+                    if meter.delivered:
+                        meter.waited += time.monotonic() - started
+                    else:  # the workers' start: not a sign of who is slower
+                        meter.startup += time.monotonic() - started
                 return obj
             if self.timeout is not None and time.monotonic() - started > self.timeout:
                 raise RunnerTimeout(
@@ -404,19 +452,29 @@ def _length(df: Any) -> int | None:
 
 
 def _worker_error(failure: RemoteFailure) -> WorkerError:
+    """The exception the consumer raises for a worker's report: a ``WorkerError`` that is
+    also of the original type where that type allows it (see flowplug._exc)."""
     if failure.phase == "map":
         where = f"in fn on input {failure.index}"
     elif failure.phase == "reset_state":
         where = "in reset_state()"
     else:
         where = "while iterating"
-    return WorkerError(
-        f"worker {failure.worker_id} raised {failure.exc_type} {where}: {failure.message}\n"
-        f"\nRemote traceback:\n{failure.traceback}",
+    # passed on from a runner inside the worker: say from where, once
+    passed = f", passed on from its own {failure.origin}" if failure.origin else ""
+    original = failure.original
+    if original is not None and original.__traceback__ is not None:
+        original.__traceback__ = None  # a live exception of a worker thread: drop its frames
+    return _exc.combine(
+        original,
+        f"worker {failure.worker_id} raised {failure.exc_type} {where}{passed}: "
+        f"{failure.message}\n\nRemote traceback:\n{failure.traceback}",
         worker_id=failure.worker_id,
         exc_type=failure.exc_type,
         remote_traceback=failure.traceback,
         index=failure.index,
+        remote_message=failure.message,
+        origin=f"worker {failure.worker_id} {where}{passed}",
     )
 
 
@@ -427,3 +485,23 @@ def _worker_died(death: Any) -> WorkerDied:
         pid=death.pid,
         exitcode=death.exitcode,
     )
+
+
+def _stats_hook() -> Any:
+    return plugins.get_registry().pm.hook.flowplug_runner_stats
+
+
+def _reporter(runner: Runner) -> Any:
+    """What the hook timer calls; holds the runner weakly, so it can still be collected."""
+    ref = weakref.ref(runner)
+
+    def report() -> None:
+        r = ref()
+        if r is None or r._closed:
+            return
+        try:
+            _stats_hook()(runner=r, stats=r.stats())
+        except Exception:
+            logger.exception("a flowplug_runner_stats hook raised; the runner goes on")
+
+    return report

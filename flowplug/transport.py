@@ -200,6 +200,18 @@ class Transport(ABC):
     def recv(self, timeout: float) -> Any:
         """Return the next object, or :data:`EMPTY` after ``timeout`` seconds."""
 
+    def counters(self) -> dict[str, float]:
+        """What this transport counts, for :meth:`flowplug.Runner.stats` (optional).
+
+        Called in the consumer, now and then (never per datapoint), while the transport
+        is open. Counting must cost the hot path (almost) nothing: count the rare events
+        (a fallback to copies), or read what the medium already knows (bytes in use).
+        ``"bytes_received"`` is shown as the bytes delivered.
+
+        :returns: names to numbers, e.g. ``{"copies_received": 3}``; empty by default.
+        """
+        return {}
+
     def close(self) -> None:
         """Release everything the transport holds, the task channel too. Idempotent."""
 

@@ -14,7 +14,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import TransportClosed
+from . import _exc
+from .errors import TransportClosed, WorkerError
 from .transport import Connect
 
 _PR_SET_PDEATHSIG = 1
@@ -34,7 +35,7 @@ class WorkerInfo:
 
 @dataclass(frozen=True)
 class RemoteFailure:
-    """An exception raised inside a worker, as sent to the consumer (strings only)."""
+    """An exception raised inside a worker, as sent to the consumer."""
 
     worker_id: int
     phase: str  # "reset_state", "iteration" or "map"
@@ -43,6 +44,74 @@ class RemoteFailure:
     traceback: str
     #: ParallelMap: the index of the input whose fn raised.
     index: int | None = None
+    #: the exception itself: the live object between threads; after pickling, the copy
+    #: rebuilt in the consumer, or None when that was impossible (see flowplug._exc).
+    original: BaseException | None = None
+    #: an error a runner inside this worker passed on: where it was raised, as that
+    #: runner described it ("worker 0 in fn on input 7"); empty otherwise.
+    origin: str = ""
+
+    @classmethod
+    def of(cls, exc: BaseException, worker_id: int, phase: str, index: int | None) -> RemoteFailure:
+        """The report of ``exc``; a ``WorkerError`` of a nested runner is passed on as the
+        error it reports, so that the consumer's message does not wrap it twice."""
+        if isinstance(exc, WorkerError) and exc._origin:
+            return cls(
+                worker_id,
+                phase,
+                exc.exc_type,
+                exc._remote_message,
+                exc.remote_traceback,
+                index,
+                exc.original,
+                exc._origin,
+            )
+        try:
+            message = str(exc)
+        except Exception as str_failed:
+            message = f"<str() of the exception raised {type(str_failed).__name__}>"
+        return cls(
+            worker_id,
+            phase,
+            type(exc).__name__,
+            message,
+            "".join(traceback.format_exception(exc)),
+            index,
+            exc,
+        )
+
+    def __reduce__(self) -> Any:
+        # The exception travels packed (flowplug._exc.pack), so that unpickling the report
+        # itself cannot fail in the consumer, whatever the exception's class does.
+        packed = _exc.pack(self.original) if self.original is not None else None
+        return (
+            _rebuild_failure,
+            (
+                self.worker_id,
+                self.phase,
+                self.exc_type,
+                self.message,
+                self.traceback,
+                self.index,
+                packed,
+                self.origin,
+            ),
+        )
+
+
+def _rebuild_failure(
+    worker_id: int,
+    phase: str,
+    exc_type: str,
+    message: str,
+    traceback: str,
+    index: int | None,
+    packed: bytes | None,
+    origin: str,
+) -> RemoteFailure:
+    return RemoteFailure(
+        worker_id, phase, exc_type, message, traceback, index, _exc.unpack(packed), origin
+    )
 
 
 class TaskFailed(Exception):
@@ -113,14 +182,7 @@ def run_worker(
         index = None
         if isinstance(exc, TaskFailed) and exc.__cause__ is not None:
             index, phase, exc = exc.index, "map", exc.__cause__
-        failure = RemoteFailure(
-            worker_id=info.id,
-            phase=phase,
-            exc_type=type(exc).__name__,
-            message=str(exc),
-            traceback="".join(traceback.format_exception(exc)),
-            index=index,
-        )
+        failure = RemoteFailure.of(exc, info.id, phase, index)
         try:
             sender.send(failure)
         except Exception:

@@ -7,6 +7,7 @@ import pytest
 import flowplug as fp
 from flowplug._gates import EpochEnd
 from flowplug.modes import MODES, Feed, ReplicateMode, ShardMode, make_mode
+from flowplug.stats import Meter
 
 
 class Script:
@@ -39,11 +40,13 @@ def feed(messages, n=2, control=None, size=None):
             raise AssertionError("the script ran out")
         return obj
 
-    return Feed(Script(messages), Workers(), control, n, 8, size, None, "script", slow)
+    return Feed(Script(messages), Workers(), control, n, 8, size, None, "script", slow, Meter())
 
 
-def test_replicate_yields_size_items_as_they_come():
-    assert list(ReplicateMode().epoch(feed(["a", "b", "c", "d"], size=3))) == ["a", "b", "c"]
+def test_replicate_yields_size_items_as_they_come_and_counts_them():
+    scripted = feed(["a", "b", "c", "d"], size=3)
+    assert list(ReplicateMode().epoch(scripted)) == ["a", "b", "c"]
+    assert scripted.meter.delivered == 3
 
 
 def test_shard_ordered_reorders_files_the_next_epoch_and_gives_every_credit_back():

@@ -29,6 +29,7 @@ travels as a copy.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -40,6 +41,8 @@ from typing import Any
 import zmq
 
 import flowplug
+
+logger = logging.getLogger("flowplug.shm")
 from flowplug.shm import DEFAULT_SIZE, ObjectID, ObjectStore, dumps, use_store
 
 #: how long a closing worker keeps trying to deliver what it has sent (ms).
@@ -235,6 +238,7 @@ class ShmTransport(flowplug.TaskTransport):
             run_id=self.run_id,
         )
         self._hellos = 0
+        self._copies = 0
         self._token = secrets.token_bytes(_TOKEN_LEN)
         self._sockets = flowplug.ZmqSockets()
         try:
@@ -274,6 +278,13 @@ class ShmTransport(flowplug.TaskTransport):
             if kind == _INLINE:
                 return pickle.loads(memoryview(msg)[_TOKEN_LEN + 1 :])
             if kind == _COPY:
+                self._copies += 1
+                if self._copies == 1:
+                    logger.info(
+                        "the shm store (%d bytes) was full: datapoints travel as copies "
+                        "until the consumer drops views; raise size= to avoid it",
+                        self.settings["size"],
+                    )
                 return _load_copy(self._sock)
             if kind == _HELLO:
                 self._hellos += 1
@@ -318,6 +329,15 @@ class ShmTransport(flowplug.TaskTransport):
                 store.delete(oid)
             return False
         return True
+
+    def counters(self) -> dict[str, float]:
+        store = self._store
+        used = store.used if store is not None and not store.closed else 0
+        return {
+            "copies_received": self._copies,
+            "store_bytes_in_use": used,
+            "store_bytes": self.settings["size"],
+        }
 
     def close(self) -> None:
         sockets = getattr(self, "_sockets", None)

@@ -1,0 +1,177 @@
+"""runner.stats(): counts, the verdict (who waits on whom), per-worker numbers in shard
+mode, transport counters; the flowplug_runner_stats hook; logging to "flowplug"."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+
+import flowplug as fp
+import flowplug.stats
+from flowplug.plugins import get_registry
+
+TRANSPORTS = sorted(fp.available_transports())
+
+
+def slow(x):
+    time.sleep(0.003)
+    return x
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_slow_workers_make_an_input_bound_verdict(no_leaks, transport):
+    with fp.Runner(
+        fp.DataFromGenerator(lambda: map(slow, range(60)), size=60),
+        transport=transport,
+        num_workers=1,
+        mode="shard",
+    ) as runner:
+        assert sorted(runner) == list(range(60))
+        stats = runner.stats()
+    assert stats.delivered == 60
+    assert stats.input_bound, stats.summary()
+    assert stats.verdict == "input-bound: the consumer waits on the workers"
+    assert stats.consumer_blocked_fraction > 0.5
+    assert stats.consumer_blocked_s <= stats.elapsed_s - stats.startup_s
+    assert stats.transport == transport and stats.mode == "shard"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_slow_consumer_makes_the_workers_wait(no_leaks, transport):
+    with fp.Runner(
+        fp.DataFromList(range(40)), transport=transport, num_workers=2, capacity=4, mode="shard"
+    ) as runner:
+        for _ in runner:
+            time.sleep(0.005)
+        stats = runner.stats()
+    assert not stats.input_bound, stats.summary()
+    assert stats.verdict == "consumer-bound: the workers wait on the consumer"
+    assert [w.id for w in stats.workers] == [0, 1]
+    # Each made its 20, and is one epoch ahead at most; both waited for credits.
+    assert all(20 <= w.produced <= 40 for w in stats.workers), stats.workers
+    assert all(w.blocked_s > 0.02 for w in stats.workers), stats.workers
+
+
+def test_map_and_replicate_mode_count_in_the_consumer(no_leaks):
+    with fp.ParallelMap(fp.DataFromList(range(30)), slow, num_workers=2, transport="thread") as m:
+        assert len(list(m)) == 30 and len(list(m)) == 30
+        stats = m.stats()
+    assert stats.delivered == 60 and stats.mode == "map" and stats.workers is None
+    with fp.Runner(fp.DataFromList(range(5)), transport="thread", num_workers=2) as runner:
+        assert len(list(runner)) == 5  # an epoch is len(df) datapoints
+        it = iter(runner)
+        next(it), next(it)
+        stats = runner.stats()
+        del it
+    assert stats.delivered == 7 and stats.workers is None
+
+
+def test_stats_as_a_dict_and_before_the_start():
+    runner = fp.Runner(fp.DataFromList(range(3)), transport="thread", mode="shard")
+    stats = runner.stats()
+    assert stats.delivered == 0 and stats.verdict == flowplug.stats.NO_VERDICT
+    data = json.loads(json.dumps(stats.as_dict()))
+    assert data["delivered"] == 0 and data["workers"] is None
+    with runner:
+        list(runner)
+        data = json.loads(json.dumps(runner.stats().as_dict()))
+    assert data["delivered"] == 3 and data["workers"][0]["produced"] >= 3
+    assert set(data) == {f.name for f in fp.RunnerStats.__dataclass_fields__.values()}
+
+
+def test_shm_counts_copies_and_store_use(no_leaks):
+    with fp.Runner(fp.DataFromList(range(4)), transport="shm", mode="shard") as runner:
+        list(runner)
+        counters = runner.stats().transport_counters
+    assert counters["copies_received"] == 0
+    assert counters["store_bytes"] > 0 and 0 <= counters["store_bytes_in_use"] <= counters["store_bytes"]
+
+
+# ---------------------------------------------------------------------------- the hook
+
+
+class Recorder:
+    def __init__(self, fail: bool = False):
+        self.calls: list[tuple[object, fp.RunnerStats]] = []
+        self.fail = fail
+
+    @fp.hookimpl
+    def flowplug_runner_stats(self, runner, stats):
+        self.calls.append((runner, stats))
+        if self.fail:
+            raise RuntimeError("the exporter is down")
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    monkeypatch.setattr(flowplug.stats, "HOOK_INTERVAL", 0.05)
+    pm = get_registry().pm
+    rec = Recorder()
+    pm.register(rec)
+    try:
+        yield rec
+    finally:
+        pm.unregister(rec)
+
+
+def test_the_hook_is_called_on_a_timer_and_at_close(no_leaks, recorder):
+    with fp.Runner(fp.DataFromList(range(20)), transport="zmq", num_workers=2, mode="shard") as r:
+        assert len(list(r)) == 20
+        deadline = time.monotonic() + 10
+        while not recorder.calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert recorder.calls, "the timer never called the hook"
+        timed = len(recorder.calls)
+    assert len(recorder.calls) >= timed + 1
+    runner, final = recorder.calls[-1]
+    assert runner is r and final.delivered == 20
+    r.close()
+    assert runner is r and len(recorder.calls) == len(recorder.calls)  # close is idempotent
+
+
+def test_a_failing_hook_is_logged_and_the_runner_goes_on(no_leaks, recorder, caplog):
+    recorder.fail = True
+    with caplog.at_level(logging.ERROR, logger="flowplug"):
+        with fp.Runner(fp.DataFromList(range(10)), transport="thread", mode="shard") as runner:
+            deadline = time.monotonic() + 10
+            while not recorder.calls and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert sorted(runner) == list(range(10))
+            recorder.fail = False  # the call at close raises into close(): not this test's
+    assert "a flowplug_runner_stats hook raised" in caplog.text
+
+
+def test_no_timer_thread_without_an_implementation(no_leaks):
+    with fp.Runner(fp.DataFromList(range(3)), transport="thread", mode="shard") as runner:
+        assert runner._hook_timer is None
+        list(runner)
+
+
+# ---------------------------------------------------------------------------- logging
+
+
+def test_start_stop_and_a_worker_error_are_logged(no_leaks, caplog):
+    def boom():
+        yield 1
+        raise ValueError("bad record")
+
+    with caplog.at_level(logging.INFO, logger="flowplug"):
+        runner = fp.Runner(fp.DataFromGenerator(boom), transport="thread", mode="shard")
+        with pytest.raises(fp.WorkerError):
+            list(runner)
+        runner.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "flowplug"]
+    assert messages[0] == "Runner started: transport 'thread', 1 worker(s), mode 'shard', capacity 50"
+    assert "worker 0 failed (ValueError); closing" in messages
+    assert messages[-1].startswith("Runner stopped: ")
+
+
+def test_demo_prints_the_verdict(no_leaks, capsys):
+    from flowplug import cli
+
+    assert cli.main(["demo", "--transport", "thread", "--seconds", "0.2", "--mb", "1"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("thread ") and "bound: the" in line, line
