@@ -298,6 +298,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=1))
     else:
         print(bench.table(result["rows"]))
+        for row in result["rows"]:
+            if row.get("verdict"):  # the runner's own view (docs/bottleneck.md)
+                print(f"verdict of {row['label']}, {row['payload']}: {row['verdict']}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)

@@ -175,3 +175,12 @@ def test_demo_prints_the_verdict(no_leaks, capsys):
     assert cli.main(["demo", "--transport", "thread", "--seconds", "0.2", "--mb", "1"]) == 0
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("thread ") and "bound: the" in line, line
+
+
+def test_bench_prints_the_runners_verdict_below_the_table(capsys):
+    from flowplug import cli
+
+    assert cli.main(["bench", "--quick", "--peers", "none", "-p", "small", "-t", "thread"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (line,) = [x for x in lines if x.startswith("verdict of flowplug thread, small: ")]
+    assert "bound: the" in line or "no verdict yet" in line, line

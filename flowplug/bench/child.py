@@ -94,7 +94,7 @@ def _measure_memcpy(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure_stream(spec: dict[str, Any]) -> dict[str, Any]:
-    from .systems import open_stream
+    from .systems import VERDICTS, open_stream
 
     expected = nbytes(make(spec["payload"]))
     check = touch if spec["touch"] else None
@@ -117,7 +117,11 @@ def _measure_stream(spec: dict[str, Any]) -> dict[str, Any]:
                 check(next(items))
 
         rates, cpu = _timed_runs(step, spec["warmup"], spec["seconds"], spec["repeats"])
-    return {"rates": rates, "cpu_s_per_item": cpu, "startup_s": startup, "nbytes": expected}
+    out = {"rates": rates, "cpu_s_per_item": cpu, "startup_s": startup, "nbytes": expected}
+    verdict = VERDICTS.get(spec["system"])
+    if verdict is not None:
+        out["verdict"] = verdict
+    return out
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:

@@ -93,6 +93,11 @@ def counterpart(key: str) -> str | None:
 # ---------------------------------------------------------------------------- streams
 
 
+#: the runner's verdict (``runner.stats().summary()``) per flowplug system measured in
+#: this process (one row per child process): what ``flowplug bench`` prints below the table.
+VERDICTS: dict[str, str] = {}
+
+
 def open_stream(key: str, payload: str, workers: int) -> AbstractContextManager[Iterator[Any]]:
     """Start system ``key`` (``fp-<transport>`` or a :data:`PEERS` key) on ``payload``."""
     if key.startswith("fp-"):
@@ -113,6 +118,7 @@ def _flowplug(transport: str, payload: str, workers: int) -> Iterator[Iterator[A
     runner = flowplug.Runner(Repeat(payload), transport=transport, num_workers=workers)
     try:
         yield iter(runner)
+        VERDICTS[f"fp-{transport}"] = runner.stats().summary()
     finally:
         runner.close()
 
