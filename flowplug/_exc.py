@@ -223,3 +223,50 @@ def combine(
         except Exception:
             pass  # e.g. a __new__ that wants other arguments: a plain WorkerError then
     return WorkerError(message, **fields)
+
+
+# ---------------------------------------------------------------------------- pickling
+# A WorkerError travels (a nested runner's error, passed on) with its original packed.
+# Here rather than in errors.py: this module builds on WorkerError, so errors.py cannot
+# import it; it registers the reducer on the class instead.
+
+
+def _reduce_worker_error(err: WorkerError) -> Any:
+    return (
+        _rebuild_worker_error,
+        (
+            err._message,
+            err.worker_id,
+            err.exc_type,
+            err.remote_traceback,
+            err.index,
+            pack(err.original) if err.original is not None else None,
+            err._remote_message,
+            err._origin,
+        ),
+    )
+
+
+def _rebuild_worker_error(
+    message: str,
+    worker_id: int,
+    exc_type: str,
+    remote_traceback: str,
+    index: int | None,
+    packed: bytes | None,
+    remote_message: str,
+    origin: str,
+) -> WorkerError:
+    return combine(
+        unpack(packed),
+        message,
+        worker_id=worker_id,
+        exc_type=exc_type,
+        remote_traceback=remote_traceback,
+        index=index,
+        remote_message=remote_message,
+        origin=origin,
+    )
+
+
+WorkerError._reduce = staticmethod(_reduce_worker_error)  # type: ignore[assignment]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 
 class FlowplugError(Exception):
@@ -138,45 +139,13 @@ class WorkerError(FlowplugError):
         return self._message
 
     def __reduce__(self) -> Any:
-        from ._exc import pack
+        # The original exception travels packed by flowplug._exc, which builds on this
+        # class (so it is not imported here) and registers its reducer when it is
+        # imported, which `import flowplug` always does.
+        return WorkerError._reduce(self)
 
-        return (
-            _rebuild_worker_error,
-            (
-                self._message,
-                self.worker_id,
-                self.exc_type,
-                self.remote_traceback,
-                self.index,
-                pack(self.original) if self.original is not None else None,
-                self._remote_message,
-                self._origin,
-            ),
-        )
-
-
-def _rebuild_worker_error(
-    message: str,
-    worker_id: int,
-    exc_type: str,
-    remote_traceback: str,
-    index: int | None,
-    packed: bytes | None,
-    remote_message: str,
-    origin: str,
-) -> WorkerError:
-    from ._exc import combine, unpack
-
-    return combine(
-        unpack(packed),
-        message,
-        worker_id=worker_id,
-        exc_type=exc_type,
-        remote_traceback=remote_traceback,
-        index=index,
-        remote_message=remote_message,
-        origin=origin,
-    )
+    #: how a WorkerError pickles with its original exception; set by flowplug._exc.
+    _reduce: ClassVar[Callable[[WorkerError], Any]]
 
 
 class WorkerDied(FlowplugError):
