@@ -8,7 +8,10 @@ received as one frame is a view of that frame.
 
 from __future__ import annotations
 
+import io
 import pickle
+import sys
+import threading
 from array import array
 from typing import Any
 
@@ -16,26 +19,93 @@ from typing import Any
 OUT_OF_BAND_MIN = 8 * 1024
 
 
-def dumps(obj: Any) -> list[Any]:
-    """Serialize ``obj`` into ``[stream, buffer, ...]``.
+class _Pickler(pickle.Pickler):
+    """Protocol 5, with numpy arrays reduced faster than numpy does and always out of band.
 
+    numpy pickles datetime/timedelta arrays (no buffer format) and non-contiguous arrays
+    into the stream, and its own protocol-5 reduce costs ~10 us per array; here every
+    array with a plain dtype becomes ``(buffer, dtype, shape, order)``, its buffer offered
+    out of band like any other (non-contiguous ones are made contiguous once).
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        # numpy is loaded when an ndarray exists; `import flowplug` does not load it.
+        np = sys.modules.get("numpy")
+        if np is None or type(obj) is not np.ndarray:
+            return NotImplemented
+        dtype = obj.dtype
+        if dtype.hasobject or obj.size == 0:
+            return NotImplemented
+        c = obj.flags.c_contiguous
+        order = "F" if obj.flags.f_contiguous and not c else "C"
+        if not (c or order == "F"):
+            obj = np.ascontiguousarray(obj)
+        raw = obj.reshape(-1, order=order).view(np.uint8)
+        plain = dtype.names is None and dtype.subdtype is None and dtype.metadata is None
+        dt = dtype.str if plain else dtype
+        return _rebuild_array, (pickle.PickleBuffer(raw), dt, obj.shape, order)
+
+
+def _rebuild_array(buf: Any, dtype: Any, shape: tuple[int, ...], order: str) -> Any:
+    import numpy as np  # only ever called to rebuild an array, so numpy is there
+
+    array = np.frombuffer(buf, dtype=dtype)
+    return array.reshape(shape, order=order)  # type: ignore[call-overload]
+
+
+class _Dumper(threading.local):
+    """One pickler per thread, reused: making one per object costs more than pickling."""
+
+    def __init__(self) -> None:
+        self.out = io.BytesIO()
+        self.buffers: list[Any] = []
+        self.min = OUT_OF_BAND_MIN
+        self.busy = False
+        self.pickler = _Pickler(self.out, protocol=5, buffer_callback=self.offer)
+
+    def offer(self, buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes < self.min:
+            return True  # true means: serialize in-band
+        self.buffers.append(raw)
+        return False
+
+
+_dumper = _Dumper()
+
+
+def dumps(obj: Any, *, out_of_band_min: int = OUT_OF_BAND_MIN) -> list[Any]:
+    """Serialize ``obj`` into ``[stream, buffer, ...]``: the one pickler of flowplug.
+
+    Buffers (a numpy array's data, an Arrow buffer) of at least ``out_of_band_min``
+    bytes are not copied: they become frames of their own, views of ``obj``'s memory.
+    Numpy arrays of every plain dtype (datetime too) and layout (other strides are made
+    contiguous once) take that path, so all of them come back as views of their frame.
+
+    :param out_of_band_min: smaller buffers are copied into the stream (a frame costs
+        more); 0 sends every buffer out of band (the shared-memory store does).
     :raises TypeError: ``obj`` holds something that cannot be pickled; the message
         names the datapoint's type and the original error.
     """
-    buffers: list[Any] = []
-
-    def keep_large(buf: pickle.PickleBuffer) -> bool:
-        raw = buf.raw()
-        if raw.nbytes < OUT_OF_BAND_MIN:
-            return True  # true means: serialize in-band
-        buffers.append(raw)
-        return False
-
+    d = _dumper
+    if d.busy:  # dumps() called from inside a pickling (a __reduce__): a fresh pickler
+        d = _Dumper()
+    d.busy = True
+    d.min = out_of_band_min
+    out = d.out
     try:
-        stream = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+        d.pickler.dump(obj)
+        frames = [out.getvalue(), *d.buffers]
     except Exception as exc:
+        d.pickler = _Pickler(out, protocol=5, buffer_callback=d.offer)  # no half state
         raise _not_picklable(obj, exc) from exc
-    return [stream, *buffers]
+    finally:
+        d.pickler.clear_memo()
+        out.seek(0)
+        out.truncate()
+        d.buffers = []
+        d.busy = False
+    return frames
 
 
 def dumps_bytes(obj: Any) -> bytes:
@@ -133,19 +203,24 @@ def batch_of_one(frames: list[Any]) -> tuple[bytes, list[Any], int]:
 
 def unpack_batch(header: Any, blob: Any) -> list[Any]:
     """Rebuild the objects of a batch (arrays are views of ``blob``)."""
-    lengths = memoryview(header).cast("B").cast("Q")
-    view = memoryview(blob)
+    lengths = memoryview(header).cast("B").cast("Q").tolist()
+    view = memoryview(blob).cast("B")
+    loads = pickle.loads
     out = []
     pos = 1
     offset = 0
     for _ in range(lengths[0]):
         n = lengths[pos]
-        pos += 1
+        if n == 1:  # the common case, a small object: one frame, no buffers
+            length = lengths[pos + 1]
+            out.append(loads(view[offset : offset + length]))
+            offset += length + (-length % _ALIGN)
+            pos += 2
+            continue
         frames = []
-        for length in lengths[pos : pos + n]:
-            offset += -offset % _ALIGN
+        for length in lengths[pos + 1 : pos + 1 + n]:
             frames.append(view[offset : offset + length])
-            offset += length
-        pos += n
-        out.append(pickle.loads(frames[0], buffers=frames[1:]))
+            offset += length + (-length % _ALIGN)
+        pos += n + 1
+        out.append(loads(frames[0], buffers=frames[1:]))
     return out

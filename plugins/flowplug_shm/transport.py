@@ -1,60 +1,68 @@
-"""Workers put datapoints in a shared-memory store; only object ids cross a zmq socket.
+"""Workers put datapoints in a shared-memory store; their ids cross rings in the same memory.
 
-The consumer owns one :class:`flowplug.shm.ObjectStore`; each worker attaches to it, writes
-every datapoint's buffers into it (pickle protocol 5, all buffers out of band) and sends the
-16-byte object id over a ZeroMQ PUSH/PULL socket. The consumer rebuilds the datapoint on
-views of the store, so a 5 MB batch is copied once (into the store) and never again; an
-array from ``fp.shm.empty()`` is not copied at all. Small datapoints with no buffers (ints,
-strings, error reports) travel inline on the socket.
+The consumer owns one :class:`flowplug.shm.ObjectStore` whose control area also holds one
+ring per worker (:mod:`flowplug.shm.channel`). A worker writes each datapoint's buffers
+into the store (pickle protocol 5, all buffers out of band) and puts the object's id into
+its ring; a datapoint whose pickle is small and has no buffers (an int, a short dict, an
+error report) goes into the ring slot itself. The consumer rebuilds the datapoint on views
+of the store, so a 5 MB batch is copied once (into the store) and never again; an array
+from ``fp.shm.empty()`` is not copied at all. While both sides are busy, no entry costs a
+system call: the rings' semaphores enter the kernel only to wake a side that sleeps.
 
-Every message is ``token + kind + payload`` in one frame, except a copy (below), whose
-pickle stream and buffers follow as frames of their own. The token is private to the run,
-so bytes from a stranger who connects to the socket are dropped, never unpickled. Each
-worker says hello once it has attached; when all have, the consumer unlinks the store's
-file, so even a SIGKILL of the consumer leaves nothing in ``/dev/shm``.
+``capacity`` bounds the datapoints in flight, counted across workers: the rings' lengths
+add up to it (each worker at least one). The store bounds them in bytes (``size``).
+
+The store's file is unlinked before the consumer delivers the first datapoint, so a SIGKILL
+of the consumer leaves nothing in ``/dev/shm``: forked workers inherit the mapping and its
+fd, so the consumer unlinks the file at once, before it starts them (nothing is left at
+any point); spawned ones attach by name and say hello through a semaphore, and the
+consumer reads no datapoint until all have.
 
 A full store makes a worker wait for room, except while the consumer waits too (for a
 datapoint, or to send a task): then the memory is held by the consumer itself (views it
 keeps, later items an ordered epoch holds back, tasks not yet answered) and will not be
-freed until a datapoint arrives, so the worker sends this datapoint as a *copy* through
-the socket instead (:meth:`flowplug.shm.ObjectStore.waiting`). A full store never
-deadlocks; what it costs is copies, until the consumer drops views again.
+freed until a datapoint arrives, so the worker sends this datapoint as a *copy* through a
+zmq socket instead (:meth:`flowplug.shm.ObjectStore.waiting`), and a COPY entry in its ring
+keeps its place in the order. A full store never deadlocks; what it costs is copies, until
+the consumer drops views again. Every zmq message starts with a token private to the run,
+so bytes from a stranger who connects to the socket are dropped, never unpickled.
 
-Tasks (:class:`flowplug.ParallelMap`) go the other way the same way: the consumer puts a
-large task into the store and sends its id over a second PUSH/PULL pair; the worker takes
-it, and gets views. Tasks use at most half of the store (:data:`TASK_SHARE`), so results
-always find room unless the consumer holds it; beyond that, and for small tasks, a task
-travels as a copy.
+Tasks (:class:`flowplug.ParallelMap`) go the other way through a zmq PUSH/PULL pair: the
+consumer puts a large task into the store and sends its id; the worker takes it, and gets
+views. Tasks use at most half of the store (:data:`TASK_SHARE`), so results always find
+room unless the consumer holds it; beyond that, and for small tasks, a task travels as a
+copy.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
 import pickle
 import secrets
-import time
-from collections.abc import Callable
+import struct
 from typing import Any
 
 import zmq
 
 import flowplug
+from flowplug.shm import DEFAULT_SIZE, ObjectID, ObjectStore, dumps, use_store
+from flowplug.shm import channel as _channel
 
 logger = logging.getLogger("flowplug.shm")
-from flowplug.shm import DEFAULT_SIZE, ObjectID, ObjectStore, dumps, use_store
 
-#: how long a closing worker keeps trying to deliver what it has sent (ms).
+#: how long a closing worker keeps trying to deliver the copies it has sent (ms).
 _LINGER_MS = 5000
-#: a datapoint without buffers whose pickle is at most this long travels inline; so does a
-#: task of at most this many bytes, buffers included.
+#: a task of at most this many bytes, buffers included, travels inline.
 INLINE_MAX = 64 * 1024
 #: tasks go into the store only while it stays at most this full: the rest is for results.
 TASK_SHARE = 0.5
-# kinds: hello, object id, one-frame pickle, copy (pickle stream and buffers as frames).
-_HELLO, _OBJECT, _INLINE, _COPY = b"H", b"O", b"I", b"C"
+# zmq message kinds: object id (tasks), one-frame pickle (tasks), copy (stream and buffers).
+_OBJECT, _INLINE, _COPY = b"O", b"I", b"C"
 _TOKEN_LEN = 16
+_WORKER = struct.Struct("<H")
 
 
 def _discard_rest(sock: zmq.Socket) -> None:
@@ -69,57 +77,92 @@ def _load_copy(sock: zmq.Socket) -> Any:
     return pickle.loads(frames[0].buffer, buffers=[f.buffer for f in frames[1:]])
 
 
+def ring_lengths(capacity: int, num_workers: int) -> list[int]:
+    """Each worker's share of ``capacity`` (at least one entry each)."""
+    base, extra = divmod(capacity, num_workers)
+    return [max(1, base + (1 if w < extra else 0)) for w in range(num_workers)]
+
+
 class ShmSender(flowplug.Sender):
-    def __init__(self, store_name: str, address: str, token: bytes, hwm: int):
+    def __init__(self, endpoint: ShmEndpoint, worker_id: int):
+        store = endpoint.store
         try:
-            self.store = ObjectStore.attach(store_name)
+            if store is None:  # spawned: attach by name (the consumer waits for our hello)
+                store = ObjectStore.attach(endpoint.store_name)
+            self.store = store
+            mm, offset, address = store.channel_area()  # a forked child reopens here
         except flowplug.StateError as exc:
             raise flowplug.TransportClosed(str(exc)) from exc
-        self._sockets = flowplug.ZmqSockets()
-        self._sock = self._sockets.connect(zmq.PUSH, address, hwm=hwm, linger_ms=_LINGER_MS)
-        self._send = self._sock.send
-        self._put = self.store.put_frames
-        self._object = token + _OBJECT
-        self._inline = token + _INLINE
-        self._copy = token + _COPY
+        self._chan = _channel.Channels(mm, offset, address, endpoint.slots)
+        self._ring = worker_id
+        self._endpoint = endpoint
+        self._sock: zmq.Socket | None = None
+        self._put = store.put_frames
         # fp.shm.empty() in this worker allocates in the transport's store.
-        self._using = use_store(self.store)
+        self._using = use_store(store)
         self._using.__enter__()
-        self._send(token + _HELLO)
+        self._chan.hello(worker_id)
 
     def send(self, obj: Any) -> None:
         frames = dumps(obj)
-        if len(frames) == 1 and len(frames[0]) <= INLINE_MAX:
-            self._send(self._inline + frames[0])
+        chan = self._chan
+        if len(frames) == 1 and len(frames[0]) <= _channel.INLINE_MAX:
+            chan.put(self._ring, _channel.INLINE, len(frames[0]), 0, frames[0], self._alive)
             return
         try:
             oid = self._put(frames, give_way=True)
         except flowplug.StoreFull:
             # The consumer waits while it holds the memory: waiting for room would never
             # end, so this one goes as a copy (zmq copies the frames before returning).
-            self._sock.send_multipart([self._copy, *frames])
+            self._copy_socket().send_multipart([self._copy_head, *frames])
+            chan.put(self._ring, _channel.COPY, 0, 0, None, self._alive)
             return
         except flowplug.StateError as exc:  # the consumer closed the store
             raise flowplug.TransportClosed(str(exc)) from exc
-        self._send(self._object + oid.binary())
+        chan.put(self._ring, _channel.OBJECT, oid.offset, oid.tag, None, self._alive)
+
+    def _alive(self) -> None:
+        # called while the ring is full, every 0.5 s
+        try:
+            self.store.check_owner()
+        except flowplug.StateError as exc:
+            raise flowplug.TransportClosed(str(exc)) from exc
+
+    def _copy_socket(self) -> zmq.Socket:
+        if self._sock is None:
+            self._sockets = flowplug.ZmqSockets()
+            self._sock = self._sockets.connect(
+                zmq.PUSH, self._endpoint.address, hwm=1000, linger_ms=_LINGER_MS
+            )
+            self._copy_head = self._endpoint.token + _COPY + _WORKER.pack(self._ring)
+        return self._sock
 
     def close(self) -> None:
         self._using.__exit__(None, None, None)
-        self._sockets.close()
+        self._chan = None  # type: ignore[assignment]
+        if self._sock is not None:
+            self._sockets.close()
         self.store.close()
 
 
 class ShmEndpoint(flowplug.Endpoint):
-    def __init__(self, store_name: str, address: str, token: bytes, hwm: int):
-        self.store_name = store_name
+    def __init__(self, store: ObjectStore, address: str, token: bytes, slots: list[int]):
+        #: the consumer's store: forked workers inherit it; pickling (spawn) keeps the name.
+        self.store: ObjectStore | None = store
+        self.store_name = store.name
         self.address = address
         self.token = token
-        self.hwm = hwm
+        self.slots = slots
         #: (pid, store) of the sender connected in this process; its task receiver shares it.
         self._attached: tuple[int, ObjectStore] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["store"] = state["_attached"] = None
+        return state
+
     def connect(self, worker_id: int) -> ShmSender:
-        sender = ShmSender(self.store_name, self.address, self.token, self.hwm)
+        sender = ShmSender(self, worker_id)
         self._attached = (os.getpid(), sender.store)
         return sender
 
@@ -181,7 +224,9 @@ class ShmTaskEndpoint(flowplug.TaskEndpoint):
     def connect(self, worker_id: int) -> ShmTaskReceiver:
         store = self.data.attached()
         own = store is None
-        if store is None:
+        if store is None and self.data.store is not None:
+            store = self.data.store  # forked: the consumer's, inherited (reopened on use)
+        elif store is None:
             # No sender here (not the Runner's order): attach by name, which works until
             # every worker has said hello and the consumer unlinked the store.
             try:
@@ -230,66 +275,119 @@ class ShmTransport(flowplug.TaskTransport):
     )
 
     def open(self) -> ShmEndpoint:
-        values = self.option_values
+        why = _channel.available()
+        if why is not None:
+            raise flowplug.ConfigError(
+                f"transport 'shm' cannot run here: {why}; use transport='zmq' or 'queue'"
+            )
+        slots = ring_lengths(self.capacity, self.num_workers)
         self._store: ObjectStore | None = ObjectStore(
-            values["size"],
-            dir=values["dir"] or None,
-            reserve=values["reserve"],
+            self.option_values["size"],
+            dir=self.option_values["dir"] or None,
+            reserve=self.option_values["reserve"],
             run_id=self.run_id,
+            channel_bytes=_channel.layout(self.num_workers, slots),
         )
-        self._hellos = 0
-        self._copies = 0
+        self._chan: _channel.Channels | None = _channel.Channels(*self._store.channel_area(), slots)
+        self._chan.init()  # before any worker starts
+        # Forked workers inherit the mapping and its fd: the name can go now, before they
+        # even exist. Spawned ones attach by name: it goes once all of them said hello.
+        if self.start_method == "fork":
+            self._store.unlink()
+            self._unhello: set[int] = set()
+        else:
+            self._unhello = set(range(self.num_workers))
+        self._unlinked = False
+        self._next = 0
+        self._copies: dict[int, collections.deque] = {}
+        self._copy_due: int | None = None  # a COPY entry read whose copy has not come yet
+        self._copies_received = 0
         self._token = secrets.token_bytes(_TOKEN_LEN)
         self._sockets = flowplug.ZmqSockets()
+        self._sock: zmq.Socket | None = None
         try:
-            self._sock, self.address = self._sockets.bind(zmq.PULL, self.run_id, hwm=self.capacity)
+            self._sock, self.address = self._sockets.bind(zmq.PULL, self.run_id, hwm=1000)
         except flowplug.ConfigError:
             self.close()
             raise
-        self._recv = self._sock.recv
-        self._poll = self._sock.poll
-        self._take: Callable[[ObjectID], Any] = self._store.take
+        self._take = self._store.take_sole  # ids come through our rings only
+        # Dropped views return with the next take (one lock per datapoint, not two); the
+        # consumer's wait applies them too, so a worker waiting for room never waits on them.
+        self._store.defer_frees(16)
         self._waiting = self._store.waiting
-        self._endpoint = ShmEndpoint(self._store.name, self.address, self._token, self.capacity)
+        self._endpoint = ShmEndpoint(self._store, self.address, self._token, slots)
         return self._endpoint
 
     def recv(self, timeout: float) -> Any:
-        deadline = None
-        while True:
-            try:
-                msg = self._recv(zmq.NOBLOCK)
-            except zmq.Again:
-                if deadline is None:
-                    deadline = time.monotonic() + timeout
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return flowplug.EMPTY
-                with self._waiting():  # workers waiting for room send copies meanwhile
-                    ready = self._poll(math.ceil(left * 1000))
-                if not ready:
-                    return flowplug.EMPTY
+        chan = self._chan  # held here: the mapping outlives a close() from another thread
+        if chan is None:
+            raise flowplug.TransportClosed("the shm transport was closed")
+        if not self._unlinked and not self._ready(timeout):
+            return flowplug.EMPTY
+        if self._copy_due is not None:
+            return self._copy(self._copy_due, timeout)
+        if not chan.wait(0):
+            with self._waiting():  # workers waiting for room send copies meanwhile
+                if not chan.wait(timeout):
+                    return self._closed_check(flowplug.EMPTY)
+        if chan.closed:
+            raise flowplug.TransportClosed("the shm transport was closed")
+        ring, kind, a, b, at = chan.take(self._next)
+        self._next = ring + 1 if ring + 1 < self.num_workers else 0
+        if kind == _channel.OBJECT:
+            chan.release(ring)
+            return self._take(ObjectID(a, b))
+        if kind == _channel.INLINE:
+            obj = pickle.loads(chan.mm[at : at + a])
+            chan.release(ring)
+            return obj
+        chan.release(ring)  # a COPY: it comes through the socket
+        return self._copy(ring, timeout)
+
+    def _closed_check(self, value: Any) -> Any:
+        if self._sock is None:
+            raise flowplug.TransportClosed("the shm transport was closed")
+        return value
+
+    def _ready(self, timeout: float) -> bool:
+        """Unlink the store once every worker can reach it without its name."""
+        if self._unhello:
+            self._chan.wait_hellos(self._unhello, timeout)
+            if self._unhello:
+                return False
+        store = self._store
+        if store is None:
+            raise flowplug.TransportClosed("the shm transport was closed")
+        store.unlink()  # all attached: nothing to leave behind after a crash
+        self._unlinked = True
+        return True
+
+    def _copy(self, ring: int, timeout: float) -> Any:
+        """The copy that worker ``ring`` sent through the socket, in its ring's order."""
+        got = self._copies.get(ring)
+        sock = self._sock
+        if sock is None:
+            raise flowplug.TransportClosed("the shm transport was closed")
+        while not got:
+            if not sock.poll(math.ceil(timeout * 1000)):
+                self._copy_due = ring  # not here yet: the Runner checks for deaths meanwhile
+                return flowplug.EMPTY
+            msg = sock.recv()
+            if msg[:_TOKEN_LEN] != self._token or msg[_TOKEN_LEN : _TOKEN_LEN + 1] != _COPY:
+                _discard_rest(sock)  # not from our workers: never unpickle a stranger's bytes
                 continue
-            if msg[:_TOKEN_LEN] != self._token:
-                _discard_rest(self._sock)  # not from our workers: never unpickle a stranger's
-                continue
-            kind = msg[_TOKEN_LEN : _TOKEN_LEN + 1]
-            if kind == _OBJECT:
-                return self._take(ObjectID.from_binary(msg[_TOKEN_LEN + 1 :]))
-            if kind == _INLINE:
-                return pickle.loads(memoryview(msg)[_TOKEN_LEN + 1 :])
-            if kind == _COPY:
-                self._copies += 1
-                if self._copies == 1:
-                    logger.info(
-                        "the shm store (%d bytes) was full: datapoints travel as copies "
-                        "until the consumer drops views; raise size= to avoid it",
-                        self.settings["size"],
-                    )
-                return _load_copy(self._sock)
-            if kind == _HELLO:
-                self._hellos += 1
-                if self._hellos == self.num_workers and self._store is not None:
-                    self._store.unlink()  # all attached: nothing to leave behind after a crash
+            (sender,) = _WORKER.unpack_from(msg, _TOKEN_LEN + 1)
+            self._copies.setdefault(sender, collections.deque()).append(_load_copy(sock))
+            got = self._copies.get(ring)
+        self._copy_due = None
+        self._copies_received += 1
+        if self._copies_received == 1:
+            logger.info(
+                "the shm store (%d bytes) was full: datapoints travel as copies "
+                "until the consumer drops views; raise size= to avoid it",
+                self.option_values["size"],
+            )
+        return got.popleft()
 
     def open_tasks(self) -> ShmTaskEndpoint:
         hwm = max(1, self.capacity // self.num_workers)
@@ -334,12 +432,17 @@ class ShmTransport(flowplug.TaskTransport):
         store = self._store
         used = store.used if store is not None and not store.closed else 0
         return {
-            "copies_received": self._copies,
+            "copies_received": self._copies_received,
             "store_bytes_in_use": used,
-            "store_bytes": self.settings["size"],
+            "store_bytes": self.option_values["size"],
         }
 
     def close(self) -> None:
+        chan = getattr(self, "_chan", None)
+        if chan is not None:
+            self._chan = None  # the mapping goes with the last user of chan
+            chan.close()  # wakes a recv() blocked in another thread, and waiting workers
+        self._task_sock = self._sock = None
         sockets = getattr(self, "_sockets", None)
         if sockets is not None:
             sockets.close()

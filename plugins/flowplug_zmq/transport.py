@@ -7,7 +7,10 @@ dropped, never unpickled. Received numpy arrays are views of the received frames
 
 Large buffers are sent without a copy (``copy=False``); ``send()`` returns once zmq has
 handed them to the kernel (a ``MessageTracker``), because the worker may refill the same
-array as soon as ``send()`` returns.
+array as soon as ``send()`` returns. A dataflow that yields a new array each time and never
+changes one it has yielded can say so (option ``fresh_arrays``): ``send()`` then returns at
+once and zmq keeps the buffers referenced until it is done, as a bare pyzmq loop does.
+Small items are copied into batches, so they never wait.
 """
 
 from __future__ import annotations
@@ -28,9 +31,17 @@ _LINGER_MS = 5000
 
 class ZmqSender(flowplug.BatchingSender):
     def __init__(
-        self, address: str, token: bytes, hwm: int, batch: int, batch_delay: float, worker_id: int
+        self,
+        address: str,
+        token: bytes,
+        hwm: int,
+        batch: int,
+        batch_delay: float,
+        fresh_arrays: bool,
+        worker_id: int,
     ):
         super().__init__(max_items=batch, max_delay=batch_delay)
+        self._wait = not fresh_arrays
         self._sockets = flowplug.ZmqSockets()
         self._sock = self._sockets.connect(zmq.PUSH, address, hwm=hwm, linger_ms=_LINGER_MS)
         self._token = token
@@ -41,7 +52,11 @@ class ZmqSender(flowplug.BatchingSender):
             self._send([self._token, b"", frames[0]])
             return
         # The buffers are the worker's arrays: send them without a copy, and return only
-        # once zmq is done with them, since the worker may refill them right after.
+        # once zmq is done with them, since the worker may refill them right after; unless
+        # the dataflow promised fresh arrays (zmq keeps them referenced while it reads).
+        if not self._wait:
+            self._send([self._token, b"", *frames], copy=False)
+            return
         tracker = self._send([self._token, b"", *frames], copy=False, track=True)
         tracker.wait()
 
@@ -91,6 +106,13 @@ class ZmqTransport(flowplug.TaskTransport):
         flowplug.Option(
             "batch_delay", float, 0.002, "seconds a small item may wait for its batch to fill"
         ),
+        flowplug.Option(
+            "fresh_arrays",
+            bool,
+            False,
+            "the dataflow never changes an array after yielding it: send() does not wait "
+            "for zmq to release large buffers",
+        ),
     )
 
     def open(self) -> functools.partial[ZmqSender]:
@@ -110,6 +132,7 @@ class ZmqTransport(flowplug.TaskTransport):
             hwm,
             max(1, values["batch"]),
             values["batch_delay"],
+            values["fresh_arrays"],
         )
 
     def recv(self, timeout: float) -> Any:

@@ -213,6 +213,34 @@ def test_a_store_larger_than_dev_shm_is_a_clear_error():
 # ------------------------------------------------------------------ no leaks
 
 
+class Counted(fp.DataFlow):
+    """1 MiB items; counts how many each worker has yielded, in memory shared by fork."""
+
+    def __init__(self):
+        import mmap
+
+        self.counts = np.frombuffer(mmap.mmap(-1, 8 * 16), np.int64)  # no fd, no file
+
+    def __iter__(self):
+        w = fp.worker_info().id
+        while True:
+            self.counts[w] += 1
+            yield np.ones(1 << 20, np.uint8)
+
+
+@pytest.mark.parametrize("capacity, workers", [(4, 2), (5, 2), (3, 1)])
+def test_capacity_bounds_the_datapoints_in_flight_across_workers(capacity, workers):
+    df = Counted()
+    with fp.Runner(df, transport="shm", num_workers=workers, capacity=capacity) as runner:
+        it = iter(runner)
+        kept = [next(it) for _ in range(3)]
+        time.sleep(1.0)  # the workers fill whatever room there is
+        in_flight = int(df.counts.sum()) - len(kept)
+        # each worker also holds the item it is blocked sending, not yet in flight
+        assert in_flight <= capacity + workers, (in_flight, capacity)
+        it.close()
+
+
 def test_the_store_is_unlinked_once_every_worker_attached():
     with fp.Runner(Numbered(), transport="shm", num_workers=3) as runner:
         it = iter(runner)
@@ -235,33 +263,42 @@ _CONSUMER = textwrap.dedent(
             while True:
                 yield fp.worker_info().id, np.ones(1 << 20, np.uint8)
 
-    runner = fp.Runner(Big(), transport="shm", num_workers=2, size="64MiB")
-    runner.reset_state()
-    if sys.argv[1] == "iterate":
-        it = iter(runner)
-        kept = []
-        while len({w for w, _ in kept}) < 2:  # each worker's hello precedes its items
-            kept.append(next(it))
-    print("ready", flush=True)
-    sys.stdin.read()
+    if __name__ == "__main__":
+        method = sys.argv[2]
+        runner = fp.Runner(
+            Big(), transport="shm", num_workers=2, size="64MiB", start_method=method
+        )
+        runner.reset_state()
+        if sys.argv[1] == "iterate":
+            it = iter(runner)
+            kept = []
+            while len({w for w, _ in kept}) < 2:  # each worker's hello precedes its items
+                kept.append(next(it))
+        print("ready", flush=True)
+        sys.stdin.read()
     """
 )
 
 
+@pytest.mark.parametrize("method", ["fork", "spawn"])
 @pytest.mark.parametrize("iterate", ["iterate", "start-only"])
-def test_nothing_stays_in_dev_shm_after_the_consumer_is_killed(iterate):
+def test_nothing_stays_in_dev_shm_after_the_consumer_is_killed(iterate, method, tmp_path):
+    script = tmp_path / "consumer.py"  # a file: spawned workers import the dataflow from it
+    script.write_text(_CONSUMER)
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CONSUMER, iterate],
+        [sys.executable, str(script), iterate, method],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert proc.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
-        if iterate == "iterate":
-            assert segments(proc.pid) == []  # unlinked as soon as both workers attached
+        if iterate == "iterate" or method == "fork":
+            # fork: unlinked before the workers start; spawn: once both said hello, before
+            # the first datapoint is delivered
+            assert segments(proc.pid) == []
         else:
-            assert len(segments(proc.pid)) == 1
+            assert len(segments(proc.pid)) == 1  # spawned workers still need its name
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -281,7 +318,9 @@ _EXITING = textwrap.dedent(
     import numpy as np
     import flowplug as fp
 
-    runner = fp.Runner(fp.DataFromList([np.ones(1000)]), transport="shm", num_workers=2)
+    runner = fp.Runner(
+        fp.DataFromList([np.ones(1000)]), transport="shm", num_workers=2, start_method="spawn"
+    )
     runner.reset_state()  # the workers' hellos are never read: the store keeps its name
     store = fp.shm.ObjectStore("1MiB")
     view = store.take(store.put(np.ones(1000)))

@@ -6,75 +6,268 @@ same code as on one machine (death signal, parent watchdog, seeds, the send loop
 :func:`flowplug.worker_loop.run_worker`), and its exit status is known: a worker killed by
 SIGSEGV is reported as such, which Ray alone cannot tell (it sees a closed connection).
 
-The worker sends pickled frames through a pipe; the actor's relay thread queues them, and
-the consumer collects them in batches with :meth:`WorkerHost.take`, whose reply Ray puts
-into its object store (owned by the consumer, so nothing is borrowed from the actor). The
-bounded queue plus the pipe are the backpressure: a worker blocks while the consumer is
-behind.
+Between the worker and its actor (one machine, parent and child) the data goes through a
+**ring**: an anonymous shared mapping made before the fork, so nothing is named in /dev/shm
+and nothing outlives the two processes. The worker's :class:`RingSender` (a
+:class:`flowplug.BatchingSender`: small datapoints are packed together) copies each message
+(one large datapoint, or a batch of small ones) into the ring, its frames aligned as in
+:class:`flowplug.serialize.Batch`, and sends only its header and position through a pipe.
+Consecutive messages therefore lie back to back in the ring in the core's batch layout, and
+:meth:`WorkerHost.take` replies with a contiguous run of them as **one** buffer (a numpy
+view of the ring, which Ray copies once into its object store) plus one merged header; the
+consumer rebuilds the datapoints with :func:`flowplug.serialize.unpack_batch`, arrays as
+views of the object store.
+
+The ring is freed in order: the messages of a reply are released when the next ``take()``
+starts (calls run one at a time, so Ray has stored the previous reply by then). The worker
+blocks while the ring is full, in bytes or in messages (its share of the runner's
+``capacity``): that and the consumer's bounded calls in flight are the backpressure.
 
 In shard mode the :class:`~flowplug.ProcessWorkers` runs its worker under the core's local
-shard gate, and :meth:`WorkerHost.control` applies what the consumer forwards (epoch
-notices, credits given back) to that gate's :class:`~flowplug.ControlSink`.
+shard gate, and :meth:`WorkerHost.control` (in its own concurrency group, so it is not
+queued behind a waiting ``take()``) applies what the consumer forwards to the gate's
+:class:`~flowplug.ControlSink`.
 """
 
 from __future__ import annotations
 
+import io
+import mmap
 import os
-import queue
-import struct
+import pickle
+import select
 import threading
+import struct
 import time
+from array import array
 from multiprocessing.connection import Connection, Pipe
 from typing import Any
 
 import numpy as np
+import ray
 
 import flowplug
-from flowplug.serialize import dumps
+from flowplug.serialize import OUT_OF_BAND_MIN, dumps
 
-_COUNT = struct.Struct("<I")
-#: how long the actor waits for the exit status of a worker whose pipe closed.
-_EXIT_WAIT = 5.0
-
-
-#: a take() reply stops growing past this many bytes.
+#: bytes of the ring between a worker and its actor (an anonymous shared mapping).
+RING_BYTES = 32 * 1024 * 1024
+#: a reply stops growing past this many bytes.
 BATCH_BYTES = 8 * 1024 * 1024
+#: a reply smaller than this waits up to FILL_WAIT for more messages...
+FLOOR_BYTES = 1024 * 1024
+#: ...this long (s): a few ms of latency for far fewer, fuller replies.
+FILL_WAIT = 0.003
+#: messages larger than this do not go through the ring but through the pipe.
+INLINE_MIN = RING_BYTES // 4
+
+#: a batch of small datapoints goes out at this many datapoints...
+BATCH_ITEMS = 256
+#: ...or this many bytes...
+BATCH_MAX = 256 * 1024
+#: ...or this long (s) after its first datapoint.
+BATCH_DELAY = 0.002
+#: datapoints larger than this (pickled) are sent alone.
+ITEM_MAX = 64 * 1024
+
+_ALIGN = 16
+_PAD = bytes(_ALIGN)
+_CTL = 64  # the ring's first bytes: [released position, released messages] (uint64)
+_MSG = struct.Struct("<QQ")  # position in the ring (INLINE: in the pipe), length
+_INLINE = 2**64 - 1
+_COUNT = struct.Struct("<Q")
 
 
-def _size(item: Any) -> int:
-    return sum(len(f) for f in item) if isinstance(item, list) else 0
+def _up(n: int) -> int:
+    return n + (-n % _ALIGN)
 
 
-class PipeSender(flowplug.Sender):
-    """Worker side: ``[count][stream][buffer]...`` as length-prefixed pipe messages."""
+class RingSender(flowplug.Sender):
+    """Worker side: messages into the ring, their headers through the pipe.
 
-    def __init__(self, conn: Connection):
+    A datapoint is pickled when it is sent (so a dataflow may reuse its objects), into the
+    pending batch's stream with one :class:`pickle.Pickler` whose memo is cleared between
+    datapoints: each datapoint is one frame, 16-byte aligned, as in
+    :class:`flowplug.serialize.Batch`, at a fraction of the cost of one ``pickle.dumps`` per
+    datapoint. A datapoint with a large buffer (a numpy array of 8 KiB or more) is sent
+    alone, its buffers copied once, straight into the ring (:func:`flowplug.serialize.dumps`).
+    The batch goes out at :data:`BATCH_ITEMS` datapoints or :data:`BATCH_MAX` bytes, on
+    :meth:`flush`, and at the latest :data:`BATCH_DELAY` s after its first datapoint (at the
+    next send, or from a timer thread when the dataflow stalls).
+    """
+
+    def __init__(self, ring: mmap.mmap, conn: Connection, wake: int, most: int):
+        self._ring = memoryview(ring)[_CTL:]
+        self._size = len(self._ring)
+        self._ctl = np.frombuffer(ring, np.uint64, count=2)
         self._conn = conn
         self._send = conn.send_bytes
+        self._wake = wake
+        self._most = most  # messages in the ring not yet released by the actor
+        self._pos = 0  # bytes written, monotonic (wrap-around gaps included)
+        self._msgs = 0
+        self._stream = io.BytesIO()
+        self._large = False
+        self._pickler = pickle.Pickler(self._stream, protocol=5, buffer_callback=self._buffer)
+        self._lengths: list[int] = [0]
+        self._count = 0
+        self._started = 0.0
+        self._lock = threading.Lock()
+        self._pending = threading.Event()
+        self._closed = False
+        self._timer: threading.Thread | None = None
+
+    def _buffer(self, buf: pickle.PickleBuffer) -> bool:
+        if buf.raw().nbytes < OUT_OF_BAND_MIN:
+            return True  # in the stream
+        self._large = True
+        return False
 
     def send(self, obj: Any) -> None:
-        frames = dumps(obj)
+        stream = self._stream
+        with self._lock:
+            start = stream.tell()
+            self._large = False
+            try:
+                self._pickler.dump(obj)
+            except Exception:
+                stream.seek(start)
+                stream.truncate()
+                self._pickler.clear_memo()
+                dumps(obj)  # raises the core's TypeError naming the datapoint
+                raise
+            self._pickler.clear_memo()
+            end = stream.tell()
+            if self._large or end - start > ITEM_MAX:
+                stream.seek(start)
+                stream.truncate()
+                if self._count:
+                    self._write_batch()
+                self._write_one(dumps(obj))
+                return
+            stream.write(_PAD[: -end % _ALIGN])
+            self._lengths += (1, end - start)
+            self._count += 1
+            if self._count == 1:
+                self._started = time.monotonic()
+                if self._timer is None:
+                    self._timer = threading.Thread(
+                        target=self._flush_late, name="flowplug-ray-flush", daemon=True
+                    )
+                    self._timer.start()
+                self._pending.set()
+            elif (
+                self._count >= BATCH_ITEMS
+                or end >= BATCH_MAX
+                or time.monotonic() - self._started >= BATCH_DELAY
+            ):
+                self._write_batch()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._count:
+                self._write_batch()
+
+    def close(self) -> None:
         try:
-            self._send(_COUNT.pack(len(frames)))
-            for frame in frames:
-                self._send(frame)
+            self.flush()
+        finally:
+            self._closed = True
+            self._pending.set()
+            if self._timer is not None:
+                self._timer.join(1.0)
+            self._conn.close()
+
+    def _flush_late(self) -> None:
+        """Timer thread: send a batch that waited BATCH_DELAY (the dataflow stalled)."""
+        while True:
+            self._pending.wait()
+            if self._closed:
+                return
+            with self._lock:
+                due = self._started + BATCH_DELAY - time.monotonic()
+                if self._count and due <= 0:
+                    try:
+                        self._write_batch()
+                    except Exception:
+                        return  # the actor is gone; the next send() reports it
+                    continue
+            time.sleep(max(due, 0.0002))
+
+    def _reserve(self, nbytes: int) -> int:
+        """Wait for ``nbytes`` contiguous bytes (and a message slot); return the position."""
+        pos = self._pos
+        if pos % self._size + nbytes > self._size:
+            pos += self._size - pos % self._size  # skip the tail: a message never wraps
+        ctl = self._ctl
+        while pos + nbytes - int(ctl[0]) > self._size or self._msgs - int(ctl[1]) >= self._most:
+            # The actor writes a byte after each release; the timeout covers a byte that
+            # came between the check and the wait.
+            if select.select([self._wake], [], [], 0.05)[0]:
+                os.read(self._wake, 4096)
+        return pos
+
+    def _post(self, pos: int, nbytes: int, header: bytes) -> None:
+        try:
+            self._send(_MSG.pack(pos, nbytes) + header)
         except OSError as exc:  # the actor is gone (killed, or its node lost)
             raise flowplug.TransportClosed(
                 f"the Ray actor hosting this worker is gone: {exc}"
             ) from exc
+        self._msgs += 1
 
-    def close(self) -> None:
-        self._conn.close()
+    def _write_batch(self) -> None:
+        """Send the pending batch: its stream is already in the core's batch layout."""
+        self._pending.clear()
+        lengths = self._lengths
+        lengths[0] = self._count
+        header = array("Q", lengths).tobytes()
+        blob = self._stream.getbuffer()
+        nbytes = len(blob)
+        try:
+            pos = self._reserve(nbytes)
+            at = pos % self._size
+            self._ring[at : at + nbytes] = blob
+        finally:
+            del blob
+            self._stream.seek(0)
+            self._stream.truncate()
+            self._lengths = [0]
+            self._count = 0
+        self._pos = pos + nbytes
+        self._post(pos, nbytes, header)
+
+    def _write_one(self, frames: list[Any]) -> None:
+        views = [memoryview(f).cast("B") for f in frames]
+        lengths = [len(v) for v in views]
+        header = array("Q", [1, len(views), *lengths]).tobytes()
+        nbytes = sum(_up(n) for n in lengths)
+        if nbytes > INLINE_MIN:
+            blob = bytearray(nbytes)
+            at = 0
+            for v in views:
+                blob[at : at + len(v)] = v
+                at += _up(len(v))
+            self._post(_INLINE, nbytes, header)
+            self._send(blob)
+            return
+        pos = self._reserve(nbytes)
+        at = pos % self._size
+        ring = self._ring
+        for v in views:
+            ring[at : at + len(v)] = v
+            at += _up(len(v))
+        self._pos = pos + nbytes
+        self._post(pos, nbytes, header)
 
 
-class PipeEndpoint(flowplug.Endpoint):
-    """The write end of the actor's pipe; inherited by the forked worker."""
+class RingEndpoint(flowplug.Endpoint):
+    """What the forked worker inherits: the ring, the pipe's write end, the wake-up fd."""
 
-    def __init__(self, conn: Connection):
-        self.conn = conn
+    def __init__(self, ring: mmap.mmap, conn: Connection, wake: int, most: int):
+        self.ring, self.conn, self.wake, self.most = ring, conn, wake, most
 
-    def connect(self, worker_id: int) -> PipeSender:
-        return PipeSender(self.conn)
+    def connect(self, worker_id: int) -> RingSender:
+        return RingSender(self.ring, self.conn, self.wake, self.most)
 
 
 class WorkerHost:
@@ -82,100 +275,145 @@ class WorkerHost:
 
     :param df: the worker's dataflow.
     :param info: the worker's :class:`flowplug.WorkerInfo`.
-    :param buffer: how many datapoints may wait in the object store for the consumer.
+    :param buffer: how many messages may wait in the ring (the worker's share of capacity).
     :param credits: shard mode: the worker's credits; None in replicate mode.
     """
 
     def __init__(self, df: Any, info: flowplug.WorkerInfo, buffer: int, credits: int | None = None):
-        import ray  # in the actor process, where Ray is already running
-
-        self._ray = ray
         self._info = info
         self._node = ray.util.get_node_ip_address()
-        self._out: queue.Queue = queue.Queue(maxsize=buffer)
+        self._ring = mmap.mmap(-1, _CTL + RING_BYTES)  # MAP_SHARED: the worker sees it
+        self._ctl = np.frombuffer(self._ring, np.uint64, count=2)
+        self._size = RING_BYTES
         self._read, write = Pipe(duplex=False)
-        self._group = flowplug.ProcessWorkers([df], PipeEndpoint(write), [info], "fork")
+        wake_r, self._wake = os.pipe()
+        os.set_blocking(self._wake, False)  # a full pipe already holds enough wake-ups
+        endpoint = RingEndpoint(self._ring, write, wake_r, buffer)
+        self._group = flowplug.ProcessWorkers([df], endpoint, [info], "fork")
         self._sink: flowplug.ControlSink | None = None
         if credits is not None:
             (self._sink,) = self._group.control_sinks(credits)
         self._epoch = -1
-        self._control_lock = threading.Lock()
         # Started here, on the actor's main thread, so the worker gets the death signal
         # when the actor process ends (ray.kill, a lost node).
         self._group.start()
         write.close()  # the worker holds the only write end: EOF means it ended
+        os.close(wake_r)
         self._pid = self._group.procs[0].pid
-        self._relay_thread = threading.Thread(
-            target=self._relay, name="flowplug-ray-relay", daemon=True
-        )
-        self._relay_thread.start()
+        self._carry: tuple[int, int, bytes, Any] | None = None  # read, not yet replied
+        self._released = (0, 0)  # (position, messages) to release at the next take()
+        self._death: flowplug.Death | None = None
+        self._eof = False
 
     def where(self) -> tuple[int, int, str]:
         """Return (actor pid, worker pid, node ip)."""
         return os.getpid(), self._pid, self._node
 
-    def take(self, wait: float, most: int) -> list[Any]:
-        """Return the datapoints waiting (and a final :class:`flowplug.Death`), at most
-        ``most`` of them or about :data:`BATCH_BYTES`, after waiting up to ``wait`` s for
-        the first one.
-
-        The reply is one object in Ray's object store, owned by the consumer, and freed
-        when the consumer has dropped every datapoint in it: a small batch keeps a kept
-        datapoint from pinning many others.
-        """
+    def _next(self, timeout: float) -> tuple[int, int, bytes, Any] | None:
+        """The next message (position, length, header, inline blob), or None."""
+        if self._carry is not None:
+            msg, self._carry = self._carry, None
+            return msg
+        if self._death is not None:
+            return None
+        if self._eof:
+            self._wait_exit(timeout)
+            return None
+        if not self._read.poll(timeout):
+            return None
         try:
-            items = [self._out.get(timeout=wait)]
-        except queue.Empty:
-            return []
-        size = _size(items[0])
-        while len(items) < most and size < BATCH_BYTES:
-            try:
-                items.append(self._out.get_nowait())
-            except queue.Empty:
-                break
-            size += _size(items[-1])
-        return items
+            raw = self._read.recv_bytes()
+            pos, nbytes = _MSG.unpack_from(raw)
+            blob = self._read.recv_bytes() if pos == _INLINE else None
+        except (EOFError, OSError):
+            # The worker closed its pipe: it ended, or it reported an error and waits to
+            # be stopped (its report is on its way to the consumer: that is no death).
+            self._eof = True
+            self._wait_exit(min(timeout, 0.1))
+            return None
+        return pos, nbytes, raw[_MSG.size :], blob
 
+    def take(self, wait: float, most: int) -> tuple[bytes, Any, flowplug.Death | None]:
+        """Reply with up to ``most`` messages (about :data:`BATCH_BYTES` at most) as
+        ``(header, blob, death)`` in the layout of :func:`flowplug.serialize.unpack_batch`,
+        after waiting up to ``wait`` s for the first; ``death`` is set once the worker ended.
+
+        The blob is a view of the ring, which Ray copies into the object store as it stores
+        the reply; the ring space is released at the next call.
+        """
+        pos, msgs = self._released
+        self._ctl[0] = pos
+        self._ctl[1] = msgs
+        try:
+            os.write(self._wake, b"x")
+        except BlockingIOError:
+            pass  # a full pipe: the worker has wake-ups enough
+        except BrokenPipeError:
+            pass  # the worker is gone; the pipe's EOF reports it
+        first = self._next(wait)
+        if first is None:
+            return b"", None, self._death
+        start, nbytes, header, blob = first
+        self._released = (pos, msgs + 1)
+        if blob is not None:  # an inline message travels alone
+            return header, blob, None
+        headers = [header[8:]]
+        count = _COUNT.unpack_from(header)[0]
+        end = start + nbytes
+        deadline = None
+        n = 1
+        while n < most and end - start < BATCH_BYTES:
+            msg = self._next(0)
+            if msg is None:
+                if end - start >= FLOOR_BYTES or self._death is not None:
+                    break
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + FILL_WAIT
+                elif now >= deadline:
+                    break
+                msg = self._next(deadline - now)
+                if msg is None:
+                    continue
+            if msg[0] != end or msg[3] is not None:  # wrapped around, or inline
+                self._carry = msg
+                break
+            headers.append(msg[2][8:])
+            count += _COUNT.unpack_from(msg[2])[0]
+            end += msg[1]
+            n += 1
+        self._released = (end, msgs + n)
+        at = start % self._size
+        data = np.frombuffer(self._ring, np.uint8, count=end - start, offset=_CTL + at)
+        return _COUNT.pack(count) + b"".join(headers), data, None
+
+    @ray.method(concurrency_group="control")
     def control(self, epoch: int, credits: int) -> None:
         """Shard mode: give the worker ``credits`` credits back, then announce ``epoch``.
 
-        Calls may run out of order (the actor has several threads), so this is made not
-        to care: credits add up, and an epoch older than one already announced is ignored.
+        Runs in its own concurrency group (one thread), so calls arrive in order while a
+        ``take()`` waits; an epoch older than one already announced is ignored anyway.
         """
         assert self._sink is not None
-        with self._control_lock:
-            for _ in range(credits):
-                self._sink.release()
-            if epoch > self._epoch:
-                self._epoch = epoch
-                self._sink.start_epoch(epoch)
+        for _ in range(credits):
+            self._sink.release()
+        if epoch > self._epoch:
+            self._epoch = epoch
+            self._sink.start_epoch(epoch)
 
     def stop(self) -> None:
         self._group.stop()
 
-    def _relay(self) -> None:
-        recv = self._read.recv_bytes
-        out = self._out.put
-        try:
-            while True:
-                (count,) = _COUNT.unpack(recv())
-                stream = recv()
-                # Buffers as uint8 arrays: Ray stores arrays out of band, so the consumer
-                # rebuilds the datapoint on top of the object store's memory (no copy).
-                buffers = [np.frombuffer(recv(), np.uint8) for _ in range(count - 1)]
-                out([stream, *buffers])
-        except (EOFError, OSError):
-            pass  # the worker ended (or the actor is being torn down)
-        self._read.close()
-        deadline = time.monotonic() + _EXIT_WAIT
-        while self._group.death is None and time.monotonic() < deadline:
+    def _wait_exit(self, timeout: float) -> None:
+        """After EOF: record the worker's death once its exit status is known."""
+        deadline = time.monotonic() + timeout
+        while True:
+            death = self._group.death
+            if death is not None:
+                self._death = flowplug.Death(
+                    self._info.id, self._pid, death.exitcode, f"on Ray node {self._node}"
+                )
+                return
+            if time.monotonic() >= deadline:
+                return
             time.sleep(0.01)
-        death = self._group.death
-        out(
-            flowplug.Death(
-                self._info.id,
-                self._pid,
-                death.exitcode if death is not None else None,
-                f"on Ray node {self._node}",
-            )
-        )

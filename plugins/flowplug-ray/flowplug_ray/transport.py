@@ -2,11 +2,17 @@
 
 Each worker is a :class:`~flowplug_ray._host.WorkerHost` actor placed by Ray (``num_cpus``,
 ``resources``, ``runtime_env``), which forks the worker process with the core's
-:class:`flowplug.ProcessWorkers` and puts what it sends into the object store. The consumer
-keeps one :meth:`~flowplug_ray._host.WorkerHost.take` call in flight per actor; each returns
-the datapoints ready on that actor (one object in the store, owned by the consumer), and an
-actor buffers at most ``ceil(capacity / num_workers)`` of them, which bounds the datapoints
-in flight. Received numpy arrays are read-only views of the object store.
+:class:`flowplug.ProcessWorkers` and hands its datapoints on through a shared ring (see
+:mod:`flowplug_ray._host`). The consumer keeps :data:`IN_FLIGHT` calls of
+:meth:`~flowplug_ray._host.WorkerHost.take` in flight per actor and submits the next one as
+soon as a reply arrives; each reply is one buffer holding several datapoints in the core's
+batch layout (one object in the store, owned by the consumer), unpacked with
+:func:`flowplug.serialize.unpack_batch`: numpy arrays arrive as read-only views of the
+object store.
+
+What is in flight per worker is bounded: its ring holds at most ``ceil(capacity /
+num_workers)`` messages (a message is one datapoint, or a batch of small ones, like zmq's
+high-water mark) and 32 MiB, and each reply at most half as many messages and about 8 MiB.
 
 The Runner still owns the semantics: this module only reports what Ray tells (an actor that
 died, a worker process that ended) as a :class:`flowplug.Death` in the worker group, and the
@@ -26,10 +32,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import flowplug
-from flowplug.serialize import loads
+from flowplug.serialize import unpack_batch
 
 #: how long one take() call waits on the actor before returning empty-handed (s).
 _TAKE_WAIT = 1.0
+#: take() calls in flight per actor.
+IN_FLIGHT = 2
 #: how long close() waits for killed actors to be reported dead (s).
 _KILL_WAIT = 5.0
 
@@ -71,7 +79,7 @@ class _Slot:
         self.actor_pid: int | None = None
         self.pid: int | None = None
         self.node = "?"
-        self.pending: Any = None  # the ref of the take() call in flight
+        self.pending: collections.deque = collections.deque()  # take() calls, oldest first
         self.dead = False
 
 
@@ -141,8 +149,6 @@ class RayWorkers(flowplug.WorkerGroup):
         host = t.host_class()
         opts: dict[str, Any] = {
             "num_cpus": t.settings["num_cpus"],
-            # take(), control() and stop() run while the relay thread feeds the object store.
-            "max_concurrency": 4,
             "max_restarts": 0,
         }
         if t.settings["resources"]:
@@ -195,8 +201,7 @@ class RayWorkers(flowplug.WorkerGroup):
             return
         calls = []
         for slot in self.slots:
-            if slot.pending is not None:
-                calls.append(slot.pending)
+            calls.extend(slot.pending)
             try:
                 ray.kill(slot.actor, no_restart=True)
             except Exception:
@@ -207,7 +212,7 @@ class RayWorkers(flowplug.WorkerGroup):
             ray.wait(calls, num_returns=len(calls), timeout=_KILL_WAIT)
         for slot in self.slots:
             slot.dead = True
-            slot.pending = None
+            slot.pending.clear()
         self.slots = []
         for sink in self.sinks:
             sink.actor = None
@@ -255,6 +260,7 @@ class RayTransport(flowplug.OwnWorkersTransport):
                     "for a local instance"
                 ) from exc
         self.per_worker = max(1, math.ceil(self.capacity / self.num_workers))
+        self.per_reply = max(1, math.ceil(self.per_worker / IN_FLIGHT))
         self._ready: collections.deque = collections.deque()
         self._group: RayWorkers | None = None
         self._pid = os.getpid()
@@ -266,7 +272,10 @@ class RayTransport(flowplug.OwnWorkersTransport):
         if cls._host_class is None:
             from ._host import WorkerHost
 
-            cls._host_class = _ray().remote(WorkerHost)
+            # control() has a thread of its own: credits must not queue behind a take()
+            # that waits for data. take() stays alone in the default group, one at a time,
+            # which is what lets it release the ring space of its previous reply.
+            cls._host_class = _ray().remote(concurrency_groups={"control": 1})(WorkerHost)
         return cls._host_class
 
     def make_workers(
@@ -276,17 +285,18 @@ class RayTransport(flowplug.OwnWorkersTransport):
         return self._group
 
     def recv(self, timeout: float) -> Any:
-        if self._ready:
-            return loads(self._ready.popleft())
+        ready = self._ready
+        if ready:
+            return ready.popleft()
         if self._group is not None:
             self._fetch(timeout)
-        if self._ready:
-            return loads(self._ready.popleft())
+        if ready:
+            return ready.popleft()
         return flowplug.EMPTY
 
     def _fetch(self, timeout: float) -> None:
         """Wait up to ``timeout`` for replies of the actors; queue the datapoints they
-        carry and record deaths in the group."""
+        carry, keep IN_FLIGHT calls going per actor and record deaths in the group."""
         ray = _ray()
         group = self._group
         assert group is not None
@@ -296,29 +306,42 @@ class RayTransport(flowplug.OwnWorkersTransport):
         for slot in group.slots:
             if slot.dead:
                 continue
-            if slot.pending is None:
-                slot.pending = slot.actor.take.remote(_TAKE_WAIT, self.per_worker)
-            by_ref[slot.pending] = slot
+            while len(slot.pending) < IN_FLIGHT:
+                slot.pending.append(slot.actor.take.remote(_TAKE_WAIT, self.per_reply))
+            for ref in slot.pending:
+                by_ref[ref] = slot
         if not by_ref:
             time.sleep(timeout)
             return
         refs = list(by_ref)
         ready, rest = ray.wait(refs, num_returns=1, timeout=timeout)
-        if ready and rest:  # whatever else is in already, so every worker gets its turn
+        if not ready:
+            return
+        if rest:  # whatever else is in already, so every worker gets its turn
             more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
             ready += more
-        for ref in ready:
-            slot = by_ref[ref]
-            slot.pending = None
+        done = set(ready)
+        for slot in group.slots:
+            # An actor's replies in call order; each one taken is replaced at once.
+            got = []
+            while slot.pending and slot.pending[0] in done and not slot.dead:
+                got.append(slot.pending.popleft())
+                slot.pending.append(slot.actor.take.remote(_TAKE_WAIT, self.per_reply))
+            if not got:
+                continue
             try:
-                items = ray.get(ref)
-                data = [i for i in items if not isinstance(i, flowplug.Death)]
-                self._ready.extend(data)
+                replies = ray.get(got)
             except ray.exceptions.RayError as exc:
+                slot.pending.clear()
                 group.died(slot, self._actor_death(slot, exc))
                 continue
-            if len(data) < len(items):
-                group.died(slot, items[-1])
+            for header, blob, death in replies:
+                if blob is not None:
+                    self._ready.extend(unpack_batch(header, blob))
+                if death is not None:
+                    slot.pending.clear()
+                    group.died(slot, death)
+                    break
 
     def _actor_death(self, slot: _Slot, exc: BaseException) -> flowplug.Death:
         said = " ".join(_said(exc).split())

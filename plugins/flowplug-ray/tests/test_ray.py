@@ -347,3 +347,60 @@ def test_without_ray_init_a_local_instance_is_started(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split("\n")[:2] == ["[0, 1, 2, 3, 4]", "True"]
+
+
+def test_two_nodes_placement_by_custom_resource_through_address_auto(tmp_path):
+    """A two-node cluster on this machine (ray.cluster_utils.Cluster, in a fresh process):
+    flowplug joins it with address="auto" as on a real cluster, and resources= puts every
+    worker on the node that advertises the resource (told apart by an env var of its own)."""
+    (tmp_path / "nodeflow.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            import flowplug as fp
+
+            class NodeName(fp.DataFlow):
+                def __iter__(self):
+                    while True:
+                        yield os.environ.get("FLOWPLUG_TEST_NODE", "head")
+            """
+        )
+    )
+    code = textwrap.dedent(
+        """
+        import ray
+        from ray.cluster_utils import Cluster
+        import flowplug as fp
+        from nodeflow import NodeName
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            cluster.add_node(
+                num_cpus=2, resources={"data_node": 2}, env_vars={"FLOWPLUG_TEST_NODE": "second"}
+            )
+            with fp.Runner(
+                NodeName(), transport="ray", address="auto", num_workers=2,
+                resources={"data_node": 1}, num_cpus=0.5,
+            ) as runner:
+                it = iter(runner)
+                print(sorted({next(it) for _ in range(20)}))
+            print(len([n for n in ray.nodes() if n["Alive"]]))
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    # Ray 2.60's token authentication: the nodes a Cluster starts in-process do not share
+    # the driver's token, and every actor is cancelled at once; a test cluster turns it off.
+    env["RAY_AUTH_MODE"] = "disabled"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["['second']", "2"]

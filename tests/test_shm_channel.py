@@ -1,0 +1,102 @@
+"""The store's segment mutex and the rings of flowplug.shm.channel, across real processes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+
+import numpy as np
+import pytest
+
+import flowplug as fp
+from flowplug.shm import channel as ch
+
+pytestmark = pytest.mark.skipif(ch.available() is not None, reason="needs Linux semaphores")
+
+
+def _exit_holding_the_mutex(store):
+    store._acquire()  # and never release: the process dies holding it
+    os._exit(0)
+
+
+def test_a_process_killed_holding_the_mutex_leaves_the_store_usable():
+    with fp.shm.ObjectStore("4MiB") as store:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            _exit_holding_the_mutex(store)
+        assert os.waitpid(pid, 0)[1] == 0
+        start = time.monotonic()
+        oid = store.put(np.arange(1000))  # takes the mutex: goes on after the dead holder
+        assert store.take(oid)[-1] == 999
+        assert time.monotonic() - start < 5
+
+
+def _rings(slots):
+    store = fp.shm.ObjectStore("1MiB", channel_bytes=ch.layout(len(slots), slots))
+    chan = ch.Channels(*store.channel_area(), slots)
+    chan.init()
+    return store, chan
+
+
+def test_a_forked_producer_is_read_in_order_and_bounded_by_its_ring():
+    store, chan = _rings([4, 4])
+    with store:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child: worker 1 writes 100 entries
+            os.close(r)
+            mine = ch.Channels(*store.channel_area(), [4, 4])
+            for i in range(100):
+                data = pickle.dumps(i)
+                mine.put(1, ch.INLINE, len(data), 0, data, lambda: None)
+                os.write(w, b"x")  # how far the producer got
+            os._exit(0)
+        os.close(w)
+        time.sleep(0.5)
+        assert len(os.read(r, 1000)) == 4  # the ring's length: the producer waits
+        got = []
+        while len(got) < 100:
+            assert chan.wait(5)
+            ring, kind, a, _, at = chan.take(0)
+            assert (ring, kind) == (1, ch.INLINE)
+            got.append(pickle.loads(chan.mm[at : at + a]))
+            chan.release(ring)
+        assert got == list(range(100))
+        assert not chan.wait(0.05)  # nothing more: wait times out
+        assert os.waitpid(pid, 0)[1] == 0
+        os.close(r)
+        del chan
+
+
+def test_closing_the_channel_stops_a_waiting_producer():
+    store, chan = _rings([1])
+    with store:
+        chan.put(0, ch.OBJECT, 0, 0, None, lambda: None)  # the ring is full now
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child waits for room that never comes
+            mine = ch.Channels(*store.channel_area(), [1])
+            try:
+                mine.put(0, ch.OBJECT, 0, 0, None, lambda: None)
+            except fp.TransportClosed:
+                os._exit(7)
+            os._exit(1)
+        time.sleep(0.3)
+        chan.close()
+        assert os.waitpid(pid, 0)[1] >> 8 == 7
+        del chan
+
+
+def test_a_producer_stops_waiting_when_the_consumer_is_gone():
+    store, chan = _rings([1])
+    with store:
+        chan.put(0, ch.OBJECT, 0, 0, None, lambda: None)
+
+        def dead() -> None:
+            raise fp.TransportClosed("gone")
+
+        start = time.monotonic()
+        with pytest.raises(fp.TransportClosed, match="gone"):
+            chan.put(0, ch.OBJECT, 0, 0, None, dead)
+        assert time.monotonic() - start < 2
+        del chan
