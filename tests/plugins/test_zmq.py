@@ -51,5 +51,7 @@ def test_large_arrays_arrive_as_views_of_the_received_message(transport):
 def test_options_come_with_their_defaults_filled_in():
     cls = fp.get_transport("zmq")
     t = cls(capacity=4, num_workers=1, run_id="test-zmq-opts", batch=1)
-    assert t.option_values == {"hwm": 0, "batch": 1, "batch_delay": 0.002}
+    declared = {opt.name: opt.default for opt in cls.options}
+    assert t.option_values == {**declared, "batch": 1}
+    assert declared["hwm"] == 0 and declared["batch"] == 64
     t.close()
