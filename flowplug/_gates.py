@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any
 
+from ._passcheck import START, fingerprint, mix, seed_pass
 from ._resume import PassStart, Resumed, load_into, take_state
 from .errors import TransportClosed
 from .stats import WorkerCounters
@@ -60,6 +61,10 @@ class EpochEnd:
 
     worker_id: int
     epoch: int
+    #: a checked pass (shard mode without ``shard()``): how many items the whole pass had,
+    #: and its digest (flowplug._passcheck); -1 when unchecked or abandoned.
+    count: int = -1
+    digest: int = 0
 
 
 class _Stopped(TransportClosed):
@@ -153,6 +158,10 @@ class ShardGate:
         if plan is not None and plan.states is not None:
             load_into(target, plan.state_for(w))
         skip = plan.skip if plan is not None else None
+        # Without shard(), every worker reads whole passes: make them equal, and check it.
+        checked = source is None and n > 1
+        # the runner's seed, the same in every worker (each worker's seed is it + id)
+        base_seed = (info.seed - w) % 2**31
         send = sender.send
         # Before any wait, push out what a batching sender holds: the consumer may be
         # waiting for exactly those items before it can give a credit back.
@@ -173,7 +182,15 @@ class ShardGate:
             blocked += monotonic() - waited
             index = w
             skipped = 0
-            if notices.poll() <= epoch:
+            end = EpochEnd(w, epoch)
+            if notices.poll() <= epoch and checked:
+                send(PassStart(w, epoch, take_state(target)))
+                flush()
+                end, sent, blocked = self._checked_pass(
+                    df, sender, info, stop, epoch, base_seed, skip, produced, blocked
+                )
+                produced += sent
+            elif notices.poll() <= epoch:
                 # The state this pass starts from: what a resumed run loads (no credit).
                 send(PassStart(w, epoch, take_state(target)))
                 flush()
@@ -200,7 +217,7 @@ class ShardGate:
                         next_check = monotonic() + NOTICE_CHECK
                     send((epoch, index, dp))  # an Item
                     index += n
-            send(EpochEnd(w, epoch))
+            send(end)
             flush()  # the consumer ends the epoch on this marker
             produced += (index - w) // n - skipped
             if counters is not None:
@@ -209,6 +226,59 @@ class ShardGate:
             epoch += 1
             skip = None  # only the first pass of a resumed run skips
         raise _Stopped("the runner stopped")
+
+    def _checked_pass(
+        self,
+        df: Any,
+        sender: Any,
+        info: WorkerInfo,
+        stop: threading.Event | None,
+        epoch: int,
+        base_seed: int,
+        skip: Any,
+        produced: int,
+        blocked: float,
+    ) -> tuple[EpochEnd, int, float]:
+        """One whole pass of ``df``, seeded as in every other worker; sends this worker's
+        items, each with the pass's digest before and after it (flowplug._passcheck).
+
+        :returns: the end-of-epoch marker, how many items were sent, the seconds blocked.
+        """
+        w, n = info.id, info.num_workers
+        send = sender.send
+        flush = sender.flush
+        notices = self.notices
+        credits = self.credits
+        try_acquire = credits.acquire
+        counters = self.counters
+        slot = self.slot
+        seed_pass(df, mix(base_seed, epoch) & 0x7FFFFFFF)
+        digest = START
+        position = -1
+        sent = 0
+        next_check = monotonic() + NOTICE_CHECK
+        for position, dp in enumerate(df):
+            before = digest
+            digest = mix(digest, fingerprint(dp))
+            if position % n != w or (skip is not None and position in skip):
+                continue  # another worker's item, or one received before a resume
+            if not try_acquire(False):
+                flush()
+                waited = monotonic()
+                _acquire(credits, stop)
+                blocked += monotonic() - waited
+                next_check = 0.0
+            if monotonic() >= next_check:
+                if counters is not None:
+                    counters[slot] = produced + sent
+                    counters[slot + 1] = blocked
+                if notices.poll() > epoch:
+                    credits.release()
+                    return EpochEnd(w, epoch), sent, blocked  # abandoned: nothing to compare
+                next_check = monotonic() + NOTICE_CHECK
+            send((epoch, position, dp, before, digest))
+            sent += 1
+        return EpochEnd(w, epoch, position + 1, digest), sent, blocked
 
 
 class MapWork:

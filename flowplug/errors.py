@@ -185,6 +185,16 @@ class RunnerTimeout(FlowplugError, TimeoutError):
     """No datapoint arrived within the runner's ``timeout``."""
 
 
+class ShardMismatch(FlowplugError, RuntimeError):
+    """Shard mode: the workers read different passes of a dataflow without ``shard()``.
+
+    Each such worker reads the whole pass and keeps every ``num_workers``-th item, so the
+    passes must be equal. The runner checks that they are, and raises this instead of
+    delivering an item twice (or leaving one out); the message names the dataflow and the
+    fixes. See docs/sharding.md.
+    """
+
+
 class TransportClosed(FlowplugError):
     """The other side of a transport is gone; raised by a sender after ``close()``."""
 

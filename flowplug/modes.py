@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 
 from . import _resume
 from ._gates import Control, EpochEnd, Item
-from .errors import ConfigError, PluginError, StateError
+from ._passcheck import START as PASS_START
+from .errors import ConfigError, PluginError, ShardMismatch, StateError
 from .stats import Meter
 from .transport import EMPTY, Transport
 from .worker_groups import WorkerGroup
@@ -55,6 +56,8 @@ class Feed:
     slow: Callable[[Any], Any]
     #: what :meth:`flowplug.Runner.stats` reports: an epoch adds to ``meter.delivered``.
     meter: Meter
+    #: the Runner's way to fail: it closes the runner and returns the error to raise.
+    fail: Callable[[BaseException], BaseException]
 
 
 class Mode(ABC):
@@ -155,6 +158,11 @@ class ShardMode(Mode):
         self.ended: dict[int, set[int]] = {}
         #: the epoch and what the consumer received of it (state_dict(), load_state_dict()).
         self.progress = _resume.Progress("shard")
+        # Without df.shard() the passes are checked (flowplug._passcheck): the length and
+        # digest each worker reported for its whole pass, per epoch.
+        self.checked = False
+        self.pass_ends: dict[int, dict[int, tuple[int, int]]] = {}
+        self.df_name = ""
 
     def check(self, num_workers: int, capacity: int) -> None:
         if capacity < num_workers:
@@ -202,6 +210,8 @@ class ShardMode(Mode):
                 release[index % n]()
         for old in [e for e in self.ended if e < k]:
             del self.ended[old]
+        for old in [e for e in self.pass_ends if e < k]:
+            del self.pass_ends[old]
         # Kept on self, not popped: items left here when the user breaks out are released
         # when the next epoch starts, so no credit is ever lost.
         buf = self.ahead.setdefault(k, {})
@@ -210,7 +220,9 @@ class ShardMode(Mode):
         workers = feed.workers
         slow = feed.slow
         meter = feed.meter
-        if not self.ordered:
+        if self.checked:
+            yield from self._checked_epoch(feed, k, buf, ended, skip)
+        elif not self.ordered:
             got = progress.got.add
             while len(ended) < n:
                 if buf:  # arrived ahead, or while state_dict() waited
@@ -261,6 +273,83 @@ class ShardMode(Mode):
                 yield dp
         del self.ahead[k], self.ended[k]
 
+    def _checked_epoch(
+        self, feed: Feed, k: int, buf: dict[int, Any], ended: set[int], skip: Any
+    ) -> Iterator[Any]:
+        """Epoch ``k`` of shard mode without ``shard()``: every worker reads the whole pass
+        and keeps its items. Each item carries the pass's digest before and after it, as
+        its worker computed it (flowplug._passcheck): item ``i`` is yielded only once its
+        "before" equals item ``i - 1``'s "after", so workers whose passes differ are an
+        error, before any duplicate is delivered. In order, whatever ``ordered`` says.
+        """
+        assert feed.control is not None
+        release = feed.control.release
+        recv = feed.transport.recv
+        workers = feed.workers
+        n = feed.num_workers
+        progress = self.progress
+        meter = feed.meter
+        got = None if self.ordered else progress.got.add  # what state_dict() reads
+        nxt = 0
+        last: int | None = PASS_START  # the digest after item nxt - 1; None: not known
+        while True:
+            item = buf.pop(nxt, _NOTHING)
+            if item is _NOTHING:
+                if skip is not None and nxt in skip:  # received before a resume: not sent
+                    nxt += 1
+                    last = None  # the pair across the gap cannot be compared
+                    continue
+                if nxt % n in ended:  # the pass of nxt's worker ended before nxt
+                    break
+                obj = recv(POLL_INTERVAL)
+                if type(obj) is not tuple or obj[0] != k or workers.death is not None:
+                    obj = feed.slow(obj)
+                    if not self._file(obj, k, release, n):
+                        continue
+                if obj[1] != nxt:
+                    buf[obj[1]] = obj[2:]
+                    continue
+                item = obj[2:]
+            dp, before, after = item
+            if before != last and last is not None:
+                raise feed.fail(self._passes_differ(k, nxt, n))
+            last = after
+            release[nxt % n]()
+            if got is not None:
+                got(nxt)
+            nxt += 1
+            progress.nxt = nxt
+            meter.delivered += 1
+            yield dp
+        while len(ended) < n:  # every pass must have ended here, with the same digest
+            obj = feed.slow(recv(POLL_INTERVAL))
+            if self._file(obj, k, release, n):
+                buf[obj[1]] = obj[2:]
+        ends = self.pass_ends.pop(k, {})
+        if buf or len(set(ends.values())) > 1:
+            counts = ", ".join(f"worker {w}: {c}" for w, (c, _) in sorted(ends.items()))
+            raise feed.fail(self._passes_differ(k, nxt, n, f"passes of {counts} items"))
+
+    def _passes_differ(self, k: int, index: int, n: int, detail: str = "") -> ShardMismatch:
+        name = self.df_name
+        where = detail or (
+            f"worker {index % n}'s pass and worker {(index - 1) % n}'s differ at or before "
+            f"item {index}"
+        )
+        return ShardMismatch(
+            f"shard mode: the workers read different passes of {name} in epoch {k} "
+            f"({where}). Without a shard() method each of the {n} workers reads the whole "
+            f"pass and keeps item i when i % {n} is its number, which is exactly once only "
+            "if every pass yields the same items in the same order; flowplug seeds random, "
+            "numpy.random and the 'rng' attributes alike in every worker, and "
+            f"{name} still differs (another random source, or data that changes?). The "
+            "runner is closed, and no item was delivered twice. Fix: give "
+            f"{name} a shard(index, count) method (fp.DataFromList has one), or draw its "
+            "randomness from those generators, or read it once in the consumer with "
+            "fp.ParallelMap(df, fn), or use mode='replicate' where duplicates are fine. "
+            "See docs/sharding.md."
+        )
+
     def _file(self, obj: Any, k: int, release: list[Callable[[], None]], n: int) -> bool:
         """Put away a message that is not an item of epoch ``k``; true if it is one after all."""
         if type(obj) is Item:
@@ -268,13 +357,18 @@ class ShardMode(Mode):
             if epoch == k:
                 return True
             if epoch > k:  # a worker prefetching the next epoch
-                self.ahead.setdefault(epoch, {})[index] = obj[2]
+                self.ahead.setdefault(epoch, {})[index] = obj[2] if len(obj) == 3 else obj[2:]
             else:  # left over from an epoch the user broke out of
                 release[index % n]()
             return False
         if type(obj) is EpochEnd:
             if obj.epoch >= k:
                 self.ended.setdefault(obj.epoch, set()).add(obj.worker_id)
+                if obj.count >= 0:
+                    self.pass_ends.setdefault(obj.epoch, {})[obj.worker_id] = (
+                        obj.count,
+                        obj.digest,
+                    )
             return False
         if type(obj) is _resume.PassStart:
             if obj.epoch >= k:
@@ -288,6 +382,8 @@ class ShardMode(Mode):
     # ------------------------------------------------------------------ checkpoints
 
     def prepare(self, dfs: list[Any]) -> list[Any]:
+        self.df_name = type(dfs[0]).__name__
+        self.checked = len(dfs) > 1 and not callable(getattr(dfs[0], "shard", None))
         plan = self.progress.plan()
         if plan is None:
             return dfs

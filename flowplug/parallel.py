@@ -52,6 +52,10 @@ class ParallelMap(Runner):
     :param timeout: seconds to wait for one result before raising
         :class:`~flowplug.RunnerTimeout`.
     :param seed: base of the per-worker seeds.
+    :param length: the length that ``len()`` reports, as declared by the user (what
+        tensorpack users do with ``FixedSizeData``): for a map with ``drop_none``, whose
+        length is otherwise unknown, or a source without one. Not checked against what an
+        epoch yields. (Not ``size=``: that is an option of the ``shm`` transport.)
     :param options: the transport's own options.
     :raises flowplug.ConfigError: the transport does not carry tasks.
 
@@ -77,6 +81,7 @@ class ParallelMap(Runner):
         start_method: str | None = None,
         timeout: float | None = None,
         seed: int | None = None,
+        length: int | None = None,
         **options: Any,
     ):
         if not callable(fn):
@@ -108,6 +113,12 @@ class ParallelMap(Runner):
         self.fn = fn
         self.ordered = ordered
         self.drop_none = drop_none
+        if length is not None and (
+            isinstance(length, bool) or not isinstance(length, int) or length < 0
+        ):
+            raise ConfigError(f"length= is a number of datapoints, got {length!r}")
+        #: the length declared with length=, or None.
+        self.declared_length = length
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -144,8 +155,13 @@ class ParallelMap(Runner):
         super().load_state_dict(state)
 
     def __len__(self) -> int:
+        if self.declared_length is not None:
+            return self.declared_length
         if self.drop_none:
-            raise UnknownLength("ParallelMap(drop_none=True) may drop items: no known length")
+            raise UnknownLength(
+                "ParallelMap(drop_none=True) may drop items: no known length; declare the "
+                "one to report with length="
+            )
         return super().__len__()
 
     def __repr__(self) -> str:

@@ -368,6 +368,7 @@ class Runner:
             self.transport_name,
             self._next_slow,
             self._meter,
+            self._fail,
         )
 
     def _next_slow(self, obj: Any) -> Any:

@@ -149,13 +149,20 @@ def test_help_exits_0(capsys):
 
 
 @pytest.fixture
-def segments():
-    """A stale segment (its owner pid has exited) and a live one (owned by this process)."""
+def segments(tmp_path, monkeypatch):
+    """A stale segment (its owner pid has exited) and a live one (owned by this process).
+
+    They live in a private directory that doctor is pointed at: in /dev/shm, any other
+    test's runner (xdist) sweeps the stale one between the two doctor calls.
+    """
+    from flowplug import _sweep
+
+    monkeypatch.setattr(_sweep, "SHM_DIR", str(tmp_path))
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     tag = secrets.token_hex(4)
-    stale = f"/dev/shm/fp-{child.pid}-{tag}-store"
-    live = f"/dev/shm/fp-{os.getpid()}-{tag}"
+    stale = f"{tmp_path}/fp-{child.pid}-{tag}-store"
+    live = f"{tmp_path}/fp-{os.getpid()}-{tag}"
     for path in (stale, live):
         with open(path, "wb") as f:
             f.write(b"\0" * 8192)
@@ -169,7 +176,7 @@ def test_doctor_reports_stale_segments_and_clean_removes_only_those(capsys, segm
     stale, live = segments
     code, out, _ = run(capsys, "doctor")
     assert code == 1
-    assert f"{stale} (pid {stale.split('-')[1]} is gone)" in out
+    assert f"{stale} (pid {os.path.basename(stale).split('-')[1]} is gone)" in out
     assert live not in out
     assert "flowplug doctor --clean" in out
 

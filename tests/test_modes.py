@@ -40,7 +40,12 @@ def feed(messages, n=2, control=None, size=None):
             raise AssertionError("the script ran out")
         return obj
 
-    return Feed(Script(messages), Workers(), control, n, 8, size, None, "script", slow, Meter())
+    def fail(exc):
+        return exc
+
+    return Feed(
+        Script(messages), Workers(), control, n, 8, size, None, "script", slow, Meter(), fail
+    )
 
 
 def test_replicate_yields_size_items_as_they_come_and_counts_them():
