@@ -11,6 +11,7 @@ nox.options.default_venv_backend = "venv"
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite in parallel (pytest -n auto), every test under a timeout."""
+    # The test extra pins torch==2.13.0 (tests/test_torch.py): the CPU build, never a GPU one.
     session.install("-e", ".[test]")
     session.run("pytest", "-n", "auto", *session.posargs)
 

@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING
 
 from .batching import BatchingSender
 from .config import Settings, parse_size
-from .dataflow import DataFlow, DataFlowLike, DataFromGenerator, DataFromList
+from .dataflow import Batch, DataFlow, DataFlowLike, DataFromGenerator, DataFromList
 from .errors import (
     ConfigError,
     DataTooLarge,
@@ -56,6 +56,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "Batch",
     "BatchingSender",
     "ConfigError",
     "ControlSink",

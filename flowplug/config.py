@@ -357,10 +357,18 @@ def validate_options(
             accepted = ", ".join(sorted(by_name)) or "no options"
             raise ConfigError(
                 f"{where} {key} = {value!r}: transport {transport!r} has no option {key!r} "
-                f"(it accepts: {accepted})" + _did_you_mean(key, by_name)
+                f"(it accepts: {accepted})"
+                + (_BATCHING_HINT if key in ("batch_size", "collate", "collate_fn") else "")
+                + _did_you_mean(key, by_name)
             )
         result[key] = _coerce_option(transport, opt, value, where, strict)
     return result
+
+
+#: what an unknown option that asks for batches gets told: batching is a dataflow's job.
+_BATCHING_HINT = (
+    ". To batch datapoints in the workers, wrap the dataflow: fp.Batch(df, 32, collate=...)"
+)
 
 
 def _coerce_option(transport: str, opt: Option, value: Any, where: str, strict: bool) -> Any:

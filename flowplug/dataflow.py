@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
@@ -121,3 +122,78 @@ class DataFromGenerator(DataFlow):
 
     def __iter__(self) -> Iterator[Any]:
         yield from self.gen()
+
+
+class Batch(DataFlow):
+    """Group the datapoints of ``df`` into batches of ``size``, optionally collated.
+
+    Wrap the dataflow a Runner runs, and each worker batches (and collates) its own
+    datapoints, so that one message carries a whole batch::
+
+        batches = fp.Batch(df, 32, collate=np.stack)
+        with fp.Runner(batches, num_workers=4) as runner:
+            for batch in runner:  # np.stack of 32 datapoints
+                ...
+
+    :param df: the dataflow to batch.
+    :param size: datapoints per batch.
+    :param collate: a function of the list of datapoints; None yields the lists. In a
+        worker of the ``shm`` transport, a collate that writes into an array from
+        :func:`flowplug.shm.empty` makes a batch that reaches the consumer uncopied.
+    :param remainder: yield the last, smaller batch of a pass (tensorpack's
+        ``BatchData(remainder=True)``, torch's ``drop_last=False``); else drop it.
+    """
+
+    def __init__(
+        self,
+        df: Any,
+        size: int,
+        collate: Callable[[list[Any]], Any] | None = None,
+        remainder: bool = True,
+    ):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"Batch size must be a positive int, got {size!r}")
+        if collate is not None and not callable(collate):
+            raise TypeError(f"collate must be callable, got {type(collate).__name__}")
+        self.df = df
+        self.size = size
+        self.collate = collate
+        self.remainder = remainder
+
+    def __len__(self) -> int:
+        n = len(self.df)
+        return -(-n // self.size) if self.remainder else n // self.size
+
+    def reset_state(self) -> None:
+        self.df.reset_state()
+
+    def shard(self, index: int, count: int) -> DataFlow:
+        """Worker ``index`` of ``count`` in shard mode: the batches at positions ``index,
+        index + count, ...`` of a pass, the same batches as without workers; it reads the
+        whole pass but collates only its own batches."""
+        return _BatchShard(self, index, count)
+
+    def __iter__(self) -> Iterator[Any]:
+        collate = self.collate
+        size = self.size
+        batch: list[Any] = []
+        for dp in self.df:
+            batch.append(dp)
+            if len(batch) == size:
+                yield batch if collate is None else collate(batch)
+                batch = []
+        if batch and self.remainder:
+            yield batch if collate is None else collate(batch)
+
+
+class _BatchShard(DataFlow):
+    """One worker's batches of a :class:`Batch` in shard mode (see :meth:`Batch.shard`)."""
+
+    def __init__(self, batch: Batch, index: int, count: int):
+        self.batch, self.index, self.count = batch, index, count
+
+    def __iter__(self) -> Iterator[Any]:
+        whole = Batch(self.batch.df, self.batch.size, None, self.batch.remainder)
+        collate = self.batch.collate
+        for items in itertools.islice(whole, self.index, None, self.count):
+            yield items if collate is None else collate(items)

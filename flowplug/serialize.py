@@ -32,7 +32,7 @@ class _Pickler(pickle.Pickler):
         # numpy is loaded when an ndarray exists; `import flowplug` does not load it.
         np = sys.modules.get("numpy")
         if np is None or type(obj) is not np.ndarray:
-            return NotImplemented
+            return reduce_tensor(obj)  # a torch tensor as its memory (see below)
         dtype = obj.dtype
         if dtype.hasobject or obj.size == 0:
             return NotImplemented
@@ -114,6 +114,10 @@ def dumps_bytes(obj: Any) -> bytes:
     :raises TypeError: as :func:`dumps`.
     """
     try:
+        if "torch" in sys.modules:  # tensors as their memory, not torch.save's copy
+            out = io.BytesIO()
+            _Pickler(out, protocol=5).dump(obj)
+            return out.getvalue()
         return pickle.dumps(obj, protocol=5)
     except Exception as exc:
         raise _not_picklable(obj, exc) from exc
@@ -126,6 +130,60 @@ def _not_picklable(obj: Any, exc: Exception) -> TypeError:
 def loads(frames: list[Any]) -> Any:
     """Rebuild an object from the frames :func:`dumps` made (any buffer-like frames)."""
     return pickle.loads(frames[0], buffers=frames[1:])
+
+
+# ---------------------------------------------------------------------------- tensors
+# torch pickles a tensor's storage in-band (through torch.save into bytes), so a tensor
+# would be copied twice on the way and once more when loaded. A plain CPU tensor goes as
+# its memory instead: one out-of-band buffer (the span of its storage that its strides
+# reach), rebuilt in the consumer as a tensor *on* the received buffer (torch.frombuffer):
+# a view of the message, or of the shared-memory store. torch is never imported here: a
+# tensor exists only where torch was imported already.
+
+
+def reduce_tensor(obj: Any) -> Any:
+    """A reduce tuple that sends a plain CPU ``torch.Tensor`` as one out-of-band buffer.
+
+    For a pickler's ``reducer_override``: returns ``NotImplemented`` for everything else,
+    and for tensors torch must pickle itself (autograd, sparse, quantized, conjugated or
+    negated views, other devices, subclasses such as ``nn.Parameter``). The tensor comes
+    back with the same dtype, shape, strides and values, ``requires_grad=False``.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or type(obj) is not torch.Tensor:
+        return NotImplemented
+    t = obj
+    if (
+        t.requires_grad
+        or t.device.type != "cpu"
+        or t.layout is not torch.strided
+        or t.is_quantized
+        or t.is_conj()
+        or t.is_neg()
+    ):
+        return NotImplemented
+    shape = tuple(t.shape)
+    stride = t.stride()
+    span = 0 if t.numel() == 0 else 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+    if span == 0:
+        raw: Any = b""
+    else:
+        flat = t.as_strided((span,), (1,), t.storage_offset())
+        raw = pickle.PickleBuffer(flat.view(torch.uint8).numpy())
+    return _rebuild_tensor, (raw, str(t.dtype).removeprefix("torch."), shape, stride)
+
+
+def _rebuild_tensor(buf: Any, dtype: str, shape: tuple[int, ...], stride: tuple[int, ...]) -> Any:
+    import torch  # only reached where a tensor was sent: torch is there
+
+    view = memoryview(buf)
+    if view.nbytes == 0:
+        flat = torch.empty(0, dtype=torch.uint8)
+    else:
+        if view.readonly:  # bytes: torch has no read-only tensors, so this one is copied
+            view = memoryview(bytearray(view))
+        flat = torch.frombuffer(view, dtype=torch.uint8)
+    return flat.view(getattr(torch, dtype)).as_strided(shape, stride, 0)
 
 
 # ---------------------------------------------------------------------------- batches
