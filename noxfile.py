@@ -4,7 +4,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.default_venv_backend = "venv"
 
 
@@ -16,11 +16,24 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-n", "auto", *session.posargs)
 
 
+LINTED = ["flowplug", "plugins", "tests", "benchmarks", "noxfile.py"]
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
-    """Check style and common bugs with ruff."""
-    session.install("ruff")
-    session.run("ruff", "check", "flowplug", "plugins", "tests", "benchmarks", "noxfile.py")
+    """Check style, formatting and common bugs with ruff, and with vermin that nothing
+    needs a Python newer than 3.10 (the floor of requires-python)."""
+    session.install("ruff", "vermin")
+    session.run("ruff", "check", *LINTED)
+    session.run("ruff", "format", "--check", *LINTED)
+    session.run("vermin", "--no-tips", "--violations", "--eval-annotations", "-t=3.10-", *LINTED)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Type-check the core and every plugin with mypy, as Python 3.10 (see [tool.mypy])."""
+    session.install("-e", ".", "mypy")
+    session.run("mypy", *session.posargs)
 
 
 @nox.session(default=False)

@@ -277,19 +277,31 @@ def main() -> None:
         f"{args.seconds:g} s; load average {min(load):.2f}-{max(load):.2f}"
     )
     rows = []
-    print(f"{'payload':<7} {'W':>2} {'variant':<12} {'items/s':>10} {'start-up s':>10} {'vs actors':>9}")
+    print(
+        f"{'payload':<7} {'W':>2} {'variant':<12} {'items/s':>10} "
+        f"{'start-up s':>10} {'vs actors':>9}"
+    )
     for p in payloads:
         for w in workers:
-            base = statistics.median(r["items_per_s"] for r in runs[(p, w, "actors")]) if (
-                p, w, "actors") in runs else None
+            base = (
+                statistics.median(r["items_per_s"] for r in runs[(p, w, "actors")])
+                if (p, w, "actors") in runs
+                else None
+            )
             for v in variants:
                 rate = statistics.median(r["items_per_s"] for r in runs[(p, w, v)])
                 startup = statistics.median(r["startup_s"] for r in runs[(p, w, v)])
                 ratio = f"{rate / base:9.2f}" if base else ""
                 print(f"{p:<7} {w:>2} {v:<12} {rate:10.0f} {startup:10.2f} {ratio}")
                 rows.append(
-                    {"payload": p, "workers": w, "variant": v, "items_per_s": rate,
-                     "startup_s": startup, "runs": runs[(p, w, v)]}
+                    {
+                        "payload": p,
+                        "workers": w,
+                        "variant": v,
+                        "items_per_s": rate,
+                        "startup_s": startup,
+                        "runs": runs[(p, w, v)],
+                    }
                 )
     if args.json:
         with open(args.json, "w") as f:

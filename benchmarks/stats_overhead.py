@@ -73,7 +73,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
-        "--work-us", type=float, default=0.0,
+        "--work-us",
+        type=float,
+        default=0.0,
         help="the consumer spins this many us per item (e.g. 50: the workers wait on it)",
     )
     args = p.parse_args()
@@ -88,7 +90,15 @@ def main() -> None:
                     tree = os.path.abspath(tree)
                     env = dict(os.environ, PYTHONPATH=f"{tree}:{tree}/plugins")
                     proc = subprocess.run(
-                        [sys.executable, "-c", CHILD, transport, mode, str(args.seconds), str(args.work_us)],
+                        [
+                            sys.executable,
+                            "-c",
+                            CHILD,
+                            transport,
+                            mode,
+                            str(args.seconds),
+                            str(args.work_us),
+                        ],
                         env=env,
                         capture_output=True,
                         text=True,
@@ -99,18 +109,33 @@ def main() -> None:
                     got = json.loads(out)
                     rates.setdefault((transport, mode, tree), []).append(got["rate"])
                     cpus.setdefault((transport, mode, tree), []).append(got["cpu_us"])
-    print(f"{'transport':<10} {'mode':<10} " + " ".join(f"{os.path.basename(t):>14}" for t in args.tree))
+    print(
+        f"{'transport':<10} {'mode':<10} "
+        + " ".join(f"{os.path.basename(t):>14}" for t in args.tree)
+    )
     for transport in transports:
         for mode in modes:
-            row = [statistics.median(rates[(transport, mode, os.path.abspath(t))]) for t in args.tree]
+            row = [
+                statistics.median(rates[(transport, mode, os.path.abspath(t))]) for t in args.tree
+            ]
             ratio = f"  after/before {row[-1] / row[0]:.3f}" if len(row) > 1 else ""
             print(f"{transport:<10} {mode:<10} " + " ".join(f"{r:14.0f}" for r in row) + ratio)
     print("consumer CPU per item (us, median):")
     for transport in transports:
         for mode in modes:
-            row = [statistics.median(cpus[(transport, mode, os.path.abspath(t))]) for t in args.tree]
+            row = [
+                statistics.median(cpus[(transport, mode, os.path.abspath(t))]) for t in args.tree
+            ]
             print(f"{transport:<10} {mode:<10} " + " ".join(f"{r:14.2f}" for r in row))
-    print("rounds:", json.dumps({f"{k[0]} {k[1]} {os.path.basename(k[2])}": [round(x) for x in v] for k, v in rates.items()}))
+    print(
+        "rounds:",
+        json.dumps(
+            {
+                f"{k[0]} {k[1]} {os.path.basename(k[2])}": [round(x) for x in v]
+                for k, v in rates.items()
+            }
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """flowplug: move datapoints from parallel producers to one consumer via pluggable transports."""
 
+from types import ModuleType as _ModuleType
 from typing import TYPE_CHECKING
 
 from .batching import BatchingSender
@@ -11,6 +12,7 @@ from .errors import (
     FlowplugError,
     ObjectNotFound,
     PluginError,
+    ReplicateWarning,
     RunnerTimeout,
     ShardMismatch,
     StateError,
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
     from . import shm
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> _ModuleType:
     # flowplug.shm needs numpy; load it on first use so that `import flowplug` stays light.
     if name == "shm":
         import importlib
@@ -75,6 +77,7 @@ __all__ = [
     "ParallelMap",
     "PluginError",
     "ProcessWorkers",
+    "ReplicateWarning",
     "Runner",
     "RunnerStats",
     "RunnerTimeout",

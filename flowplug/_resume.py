@@ -209,7 +209,7 @@ class Progress:
         if state.get("kind") != self.kind:
             what = {"shard": "a Runner in shard mode", "map": "a ParallelMap"}
             raise ConfigError(
-                f"this state was saved by {what.get(state.get('kind'), state.get('kind'))}, "
+                f"this state was saved by {what.get(str(state.get('kind')), state.get('kind'))}, "
                 f"and cannot resume {what[self.kind]}; build the runner the same way it was built"
             )
         skip = Done.from_json(state["received"])

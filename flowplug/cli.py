@@ -1,7 +1,8 @@
 """The ``flowplug`` command: list transports, show the config, check the platform.
 
-Exit codes: 0 ok, 1 failure, 2 usage error. Errors are one line; ``--debug`` shows the
-traceback.
+Exit codes: 0 ok, 1 failure, 2 usage error (a bad command line: an unknown option, a value
+out of range, an unknown transport, payload or peer). Each error is one line on stderr,
+printed before any other output of the command; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -18,9 +19,44 @@ from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
-from . import _sweep, config, plugins
-from .errors import ConfigError, FlowplugError
+from . import __version__, _sweep, config, plugins
+from .errors import ConfigError, FlowplugError, TransportNotFound
 from .ipc import bind_ipc
+
+#: what ``flowplug --help`` says first (plain text: argparse prints it as is).
+DESCRIPTION = (
+    "List the installed flowplug transports, show the effective configuration, check the "
+    "platform, and measure the transports on this machine."
+)
+EPILOG = "Exit codes: 0 ok, 1 failure, 2 usage error. Docs: docs/cli.md in the repository."
+
+
+class UsageError(Exception):
+    """A bad command line found after parsing: exit 2 with the subcommand's usage."""
+
+
+def _check_transports(names: Sequence[str]) -> None:
+    """Raise :class:`UsageError` for a name no installed transport has (a broken plugin
+    is a runtime failure: its own error, exit 1, when it is used)."""
+    for name in names:
+        try:
+            plugins.get_transport(name)
+        except TransportNotFound as exc:
+            raise UsageError(str(exc)) from None
+
+
+def _option_default(opt: Any) -> str:
+    """An option's default as a user writes it: sizes in units (``1 GiB``), others repr'd."""
+    if opt.size and isinstance(opt.default, int):
+        return config.format_size(opt.default)
+    return repr(opt.default)
+
+
+def _show(value: Any, opt: Any = None) -> str:
+    """A setting's value for ``flowplug config``: sizes in units, the rest repr'd."""
+    if opt is not None and opt.size and isinstance(value, int) and not isinstance(value, bool):
+        return config.format_size(value)
+    return repr(value)
 
 
 def _registry() -> plugins.TransportRegistry:
@@ -37,7 +73,7 @@ def _registry() -> plugins.TransportRegistry:
 
 def _cmd_transports(args: argparse.Namespace) -> int:
     registry = _registry()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, cls in sorted(registry.transports.items()):
         origin = registry.origin[name]
         rows.append(
@@ -49,7 +85,13 @@ def _cmd_transports(args: argparse.Namespace) -> int:
                 "zero_copy": cls.zero_copy,
                 "carries_tasks": cls.carries_tasks,
                 "options": [
-                    {"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help}
+                    {
+                        "name": o.name,
+                        "type": "size" if o.size else o.type.__name__,
+                        "default": o.default,
+                        "shown": _option_default(o),
+                        "help": o.help,
+                    }
                     for o in cls.options
                 ],
             }
@@ -57,6 +99,9 @@ def _cmd_transports(args: argparse.Namespace) -> int:
     broken = [b.describe() for b in registry.broken.values()]
     conflicts = [str(err) for err in registry.conflicts.values()]
     if args.json:
+        for row in rows:
+            for opt in row["options"]:
+                del opt["shown"]
         print(
             json.dumps(
                 {"transports": rows, "broken": broken, "conflicts": conflicts},
@@ -71,7 +116,7 @@ def _cmd_transports(args: argparse.Namespace) -> int:
         zc += ", carries tasks" if row["carries_tasks"] else ""
         print(f"{row['name']:<10} {row['distribution']} {row['version']}  ({kind}{zc})")
         for opt in row["options"]:
-            print(f"    {opt['name']}: {opt['type']} = {opt['default']!r}  {opt['help']}")
+            print(f"    {opt['name']}: {opt['type']} = {opt['shown']}  {opt['help']}")
     for line in broken:
         print(f"BROKEN  {line}")
     for line in conflicts:
@@ -90,10 +135,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
     tables: dict[str, dict[str, Any]] = {}
     selected = registry.transports.get(settings.transport)
     if selected is not None:
-        options = settings.options_for(selected)
         tables[settings.transport] = {
             k: {"value": v, "source": settings.source(f"transports.{settings.transport}.{k}")}
-            for k, v in options.items()
+            for k, v in settings.options_for(selected).items()
         }
     for name, options in settings.transports.items():
         if name not in tables:
@@ -115,9 +159,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
     for key, item in shown.items():
         print(f"{key:<14} = {item['value']!r:<20} ({item['source']})")
     for name, options in tables.items():
+        cls = registry.transports.get(name)
+        declared = {o.name: o for o in cls.options} if cls is not None else {}
         print(f"[transports.{name}]")
         for key, item in options.items():
-            print(f"{key:<14} = {item['value']!r:<20} ({item['source']})")
+            value = _show(item["value"], declared.get(key))
+            print(f"{key:<14} = {value:<20} ({item['source']})")
     return 0
 
 
@@ -233,22 +280,24 @@ def _mib(n: int) -> str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    names = args.transport or sorted(plugins.available_transports())
+    _check_transports(names)  # before the header: a usage error prints nothing else
+
     import numpy as np
 
     from .dataflow import DataFromGenerator
     from .runner import Runner
 
-    names = args.transport or sorted(plugins.available_transports())
     shape = (args.mb * 1024 * 1024,)
     items = [np.full(shape, i, dtype=np.uint8) for i in range(8)]
     print(
-        f"pushing {args.mb} MB uint8 arrays through each transport, "
+        f"pushing {args.mb} MiB uint8 arrays through each transport, "
         f"{args.workers} worker(s), {args.seconds:g} s each"
     )
     source = DataFromGenerator(lambda: items)
     for name in names:
         with Runner(source, transport=name, num_workers=args.workers) as runner:
-            it = iter(runner)
+            it = runner.__iter__()
             next(it)  # startup is not throughput
             count, start = 0, time.perf_counter()
             while time.perf_counter() - start < args.seconds:
@@ -259,8 +308,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             it.close()
             verdict = runner.stats().verdict
         rate = count / elapsed
-        gib = rate * args.mb / 1024
-        print(f"{name:<10} {rate:10.1f} items/s  {gib:6.2f} GiB/s  {verdict}")
+        if plugins.get_transport(name).crosses_processes:
+            moved = f"{rate * args.mb / 1024:6.2f} GiB/s"
+        else:  # threads hand the same array over: nothing moves, a GiB/s would be fiction
+            moved = "no copy (reference handed over)"
+        print(f"{name:<10} {rate:10.1f} items/s  {moved}  {verdict}", flush=True)
     return 0
 
 
@@ -274,14 +326,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.peers = args.peers or "all"
         args.workers = args.workers or [1, 2]
         args.touch = args.touch or "both"
-    transports = args.transport or [plugins.load_config().transport]
+    transports = args.transport or ["all"]
     if "all" in transports:
         transports = sorted(plugins.available_transports())
-    for name in transports:
-        plugins.get_transport(name)  # an unknown name fails here, with "did you mean"
+    _check_transports(transports)  # an unknown name: exit 2, with "did you mean"
     peers = _choose(args.peers or "all", PEER_KEYS, "peer")
     payloads = args.payload or (["small", "medium"] if args.quick else list(bench.PAYLOADS))
     _choose(",".join(payloads), tuple(bench.PAYLOADS), "payload")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before minutes of measuring, not after)
+        except ImportError:
+            raise FlowplugError("--plot needs matplotlib: pip install 'flowplug[plot]'") from None
     quick = args.quick
     bench_config = bench.BenchConfig(
         transports=transports,
@@ -289,8 +345,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         payloads=payloads,
         workers=args.workers or [1],
         touch={"off": [False], "on": [True], "both": [False, True]}[args.touch or "off"],
-        warmup=args.warmup if args.warmup is not None else (0.05 if quick else 0.5),
-        seconds=args.seconds if args.seconds is not None else (0.1 if quick else 1.0),
+        warmup=args.warmup if args.warmup is not None else (0.05 if quick else 0.3),
+        seconds=args.seconds if args.seconds is not None else (0.1 if quick else 0.5),
         repeats=args.repeats if args.repeats is not None else (1 if quick else 3),
     )
     result = bench.run(bench_config, progress=None if args.json == "-" else bench.Progress())
@@ -306,13 +362,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 json.dump(result, f, indent=1)
             print(f"wrote {args.json}")
     if args.plot:
-        try:
-            bench.plot(result["rows"], args.plot)
-        except ImportError:
-            print(
-                "flowplug: --plot needs matplotlib: pip install 'flowplug[plot]'", file=sys.stderr
-            )
-            return 1
+        bench.plot(result["rows"], args.plot, result["machine"])
         print(f"wrote {args.plot}", file=sys.stderr if args.json == "-" else sys.stdout)
     return 0
 
@@ -326,40 +376,103 @@ def _choose(value: str, choices: Sequence[str], what: str) -> list[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
     for name in names:
         if name not in choices:
-            raise ConfigError(f"unknown {what} {name!r}; choose from {', '.join(choices)}")
+            raise UsageError(f"unknown {what} {name!r}; choose from {', '.join(choices)}")
     return names
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowplug", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
 
-    p = sub.add_parser("transports", help="list installed transports and their options")
-    p.add_argument("--json", action="store_true")
+    parse.__name__ = "integer"
+    return parse
+
+
+def _seconds(positive: bool) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+        if not (value > 0 if positive else value >= 0) or value != value or value == float("inf"):
+            need = "more than 0" if positive else "0 or more"
+            raise argparse.ArgumentTypeError(f"must be {need} seconds, got {text}")
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's, with room for the subcommand names beside their help."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=28)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):  # argparse forgets their indent
+            names = [len(a.dest) for a in action._get_subactions()]
+            longest = max(names, default=0) + self._current_indent + 4
+            self._action_max_length = max(self._action_max_length, longest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowplug", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Formatter
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"flowplug {__version__} (Python {platform.python_version()})",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+
+    def add(name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+        description = kwargs.pop("description", help[0].upper() + help[1:] + ".")
+        p = sub.add_parser(
+            name, help=help, description=description, formatter_class=_Formatter, **kwargs
+        )
+        p.set_defaults(parser=p)
+        return p
+
+    p = add("transports", "list installed transports and their options")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_transports)
 
-    p = sub.add_parser("config", help="show the effective config and where each value came from")
-    p.add_argument("--json", action="store_true")
+    p = add("config", "show the effective config and where each value came from")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
         "-f", "--file", help="read this file instead of ./flowplug.toml, ./pyproject.toml"
     )
     p.set_defaults(func=_cmd_config)
 
-    p = sub.add_parser("doctor", help="check the platform and the installed plugins")
+    p = add("doctor", "check the platform and the installed plugins")
     p.add_argument("--clean", action="store_true", help="remove stale flowplug /dev/shm segments")
     p.set_defaults(func=_cmd_doctor)
 
-    p = sub.add_parser("demo", help="push arrays through every transport and print items/s")
+    p = add(
+        "demo",
+        "push arrays through every transport and print items/s",
+        description="Push arrays through every installed transport (or those given with -t) "
+        "and print items/s and GiB/s: a quick look, not a benchmark (see flowplug bench).",
+    )
     p.add_argument("-t", "--transport", action="append", help="only this transport (repeatable)")
-    p.add_argument("-w", "--workers", type=int, default=1)
-    p.add_argument("--mb", type=int, default=1, help="array size in MiB")
-    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("-w", "--workers", type=_int_at_least(1), default=1, help="default: 1")
+    p.add_argument("--mb", type=_int_at_least(1), default=1, help="array size in MiB (default 1)")
+    p.add_argument("--seconds", type=_seconds(True), default=2.0, help="per transport (default 2)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser(
+    p = add(
         "bench",
-        help="measure transports side by side with tensorpack, torch, pyzmq and memcpy",
+        "measure transports side by side with tensorpack, torch, pyzmq and memcpy",
         description="Each row runs in a fresh process: startup, warm-up, then the median of "
         "--repeats timed runs. Peers that are not installed are reported, never faked.",
     )
@@ -367,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-t",
         "--transport",
         action="append",
-        help="flowplug transport to measure (repeatable; 'all'); default: the default transport",
+        help="flowplug transport to measure (repeatable); default: every installed one ('all')",
     )
     p.add_argument(
         "--peers",
@@ -380,15 +493,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="small, medium, large, xl, dict (repeatable); default: all",
     )
-    p.add_argument("-w", "--workers", action="append", type=int, help="(repeatable) default: 1")
+    p.add_argument(
+        "-w", "--workers", action="append", type=_int_at_least(1), help="(repeatable) default: 1"
+    )
     p.add_argument(
         "--touch",
         choices=("off", "on", "both"),
         help="the consumer reads every byte of each item (default: off)",
     )
-    p.add_argument("--seconds", type=float, help="seconds per repeat (default 1)")
-    p.add_argument("--warmup", type=float, help="seconds of warm-up per row (default 0.5)")
-    p.add_argument("--repeats", type=int, help="timed repeats per row; median (default 3)")
+    p.add_argument("--seconds", type=_seconds(True), help="seconds per repeat (default 0.5)")
+    p.add_argument(
+        "--warmup", type=_seconds(False), help="seconds of warm-up per row (default 0.3)"
+    )
+    p.add_argument(
+        "--repeats", type=_int_at_least(1), help="timed repeats per row; median (default 3)"
+    )
     p.add_argument("--quick", action="store_true", help="small payloads, short runs, 1 repeat")
     p.add_argument(
         "--all",
@@ -396,7 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="every transport and peer, 1 and 2 workers, touch off and on (the full table)",
     )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-': stdout)")
-    p.add_argument("--plot", metavar="PNG", help="bar chart of GB/s (needs matplotlib)")
+    p.add_argument(
+        "--plot", metavar="PNG", help="charts of items/s and GB/s per payload (needs matplotlib)"
+    )
     p.set_defaults(func=_cmd_bench)
     return parser
 
@@ -406,10 +527,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: 2 for a usage error, 0 for --help
+    except SystemExit as exc:  # argparse: 2 for a usage error, 0 for --help and --version
         return exc.code if isinstance(exc.code, int) else 2
     try:
         result: Any = args.func(args)
+    except UsageError as exc:
+        try:
+            args.parser.error(str(exc))  # the subcommand's usage line, then the message
+        except SystemExit:
+            return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `flowplug transports | head`: the reader left; not an error of ours
@@ -419,8 +545,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         what = "" if isinstance(exc, FlowplugError) else f"{type(exc).__name__}: "
-        message = " ".join(str(exc).split())  # one line, whatever the message holds
-        print(f"flowplug: error: {what}{message} (--debug shows the traceback)", file=sys.stderr)
+        problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+        lines = [" ".join(p.split()) for p in problems]  # one line each, whatever they hold
+        lines[-1] += " (--debug shows the traceback)"
+        for line in lines:
+            print(f"flowplug: error: {what}{line}", file=sys.stderr)
         return 1
     return int(result or 0)
 

@@ -112,7 +112,11 @@ FILE_KEYS = (*SETTINGS, "transports")
 # ---------------------------------------------------------------------------- reading
 
 
-def read_settings(path: str | os.PathLike[str] | None = None, **explicit: Any) -> Settings:
+def read_settings(
+    path: str | os.PathLike[str] | None = None,
+    _problems: list[str] | None = None,
+    **explicit: Any,
+) -> Settings:
     """Read and type-check every source, highest first: ``explicit`` (None means "not
     given"), environment variables, config files, defaults.
 
@@ -122,29 +126,40 @@ def read_settings(path: str | os.PathLike[str] | None = None, **explicit: Any) -
     :param path: a config file to read instead of ``./flowplug.toml`` and
         ``./pyproject.toml``; a file named ``pyproject.toml`` is read for its
         ``[tool.flowplug]`` table, any other file from its top level.
+    :param _problems: append every problem here (the bad values left out) instead of
+        raising; :func:`flowplug.load_config` adds the plugin checks' problems and raises
+        them all at once.
     :raises flowplug.ConfigError: a bad key or value; the message names the file or
-        variable, the key, the value and the valid choices.
+        variable, the key, the value and the valid choices; every problem, not the first.
     """
+    problems: list[str] = [] if _problems is None else _problems
     layers: list[tuple[str, dict[str, Any]]] = []  # (source, {key: parsed value}), highest first
     given = {k: v for k, v in explicit.items() if v is not None}
-    unknown = sorted(set(given) - set(SETTINGS))
-    if unknown:
-        raise ConfigError(f"unknown setting {unknown[0]!r}; valid: {', '.join(SETTINGS)}")
-    layers.append((ARGUMENT, {k: _parse(k, v, f"argument {k}", "arg") for k, v in given.items()}))
+    for key in sorted(set(given) - set(SETTINGS)):
+        problems.append(f"unknown setting {key!r}; valid: {', '.join(SETTINGS)}")
+        del given[key]
+    arguments: dict[str, Any] = {}
+    for key, value in given.items():
+        _collect(problems, arguments, key, _parse, key, value, f"argument {key}", "arg")
+    layers.append((ARGUMENT, arguments))
 
-    env = {}
+    env: dict[str, Any] = {}
     for var, key in ENV_VARS.items():
         raw = os.environ.get(var, "").strip()
         if raw:
-            env[key] = _parse(key, raw, f"environment variable {var}", "env")
+            _collect(problems, env, key, _parse, key, raw, f"environment variable {var}", "env")
     # Every variable has its own source, so split the layer per variable.
     layers += [(_env_source(key), {key: value}) for key, value in env.items()]
 
     tables: dict[str, dict[str, Any]] = {}
     sources: dict[str, str] = {}
-    files = _config_files(path)
+    try:
+        files = _config_files(path)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        files = []
     for source, prefix, data in files:
-        parsed = _parse_file(source, prefix, data)
+        parsed = _parse_file(source, prefix, data, problems)
         table_options = parsed.pop("transports", {})
         layers.append((source, parsed))
         for name, options in table_options.items():
@@ -160,12 +175,25 @@ def read_settings(path: str | os.PathLike[str] | None = None, **explicit: Any) -
             if key not in values:
                 values[key] = value
                 sources[key] = source
-    return Settings(
+    settings = Settings(
         **values,
         transports=tables,
         sources=sources,
         files=tuple(source for source, _, _ in files),
     )
+    if problems and _problems is None:
+        raise ConfigError.of(problems)
+    return settings
+
+
+def _collect(
+    problems: list[str], into: dict[str, Any], key: str, parse: Any, *args: Any, **kwargs: Any
+) -> None:
+    """``into[key] = parse(...)``, or the ConfigError's problems appended to ``problems``."""
+    try:
+        into[key] = parse(*args, **kwargs)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
 
 
 def _env_source(key: str) -> str:
@@ -208,7 +236,8 @@ def _tool_flowplug(file: Path) -> Any:
 def _read_toml(file: Path) -> dict[str, Any]:
     try:
         with open(file, "rb") as f:
-            return tomllib.load(f)
+            data: dict[str, Any] = tomllib.load(f)  # tomli (3.10) may be untyped here
+            return data
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file} is not valid TOML: {exc}") from None
     except OSError as exc:
@@ -221,23 +250,26 @@ def _as_table(value: Any, file: Path) -> dict[str, Any]:
     return value
 
 
-def _parse_file(source: str, prefix: str, data: dict[str, Any]) -> dict[str, Any]:
+def _parse_file(
+    source: str, prefix: str, data: dict[str, Any], problems: list[str]
+) -> dict[str, Any]:
+    """The file's valid settings; each bad one is a line in ``problems``."""
     parsed: dict[str, Any] = {}
     for key, value in data.items():
         if key not in FILE_KEYS:
-            raise ConfigError(
+            problems.append(
                 f"{source}: unknown key {prefix}{key} = {value!r}; valid keys: "
                 f"{', '.join(FILE_KEYS)}" + _did_you_mean(key, FILE_KEYS)
             )
-        if key != "transports":
-            parsed[key] = _parse(key, value, f"{source}: {prefix}{key}", "file")
-            continue
-        if not isinstance(value, dict) or not all(isinstance(t, dict) for t in value.values()):
-            raise ConfigError(
+        elif key != "transports":
+            _collect(problems, parsed, key, _parse, key, value, f"{source}: {prefix}{key}", "file")
+        elif not isinstance(value, dict) or not all(isinstance(t, dict) for t in value.values()):
+            problems.append(
                 f"{source}: {prefix}transports must hold one table per transport, such as "
                 f"[{prefix}transports.zmq] with hwm = 100; got {value!r}"
             )
-        parsed["transports"] = value
+        else:
+            parsed["transports"] = value
     return parsed
 
 
@@ -327,6 +359,21 @@ def parse_size(value: Any) -> int:
     raise ValueError(
         f"not a size: {value!r}; use an integer of bytes or a string like '512MiB' or '2GB'"
     )
+
+
+def format_size(n: int) -> str:
+    """A byte count the way people write it: ``1073741824`` -> ``"1 GiB"``, ``2000000000``
+    -> ``"2 GB"``; a count no unit divides stays in bytes (``"1000001 B"``). ``0`` -> ``"0"``.
+    :func:`parse_size` reads every result back to ``n``."""
+    if n == 0:
+        return "0"
+    units: tuple[tuple[str, int], ...] = (("TiB", 1024**4), ("TB", 1000**4), ("GiB", 1024**3))
+    units += (("GB", 1000**3),)
+    units += (("MiB", 1024**2), ("MB", 1000**2), ("KiB", 1024), ("kB", 1000))
+    for unit, factor in units:  # the largest unit that divides it
+        if n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} B"
 
 
 # ---------------------------------------------------------------------------- transport options

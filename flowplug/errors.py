@@ -43,7 +43,23 @@ class PluginError(FlowplugError):
 
 
 class ConfigError(FlowplugError, ValueError):
-    """A setting is unknown, has the wrong type, or a value that cannot be used."""
+    """A setting is unknown, has the wrong type, or a value that cannot be used.
+
+    :ivar problems: every problem found, one line each: a config file with three mistakes
+        is reported with all three, not one fix-and-retry round each.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
+
+    @classmethod
+    def of(cls, problems: list[str]) -> ConfigError:
+        """One error for ``problems`` (at least one): the message lists them all."""
+        if len(problems) == 1:
+            return cls(problems[0])
+        listed = "\n".join(f"  - {p}" for p in problems)
+        return cls(f"{len(problems)} problems in the configuration:\n{listed}", problems)
 
 
 class StateError(FlowplugError, RuntimeError):
@@ -213,3 +229,13 @@ class StoreFull(FlowplugError, TimeoutError):
 
 class ObjectNotFound(FlowplugError, LookupError):
     """No object with this id is in the store: it was taken or deleted, or never put."""
+
+
+class ReplicateWarning(UserWarning):
+    """A replicate-mode runner with several workers over a dataflow of known length: every
+    worker yields its own copy of the dataflow, so an "epoch" of ``len(df)`` datapoints
+    mixes the copies (items repeat, others are missing). Pass ``mode="shard"`` for every
+    item once per epoch, or ``mode="replicate"`` explicitly (tensorpack's semantics, for
+    infinite or randomised dataflows) and it is not raised; or silence it with
+    ``warnings.simplefilter("ignore", fp.ReplicateWarning)``.
+    """

@@ -211,15 +211,24 @@ class TransportRegistry:
         self.transports[name] = transport
         self.origin[name] = origin
 
-    def check_settings(self, settings: Settings) -> Settings:
+    def check_settings(self, settings: Settings, problems: list[str] | None = None) -> Settings:
         """Load the plugins ``settings`` names, check its transport tables against the
         transports' declared options and that its transport is installed.
 
+        :param problems: the problems found so far (by :func:`~flowplug.config.read_settings`);
+            this adds its own and raises them all in one :class:`~flowplug.ConfigError`.
         :returns: ``settings`` with its transport tables validated.
         :raises flowplug.ConfigError: a table names no transport, or holds a bad option.
         :raises flowplug.TransportNotFound: the selected transport is not installed.
         :raises flowplug.PluginError: the selected transport's plugin is broken.
         """
+        problems = [] if problems is None else problems
+        checked = self._check_settings(settings, problems)
+        if problems:
+            raise ConfigError.of(problems)
+        return checked
+
+    def _check_settings(self, settings: Settings, problems: list[str]) -> Settings:
         if settings.plugins:
             self.ensure(settings.plugins, settings.source("plugins"))
         tables: dict[str, dict[str, Any]] = {}
@@ -231,33 +240,43 @@ class TransportRegistry:
                 where = settings.source(f"transports.{name}")
                 available = sorted(self.transports)
                 close = difflib.get_close_matches(name, available, n=1)
-                raise ConfigError(
+                problems.append(
                     f"{where}: table [transports.{name}] names no installed transport; "
                     f"available: {', '.join(available)}"
                     + (f". Did you mean {close[0]!r}?" if close else "")
                 )
+                continue
             cls = self.transports[name]
             tables[name] = {}
             for key, value in options.items():
                 source = settings.source(f"transports.{name}.{key}")
                 prefix = "tool.flowplug." if source.endswith("[tool.flowplug]") else ""
-                tables[name].update(
-                    validate_options(
-                        name,
-                        cls.options,
-                        {key: value},
-                        f"{source}: [{prefix}transports.{name}]",
-                        strict=True,
-                        defaults=False,
+                try:
+                    tables[name].update(
+                        validate_options(
+                            name,
+                            cls.options,
+                            {key: value},
+                            f"{source}: [{prefix}transports.{name}]",
+                            strict=True,
+                            defaults=False,
+                        )
                     )
-                )
+                except ConfigError as exc:
+                    problems.extend(exc.problems)
         try:
             self.get(settings.transport)
         except TransportNotFound as exc:
             source = settings.source("transport")
-            if source in (DEFAULT, ARGUMENT):
+            found = exc
+            if source not in (DEFAULT, ARGUMENT):
+                found = TransportNotFound(exc.name, exc.available, exc.suggestion, where=source)
+            if problems:  # said with the others: a bad file may be why
+                problems.append(str(found))
+                return settings
+            if found is exc:
                 raise
-            raise TransportNotFound(exc.name, exc.available, exc.suggestion, where=source) from None
+            raise found from None
         except PluginError as exc:
             source = settings.source("transport")
             if source in (DEFAULT, ARGUMENT):
@@ -350,4 +369,6 @@ def load_config(path: str | os.PathLike[str] | None = None, **explicit: Any) -> 
     :raises flowplug.TransportNotFound: the selected transport is not installed.
     :raises flowplug.PluginError: the selected transport's plugin is broken.
     """
-    return get_registry().check_settings(read_settings(path, **explicit))
+    problems: list[str] = []  # every problem of every source, raised at once
+    settings = read_settings(path, _problems=problems, **explicit)
+    return get_registry().check_settings(settings, problems)

@@ -13,8 +13,9 @@ import os
 import secrets
 import threading
 import time
+import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from . import _exc, _resume, plugins
@@ -23,6 +24,7 @@ from ._sweep import new_run_id, sweep_stale
 from .config import ARGUMENT
 from .errors import (
     ConfigError,
+    ReplicateWarning,
     RunnerTimeout,
     StateError,
     UnknownLength,
@@ -77,7 +79,9 @@ class Runner:
     ``mode="replicate"`` (the default): every worker runs its own copy of ``df`` and
     repeats it forever; with ``num_workers=1`` the order of ``df`` is preserved. When
     ``len(df)`` is known, one iteration (an epoch) yields ``len(df)`` datapoints;
-    otherwise it never ends.
+    otherwise it never ends. With several workers and a known ``len(df)``, a runner whose
+    mode was not given warns once (:class:`~flowplug.ReplicateWarning`) that the
+    workers' copies mix: such an "epoch" repeats some items and misses others.
 
     ``mode="shard"``: one iteration (an epoch) yields every item of one pass of ``df``
     exactly once, split over the workers (item ``i`` goes to worker ``i % num_workers``,
@@ -85,6 +89,15 @@ class Runner:
     again runs the next epoch on the same workers, which prefetch it without mixing
     epochs. With ``ordered=True`` the items come in the order of ``df``. See
     docs/sharding.md.
+
+    Arguments left as None come from the environment (``FLOWPLUG_NUM_WORKERS``...), then
+    ``./flowplug.toml``, then ``[tool.flowplug]`` in ``./pyproject.toml``, then defaults.
+
+    Example::
+
+        with fp.Runner(fp.DataFromList(items), mode="shard", num_workers=2) as runner:
+            for dp in runner:
+                ...
 
     :param df: a dataflow (anything with ``__iter__`` and ``reset_state()``), or a
         zero-argument factory returning one, called once per worker in the consumer.
@@ -96,22 +109,14 @@ class Runner:
     :param timeout: seconds to wait for one datapoint before raising
         :class:`~flowplug.RunnerTimeout`; None waits forever (deaths are still noticed).
     :param seed: base of the per-worker seeds; random when None.
-    :param mode: ``"replicate"`` or ``"shard"``, as above; or a :class:`~flowplug.modes.Mode`
-        object, the extension point for other kinds of passes (:class:`~flowplug.ParallelMap`).
+    :param mode: ``"replicate"`` or ``"shard"``, as above; None (not given) is
+        ``"replicate"``. Or a :class:`~flowplug.modes.Mode` object, the extension point
+        for other kinds of passes (:class:`~flowplug.ParallelMap`).
     :param ordered: shard mode only: deliver in the order of ``df``, buffering at most
         ``capacity`` items; otherwise items come as they arrive.
     :param config: a config file to read instead of ``./flowplug.toml`` and
         ``./pyproject.toml`` (see :func:`flowplug.load_config`).
     :param options: the transport's own options (see ``flowplug transports``).
-
-    Arguments left as None come from the environment (``FLOWPLUG_NUM_WORKERS``...), then
-    ``./flowplug.toml``, then ``[tool.flowplug]`` in ``./pyproject.toml``, then defaults.
-
-    Example::
-
-        with fp.Runner(fp.DataFromList(items), transport="zmq", num_workers=2) as runner:
-            for dp in runner:
-                ...
     """
 
     def __init__(
@@ -123,7 +128,7 @@ class Runner:
         start_method: str | None = None,
         timeout: float | None = None,
         seed: int | None = None,
-        mode: str | Mode = "replicate",
+        mode: str | Mode | None = None,
         ordered: bool = False,
         *,
         config: str | os.PathLike[str] | None = None,
@@ -165,6 +170,9 @@ class Runner:
         self._closed = False
         self._failure: BaseException | None = None
         self._finalizer: weakref.finalize | None = None
+        #: the mode was left to its default: a replicate runner then warns (see above).
+        self._mode_given = mode is not None
+        mode = "replicate" if mode is None else mode
         #: what one epoch means, and the state that spans epochs.
         self._mode = mode if isinstance(mode, Mode) else make_mode(mode, ordered)
         self._mode.check(self.num_workers, self.capacity)
@@ -205,6 +213,17 @@ class Runner:
             dfs = self._dataflows()
             if self._factory:
                 self._size = _length(dfs[0])
+        replicate = self.mode == "replicate" and not self._mode_given
+        if replicate and self.num_workers > 1 and self._size is not None:
+            warnings.warn(
+                f"Runner(num_workers={self.num_workers}) over a dataflow of {self._size} "
+                "items replicates it: every worker yields its own copy, so an epoch of "
+                f"{self._size} datapoints repeats some items and misses others. For every "
+                "item once per epoch pass mode='shard'; for independent streams (infinite or "
+                "randomised dataflows, tensorpack's semantics) pass mode='replicate'",
+                ReplicateWarning,
+                stacklevel=3,
+            )
         dfs = self._mode.prepare(dfs)
         n = self.num_workers
         infos = [WorkerInfo(i, n, (self.seed + i) % 2**31) for i in range(n)]
@@ -333,7 +352,7 @@ class Runner:
 
     # ------------------------------------------------------------------ iteration
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Generator[Any, None, None]:  # a generator: callers may close() it
         if not self._guard.acquire(blocking=False):
             raise StateError(
                 "this runner is already being iterated (by another thread, or by an "

@@ -137,7 +137,7 @@ class Meter:
     place (``startup``: waiting for the first datapoint).
     """
 
-    __slots__ = ("started", "delivered", "waited", "startup", "samples", "workers", "_lock")
+    __slots__ = ("_lock", "delivered", "samples", "started", "startup", "waited", "workers")
 
     def __init__(self) -> None:
         self.started: float | None = None

@@ -160,7 +160,7 @@ class ProcessWorkers(WorkerGroup):
         start_method: str,
         gates: Sequence[Any] | None = None,
     ):
-        self._ctx = mp.get_context(start_method)
+        self._ctx: Any = mp.get_context(start_method)  # typeshed: a BaseContext has no Process
         #: one gate per worker (shard mode, ParallelMap), or None.
         self._gates = gates
         self._start_method = start_method
@@ -271,7 +271,7 @@ class ProcessWorkers(WorkerGroup):
                 proc.close()
         # Drop what the workers were started with, so the transport's resources can go.
         self.procs = []
-        self._dfs = self._endpoint = self._gates = None
+        self._dfs = self._endpoint = self._gates = None  # type: ignore[assignment]
         if self._control is not None:
             self._control.close()
         os.close(self._wake_r)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 import flowplug as fp
 from flowplug import bench
-from flowplug.bench import systems
+from flowplug.bench import report, systems
 from flowplug.cli import main
 
 
@@ -25,11 +26,12 @@ def test_quick_bench_prints_a_table_with_measured_rows(capsys):
 
 
 def test_json_rows_have_every_measure_and_ratios(capsys):
-    assert main(["bench", "--quick", "--peers", "none", "-p", "medium", "--json", "-"]) == 0
+    argv = ["bench", "--quick", "-t", "zmq", "--peers", "none", "-p", "medium", "--json", "-"]
+    assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     rows = {r["system"]: r for r in result["rows"]}
-    assert set(rows) == {"memcpy", f"fp-{result['config']['transports'][0]}"}
-    row = rows[f"fp-{result['config']['transports'][0]}"]
+    assert set(rows) == {"memcpy", "fp-zmq"}
+    row = rows["fp-zmq"]
     assert row["status"] == "ok", row
     assert row["nbytes"] == 64 * 1024
     assert row["startup_s"] > 0 and row["peak_rss_mb"] > 0 and len(row["rates"]) == 1
@@ -54,6 +56,47 @@ def test_a_missing_peer_is_reported_not_faked(monkeypatch):
     assert "not installed" in bench.table(result["rows"])
 
 
+def test_missing_peers_are_one_line_per_reason_not_one_per_row(monkeypatch):
+    absent = systems.System("tp X", "peer", ("no_such_module_fp",), "pip install x")
+    for key in ("tp-queue", "tp-zmq"):
+        monkeypatch.setitem(systems.PEERS, key, replace(absent, name=f"tp {key}"))
+    result = bench.run(
+        bench.BenchConfig(
+            transports=[],
+            peers=["tp-queue", "tp-zmq"],
+            payloads=["small", "medium"],
+            workers=[1, 2],
+            warmup=0.01,
+            seconds=0.01,
+            repeats=1,
+        )
+    )
+    text = bench.table(result["rows"])
+    lines = [line for line in text.splitlines() if "no_such_module_fp" in line]
+    assert lines == [
+        "not measured: tp tp-queue, tp tp-zmq: not installed: no_such_module_fp not installed "
+        "(pip install x)"
+    ]
+    assert len([r for r in result["rows"] if r["system"] == "tp-zmq"]) == 4  # still in the JSON
+
+
+def test_the_default_bench_measures_every_installed_transport(capsys):
+    argv = ["bench", "--quick", "--peers", "none", "-p", "small", "--json", "-"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    measured = {r["system"] for r in result["rows"] if r["status"] == "ok"}
+    assert measured == {"memcpy"} | {f"fp-{t}" for t in fp.available_transports()}
+    for row in result["rows"]:
+        assert row["consumer_cpu_s_per_item"] > 0, row
+
+
+def test_the_plot_title_names_the_machine():
+    machine = bench.harness.machine()
+    title = report.title(machine)
+    for part in (f"{machine['cpus']} cores", f"Python {machine['python']}", "numpy ", "pyzmq "):
+        assert part in title, title
+
+
 def test_unknown_peer_is_a_usage_error(capsys):
-    assert main(["bench", "--quick", "--peers", "tensorflow"]) == 1
+    assert main(["bench", "--quick", "--peers", "tensorflow"]) == 2
     assert "unknown peer 'tensorflow'" in capsys.readouterr().err

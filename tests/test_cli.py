@@ -50,7 +50,7 @@ def test_transports_lists_an_installed_plugin(plugin_envs, run_cli, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "pipe       flowplug-example 0.1.0  (processes)" in lines
-    assert any(line.strip().startswith("pipe_size: int = 0") for line in lines)
+    assert any(line.strip().startswith("pipe_size: size = 0  ") for line in lines)
 
 
 def test_transports_reports_broken_plugins_and_still_lists_the_rest(plugin_envs, run_cli, tmp_path):
@@ -143,6 +143,88 @@ def test_usage_errors_exit_2(capsys, argv):
 def test_help_exits_0(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "doctor" in out and "config" in out
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["transports"], ["config"], ["doctor"], ["demo"], ["bench"]]
+)
+def test_help_is_plain_text(capsys, command):
+    code, out, _ = run(capsys, *command, "--help")
+    assert code == 0 and out.startswith("usage: flowplug")
+    for markup in ("``", ":class:", ":func:", ":mod:", ".. "):
+        assert markup not in out, (markup, out)
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith(f"flowplug {fp.__version__} (Python ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--mb", "0"], "argument --mb: must be at least 1, got 0"),
+        (["demo", "--workers", "0"], "argument -w/--workers: must be at least 1, got 0"),
+        (["demo", "--seconds", "-1"], "argument --seconds: must be more than 0 seconds"),
+        (["demo", "-t", "nope"], "no transport 'nope'; available: "),
+        (["demo", "-t", "zmqq"], "Did you mean 'zmq'?"),
+        (["bench", "--payload", "nonsense"], "unknown payload 'nonsense'; choose from small"),
+        (["bench", "--peers", "tensorflow"], "unknown peer 'tensorflow'; choose from tp-queue"),
+        (["bench", "-t", "nope"], "no transport 'nope'"),
+        (["bench", "--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+        (["bench", "--warmup", "x"], "argument --warmup: expected seconds, got 'x'"),
+    ],
+)
+def test_bad_arguments_are_usage_errors_with_nothing_else_printed(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""  # no header, no table before the error
+    assert err.startswith(f"usage: flowplug {argv[0]} ")
+    last = err.splitlines()[-1]
+    assert last.startswith(f"flowplug {argv[0]}: error: ") and message in last, err
+
+
+def test_config_reports_every_problem_of_a_file(capsys, tmp_path):
+    (tmp_path / "flowplug.toml").write_text(
+        "num_worker = 2\ncapacity = 0\n[transports.zmq]\nhwm = 'x'\nbogus = 1\n"
+    )
+    code, out, err = run(capsys, "config")
+    assert code == 1 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 4 and all(line.startswith("flowplug: error: ") for line in lines)
+    assert "unknown key num_worker" in lines[0] and "capacity = 0" in lines[1]
+    assert "hwm = 'x'" in lines[2] and "no option 'bogus'" in lines[3]
+    assert lines[-1].endswith("(--debug shows the traceback)")
+
+
+def test_sizes_are_shown_in_units(capsys, tmp_path):
+    (tmp_path / "flowplug.toml").write_text("transport = 'shm'\n[transports.shm]\nsize = '2GiB'\n")
+    code, out, _ = run(capsys, "config")
+    assert code == 0
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert f"size = 2 GiB ({tmp_path / 'flowplug.toml'})" in lines
+    code, out, _ = run(capsys, "transports")
+    (size,) = [line.strip() for line in out.splitlines() if line.strip().startswith("size:")]
+    default = fp.get_transport("shm").options[0].default
+    assert size.startswith(f"size: size = {fp.config.format_size(default)}  ")
+    assert fp.parse_size(fp.config.format_size(default)) == default
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0"), (1024**3, "1 GiB"), (3 * 1024**2, "3 MiB"), (2 * 10**9, "2 GB"), (1001, "1001 B")],
+)
+def test_format_size_round_trips(n, text):
+    assert fp.config.format_size(n) == text and fp.parse_size(text) == n
+
+
+def test_demo_says_threads_copy_nothing(capsys):
+    code, out, err = run(capsys, "demo", "-t", "thread", "-t", "zmq", "--seconds", "0.2")
+    assert code == 0, err
+    header, thread, zmq = out.splitlines()
+    assert header.startswith("pushing 1 MiB uint8 arrays")
+    assert thread.startswith("thread") and "items/s  no copy (reference handed over)" in thread
+    assert zmq.startswith("zmq") and " GiB/s " in zmq
 
 
 # ---------------------------------------------------------------------------- doctor

@@ -68,7 +68,7 @@ def test_plain_runner_honours_environment(monkeypatch):
     monkeypatch.setenv("FLOWPLUG_TRANSPORT", "thread")
     monkeypatch.setenv("FLOWPLUG_NUM_WORKERS", "2")
     monkeypatch.setenv("FLOWPLUG_TIMEOUT", "7.5")
-    with fp.Runner(lambda: fp.DataFromList([1, 2])) as runner:
+    with fp.Runner(lambda: fp.DataFromList([1, 2]), mode="replicate") as runner:
         assert (runner.transport_name, runner.num_workers, runner.timeout) == ("thread", 2, 7.5)
         epoch = list(runner)  # each worker repeats its own copy: any mix of 1 and 2
         assert len(epoch) == 2 and set(epoch) <= {1, 2}
@@ -99,7 +99,7 @@ def test_transport_tables_merge_per_option_and_arguments_win(tmp_path):
 def test_from_config_reads_the_given_file_and_overrides_win(tmp_path):
     write(tmp_path / "flowplug.toml", "num_workers = 3\n")  # not read: a path is given
     ci = write(tmp_path / "ci.toml", "transport = 'queue'\nnum_workers = 2\ncapacity = 8\n")
-    runner = fp.Runner.from_config(DF, ci, capacity=4)
+    runner = fp.Runner.from_config(DF, ci, capacity=4, mode="replicate")
     assert (runner.transport_name, runner.num_workers, runner.capacity) == ("queue", 2, 4)
     assert fp.load_config(ci).files == (ci,)
     with runner:

@@ -108,7 +108,9 @@ def elsewhere():
 
 
 def test_the_runner_starts_and_stops_the_transports_workers(elsewhere, no_leaks):
-    with fp.Runner(Counting(10, tag=True), transport="elsewhere", num_workers=2) as runner:
+    with fp.Runner(
+        Counting(10, tag=True), transport="elsewhere", num_workers=2, mode="replicate"
+    ) as runner:
         for _ in range(3):
             got = list(runner)
             assert len(got) == 10 and {i for _, i in got} <= set(range(10))

@@ -66,7 +66,7 @@ def test_consumer_sigterm_handler_does_not_run_in_workers(no_leaks, tmp_path):
 
     old = signal.signal(signal.SIGTERM, handler)
     try:
-        with fp.Runner(Counting(10**6), transport="zmq", num_workers=2) as runner:
+        with fp.Runner(Counting(10**6), transport="zmq", num_workers=2, mode="replicate") as runner:
             next(iter(runner))
     finally:
         signal.signal(signal.SIGTERM, old)

@@ -450,7 +450,9 @@ class Images(fp.DataFlow):
 def test_put_early_get_late_through_any_transport(store, transport, method):
     # Only the small ids cross the transport; the images are views of the store.
     df = shm.PutData(Images(), store)
-    with fp.Runner(df, transport=transport, num_workers=2, start_method=method) as runner:
+    with fp.Runner(
+        df, transport=transport, num_workers=2, start_method=method, mode="replicate"
+    ) as runner:
         got = list(shm.GetData(runner, store))
         assert len(got) == 6
         for dp in got:

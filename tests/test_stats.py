@@ -60,7 +60,8 @@ def test_map_and_replicate_mode_count_in_the_consumer(no_leaks):
         assert len(list(m)) == 30 and len(list(m)) == 30
         stats = m.stats()
     assert stats.delivered == 60 and stats.mode == "map" and stats.workers is None
-    with fp.Runner(fp.DataFromList(range(5)), transport="thread", num_workers=2) as runner:
+    df = fp.DataFromList(range(5))
+    with fp.Runner(df, transport="thread", num_workers=2, mode="replicate") as runner:
         assert len(list(runner)) == 5  # an epoch is len(df) datapoints
         it = iter(runner)
         next(it), next(it)
@@ -87,7 +88,10 @@ def test_shm_counts_copies_and_store_use(no_leaks):
         list(runner)
         counters = runner.stats().transport_counters
     assert counters["copies_received"] == 0
-    assert counters["store_bytes"] > 0 and 0 <= counters["store_bytes_in_use"] <= counters["store_bytes"]
+    assert (
+        counters["store_bytes"] > 0
+        and 0 <= counters["store_bytes_in_use"] <= counters["store_bytes"]
+    )
 
 
 # ---------------------------------------------------------------------------- the hook
@@ -164,7 +168,9 @@ def test_start_stop_and_a_worker_error_are_logged(no_leaks, caplog):
             list(runner)
         runner.close()
     messages = [r.getMessage() for r in caplog.records if r.name == "flowplug"]
-    assert messages[0] == "Runner started: transport 'thread', 1 worker(s), mode 'shard', capacity 50"
+    assert (
+        messages[0] == "Runner started: transport 'thread', 1 worker(s), mode 'shard', capacity 50"
+    )
     assert "worker 0 failed (ValueError); closing" in messages
     assert messages[-1].startswith("Runner stopped: ")
 

@@ -49,13 +49,20 @@ def _cpu_seconds() -> float | None:
     return total / tick
 
 
+def _own_cpu_seconds() -> float:
+    """CPU time (user + system) of this process alone: the consumer and its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _timed_runs(
     step: Any, warmup: float, seconds: float, repeats: int
-) -> tuple[list[float], float | None]:
+) -> tuple[list[float], float | None, float]:
     """Call ``step()`` for ``warmup`` seconds, then ``repeats`` times for ``seconds``; return
-    the rates (calls per second) of the repeats and the CPU seconds per call they used (all
-    processes of the row). The clock is read once per chunk of about 10 ms worth of calls,
-    so reading it costs nothing next to a fast transport."""
+    the rates (calls per second) of the repeats, the CPU seconds per call they used (all
+    processes of the row), and those of the consumer process alone (its threads included).
+    The clock is read once per chunk of about 10 ms worth of calls, so reading it costs
+    nothing next to a fast transport."""
     clock = time.perf_counter
     start = clock()
     done = 0
@@ -66,6 +73,7 @@ def _timed_runs(
     rates = []
     calls = 0
     cpu_start = _cpu_seconds()
+    own_start = _own_cpu_seconds()
     for _ in range(repeats):
         n = 0
         start = clock()
@@ -79,18 +87,25 @@ def _timed_runs(
         rates.append(n / elapsed)
         calls += n
     cpu_end = _cpu_seconds()
+    own = (_own_cpu_seconds() - own_start) / calls
     per_call = None if cpu_start is None or cpu_end is None else (cpu_end - cpu_start) / calls
-    return rates, per_call
+    return rates, per_call, own
 
 
 def _measure_memcpy(spec: dict[str, Any]) -> dict[str, Any]:
     size = max(1, nbytes(make(spec["payload"])))
     src = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
     dst = np.empty_like(src)
-    rates, cpu = _timed_runs(
+    rates, cpu, own = _timed_runs(
         lambda: np.copyto(dst, src), spec["warmup"], spec["seconds"], spec["repeats"]
     )
-    return {"rates": rates, "cpu_s_per_item": cpu, "startup_s": None, "nbytes": size}
+    return {
+        "rates": rates,
+        "cpu_s_per_item": cpu,
+        "consumer_cpu_s_per_item": own,
+        "startup_s": None,
+        "nbytes": size,
+    }
 
 
 def _measure_stream(spec: dict[str, Any]) -> dict[str, Any]:
@@ -116,8 +131,14 @@ def _measure_stream(spec: dict[str, Any]) -> dict[str, Any]:
             def step() -> None:
                 check(next(items))
 
-        rates, cpu = _timed_runs(step, spec["warmup"], spec["seconds"], spec["repeats"])
-    out = {"rates": rates, "cpu_s_per_item": cpu, "startup_s": startup, "nbytes": expected}
+        rates, cpu, own = _timed_runs(step, spec["warmup"], spec["seconds"], spec["repeats"])
+    out: dict[str, Any] = {
+        "rates": rates,
+        "cpu_s_per_item": cpu,
+        "consumer_cpu_s_per_item": own,
+        "startup_s": startup,
+        "nbytes": expected,
+    }
     verdict = VERDICTS.get(spec["system"])
     if verdict is not None:
         out["verdict"] = verdict

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from typing import Any
 
 from .child import RESULT_TAG
@@ -34,9 +35,9 @@ class BenchConfig:
     #: measure without (False) and/or with (True) the consumer reading every byte.
     touch: Sequence[bool] = (False,)
     #: seconds of warm-up before the first repeat.
-    warmup: float = 0.5
+    warmup: float = 0.3
     #: seconds per repeat; a row's rate is the median of its repeats.
-    seconds: float = 1.0
+    seconds: float = 0.5
     repeats: int = 3
     #: a row that takes longer than this (plus its own run time) is killed and reported.
     row_timeout: float = 60.0
@@ -75,14 +76,19 @@ def run(
     """Measure every planned row; return ``{"machine", "config", "rows"}`` with ratios."""
     rows = plan(config)
     missing = {key: PEERS[key].missing() for key in config.peers}
-    for i, row in enumerate(rows):
-        if progress is not None:
-            progress(i, len(rows), row)
+    todo = []
+    for row in rows:
         why = missing.get(row["system"])
-        result = {"status": f"not installed: {why}"} if why else _measure(row, config)
-        row.update(result)
+        if why:
+            row["status"] = f"not installed: {why}"
+        else:
+            todo.append(row)
+    for i, row in enumerate(todo):
+        if progress is not None:
+            progress(i, len(todo), row)
+        row.update(_measure(row, config))
     if progress is not None:
-        progress(len(rows), len(rows), {})
+        progress(len(todo), len(todo), {})
     add_ratios(rows)
     return {"machine": machine(), "config": asdict(config), "rows": rows}
 
@@ -154,6 +160,12 @@ def machine() -> dict[str, Any]:
         load = os.getloadavg()
     except OSError:
         load = None
+    versions: dict[str, str | None] = {}
+    for dist in ("torch", "tensorpack"):  # the peers' versions, without importing them
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -163,5 +175,6 @@ def machine() -> dict[str, Any]:
         "numpy": numpy.__version__,
         "pyzmq": zmq.__version__,
         "libzmq": zmq.zmq_version(),
+        **versions,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

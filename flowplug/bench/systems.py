@@ -247,7 +247,7 @@ def _pyzmq(payload: str, workers: int) -> Iterator[Iterator[Any]]:
         loads = pickle.loads
         while True:
             frames = recv(copy=False)
-            yield loads(frames[0], buffers=frames[1:])
+            yield loads(frames[0], buffers=frames[1:])  # type: ignore[arg-type]  # Frames are buffers
 
     try:
         yield items()

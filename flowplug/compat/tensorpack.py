@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from ..dataflow import DataFlow
@@ -75,7 +75,9 @@ class MultiProcessRunner(_TensorpackNames, Runner):
     """
 
     def __init__(self, ds: Any, num_prefetch: int, num_proc: int):
-        super().__init__(ds, transport="queue", num_workers=num_proc, capacity=num_prefetch)
+        super().__init__(
+            ds, transport="queue", num_workers=num_proc, capacity=num_prefetch, mode="replicate"
+        )
         self.ds = ds
 
 
@@ -88,7 +90,7 @@ class MultiProcessRunnerZMQ(_TensorpackNames, Runner):
     """
 
     def __init__(self, ds: Any, num_proc: int = 1, hwm: int = 50):
-        super().__init__(ds, transport="zmq", num_workers=num_proc, capacity=hwm)
+        super().__init__(ds, transport="zmq", num_workers=num_proc, capacity=hwm, mode="replicate")
         self.ds = ds
 
 
@@ -114,6 +116,7 @@ class MultiThreadRunner(_TensorpackNames, Runner):
             transport="thread",
             num_workers=num_thread,
             capacity=num_prefetch,
+            mode="replicate",
         )
         self.get_df = get_df
         self._size = _length(dfs[0])
@@ -345,7 +348,7 @@ class MultiProcessMapAndBatchDataZMQ(_TensorpackNames, ParallelMap):
     def __len__(self) -> int:
         raise UnknownLength(f"{type(self).__name__} is an endless stream of batches: no length")
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Generator[Any, None, None]:
         size = self.batch_size
         short: list[Any] = []  # mapped datapoints of tasks that lost some to None
         for full, out in super().__iter__():

@@ -35,7 +35,7 @@ class Extents:
         ext.free(a, 4096)
     """
 
-    __slots__ = ("hdr", "off", "length", "max_extents")
+    __slots__ = ("hdr", "length", "max_extents", "off")
 
     def __init__(self, hdr: Any, off: Any, length: Any):
         self.hdr = hdr

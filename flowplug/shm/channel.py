@@ -99,7 +99,7 @@ def layout(num_rings: int, slots: list[int]) -> int:
 
 
 class _Ring:
-    __slots__ = ("items", "free", "hello", "slots", "base", "pos")
+    __slots__ = ("base", "free", "hello", "items", "pos", "slots")
 
     def __init__(self, items: int, free: int, hello: int, slots: int, base: int):
         self.items, self.free, self.hello = items, free, hello

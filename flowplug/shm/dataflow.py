@@ -1,4 +1,5 @@
-"""The store in dataflows: :func:`empty` (in the current store), :class:`PutData`, :class:`GetData`."""
+"""The store in dataflows: :func:`empty` (in the current store), :class:`PutData`,
+:class:`GetData`."""
 
 from __future__ import annotations
 

@@ -241,7 +241,7 @@ def _init_mutex(at: int) -> None:
 class Mutex:
     """The store's mutex, seen from one process (the segment mapped at ``address``)."""
 
-    __slots__ = ("fd", "at", "_lock", "_unlock")
+    __slots__ = ("_lock", "_unlock", "at", "fd")
 
     def __init__(self, fd: int, address: int):
         self.fd = fd

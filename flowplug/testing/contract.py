@@ -48,6 +48,7 @@ class Counting(fp.DataFlow):
 
     def __iter__(self):
         info = fp.worker_info()
+        assert info is not None  # runs in a worker
         for i in range(self.n):
             yield (info.id, i) if self.tag else i
 
@@ -102,6 +103,7 @@ class InfoFlow(fp.DataFlow):
 
     def __iter__(self):
         info = fp.worker_info()
+        assert info is not None  # runs in a worker
         while True:
             yield (info.id, info.num_workers, info.seed)
 
@@ -194,7 +196,9 @@ class TransportContract:
             assert list(runner) == list(range(100))  # the next epoch, in order again
 
     def test_epoch_has_len_items(self, transport):
-        with fp.Runner(Counting(37), transport=transport, num_workers=3) as runner:
+        with fp.Runner(
+            Counting(37), transport=transport, num_workers=3, mode="replicate"
+        ) as runner:
             assert len(runner) == 37
             for _ in range(3):
                 assert len(list(runner)) == 37
@@ -202,7 +206,9 @@ class TransportContract:
     def test_every_worker_contributes(self, transport):
         seen: Counter = Counter()
         deadline = time.monotonic() + 20
-        with fp.Runner(Counting(10, tag=True), transport=transport, num_workers=3) as runner:
+        with fp.Runner(
+            Counting(10, tag=True), transport=transport, num_workers=3, mode="replicate"
+        ) as runner:
             while len(seen) < 3 and time.monotonic() < deadline:
                 seen.update(w for w, _ in runner)
         assert set(seen) == {0, 1, 2}
@@ -240,7 +246,7 @@ class TransportContract:
 
     def test_worker_exception_becomes_worker_error(self, transport):
         runner = fp.Runner(RaiseAfter(5), transport=transport, num_workers=2)
-        got = []
+        got: list[int] = []
         with pytest.raises(fp.WorkerError) as info:
             for _ in range(10):
                 got.extend(runner)
@@ -328,7 +334,7 @@ class TransportContract:
             runner.close()
 
     def test_dropping_the_runner_releases_everything(self, transport):
-        runner = fp.Runner(Counting(10**6), transport=transport, num_workers=2)
+        runner = fp.Runner(Counting(10**6), transport=transport, num_workers=2, mode="replicate")
         for i, _ in enumerate(runner):
             if i == 5:
                 break
@@ -336,7 +342,9 @@ class TransportContract:
 
     def test_start_close_cycles_leave_nothing(self, transport):
         for _ in range(200 if os.environ.get("FLOWPLUG_LONG_TESTS") else 50):
-            with fp.Runner(Counting(1000), transport=transport, num_workers=2) as runner:
+            with fp.Runner(
+                Counting(1000), transport=transport, num_workers=2, mode="replicate"
+            ) as runner:
                 next(iter(runner))
 
     # -- shard mode and ParallelMap (the task channel)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 SHM_DIR = "/dev/shm"
 #: prefixes of the /dev/shm entries flowplug (and multiprocessing) create.
@@ -68,7 +69,7 @@ def leaked(before: Snapshot, settle: float = 5.0, own_shm_only: bool = True) -> 
         shm = now.shm - before.shm
         if own_shm_only:
             shm = frozenset(n for n in shm if f"-{os.getpid()}-" in n)
-        found = {
+        found: dict[str, list[Any]] = {
             "children": sorted(now.children - before.children),
             "threads": sorted(
                 t.name for t in threading.enumerate() if t.ident in now.threads - before.threads

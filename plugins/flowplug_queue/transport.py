@@ -228,7 +228,7 @@ class QueueTransport(flowplug.TaskTransport):
             self._close_tasks()
         channels = getattr(self, "_channels", None)
         if channels is not None:
-            self._channels = None
+            self._channels = None  # type: ignore[assignment]  # closed: nothing to send on
             for channel in channels:
                 channel.conn.close()
             for writer in self._writers:

@@ -352,6 +352,7 @@ class ShmTransport(flowplug.TaskTransport):
     def _ready(self, timeout: float) -> bool:
         """Unlink the store once every worker can reach it without its name."""
         if self._unhello:
+            assert self._chan is not None  # open until close()
             self._chan.wait_hellos(self._unhello, timeout)
             if self._unhello:
                 return False

@@ -721,7 +721,9 @@ def scenario_cycles(transport: str, cycles: int = CYCLES) -> int:
     me = psutil.Process()
 
     def cycle() -> None:
-        with fp.Runner(Counting(10**6), transport=transport, num_workers=2) as runner:
+        with fp.Runner(
+            Counting(10**6), transport=transport, num_workers=2, mode="replicate"
+        ) as runner:
             it = iter(runner)
             for _ in range(3):
                 next(it)
@@ -805,10 +807,12 @@ def scenario_fork_after_threads(transport: str) -> int:
     for t in threads:
         t.start()
     try:
-        with fp.Runner(Counting(30), transport=transport, num_workers=2) as first:
+        with fp.Runner(Counting(30), transport=transport, num_workers=2, mode="replicate") as first:
             assert len(list(first)) == 30
             for _ in range(3):
-                with fp.Runner(Counting(25, tag=True), transport=transport, num_workers=2) as r:
+                with fp.Runner(
+                    Counting(25, tag=True), transport=transport, num_workers=2, mode="replicate"
+                ) as r:
                     for _ in range(2):
                         got = list(r)
                         assert len(got) == 25 and {w for w, _ in got} <= {0, 1}
@@ -846,7 +850,9 @@ def scenario_shm_tiny(transport: str) -> int:
             runner.close()
         return 1
     before = set(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else set()
-    with fp.Runner(Sized([1 << 20] * 4), transport=transport, num_workers=2) as runner:
+    with fp.Runner(
+        Sized([1 << 20] * 4), transport=transport, num_workers=2, mode="replicate"
+    ) as runner:
         assert len(list(runner)) == 4
         during = set(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else set()
     mine = [n for n in during - before if str(os.getpid()) in n]

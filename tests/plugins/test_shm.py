@@ -349,7 +349,9 @@ _TRACKED = textwrap.dedent(
     if __name__ == "__main__":
         df = fp.DataFromList([np.ones(100_000)] * 4)
         for method in ("fork", "spawn"):
-            with fp.Runner(df, transport="shm", num_workers=2, start_method=method) as r:
+            with fp.Runner(
+                df, transport="shm", num_workers=2, start_method=method, mode="replicate"
+            ) as r:
                 assert len(list(r)) == 4
         store = fp.shm.ObjectStore("1MiB")
         view = store.take(store.put(np.ones(1000)))

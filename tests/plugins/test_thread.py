@@ -35,7 +35,7 @@ class Unpicklable(fp.DataFlow):
 
 
 def test_thread_workers_get_their_own_copy(no_leaks):
-    with fp.Runner(PerThreadState(), transport="thread", num_workers=3) as runner:
+    with fp.Runner(PerThreadState(), transport="thread", num_workers=3, mode="replicate") as runner:
         for _ in range(5):
             assert sorted(runner) == [0, 1, 2]
 
@@ -48,7 +48,7 @@ def test_thread_workers_from_a_factory(no_leaks):
         made.append(df)
         return df
 
-    with fp.Runner(factory, transport="thread", num_workers=2) as runner:
+    with fp.Runner(factory, transport="thread", num_workers=2, mode="replicate") as runner:
         assert len(runner) == 3
         assert len(list(runner)) == 3
     assert len(made) == 2 and made[0] is not made[1]
@@ -101,7 +101,9 @@ def test_close_wakes_a_sender_blocked_on_a_full_transport():
 
 
 def test_a_thread_runner_repeats_epochs(no_leaks):
-    with fp.Runner(Counting(10, tag=True), transport="thread", num_workers=2) as runner:
+    with fp.Runner(
+        Counting(10, tag=True), transport="thread", num_workers=2, mode="replicate"
+    ) as runner:
         for _ in range(3):
             got = list(runner)
             assert len(got) == 10 and {w for w, _ in got} <= {0, 1}

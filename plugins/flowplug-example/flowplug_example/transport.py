@@ -43,7 +43,7 @@ class PipeSender(flowplug.Sender):
 
     def send(self, obj: Any) -> None:
         data = dumps_bytes(obj)  # raises TypeError for an unpicklable datapoint
-        pending = [_HEADER.pack(len(data)), memoryview(data)]
+        pending: list[Any] = [_HEADER.pack(len(data)), memoryview(data)]
         try:
             while pending:
                 written = os.writev(self._fd, pending)

@@ -36,8 +36,8 @@ import mmap
 import os
 import pickle
 import select
-import threading
 import struct
+import threading
 import time
 from array import array
 from multiprocessing.connection import Connection, Pipe

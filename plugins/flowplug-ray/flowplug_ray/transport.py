@@ -199,7 +199,7 @@ class RayWorkers(flowplug.WorkerGroup):
         if not self.slots or not ray.is_initialized():
             self.slots = []  # ray.shutdown() (at exit, before our finalizer) killed them
             return
-        calls = []
+        calls: list[Any] = []
         for slot in self.slots:
             calls.extend(slot.pending)
             try:
@@ -278,9 +278,7 @@ class RayTransport(flowplug.OwnWorkersTransport):
             cls._host_class = _ray().remote(concurrency_groups={"control": 1})(WorkerHost)
         return cls._host_class
 
-    def make_workers(
-        self, dfs: Sequence[Any], endpoint: flowplug.Endpoint, infos: Sequence[Any]
-    ) -> RayWorkers:
+    def make_workers(self, dfs: Sequence[Any], endpoint: Any, infos: Sequence[Any]) -> RayWorkers:
         self._group = RayWorkers(self, dfs, infos)
         return self._group
 
