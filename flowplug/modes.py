@@ -421,7 +421,7 @@ class ShardMode(Mode):
                 )
             obj = feed.slow(feed.transport.recv(POLL_INTERVAL))
             if self._file(obj, k, release, n):  # an item of epoch k: its iteration yields it
-                self.ahead.setdefault(k, {})[obj[1]] = obj[2]
+                self.ahead.setdefault(k, {})[obj[1]] = obj[2] if len(obj) == 3 else obj[2:]
         states = [passes[w] for w in range(n)]
         return progress.to_dict(k, received, n, None if all(s is None for s in states) else states)
 
