@@ -49,22 +49,31 @@ def test_frames_and_batches_round_trip_in_order():
 
 
 def test_a_message_read_over_many_calls_keeps_its_partial_state():
-    """A message larger than the pipe arrives in pieces; the reader returns false until
-    it is whole, never blocking (a worker killed mid-write cannot hang the consumer)."""
+    """A message that arrives in pieces: the reader returns false until it is whole,
+    never blocking (a worker killed mid-write cannot hang the consumer)."""
+    big = np.random.default_rng(0).integers(0, 255, 200_000, dtype=np.uint8)
+    message = bytearray()
+    w_r, w_w = os.pipe()  # the message's bytes, as write_frames writes them
+
+    def collect():
+        while chunk := os.read(w_r, 1 << 16):
+            message.extend(chunk)
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    write_frames(w_w, dumps(big))
+    os.close(w_w)
+    collector.join()
+    os.close(w_r)
     r, w = _pipe()
-    big = np.random.default_rng(0).integers(0, 255, 3 << 20, dtype=np.uint8)
-    writer = threading.Thread(target=write_frames, args=(w, dumps(big)))
-    writer.start()
     reader = MessageReader()
-    calls = 0
     try:
-        while not reader.read(r):
-            calls += 1
-            threading.Event().wait(0.001)
-        writer.join()
+        for start in range(0, len(message), 10_000):  # the consumer reads between pieces
+            assert not reader.read(r)
+            os.write(w, message[start : start + 10_000])
+        assert reader.read(r)
         (got,) = unpack_batch(reader.header, reader.body)
         assert_same(got, big)
-        assert calls > 0
     finally:
         os.close(r)
         os.close(w)
