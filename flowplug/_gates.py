@@ -158,6 +158,9 @@ class ShardGate:
         if plan is not None and plan.states is not None:
             load_into(target, plan.state_for(w))
         skip = plan.skip if plan is not None else None
+        # the absolute number of this worker's epoch 0 (non-zero after a resume): passes
+        # are seeded by the run's seed and the absolute epoch, never the restarted count
+        base = plan.base if plan is not None else 0
         # Without shard(), every worker reads whole passes: make them equal, and check it.
         checked = source is None and n > 1
         # the runner's seed, the same in every worker (each worker's seed is it + id)
@@ -187,7 +190,7 @@ class ShardGate:
                 send(PassStart(w, epoch, take_state(target)))
                 flush()
                 end, sent, blocked = self._checked_pass(
-                    df, sender, info, stop, epoch, base_seed, skip, produced, blocked
+                    df, sender, info, stop, epoch, base + epoch, base_seed, skip, produced, blocked
                 )
                 produced += sent
             elif notices.poll() <= epoch:
@@ -234,6 +237,7 @@ class ShardGate:
         info: WorkerInfo,
         stop: threading.Event | None,
         epoch: int,
+        absolute: int,
         base_seed: int,
         skip: Any,
         produced: int,
@@ -241,6 +245,9 @@ class ShardGate:
     ) -> tuple[EpochEnd, int, float]:
         """One whole pass of ``df``, seeded as in every other worker; sends this worker's
         items, each with the pass's digest before and after it (flowplug._passcheck).
+
+        ``epoch`` is the runner's (it tags the items), ``absolute`` the run's: the seed is
+        made of ``base_seed`` and ``absolute``, so a resumed run makes the saved passes.
 
         :returns: the end-of-epoch marker, how many items were sent, the seconds blocked.
         """
@@ -252,7 +259,7 @@ class ShardGate:
         try_acquire = credits.acquire
         counters = self.counters
         slot = self.slot
-        seed_pass(df, mix(base_seed, epoch) & 0x7FFFFFFF)
+        seed_pass(df, mix(base_seed, absolute) & 0x7FFFFFFF)
         digest = START
         position = -1
         sent = 0

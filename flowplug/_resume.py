@@ -100,6 +100,9 @@ class Plan:
     skip: Done
     #: the dataflow state per worker of the saved run, or None (nothing to load).
     states: list[Any] | None
+    #: the absolute number of the runner's epoch 0: a pass is seeded by the run's seed
+    #: and its absolute epoch (flowplug._passcheck), so a resumed run repeats the saved one.
+    base: int = 0
 
     def state_for(self, worker: int) -> Any:
         assert self.states is not None
@@ -153,6 +156,8 @@ class Progress:
         self.skip: Done | None = None
         #: dataflow state(s) to load before epoch 0: per worker (shard), the source's (map).
         self.states: Any = None
+        #: the run's seed from the loaded state (shard mode), or None.
+        self.seed: int | None = None
         self.loaded = False
         #: ordered: every index below it is received.
         self.nxt = 0
@@ -179,14 +184,21 @@ class Progress:
         return skip.union(0, self.got)
 
     def plan(self) -> Plan | None:
-        if self.skip is None and self.states is None:
+        if self.skip is None and self.states is None and self.base == 0:
             return None
-        return Plan(self.skip or Done(), self.states)
+        return Plan(self.skip or Done(), self.states, self.base)
 
     # ---------------------------------------------------------------- the dict
 
-    def to_dict(self, k: int, received: Done, num_workers: int, dataflow: Any) -> dict[str, Any]:
-        return {
+    def to_dict(
+        self,
+        k: int,
+        received: Done,
+        num_workers: int,
+        dataflow: Any,
+        seed: int | None = None,
+    ) -> dict[str, Any]:
+        out = {
             "flowplug": VERSION,
             "kind": self.kind,
             "epoch": self.base + k,
@@ -194,6 +206,9 @@ class Progress:
             "num_workers": num_workers,
             "dataflow": dataflow,
         }
+        if seed is not None:  # shard mode: the seed of the passes (see Plan.base)
+            out["seed"] = seed
+        return out
 
     def load(self, state: Any, num_workers: int) -> None:
         if not isinstance(state, dict) or "flowplug" not in state:
@@ -223,6 +238,8 @@ class Progress:
                     f"over to num_workers={num_workers}; resume with num_workers={saved}"
                 )
         self.base = int(state["epoch"])
+        seed = state.get("seed")
+        self.seed = int(seed) if seed is not None else None
         self.skip = skip if len(skip) else None
         self.states = states
         self.loaded = True

@@ -6,17 +6,22 @@ what the workers send into the datapoints of one epoch. A Runner has one mode ob
 made from the ``mode=`` name (:data:`MODES`), or given as a :class:`Mode` instance: the
 extension point :class:`~flowplug.ParallelMap` uses.
 
-Each epoch reads from a :class:`Feed`: the started run's transport, workers and control,
-and the Runner's slow path (:meth:`Feed.slow`) for everything that is not a datapoint.
+Each epoch reads from a :class:`Feed`: the started :class:`Run` (transport, workers,
+control), and the Runner's slow path (:attr:`Feed.slow`) for everything that is not a
+datapoint. Every call into the transport goes through the run: its ``recv``/``send_task``,
+or, on the per-datapoint path, the same steps written out (mark :attr:`Run.inside`, check
+:attr:`Run.closing`), so that ``close()`` from another thread never closes the transport
+under a receive (flowplug.runner._Run).
 """
 
 from __future__ import annotations
 
 import difflib
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from . import _resume
 from ._gates import Control, EpochEnd, Item
@@ -34,14 +39,34 @@ POLL_INTERVAL = 0.1
 _NOTHING: Any = object()
 
 
-@dataclass
-class Feed:
-    """What an epoch reads from: a started run, as its :class:`Mode` sees it."""
+class Run(Protocol):
+    """A started run, as a mode uses it (the Runner's ``flowplug.runner._Run``)."""
 
     transport: Transport
     workers: WorkerGroup
     #: the consumer-to-worker control (shard mode, map), or None.
     control: Control | None
+    #: the id of the consumer thread while it is inside the transport, else 0.
+    inside: int
+    #: None while open; else the run is closing, and :meth:`refusal` is the error to raise.
+    closing: str | None
+
+    def refusal(self) -> StateError: ...
+
+    def recv(self, timeout: float) -> Any:
+        """``transport.recv``, as the consumer thread; refused once closing."""
+        ...
+
+    def send_task(self, task: Any, timeout: float) -> bool:
+        """``transport.send_task``, as the consumer thread; refused once closing."""
+        ...
+
+
+@dataclass
+class Feed:
+    """What an epoch reads from: a started run, as its :class:`Mode` sees it."""
+
+    run: Run
     num_workers: int
     capacity: int
     #: the number of datapoints of an epoch in replicate mode, None when unknown.
@@ -58,6 +83,14 @@ class Feed:
     meter: Meter
     #: the Runner's way to fail: it closes the runner and returns the error to raise.
     fail: Callable[[BaseException], BaseException]
+
+    @property
+    def workers(self) -> WorkerGroup:
+        return self.run.workers
+
+    @property
+    def control(self) -> Control | None:
+        return self.run.control
 
 
 class Mode(ABC):
@@ -100,18 +133,28 @@ class Mode(ABC):
         """Yield the datapoints of the next epoch."""
 
     def state_dict(
-        self, num_workers: int, feed: Feed | None, mid: bool, closed: Callable[[], bool]
+        self,
+        num_workers: int,
+        feed: Feed | None,
+        mid: bool,
+        closed: Callable[[], bool],
+        seed: int,
     ) -> dict[str, Any]:
         """Where the consumer is (docs/checkpoint.md); only when :attr:`resumable`.
 
         :param feed: the started run, or None before the start.
         :param mid: an epoch's iteration is suspended (between two ``next()``).
         :param closed: whether the runner is closed by now.
+        :param seed: the Runner's seed (a mode whose passes depend on it saves it).
         """
         raise NotImplementedError
 
-    def load_state_dict(self, state: dict[str, Any], num_workers: int) -> None:
-        """Resume from ``state``, before the start; only when :attr:`resumable`."""
+    def load_state_dict(self, state: dict[str, Any], num_workers: int) -> int | None:
+        """Resume from ``state``, before the start; only when :attr:`resumable`.
+
+        :returns: the seed the saved run had, when the mode saved it (the Runner takes
+            it), else None.
+        """
         raise NotImplementedError
 
 
@@ -122,13 +165,21 @@ class ReplicateMode(Mode):
     name = "replicate"
 
     def epoch(self, feed: Feed) -> Iterator[Any]:
-        recv = feed.transport.recv
-        workers = feed.workers
+        run = feed.run
+        recv = run.transport.recv
+        workers = run.workers
         size = feed.size
         meter = feed.meter
         count = 0
+        me = threading.get_ident  # called per receive: a generator may move between threads
         while size is None or count < size:
-            obj = recv(0.0)
+            run.inside = me()  # see Run: close() from another thread waits for this
+            try:
+                if run.closing is not None:
+                    raise run.refusal()
+                obj = recv(0.0)
+            finally:
+                run.inside = 0
             if obj is EMPTY or type(obj) is RemoteFailure or workers.death is not None:
                 obj = feed.slow(obj)
             count += 1
@@ -216,8 +267,10 @@ class ShardMode(Mode):
         # when the next epoch starts, so no credit is ever lost.
         buf = self.ahead.setdefault(k, {})
         ended = self.ended.setdefault(k, set())
-        recv = feed.transport.recv
-        workers = feed.workers
+        run = feed.run
+        recv = run.transport.recv
+        workers = run.workers
+        me = threading.get_ident  # called per receive: a generator may move between threads
         slow = feed.slow
         meter = feed.meter
         if self.checked:
@@ -232,7 +285,13 @@ class ShardMode(Mode):
                     meter.delivered += 1
                     yield dp
                     continue
-                obj = recv(0.0)
+                run.inside = me()  # see Run
+                try:
+                    if run.closing is not None:
+                        raise run.refusal()
+                    obj = recv(0.0)
+                finally:
+                    run.inside = 0
                 if type(obj) is not Item or obj[0] != k or workers.death is not None:
                     obj = slow(obj)
                     if not self._file(obj, k, release, n):
@@ -257,7 +316,13 @@ class ShardMode(Mode):
                         else:
                             nxt += 1
                         continue
-                    obj = recv(0.0)
+                    run.inside = me()  # see Run
+                    try:
+                        if run.closing is not None:
+                            raise run.refusal()
+                        obj = recv(0.0)
+                    finally:
+                        run.inside = 0
                     if type(obj) is not Item or obj[0] != k or workers.death is not None:
                         obj = slow(obj)
                         if not self._file(obj, k, release, n):
@@ -284,7 +349,7 @@ class ShardMode(Mode):
         """
         assert feed.control is not None
         release = feed.control.release
-        recv = feed.transport.recv
+        recv = feed.run.recv  # blocking receives: through the run (see Run)
         workers = feed.workers
         n = feed.num_workers
         progress = self.progress
@@ -391,7 +456,12 @@ class ShardMode(Mode):
         return [_resume.Resumed(df, plan) for df in dfs]
 
     def state_dict(
-        self, num_workers: int, feed: Feed | None, mid: bool, closed: Callable[[], bool]
+        self,
+        num_workers: int,
+        feed: Feed | None,
+        mid: bool,
+        closed: Callable[[], bool],
+        seed: int,
     ) -> dict[str, Any]:
         """Mid-epoch (an iteration is suspended) it is that epoch; otherwise the next one.
         The dataflow states are those the workers reported at the start of that epoch's
@@ -409,7 +479,7 @@ class ShardMode(Mode):
         n = num_workers
         if feed is None:  # not started: what was loaded, or a fresh start
             states = progress.states if k == 0 else None
-            return progress.to_dict(k, received, n, states)
+            return progress.to_dict(k, received, n, states, seed)
         assert feed.control is not None
         release = feed.control.release
         passes = progress.passes.setdefault(k, {})
@@ -419,14 +489,18 @@ class ShardMode(Mode):
                     "this runner is closed before its workers reported where epoch "
                     f"{progress.base + k} starts; take state_dict() before closing"
                 )
-            obj = feed.slow(feed.transport.recv(POLL_INTERVAL))
+            obj = feed.slow(feed.run.recv(POLL_INTERVAL))
             if self._file(obj, k, release, n):  # an item of epoch k: its iteration yields it
                 self.ahead.setdefault(k, {})[obj[1]] = obj[2] if len(obj) == 3 else obj[2:]
         states = [passes[w] for w in range(n)]
-        return progress.to_dict(k, received, n, None if all(s is None for s in states) else states)
+        states_ = None if all(s is None for s in states) else states
+        return progress.to_dict(k, received, n, states_, seed)
 
-    def load_state_dict(self, state: dict[str, Any], num_workers: int) -> None:
+    def load_state_dict(self, state: dict[str, Any], num_workers: int) -> int | None:
+        # The run's seed: the passes of a dataflow without shard() are seeded from it
+        # and the absolute epoch, so the resumed passes are the saved run's passes.
         self.progress.load(state, num_workers)
+        return self.progress.seed
 
 
 #: the modes a Runner accepts by name.

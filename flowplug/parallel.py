@@ -224,11 +224,12 @@ class MapMode(Mode):
         skip = progress.begin(k)  # after a resume: the inputs the saved run had answered
         progress.passes[k] = {0: self._source_state()}
         got = progress.got.add
-        transport = feed.transport
-        assert isinstance(transport, TaskTransport)
-        recv = transport.recv
-        send_task = transport.send_task
-        workers = feed.workers
+        run = feed.run
+        assert isinstance(run.transport, TaskTransport)
+        # Through the run: close() from another thread waits until these return.
+        recv = run.recv
+        send_task = run.send_task
+        workers = run.workers
         slow = feed.slow
         meter = feed.meter
         cap = feed.capacity
@@ -325,7 +326,12 @@ class MapMode(Mode):
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(
-        self, num_workers: int, feed: Feed | None, mid: bool, closed: Callable[[], bool]
+        self,
+        num_workers: int,
+        feed: Feed | None,
+        mid: bool,
+        closed: Callable[[], bool],
+        seed: int,
     ) -> dict[str, Any]:
         progress = self.progress
         k = self.epoch_no
@@ -341,8 +347,9 @@ class MapMode(Mode):
                 source = self._source_state()
         return progress.to_dict(k, received or _resume.Done(), num_workers, source)
 
-    def load_state_dict(self, state: dict[str, Any], num_workers: int) -> None:
+    def load_state_dict(self, state: dict[str, Any], num_workers: int) -> int | None:
         self.progress.load(state, num_workers)
+        return None  # the workers only apply fn: the seed makes no pass
 
     def _source_state(self) -> Any:
         df = self.source

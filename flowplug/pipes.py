@@ -51,14 +51,35 @@ def write_batch(fd: int, header: bytes, parts: list[Any], size: int) -> None:
     :raises OSError: the pipe is closed at the other end (``BrokenPipeError``).
     """
     sizes = array("Q", [len(header) // 8, size]).tobytes()
-    views = [memoryview(b).cast("B") for b in (sizes, header, *parts)]
+    write_all(fd, [sizes, header, *parts])
+
+
+def _iov_max() -> int:
+    try:
+        value = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        value = -1
+    return value if value > 0 else 16  # POSIX guarantees at least 16
+
+
+#: how many buffers one ``writev`` takes (1024 on Linux); more is EINVAL.
+IOV_MAX = _iov_max()
+
+
+def write_all(fd: int, buffers: list[Any]) -> None:
+    """Write every byte of ``buffers``, in order, with as few ``writev`` calls as the
+    pipe and :data:`IOV_MAX` allow (an object may have thousands of buffers).
+
+    :raises OSError: as ``os.writev``; ``BrokenPipeError`` when the reader is gone.
+    """
+    views = [memoryview(b).cast("B") for b in buffers]
+    views.reverse()  # consumed from the end: pop() is O(1)
     while views:
-        n = os.writev(fd, views)
-        while views and n >= views[0].nbytes:
-            n -= views[0].nbytes
-            views.pop(0)
+        n = os.writev(fd, views[: -IOV_MAX - 1 : -1])
+        while views and n >= views[-1].nbytes:
+            n -= views.pop().nbytes
         if n:
-            views[0] = views[0][n:]
+            views[-1] = views[-1][n:]
 
 
 class MessageReader:

@@ -7,10 +7,13 @@ collection, interpreter exit). What one epoch yields is its mode's (:mod:`flowpl
 
 from __future__ import annotations
 
+import _thread
 import copy
+import functools
 import logging
 import os
 import secrets
+import signal
 import threading
 import time
 import warnings
@@ -42,8 +45,24 @@ __all__ = ["MODES", "POLL_INTERVAL", "Runner"]
 logger = logging.getLogger("flowplug")
 
 
+#: every started run of this process; a forked child marks them as not its own.
+_RUNS: weakref.WeakSet[_Run] = weakref.WeakSet()
+#: how long close() waits for a consumer thread to come out of a receive (each lasts
+#: POLL_INTERVAL by the transport contract; this only bounds a misbehaving transport).
+CLOSE_WAITS_FOR_CONSUMER = 5.0
+
+
 class _Run:
-    """What a started runner holds; kept apart from the Runner so gc can finalize it."""
+    """What a started runner holds; kept apart from the Runner so gc can finalize it.
+
+    Closing from any thread: the consumer thread marks itself :attr:`inside` (its thread
+    id) around every call into the transport and checks :attr:`closing` before it;
+    :meth:`shutdown` sets :attr:`closing` first and waits for the consumer to be out
+    before it closes the transport. So a transport is never closed under a receive (a
+    read of a closed, or reused, fd; a zmq socket used from two threads), and a consumer
+    blocked in ``next()`` wakes within one receive with a StateError. Two plain
+    attributes, no lock: the GIL orders them, and a lock per datapoint costs more.
+    """
 
     def __init__(
         self,
@@ -55,22 +74,148 @@ class _Run:
         self.workers = workers
         self.control = control
         self.owner_pid = os.getpid()
+        self.halted = False
+        #: None while open; "closed", or "forked" in a child that inherited this run.
+        self.closing: str | None = None
+        #: the id of the consumer thread while it is inside the transport, else 0.
+        self.inside = 0
+        self._stop_lock = threading.Lock()
+        _RUNS.add(self)
+
+    def refusal(self) -> StateError:
+        """The error for a consumer that finds this run closing."""
+        if self.closing == "forked":
+            return StateError(
+                f"this runner was started by process {self.owner_pid}, and this process "
+                f"({os.getpid()}) is a fork of it: its workers and transport are the "
+                "parent's, and only the parent may use or close them. Create a new Runner "
+                "in this process"
+            )
+        return StateError(
+            "this runner was closed (by close() from another thread, or at exit) while "
+            "it was being iterated; create a new Runner"
+        )
+
+    def recv(self, timeout: float) -> Any:
+        """Receive, as the consumer thread; refused once closing (the slow paths)."""
+        self.inside = threading.get_ident()
+        try:
+            if self.closing is not None:
+                raise self.refusal()
+            return self.transport.recv(timeout)
+        finally:
+            self.inside = 0
+
+    def send_task(self, task: Any, timeout: float) -> bool:
+        """Send a task, as the consumer thread; refused once closing."""
+        self.inside = threading.get_ident()
+        try:
+            if self.closing is not None:
+                raise self.refusal()
+            return self.transport.send_task(task, timeout)  # type: ignore[attr-defined]
+        finally:
+            self.inside = 0
+
+    def halt(self) -> None:
+        """Stop the workers but keep the transport open, so that what they sent before
+        can still be received. Thread workers are only asked to stop: they end at their
+        next send once the transport is closed."""
+        with self._stop_lock:
+            if self.halted:
+                return
+            self.halted = True
+            if self.workers.woken_by_transport_close:
+                self.workers.request_stop()
+            else:
+                self.workers.stop()
 
     def shutdown(self) -> None:
         """The shutdown protocol, written once (docs/architecture.md): stop the workers,
-        then close the transport, then the control."""
+        then close the transport, then the control; from close(), gc or atexit.
+
+        In the main thread, a Ctrl-C that comes meanwhile is held back and delivered
+        when this returns: raised inside cleanup that gc runs, a KeyboardInterrupt is
+        only printed ("Exception ignored in ...") and the program would go on, with the
+        cleanup half done.
+        """
         if os.getpid() != self.owner_pid:
             return  # a forked child inherited this object; the workers are not its own
+        if threading.current_thread() is not threading.main_thread():
+            self._shutdown()  # Python raises KeyboardInterrupt in the main thread only
+            return
+        held: list[int] = []
+        try:
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+        except ValueError:  # signals are not ours to handle here (an embedded interpreter)
+            self._shutdown()
+            return
+        try:
+            self._shutdown()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if held:
+                _redeliver_sigint(previous)
+
+    def _shutdown(self) -> None:
+        if self.closing is None:
+            self.closing = "closed"
         workers = self.workers
         if workers.woken_by_transport_close:
             workers.request_stop()
+            self._wait_for_consumer()
             self.transport.close()  # wakes senders blocked on a full transport
             workers.stop()
         else:
-            workers.stop()
+            self.halt()
+            self._wait_for_consumer()
             self.transport.close()
         if self.control is not None:
             self.control.close()
+
+    def _wait_for_consumer(self) -> None:
+        """Wait until no other thread is inside the transport (one receive at most)."""
+        me = threading.get_ident()
+        deadline = time.monotonic() + CLOSE_WAITS_FOR_CONSUMER
+        while self.inside and self.inside != me and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+
+#: how long after a cleanup a Ctrl-C held back during it is delivered.
+REDELIVER_AFTER = 0.02
+
+
+def _redeliver_sigint(handler: Any) -> None:
+    """Deliver a Ctrl-C held back during cleanup to ``handler``, in the program's code.
+
+    Not from here: an interrupt raised in this frame would be lost again when gc runs
+    the cleanup. A short timer thread sends it, so that it lands after this returns
+    (Python runs signal handlers in the main thread, at its next check).
+    """
+    if callable(handler):
+        deliver: Any = _thread.interrupt_main
+    elif handler == signal.SIG_DFL:
+        deliver = functools.partial(os.kill, os.getpid())  # the default action: exit
+    else:
+        return  # SIG_IGN, or a handler not set from Python: nothing to deliver
+    timer = threading.Timer(REDELIVER_AFTER, deliver, (signal.SIGINT,))
+    timer.name = "flowplug-ctrl-c"
+    timer.daemon = True
+    try:
+        timer.start()
+    except RuntimeError:
+        pass  # the interpreter is shutting down: the program is ending anyway
+
+
+def _after_fork_in_child() -> None:
+    """A fork of the consumer (os.fork, a multiprocessing pool, a worker of ours) holds
+    copies of every run: mark them as not its own, so that using one is a StateError and
+    closing one (explicitly, by gc or at exit) touches nothing of the parent's."""
+    for run in list(_RUNS):
+        run.closing = "forked"
+        run.inside = 0
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Runner:
@@ -169,6 +314,8 @@ class Runner:
         self._run: _Run | None = None
         self._closed = False
         self._failure: BaseException | None = None
+        #: after a death: how many more objects to take from the transport (None: all).
+        self._drain_left: int | None = None
         self._finalizer: weakref.finalize | None = None
         #: the mode was left to its default: a replicate runner then warns (see above).
         self._mode_given = mode is not None
@@ -333,7 +480,7 @@ class Runner:
             raise _resume.refuse_replicate()
         feed = self._feed() if self._run is not None else None
         return self._mode.state_dict(
-            self.num_workers, feed, self._guard.locked(), lambda: self._closed
+            self.num_workers, feed, self._guard.locked(), lambda: self._closed, self.seed
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -348,7 +495,9 @@ class Runner:
             raise _resume.refuse_replicate()
         if self._run is not None or self._closed:
             raise _resume.refuse_started(type(self).__name__)
-        self._mode.load_state_dict(state, self.num_workers)
+        seed = self._mode.load_state_dict(state, self.num_workers)
+        if seed is not None:  # the saved run's passes were seeded from it (ShardMode)
+            self.seed = seed
 
     # ------------------------------------------------------------------ iteration
 
@@ -377,9 +526,7 @@ class Runner:
         run = self._run
         assert run is not None
         return Feed(
-            run.transport,
-            run.workers,
-            run.control,
+            run,
             self.num_workers,
             self.capacity,
             self._size,
@@ -391,7 +538,12 @@ class Runner:
         )
 
     def _next_slow(self, obj: Any) -> Any:
-        """Handle everything that is not a plain datapoint; return the next datapoint."""
+        """Handle everything that is not a plain datapoint; return the next datapoint.
+
+        A worker that ended (a :class:`Death`) is reported only once what the workers
+        sent before is delivered: the workers are stopped first, so that this is finite,
+        and an error report found on the way wins over the death it explains.
+        """
         run = self._run
         assert run is not None
         started = time.monotonic()
@@ -402,8 +554,24 @@ class Runner:
                 raise self._fail(_worker_error(obj))
             death = run.workers.death
             if death is not None:
-                logger.error("%s; closing", death.describe())
-                raise self._fail(_worker_died(death))
+                if not run.halted:
+                    logger.error("%s; closing", death.describe())
+                    run.halt()
+                    # Threads keep sending until the transport closes: take at most what
+                    # the transport held when the death was noticed (FIFO), no more.
+                    threads = run.workers.woken_by_transport_close
+                    self._drain_left = self.capacity + self.num_workers if threads else None
+                if obj is EMPTY and self._drain_left != 0:
+                    obj = run.recv(POLL_INTERVAL)
+                    if obj is not EMPTY:
+                        continue  # an error report on the way wins over the death
+                if obj is EMPTY or self._drain_left == 0:
+                    if death.failure is not None:
+                        raise self._fail(_worker_error(death.failure))
+                    raise self._fail(_worker_died(death))
+                if self._drain_left is not None:
+                    self._drain_left -= 1
+                return obj
             if obj is not EMPTY:
                 if waits:
                     meter = self._meter
@@ -418,7 +586,7 @@ class Runner:
                     f"{self.num_workers} worker(s) on transport {self.transport_name!r}; "
                     "raise timeout= or check the dataflow"
                 )
-            obj = run.transport.recv(POLL_INTERVAL)
+            obj = run.recv(POLL_INTERVAL)
 
     def _fail(self, exc: BaseException) -> BaseException:
         """Stop everything; the error is what the consumer sees."""
@@ -478,6 +646,10 @@ def _worker_error(failure: RemoteFailure) -> WorkerError:
         where = f"in fn on input {failure.index}"
     elif failure.phase == "reset_state":
         where = "in reset_state()"
+    elif failure.phase == "start":
+        where = "while starting (before it could run the dataflow)"
+    elif failure.phase == "connect":
+        where = "while connecting to the transport"
     else:
         where = "while iterating"
     # passed on from a runner inside the worker: say from where, once

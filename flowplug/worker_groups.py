@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 import warnings
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +26,38 @@ from typing import Any, ClassVar
 from ._gates import Control, ControlSink
 from .errors import StateError
 from .transport import Connect, Transport
-from .worker_loop import WorkerInfo, process_main, run_worker
+from .worker_loop import RemoteFailure, WorkerInfo, process_main, run_worker
+
+#: every worker process started here and not yet stopped (see :func:`_after_fork_in_child`).
+_FORKED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """In a fork of the consumer (os.fork, a pool): forget the worker processes.
+
+    multiprocessing keeps the processes it started in ``multiprocessing.process._children``,
+    and a forked child inherits that set; at the child's exit, multiprocessing's atexit
+    handler terminates every daemonic process in it, which would be our workers, which
+    belong to the parent. (multiprocessing's own children reset the set when they start;
+    a plain os.fork does not.)
+    """
+    children = getattr(mp.process, "_children", None)
+    for proc in list(_FORKED):
+        if children is not None:
+            children.discard(proc)
+    _FORKED.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _read_report(conn: Any) -> Any:
+    """The RemoteFailure a worker wrote to its report pipe, or None (it wrote nothing
+    complete: killed while writing)."""
+    try:
+        return pickle.loads(conn.recv_bytes())
+    except Exception:
+        return None
 
 
 @dataclass(frozen=True)
@@ -39,6 +71,12 @@ class Death:
     exitcode: int | None
     #: what else is known, e.g. the node it ran on or the cluster's own words.
     reason: str = ""
+    #: the worker's own account of why it ended (a
+    #: :class:`flowplug.worker_loop.RemoteFailure`) when it failed in a way it could not
+    #: report through the transport (it could not connect, or the transport broke); the
+    #: Runner then raises a :class:`~flowplug.WorkerError` from it, not a
+    #: :class:`~flowplug.WorkerDied`.
+    failure: Any = None
 
     def describe(self) -> str:
         code = self.exitcode
@@ -174,6 +212,10 @@ class ProcessWorkers(WorkerGroup):
         self._wake_r, self._wake_w = os.pipe()
         self._watcher: threading.Thread | None = None
         self._control: Control | None = None
+        self._stopped = False
+        #: per worker, the read end of its report pipe: a failure the worker could not
+        #: send through the transport (flowplug.worker.process_main) arrives here.
+        self._reports: list[Any] = []
 
     def control_sinks(self, credits: int) -> list[ControlSink]:
         """Run these workers in shard mode, under local gates; return their sinks.
@@ -189,8 +231,7 @@ class ProcessWorkers(WorkerGroup):
         return self._control.sinks
 
     def start(self) -> None:
-        if self._start_method != "fork":
-            self._check_picklable()
+        pickled = None if self._start_method == "fork" else self._pickled_dataflows()
         parent = os.getpid()
         # PR_SET_PDEATHSIG fires when the forking *thread* ends, so it is only safe from the
         # main thread; from others the workers rely on their parent watchdog alone.
@@ -200,15 +241,22 @@ class ProcessWorkers(WorkerGroup):
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             gates = self._gates or [None] * len(self._infos)
-            for df, info, gate in zip(self._dfs, self._infos, gates, strict=True):
-                proc = self._ctx.Process(
-                    target=process_main,
-                    args=(df, self._endpoint, info, parent, death_signal, gate),
-                    name=f"flowplug-worker-{info.id}",
-                    daemon=True,
-                )
-                proc.start()
+            dfs = pickled or self._dfs
+            for df, info, gate in zip(dfs, self._infos, gates, strict=True):
+                reader, writer = self._ctx.Pipe(duplex=False)
+                self._reports.append(reader)
+                try:
+                    proc = self._ctx.Process(
+                        target=process_main,
+                        args=(df, self._endpoint, info, parent, death_signal, gate, writer),
+                        name=f"flowplug-worker-{info.id}",
+                        daemon=True,
+                    )
+                    proc.start()
+                finally:
+                    writer.close()  # the worker has its own copy now
                 self.procs.append(proc)
+                _FORKED.add(proc)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self._watcher = threading.Thread(
@@ -216,30 +264,51 @@ class ProcessWorkers(WorkerGroup):
         )
         self._watcher.start()
 
-    def _check_picklable(self) -> None:
-        # Only the dataflow: the endpoint may hold multiprocessing objects that pickle
+    def _pickled_dataflows(self) -> list[bytes]:
+        """The dataflows as pickles, for spawn and forkserver: the worker loads its own
+        inside :func:`~flowplug.worker.process_main`, so that a failure to load it (a
+        module the worker cannot import) is reported as a WorkerError, not as an exit.
+        """
+        # Only the dataflows: the endpoint may hold multiprocessing objects that pickle
         # only while a process is being spawned, and is the transport's to get right.
-        df = self._dfs[0]
-        try:
-            pickle.dumps(df)
-        except Exception as exc:
-            raise StateError(
-                f"start_method={self._start_method!r} must pickle the dataflow {df!r} "
-                f"to send it to the workers, and that failed: {exc}. Make it picklable "
-                "(or pass a factory whose result is), or use start_method='fork'."
-            ) from exc
+        out: list[bytes] = []
+        memo: dict[int, bytes] = {}
+        for df in self._dfs:
+            try:
+                if id(df) not in memo:
+                    memo[id(df)] = pickle.dumps(df)
+            except Exception as exc:
+                raise StateError(
+                    f"start_method={self._start_method!r} must pickle the dataflow {df!r} "
+                    f"to send it to the workers, and that failed: {exc}. Make it picklable "
+                    "(or pass a factory whose result is), or use start_method='fork'."
+                ) from exc
+            out.append(memo[id(df)])
+        return out
 
     def _watch(self) -> None:
         waiting = {p.sentinel: (i, p) for i, p in enumerate(self.procs)}
+        reports = {r: i for i, r in enumerate(self._reports)}
+        failures: dict[int, Any] = {}
         while waiting:
-            ready = wait([*waiting, self._wake_r])
+            ready = wait([*waiting, *reports, self._wake_r])
             if self._wake_r in ready:
                 return
-            for sentinel in ready:
+            # Reports first: a worker writes its report, then exits.
+            for conn in [r for r in ready if r in reports]:
+                i = reports.pop(conn)
+                failures[i] = _read_report(conn)
+            for sentinel in [s for s in ready if s in waiting]:
                 i, proc = waiting.pop(sentinel)
                 proc.join(1.0)  # the sentinel closes a moment before the exit status is ready
+                report = self._reports[i]
+                if i not in failures and report in reports and report.poll():
+                    reports.pop(report)
+                    failures[i] = _read_report(report)
                 if not self._stopping and self.death is None:
-                    self.death = Death(self._infos[i].id, proc.pid, proc.exitcode)
+                    self.death = Death(
+                        self._infos[i].id, proc.pid, proc.exitcode, failure=failures.get(i)
+                    )
 
     def alive(self) -> int:
         return sum(p.is_alive() for p in self.procs)
@@ -250,7 +319,9 @@ class ProcessWorkers(WorkerGroup):
         Workers repeat their dataflow forever, so there is nothing to wait for before
         SIGTERM; a worker that ignores it (or is stuck in C code) gets SIGKILL.
         """
-        self._stopping = True
+        if self._stopped:
+            return
+        self._stopped = self._stopping = True
         for proc in self.procs:
             if proc.exitcode is None:
                 proc.terminate()
@@ -267,8 +338,12 @@ class ProcessWorkers(WorkerGroup):
         if self._watcher is not None:
             self._watcher.join()
         for proc in self.procs:
+            _FORKED.discard(proc)
             if proc.exitcode is not None:
                 proc.close()
+        for conn in self._reports:
+            conn.close()
+        self._reports = []
         # Drop what the workers were started with, so the transport's resources can go.
         self.procs = []
         self._dfs = self._endpoint = self._gates = None  # type: ignore[assignment]
@@ -294,13 +369,19 @@ class ThreadWorkers(WorkerGroup):
         self.death: Death | None = None
         self.threads = [
             threading.Thread(
-                target=run_worker,
-                args=(df, endpoint, info, self._stop, gate),
+                target=self._run,
+                args=(df, endpoint, info, gate),
                 name=f"flowplug-worker-{info.id}",
                 daemon=True,
             )
             for df, info, gate in zip(dfs, infos, gates or [None] * len(infos), strict=True)
         ]
+
+    def _run(self, df: Any, endpoint: Connect, info: WorkerInfo, gate: Any) -> None:
+        outcome = run_worker(df, endpoint, info, self._stop, gate)
+        if isinstance(outcome, RemoteFailure) and self.death is None:
+            # It could not go through the transport: a thread "dies" with its report.
+            self.death = Death(info.id, None, None, "a thread of the consumer", failure=outcome)
 
     def start(self) -> None:
         for t in self.threads:

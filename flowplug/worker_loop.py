@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import multiprocessing
 import os
+import pickle
 import random
 import signal
 import sys
@@ -134,34 +136,40 @@ def worker_info() -> WorkerInfo | None:
     return getattr(_local, "info", None) or _process_info
 
 
+#: what :func:`run_worker` returns when its error report went through the transport.
+REPORTED = "reported"
+
+
 def run_worker(
     df: Any,
     endpoint: Connect,
     info: WorkerInfo,
     stop: threading.Event | None = None,
     gate: Any = None,
-) -> bool:
+) -> RemoteFailure | str | None:
     """Reset ``df``, then send its datapoints forever (repeating passes) until stopped.
 
     With a ``gate`` (shard mode, ParallelMap), ``gate.run`` sends instead, obeying the
     consumer's epochs and credits. Exceptions are reported to the consumer as a
-    :class:`RemoteFailure`.
+    :class:`RemoteFailure` through the transport; this function never raises.
 
-    :returns: true when an error was reported.
+    :returns: None when stopped (``stop`` set, or the consumer closed the transport
+        while stopping); :data:`REPORTED` when an error report went through the
+        transport; otherwise the :class:`RemoteFailure` that could *not* be sent (the
+        worker could not connect, the transport broke, sending the report failed): the
+        caller must get it to the consumer another way (:class:`Death`'s ``failure``).
     """
     _local.info = info
+    phase = "connect"
+    sender = None
     try:
         sender = endpoint(info.id)
-    except Exception:
-        traceback.print_exc()
-        return False
-    phase = "reset_state"
-    try:
+        phase = "reset_state"
         df.reset_state()
         phase = "iteration"
         if gate is not None:
             gate.run(df, sender, info, stop)
-            return False
+            return None
         send = sender.send
         while stop is None or not stop.is_set():
             sent = 0
@@ -173,26 +181,62 @@ def run_worker(
                     f"dataflow {type(df).__name__} yielded no datapoint in a whole pass; "
                     "a runner repeats passes forever, so it would spin"
                 )
-        return False
-    except TransportClosed:
-        return False
+        return None
     except BaseException as exc:  # SystemExit, KeyboardInterrupt in a thread: report them too
         if stop is not None and stop.is_set():
-            return False
+            return None
         index = None
         if isinstance(exc, TaskFailed) and exc.__cause__ is not None:
             index, phase, exc = exc.index, "map", exc.__cause__
-        failure = RemoteFailure.of(exc, info.id, phase, index)
+        failure = make_failure(info.id, phase, exc, index)
+        if sender is None or isinstance(exc, TransportClosed):
+            # Nothing can go through the transport. A TransportClosed while the runner
+            # is not stopping is a failure too: a worker process never learns that the
+            # consumer is closing, and the consumer ignores what it says then.
+            return failure
         try:
             sender.send(failure)
-        except Exception:
-            return False
-        return True
+            sender.flush()
+        except BaseException as exc2:  # the transport broke while reporting
+            if stop is not None and stop.is_set():
+                return None
+            return _with_note(failure, f"sending this report failed: {_describe(exc2)}")
+        return REPORTED
     finally:
-        try:
-            sender.close()
-        except Exception:
-            pass
+        if sender is not None:
+            try:
+                sender.close()
+            except BaseException:
+                pass  # the consumer may be gone; the outcome is decided above
+
+
+def make_failure(
+    worker_id: int, phase: str, exc: BaseException, index: int | None = None
+) -> RemoteFailure:
+    """Describe ``exc`` as a :class:`RemoteFailure`; never raises."""
+    try:
+        return RemoteFailure.of(exc, worker_id, phase, index)
+    except BaseException as err:  # a __str__ or __repr__ that raises more than Exception
+        return RemoteFailure(
+            worker_id,
+            phase,
+            type(exc).__name__,
+            _describe(exc, with_type=False),
+            f"(the traceback could not be formatted: {_describe(err)})\n",
+            index,
+        )
+
+
+def _describe(exc: BaseException, with_type: bool = True) -> str:
+    try:
+        text = str(exc)
+    except BaseException as err:
+        text = f"<str() of the {type(exc).__name__} raised {type(err).__name__}>"
+    return f"{type(exc).__name__}: {text}" if with_type else text
+
+
+def _with_note(failure: RemoteFailure, note: str) -> RemoteFailure:
+    return dataclasses.replace(failure, traceback=f"{failure.traceback}\n({note})\n")
 
 
 def process_main(
@@ -202,34 +246,66 @@ def process_main(
     parent_pid: int,
     death_signal: bool,
     gate: Any = None,
+    report: Any = None,
 ) -> None:
-    """Entry point of a worker process (fork, spawn or forkserver)."""
+    """Entry point of a worker process (fork, spawn or forkserver).
+
+    It never returns and never lets an exception out (multiprocessing would print it and
+    exit with code 1, which says nothing to the consumer): the process leaves through
+    ``os._exit``. A failure that cannot go through the transport is written to
+    ``report`` (a pipe the consumer reads when the process ends) and the exit code is 1;
+    a worker never exits with 0 on its own.
+
+    :param df: the dataflow, or its pickle (``bytes``) for spawn and forkserver, loaded
+        here so that a failure to load it is reported like any other.
+    :param report: the write end of this worker's report pipe.
+    """
     global _process_info
     _process_info = info
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
-    # stop() terminates workers: a SIGTERM handler forked from the parent (the user's, or the
-    # one Ray installs in its processes, which prints a stack trace) must not run here.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    if death_signal:
-        _set_death_signal()
-    _start_parent_watchdog(parent_pid)
-    # multiprocessing forbids a daemon process to start children, which would make a
-    # Runner inside a dataflow fail; the flag means nothing else here (this process
-    # leaves through os._exit, and its own workers are bound to it by the death signal
-    # and the watchdog).
-    multiprocessing.current_process().daemon = False
-    _seed_globals(info.seed)
-    reported = run_worker(df, endpoint, info, gate=gate)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if reported:
+    outcome: Any
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
+        # stop() terminates workers: a SIGTERM handler forked from the parent (the user's,
+        # or the one Ray installs in its processes, which prints a stack trace) must not
+        # run here.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        if death_signal:
+            _set_death_signal()
+        _start_parent_watchdog(parent_pid)
+        # multiprocessing forbids a daemon process to start children, which would make a
+        # Runner inside a dataflow fail; the flag means nothing else here (this process
+        # leaves through os._exit, and its own workers are bound to it by the death
+        # signal and the watchdog).
+        multiprocessing.current_process().daemon = False
+        if isinstance(df, bytes):
+            df = pickle.loads(df)
+        _seed_globals(info.seed)
+    except BaseException as exc:
+        outcome = make_failure(info.id, "start", exc)
+    else:
+        outcome = run_worker(df, endpoint, info, gate=gate)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()  # the dataflow may have closed or broken them: never mind
+        except BaseException:
+            pass
+    if outcome is REPORTED:
         # Wait to be stopped: a worker that ends on its own is then always a death, and
         # no exit code (a dataflow may call os._exit(3) too) is taken for "my error
         # report is on its way".
         while True:
-            threading.Event().wait()
-    os._exit(0)
+            try:
+                threading.Event().wait()
+            except BaseException:
+                pass
+    if isinstance(outcome, RemoteFailure):
+        try:
+            report.send_bytes(pickle.dumps(outcome))
+        except BaseException:
+            pass  # the exit code still says it failed
+        os._exit(1)
+    os._exit(0)  # stopped: the consumer closed the transport while stopping this worker
 
 
 def _set_death_signal() -> None:

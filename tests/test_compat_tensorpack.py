@@ -446,7 +446,8 @@ PROCESS_TRANSPORTS = [
 
 @pytest.mark.parametrize("transport", PROCESS_TRANSPORTS)
 def test_tensorpack_pipeline_on_every_process_transport(transport, no_leaks):
-    with fp.Runner(td.BatchData(augmented(), 4), transport=transport, num_workers=2) as runner:
+    df = td.BatchData(augmented(), 4)  # randomised: each worker streams its own copy
+    with fp.Runner(df, transport=transport, num_workers=2, mode="replicate") as runner:
         check_batches(list(runner), 4)
     if fp.get_transport(transport).carries_tasks:
         ds = td.DataFromList(synthetic_images(8), shuffle=True)

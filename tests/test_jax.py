@@ -9,11 +9,9 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
-# Not importorskip: that would import jax into this test process.
-if importlib.util.find_spec("jax") is None:
-    pytest.skip("jax is not installed (it is in the test extra)", allow_module_level=True)
+# jax is in the test extra: a missing jax fails these tests (never skips them). Not
+# imported here: that would import jax into this test process.
+JAX_MISSING = importlib.util.find_spec("jax") is None
 
 CHECKS = textwrap.dedent(
     """
@@ -70,6 +68,7 @@ CHECKS = textwrap.dedent(
 
 
 def test_prefetch_to_device_on_jax_cpu():
+    assert not JAX_MISSING, "jax is not installed: pip install -e '.[test]' (the test extra has it)"
     env_code = "import os; os.environ['JAX_PLATFORMS'] = 'cpu'\n" + CHECKS
     out = subprocess.run(
         [sys.executable, "-c", env_code], capture_output=True, text=True, timeout=110

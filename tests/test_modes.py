@@ -20,6 +20,21 @@ class Script:
         return self.messages.pop(0) if self.messages else fp.EMPTY
 
 
+class Run:
+    """A started run (flowplug.modes.Run) over a scripted transport."""
+
+    closing = None
+    inside = 0
+
+    def __init__(self, transport, workers, control):
+        self.transport = transport
+        self.workers = workers
+        self.control = control
+
+    def recv(self, timeout):
+        return self.transport.recv(timeout)
+
+
 class Control:
     def __init__(self, n):
         self.started = []
@@ -43,9 +58,8 @@ def feed(messages, n=2, control=None, size=None):
     def fail(exc):
         return exc
 
-    return Feed(
-        Script(messages), Workers(), control, n, 8, size, None, "script", slow, Meter(), fail
-    )
+    run = Run(Script(messages), Workers(), control)
+    return Feed(run, n, 8, size, None, "script", slow, Meter(), fail)
 
 
 def test_replicate_yields_size_items_as_they_come_and_counts_them():

@@ -401,3 +401,90 @@ def test_killed_right_after_saving_then_resumed_in_a_fresh_process(no_leaks, tra
     # A SIGKILL runs no cleanup; the resumed process's start swept what it left.
     left = [e for e in os.listdir("/dev/shm") if f"-{pid}-" in e]
     assert not left, left
+
+
+# ------------------------------------------- seeded passes (shard mode without shard())
+
+PROCESS_TRANSPORTS = [t for t in TRANSPORTS if fp.get_transport(t).crosses_processes]
+
+
+class GlobalNumpyShuffle(fp.DataFlow):
+    """Shuffles with numpy's global generator, which flowplug seeds per epoch; no state."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import numpy as np
+
+        yield from (int(i) for i in np.random.permutation(self.n))
+
+
+def seeded_source(kind: str, n: int):
+    if kind == "tensorpack":
+        from tensorpack.dataflow import DataFromList
+
+        return DataFromList([[i] for i in range(n)], shuffle=True)
+    return GlobalNumpyShuffle(n)
+
+
+def as_int(dp) -> int:
+    return dp[0] if isinstance(dp, list) else dp
+
+
+@pytest.mark.parametrize("transport", PROCESS_TRANSPORTS)
+@pytest.mark.parametrize("kind", ["tensorpack", "numpy"])
+@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize("workers_after", [2, 3])
+def test_seeded_passes_resume_in_the_saved_order(no_leaks, transport, kind, ordered, workers_after):
+    """Without shard(), every worker's generators are seeded per epoch: the seed is the
+    run's seed and the absolute epoch, so a fresh runner resumed mid-epoch 1 or at the
+    start of epoch 2 makes the same passes as the saved run. Each epoch is exact, no
+    item twice, and in order it is the uninterrupted sequence."""
+    n, epochs = 23, 4
+
+    def runner(num_workers, seed=None):
+        return fp.Runner(
+            seeded_source(kind, n),
+            transport=transport,
+            num_workers=num_workers,
+            mode="shard",
+            ordered=ordered,
+            seed=seed,
+            timeout=60,
+        )
+
+    with runner(2, seed=11) as whole_run:  # uninterrupted
+        whole = [[as_int(dp) for dp in whole_run] for _ in range(epochs)]
+    for e in whole:
+        assert sorted(e) == list(range(n))
+    assert whole[1] != whole[2]  # really reshuffled per epoch
+
+    for stop_epoch, taken in [(1, 9), (2, 0)]:
+        with runner(2, seed=11) as first:
+            got = [[as_int(dp) for dp in first] for _ in range(stop_epoch)]
+            it = iter(first)
+            before = [as_int(next(it)) for _ in range(taken)]
+            state = roundtrip(first.state_dict())
+            it.close()
+        assert state["epoch"] == stop_epoch
+        if ordered:
+            assert got == whole[:stop_epoch] and before == whole[stop_epoch][:taken]
+        second = runner(workers_after)  # no seed given: the saved one is restored
+        second.load_state_dict(state)
+        with second:
+            after = [[as_int(dp) for dp in second] for _ in range(stop_epoch, epochs)]
+        counts = Counter(before + after[0])
+        assert sorted(counts) == list(range(n)) and max(counts.values()) == 1, (
+            stop_epoch,
+            before,
+            after[0],
+        )
+        for e in after[1:]:
+            assert sorted(e) == list(range(n))
+        if ordered:
+            assert before + after[0] == whole[stop_epoch], (stop_epoch, before, after[0])
+            assert after[1:] == whole[stop_epoch + 1 :]

@@ -18,10 +18,8 @@ import warnings
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")  # in the test extra (torch==2.13.0): CI runs these
-
-from torch.utils.data import (  # noqa: E402
+import torch  # in the test extra (torch==2.13.0): a missing torch fails, never skips
+from torch.utils.data import (
     BatchSampler,
     Dataset,
     IterableDataset,
@@ -30,9 +28,9 @@ from torch.utils.data import (  # noqa: E402
     get_worker_info,
 )
 
-import flowplug as fp  # noqa: E402
-import flowplug.torch as ft  # noqa: E402
-from flowplug._sweep import default_dir  # noqa: E402
+import flowplug as fp
+import flowplug.torch as ft
+from flowplug._sweep import default_dir
 
 LOADERS = {
     "torch": torch.utils.data.DataLoader,

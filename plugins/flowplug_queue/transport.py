@@ -58,14 +58,18 @@ class QueueSender(flowplug.BatchingSender):
         self._slots.acquire()
         try:
             write_frames(self._fd, frames)
-        except OSError as exc:
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # Only these mean the reading end is gone. Anything else (EINVAL, ENOMEM...)
+            # is this worker's failure, reported with its cause.
             raise flowplug.TransportClosed(f"the consumer closed the queue: {exc}") from exc
 
     def write_batch(self, header: bytes, blob: bytearray) -> None:
         self._slots.acquire()
         try:
             write_batch(self._fd, header, [blob], len(blob))
-        except OSError as exc:
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # Only these mean the reading end is gone. Anything else (EINVAL, ENOMEM...)
+            # is this worker's failure, reported with its cause.
             raise flowplug.TransportClosed(f"the consumer closed the queue: {exc}") from exc
 
     def disconnect(self) -> None:

@@ -13,6 +13,16 @@ def transport(request):
     return request.param
 
 
+@pytest.fixture
+def _mp_helpers():
+    """spawn and forkserver start long-lived helper processes on first use (the
+    forkserver, the resource tracker): start them before the leak check's snapshot."""
+    from multiprocessing import forkserver, resource_tracker
+
+    forkserver.ensure_running()
+    resource_tracker.ensure_running()
+
+
 @pytest.fixture(autouse=True)
-def _no_leaks(no_leaks):
+def _no_leaks(_mp_helpers, no_leaks):
     """Every fault test leaves nothing behind (flowplug.testing's ``no_leaks``)."""

@@ -11,6 +11,7 @@ to what a transport declares (``crosses_processes``, ``uses_shared_memory``,
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import gc
 import io
 import multiprocessing as mp
@@ -157,6 +158,10 @@ class Die(fp.DataFlow):
         if self.how == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.how == "sigsegv":
+            # pytest enables faulthandler on a copy of its stderr, which a forked worker
+            # inherits: without this, the intended crash prints a "Fatal Python error"
+            # dump into the test report.
+            faulthandler.disable()
             ctypes.string_at(0)
         elif self.how == "exit3":
             os._exit(3)
@@ -939,3 +944,360 @@ for ep in endpoints:
     raw.close()
 ctx.term()
 """
+
+
+# ---------------------------------------------------------------------------- failures that
+# cannot go through the transport (issue 13, items 1 and 4)
+
+
+class _FaultySender(_LimitedSender):
+    def __init__(self, q: Any, fail: str, owned: bool):
+        super().__init__(q, 1 << 30)
+        self._fail = fail
+        self._owned = owned
+
+    def send(self, obj: Any) -> None:
+        if self._fail == "report" and type(obj).__name__ == "RemoteFailure":
+            raise OSError("injected: the transport broke while the worker was reporting")
+        super().send(obj)
+
+    def close(self) -> None:
+        if self._owned:
+            super().close()
+
+
+class _FaultyEndpoint(fp.Endpoint):
+    def __init__(self, q: Any, fail: str, owned: bool):
+        self._queue = q
+        self._fail = fail
+        self._owned = owned
+
+    def connect(self, worker_id: int) -> _FaultySender:
+        if self._fail == "connect":
+            raise OSError(24, "injected: Too many open files")
+        return _FaultySender(self._queue, self._fail, self._owned)
+
+
+class FaultyTransport(LimitedTransport):
+    """A transport that breaks where asked (tests only): ``fail="connect"``, its
+    ``connect()`` raises in the worker; ``fail="report"``, its sender refuses the error
+    report (datapoints go through)."""
+
+    name = "faulty"
+    size_limit_option = None
+    options = (fp.Option("fail", str, "connect", "where to break: connect or report"),)
+
+    def open(self) -> _FaultyEndpoint:
+        self._queue = mp.get_context(self.start_method).Queue(self.capacity)
+        return _FaultyEndpoint(self._queue, self.settings["fail"], owned=True)
+
+
+class FaultyThreadTransport(FaultyTransport):
+    """:class:`FaultyTransport` with worker threads."""
+
+    name = "faulty_thread"
+    crosses_processes = False
+
+    def open(self) -> _FaultyEndpoint:
+        self._queue = _PickledQueue(self.capacity)
+        return _FaultyEndpoint(self._queue, self.settings["fail"], owned=False)
+
+    def close(self) -> None:
+        pass
+
+
+class _PickledQueue(queue.Queue):
+    """A queue.Queue with the part of multiprocessing.Queue's API the senders use."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return super().get(block, timeout)
+
+
+def register_faulty() -> None:
+    """Add the faulty test transports to this process's registry."""
+    registry = get_registry()
+    for cls in (FaultyTransport, FaultyThreadTransport):
+        if cls.name not in registry.transports:
+            registry.register(cls, origin=PluginInfo(cls.name, "tests", "0"))
+
+
+class RaiseAfter(fp.DataFlow):
+    """Yield ``k`` items, then raise ``exc`` (default: ValueError). With ``close_stdio``
+    a worker *process* first closes its stdout and stderr (threads share the
+    consumer's, so they leave them alone)."""
+
+    def __init__(self, k: int, close_stdio: bool = False, exc: Any = None):
+        self.k = k
+        self.close_stdio = close_stdio
+        self.exc = exc
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.close_stdio and threading.current_thread() is threading.main_thread():
+            sys.stdout.close()
+            sys.stderr.close()
+        yield from range(self.k)
+        raise self.exc if self.exc is not None else ValueError(f"injected after {self.k}")
+
+
+class BadStr(Exception):
+    """An exception whose ``str()`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ is broken too")
+
+
+class LoadsOnlyHere(fp.DataFlow):
+    """Pickles in the consumer, fails to unpickle anywhere else (a module the worker
+    cannot import, a version mismatch)."""
+
+    def __init__(self) -> None:
+        self.home = os.getpid()
+
+    def __setstate__(self, state: dict) -> None:
+        if state["home"] != os.getpid():
+            raise ImportError("injected: No module named 'only_in_the_consumer'")
+        self.__dict__.update(state)
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from range(3)
+
+
+def _drain_until(kind: type[BaseException], runner: fp.Runner, pace: float = 0.0) -> tuple:
+    got: list[Any] = []
+    try:
+        for _ in range(10_000):
+            for dp in runner:
+                got.append(dp)
+                if pace:
+                    time.sleep(pace)
+    except kind as exc:
+        return got, exc
+    raise AssertionError(f"no {kind.__name__}; got {got[:20]}...")
+
+
+def scenario_report_with_closed_stdio(transport: str) -> int:
+    """19. A worker closes its stdout and stderr, yields 40 items and raises, while the
+    consumer takes 20 ms per item: all 40 arrive, then the WorkerError with the
+    ValueError; never a death, never exit code 0 or 1 instead of the cause."""
+    before = snapshot()
+    runner = fp.Runner(RaiseAfter(40, close_stdio=True), transport=transport, num_workers=1)
+    try:
+        got, err = _drain_until(fp.WorkerError, runner, pace=0.02)
+    finally:
+        runner.close()
+    assert got == list(range(40)), got
+    assert err.exc_type == "ValueError" and "injected after 40" in str(err), str(err)
+    assert "in __iter__" in err.remote_traceback, err.remote_traceback
+    left = workers_released(before)
+    assert not left, left
+    return 1
+
+
+def scenario_broken_str(transport: str) -> int:
+    """20. The exception's ``str()`` raises too: still a WorkerError with its type and
+    traceback (never a death)."""
+    with fp.Runner(RaiseAfter(2, exc=BadStr()), transport=transport, num_workers=1) as runner:
+        got, err = _drain_until(fp.WorkerError, runner)
+    assert got == [0, 1], got
+    assert err.exc_type == "BadStr" and "<str() of the" in str(err), str(err)
+    assert "BadStr" in err.remote_traceback, err.remote_traceback
+    return 1
+
+
+def scenario_cannot_connect(in_threads: bool) -> int:
+    """21. ``connect()`` raises inside the worker: a WorkerError with the original
+    exception and traceback, phase "connecting"; a worker process exits with 1, never 0."""
+    register_faulty()
+    name = "faulty_thread" if in_threads else "faulty"
+    before = snapshot()
+    runner = fp.Runner(
+        Counting(5), transport=name, num_workers=2, fail="connect", timeout=30, mode="replicate"
+    )
+    try:
+        got, err = _drain_until(fp.WorkerError, runner)
+    finally:
+        runner.close()
+    assert got == [], got
+    assert err.exc_type == "OSError" and "Too many open files" in str(err), str(err)
+    assert "connecting" in str(err) and "in connect" in err.remote_traceback, str(err)
+    left = workers_released(before)
+    assert not left, left
+    return 1
+
+
+def scenario_report_cannot_be_sent(in_threads: bool) -> int:
+    """22. The transport breaks while the worker sends its error report: the datapoints
+    it sent before arrive, then a WorkerError with the original error (the report took
+    the report pipe), noting why it could not be sent."""
+    register_faulty()
+    name = "faulty_thread" if in_threads else "faulty"
+    runner = fp.Runner(RaiseAfter(7), transport=name, num_workers=1, fail="report", timeout=30)
+    try:
+        got, err = _drain_until(fp.WorkerError, runner)
+    finally:
+        runner.close()
+    assert got == list(range(7)), got
+    assert err.exc_type == "ValueError" and "injected after 7" in str(err), str(err)
+    assert "while the worker was reporting" in err.remote_traceback, err.remote_traceback
+    return 1
+
+
+def scenario_dataflow_fails_to_load(transport: str, start_method: str) -> int:
+    """23. spawn/forkserver: the dataflow pickles in the consumer but fails to load in
+    the worker: a WorkerError with the ImportError and its traceback, not an exit code."""
+    cls = caps(transport)
+    if not cls.crosses_processes or cls.runs_workers:
+        return 0
+    runner = fp.Runner(LoadsOnlyHere(), transport=transport, start_method=start_method)
+    try:
+        got, err = _drain_until(fp.WorkerError, runner)
+    finally:
+        runner.close()
+    assert got == [], got
+    assert err.exc_type == "ImportError" and "only_in_the_consumer" in str(err), str(err)
+    assert "starting" in str(err) and "__setstate__" in err.remote_traceback, str(err)
+    return 1
+
+
+class ManyBuffers(fp.DataFlow):
+    """One datapoint per pass: a list of ``n`` arrays, each large enough to travel out
+    of band (its own frame, its own writev buffer)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[Any]:
+        yield [np.full(4096, i, np.int32) for i in range(self.n)]
+
+
+def scenario_many_buffers(transport: str) -> int:
+    """24. A datapoint with more out-of-band buffers than one system call takes
+    (IOV_MAX is 1024 on Linux): delivered whole on every transport."""
+    for n in (1100, 5000):
+        with fp.Runner(ManyBuffers(n), transport=transport, num_workers=1, timeout=60) as runner:
+            for _ in range(2):
+                (got,) = list(runner)
+                assert len(got) == n
+                assert all(a.shape == (4096,) and a[0] == a[-1] == i for i, a in enumerate(got))
+    return 1
+
+
+# ---------------------------------------------------------------------------- close() from
+# another thread, forks of the consumer (issue 13, items 5 and 2)
+
+
+class Blocked(fp.DataFlow):
+    """Yield one item at once, then one every 2 s: the consumer waits in ``next()``.
+    (Not for ever: a worker thread can only stop at a send.)"""
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            yield 0
+            time.sleep(2.0)
+
+
+def scenario_close_from_another_thread(transport: str, rounds: int = 6) -> int:
+    """25. ``close()`` from another thread while the consumer thread is blocked in
+    ``next()`` (nothing comes), or busy receiving (data streams): the consumer wakes
+    within a receive or two with StateError, never a raw OSError/ZMQError, never a hang;
+    iterating again is a StateError; nothing leaks."""
+    before = snapshot()
+    for r in range(rounds):
+        _close_under_a_consumer(transport, r)
+    left = workers_released(before)
+    assert not left, left
+    return rounds
+
+
+def _close_under_a_consumer(transport: str, r: int) -> None:
+    blocked = r % 2 == 0
+    df = Blocked() if blocked else Forever(size=64 << 10 if r % 4 == 1 else 0)
+    runner = fp.Runner(df, transport=transport, num_workers=2)
+    it = iter(runner)
+    next(it)
+    outcome: list[Any] = []
+
+    def consume() -> None:
+        try:
+            while True:
+                next(it)
+        except BaseException as exc:  # what the consumer sees is the point
+            outcome.append((type(exc), str(exc), time.monotonic()))
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    time.sleep(0.3 + 0.05 * r)
+    closed_at = time.monotonic()
+    runner.close()
+    consumer.join(CLOSE_RETURNS_WITHIN)
+    assert not consumer.is_alive(), "the consumer thread did not wake after close()"
+    ((kind, text, when),) = outcome
+    assert issubclass(kind, (fp.StateError, StopIteration)), (kind, text)
+    assert "closed" in text, text
+    measured("close() from another thread to the consumer's StateError", when - closed_at)
+    try:
+        next(iter(runner))
+        raise AssertionError("a closed runner must refuse to iterate")
+    except fp.StateError:
+        pass
+    it.close()
+
+
+def scenario_fork_of_the_consumer(transport: str, how: str) -> int:
+    """26. The consumer forks (``os.fork`` and the child exits normally, running atexit;
+    a multiprocessing fork pool made and closed by other code): the child cannot use
+    the runner (StateError naming the fork) and never touches the parent's workers; the
+    parent keeps iterating."""
+    proc = start_consumer(transport, f"fork-{how}")
+    try:
+        wait_ready(proc, timeout=60)
+    finally:
+        out, err = finish(proc, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, out, err)
+    assert "PARENT-OK" in out, (out, err)
+    if how == "child":
+        assert "CHILD-STATEERROR fork" in out, (out, err)
+    assert "WorkerDied" not in out + err and tracebacks(err) == 0, err
+    return 1
+
+
+def scenario_segfault_is_quiet(transport: str) -> int:
+    """27. The intended SIGSEGV of scenario 3 writes no faulthandler dump, where pytest
+    (or the user) enabled faulthandler in the consumer: test output stays readable."""
+    if not caps(transport).crosses_processes:
+        return 0
+    with tempfile.TemporaryFile() as dump:
+        was = faulthandler.is_enabled()
+        faulthandler.enable(file=dump)
+        try:
+            assert scenario_worker_dies(transport, "sigsegv") == 1
+        finally:
+            faulthandler.disable()
+            if was:
+                faulthandler.enable()
+        dump.seek(0)
+        text = dump.read().decode(errors="replace")
+    assert "Fatal Python error" not in text, text
+    return 1
+
+
+def scenario_ctrl_c_during_gc_cleanup(transport: str) -> int:
+    """28. Ctrl-C arrives while garbage collection runs a dropped runner's cleanup (a
+    slow one: its workers ignore SIGTERM): the KeyboardInterrupt reaches the program
+    after the cleanup, never "Exception ignored" with the program going on; the
+    workers are gone."""
+    proc = start_consumer(transport, "gc-sigint")
+    try:
+        workers = wait_ready(proc)
+    finally:
+        out, err = finish(proc, timeout=60)
+    assert "INTERRUPTED" in out and "SWALLOWED" not in out, (out, err)
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, err)
+    assert "Exception ignored" not in err, err
+    assert err.rstrip().endswith("KeyboardInterrupt"), err
+    alive = gone(workers, ORPHANS_GONE_WITHIN)
+    assert not alive, f"workers outlived the consumer: {alive}"
+    return 1

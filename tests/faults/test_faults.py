@@ -7,16 +7,26 @@ import pytest
 from faultlib import (
     death_modes,
     register_limited,
+    scenario_broken_str,
+    scenario_cannot_connect,
     scenario_chatty,
+    scenario_close_from_another_thread,
     scenario_consumer_killed,
     scenario_consumer_sigint,
+    scenario_ctrl_c_during_gc_cleanup,
     scenario_cycles,
+    scenario_dataflow_fails_to_load,
     scenario_dropped,
     scenario_fair,
     scenario_fork_after_threads,
+    scenario_fork_of_the_consumer,
     scenario_garbage,
+    scenario_many_buffers,
     scenario_nested,
+    scenario_report_cannot_be_sent,
+    scenario_report_with_closed_stdio,
     scenario_reset_fails,
+    scenario_segfault_is_quiet,
     scenario_shm_tiny,
     scenario_stuck,
     scenario_threads,
@@ -106,3 +116,47 @@ def test_17_strangers_bytes_are_never_unpickled(transport):
 
 def test_18_a_flooding_worker_cannot_hold_back_an_error(transport):
     assert scenario_fair(transport) == 1
+
+
+def test_19_error_report_survives_closed_stdio_and_comes_after_the_data(transport):
+    assert scenario_report_with_closed_stdio(transport) == 1
+
+
+def test_20_exception_whose_str_raises(transport):
+    assert scenario_broken_str(transport) == 1
+
+
+@pytest.mark.parametrize("in_threads", [False, True], ids=["processes", "threads"])
+def test_21_worker_that_cannot_connect(in_threads):
+    assert scenario_cannot_connect(in_threads) == 1
+
+
+@pytest.mark.parametrize("in_threads", [False, True], ids=["processes", "threads"])
+def test_22_report_that_cannot_go_through_the_transport(in_threads):
+    assert scenario_report_cannot_be_sent(in_threads) == 1
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_23_dataflow_that_fails_to_load_in_the_worker(transport, start_method):
+    scenario_dataflow_fails_to_load(transport, start_method)
+
+
+def test_24_a_datapoint_with_thousands_of_buffers(transport):
+    assert scenario_many_buffers(transport) == 1
+
+
+def test_25_close_from_another_thread_wakes_the_consumer(transport):
+    assert scenario_close_from_another_thread(transport) > 0
+
+
+@pytest.mark.parametrize("how", ["child", "pool"])
+def test_26_a_fork_of_the_consumer_leaves_the_runner_alone(transport, how):
+    assert scenario_fork_of_the_consumer(transport, how) == 1
+
+
+def test_27_an_intended_segfault_prints_no_dump(transport):
+    scenario_segfault_is_quiet(transport)
+
+
+def test_28_ctrl_c_during_cleanup_by_gc_is_not_swallowed(transport):
+    assert scenario_ctrl_c_during_gc_cleanup(transport) == 1

@@ -69,18 +69,24 @@ class Whereabouts(fp.DataFlow):
 
 
 class WhoSends(fp.DataFlow):
-    """Yield ``(worker id, i)`` for ``i`` in ``range(n)``; no ``shard()``, so in shard mode
-    worker ``w`` of ``k`` keeps the items ``w, w + k, ...`` of each pass."""
+    """Yield ``(id of the worker that sent it, i)``; in shard mode worker ``w`` of ``k``
+    yields the items ``w, w + k, ...`` of each pass (``shard()``: without it the passes
+    differ by the worker id they carry, which shard mode refuses as a ShardMismatch)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, start: int = 0, step: int = 1):
         self.n = n
+        self.start = start
+        self.step = step
 
     def __len__(self) -> int:
         return self.n
 
+    def shard(self, index: int, count: int) -> WhoSends:
+        return WhoSends(self.n, index, count)
+
     def __iter__(self):
         me = fp.worker_info()
-        for i in range(self.n):
+        for i in range(self.start, self.n, self.step):
             yield (me.id if me is not None else None), i
 
 
@@ -116,7 +122,9 @@ def test_arrays_arrive_read_only_from_the_object_store_and_outlive_close(no_leak
 
 def test_replicate_mode_every_worker_yields_the_whole_dataflow(no_leaks):
     per_worker: dict[int, Counter] = {0: Counter(), 1: Counter()}
-    with fp.Runner(Counting(5, tag=True), transport="ray", num_workers=2) as runner:
+    with fp.Runner(
+        Counting(5, tag=True), transport="ray", num_workers=2, mode="replicate"
+    ) as runner:
         deadline = time.monotonic() + 30
         while min(len(c) for c in per_worker.values()) < 5 and time.monotonic() < deadline:
             for worker, i in runner:
