@@ -317,7 +317,7 @@ class FaultyTransport(LimitedTransport):
 
     def open(self) -> _FaultyEndpoint:
         self._queue = mp.get_context(self.start_method).Queue(self.capacity)
-        return _FaultyEndpoint(self._queue, self.settings["fail"], owned=True)
+        return _FaultyEndpoint(self._queue, self.option_values["fail"], owned=True)
 
 
 class FaultyThreadTransport(FaultyTransport):
@@ -328,7 +328,7 @@ class FaultyThreadTransport(FaultyTransport):
 
     def open(self) -> _FaultyEndpoint:
         self._queue = _PickledQueue(self.capacity)
-        return _FaultyEndpoint(self._queue, self.settings["fail"], owned=False)
+        return _FaultyEndpoint(self._queue, self.option_values["fail"], owned=False)
 
     def close(self) -> None:
         pass
