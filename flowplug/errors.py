@@ -113,43 +113,16 @@ class WorkerError(FlowplugError):
         origin: str = "",
     ):
         super().__init__(message)
-        WorkerError._fill(
-            self,
-            message,
-            worker_id=worker_id,
-            exc_type=exc_type,
-            remote_traceback=remote_traceback,
-            index=index,
-            original=original,
-            remote_message=remote_message,
-            origin=origin,
-        )
-
-    @staticmethod
-    def _fill(
-        err: WorkerError,
-        message: str,
-        *,
-        worker_id: int,
-        exc_type: str,
-        remote_traceback: str,
-        index: int | None,
-        original: BaseException | None,
-        remote_message: str,
-        origin: str,
-    ) -> None:
-        # Set without __init__ as well: the instances that are also of the original type
-        # are made by __new__, with the original's args.
-        err._message = message
-        err.worker_id = worker_id
-        err.exc_type = exc_type
-        err.remote_traceback = remote_traceback
-        err.index = index
-        err.original = original
+        self._message = message
+        self.worker_id = worker_id
+        self.exc_type = exc_type
+        self.remote_traceback = remote_traceback
+        self.index = index
+        self.original = original
         #: str() of the original exception, and where it was raised ("worker 0 in fn on
         #: input 7"): what a runner inside a worker passes on, so nesting never wraps twice.
-        err._remote_message = remote_message
-        err._origin = origin
+        self._remote_message = remote_message
+        self._origin = origin
 
     def __str__(self) -> str:
         return self._message

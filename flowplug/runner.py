@@ -657,17 +657,18 @@ def _worker_error(failure: RemoteFailure) -> WorkerError:
     original = failure.original
     if original is not None and original.__traceback__ is not None:
         original.__traceback__ = None  # a live exception of a worker thread: drop its frames
-    return _exc.combine(
-        original,
+    plain = WorkerError(
         f"worker {failure.worker_id} raised {failure.exc_type} {where}{passed}: "
         f"{failure.message}\n\nRemote traceback:\n{failure.traceback}",
         worker_id=failure.worker_id,
         exc_type=failure.exc_type,
         remote_traceback=failure.traceback,
         index=failure.index,
+        original=original,
         remote_message=failure.message,
         origin=f"worker {failure.worker_id} {where}{passed}",
     )
+    return _exc.combine(original, plain)
 
 
 def _worker_died(death: Any) -> WorkerDied:
