@@ -254,4 +254,4 @@ def _rebuild_worker_error(
     return combine(original, plain)
 
 
-WorkerError._reduce = staticmethod(_reduce_worker_error)  # type: ignore[assignment]
+WorkerError._reduce = staticmethod(_reduce_worker_error)

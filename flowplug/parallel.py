@@ -336,7 +336,7 @@ class MapMode(Mode):
         progress = self.progress
         k = self.epoch_no
         if mid:
-            received = progress.received(k, self.ordered)
+            received: _resume.Done | None = progress.received(k, self.ordered)
             source = progress.passes.get(k, {}).get(0)
         else:
             k += 1
