@@ -324,10 +324,14 @@ class ShmSender(flowplug.Sender):
         """Flusher thread: send the open batch when the consumer asks (it waited
         :data:`BATCH_DELAY` for a datapoint). It sleeps on a semaphore in between, so a
         busy sender never shares the GIL with it."""
-        chan = self._chan
+        chan = self._chan  # pins the mapping while this thread lives
         while not self._closed:
-            if not chan.wait_flush(self._ring, 1.0) or self._closed:
+            if not chan.wait_flush(self._ring, 1.0):
+                if chan.closed:
+                    return  # the consumer closed the channel: nothing to send to
                 continue
+            if self._closed:
+                return
             with self._lock:
                 try:
                     self._send_open()
