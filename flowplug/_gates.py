@@ -424,10 +424,14 @@ class Control:
         notices: list[Any]
         if start_method is not None:
             ctx = mp.get_context(start_method)
-            for _ in range(num_workers):
-                reader, writer = ctx.Pipe(duplex=False)
-                self._readers.append(reader)
-                self._writers.append(writer)
+            try:
+                for _ in range(num_workers):
+                    reader, writer = ctx.Pipe(duplex=False)
+                    self._readers.append(reader)
+                    self._writers.append(writer)
+            except BaseException:  # out of fds: the Runner never gets this object to close
+                self.close()
+                raise
             notices = [_PipeNotices(r) for r in self._readers]
             make_sem: Any = ctx.Semaphore
         else:

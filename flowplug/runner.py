@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from . import _exc, _resume, plugins
+from . import _exc, _fds, _resume, plugins
 from ._gates import Control, EpochEnd
 from ._passcheck import START as PASS_START
 from ._sweep import new_run_id, sweep_stale
@@ -360,6 +360,8 @@ class Runner:
         """Start the workers (the fork happens here). Call once.
 
         :raises flowplug.StateError: called twice, or after ``close()``.
+        :raises flowplug.ConfigError: the run would need more file descriptors than
+            ``RLIMIT_NOFILE`` leaves (checked before anything is opened).
         """
         if self._closed:
             raise StateError("this runner is closed; create a new Runner")
@@ -390,6 +392,8 @@ class Runner:
             dfs = [_resume.Resumed(df, plan) for df in dfs]
         n = self.num_workers
         infos = [WorkerInfo(i, n, (self.seed + i) % 2**31) for i in range(n)]
+        # Before anything is opened: running out of fds half-way fails in the worst places.
+        _fds.check(self._transport_cls, n, self.mode, self.start_method)
         if self._transport_cls.uses_shared_memory:
             sweep_stale()  # what consumers killed by SIGKILL left behind
         transport = self._transport_cls(
