@@ -281,6 +281,53 @@ class ShardGate:
         return EpochEnd(w, epoch, position + 1, digest), sent, blocked
 
 
+class ReplicateGate:
+    """One worker's side of replicate mode: its own copy of the dataflow, pass after pass,
+    within its credits (its share of ``capacity``).
+
+    A credit is taken *before* the next datapoint is made, so that the datapoints made
+    and not yet yielded by the consumer never exceed the credits, the one a worker holds
+    while it waits included. Items travel as ``(worker id, datapoint)``: the consumer
+    gives the credit back to that worker when it yields the datapoint.
+    """
+
+    def __init__(self, credits: Any):
+        self.credits = credits
+
+    def run(self, df: Any, sender: Any, info: WorkerInfo, stop: threading.Event | None) -> None:
+        """Send ``(id, datapoint)`` for every datapoint of ``df``, repeating passes, until
+        stopped; never returns normally."""
+        w = info.id
+        send = sender.send
+        flush = sender.flush
+        credits = self.credits
+        try_acquire = credits.acquire
+        _acquire(credits, stop)  # for the first datapoint
+        while stop is None or not stop.is_set():
+            sent = 0
+            for dp in df:
+                send((w, dp))
+                sent += 1
+                if not try_acquire(False):  # a credit for the next one, before it is made
+                    # Push out what a batching sender holds first: the consumer may be
+                    # waiting for exactly those items before it can give a credit back.
+                    flush()
+                    _acquire(credits, stop)
+            if sent == 0:
+                raise RuntimeError(
+                    f"dataflow {type(df).__name__} yielded no datapoint in a whole pass; "
+                    "a runner repeats passes forever, so it would spin"
+                )
+        raise _Stopped("the runner stopped")
+
+
+def replicate_shares(capacity: int, num_workers: int) -> list[int]:
+    """Each worker's credits in replicate mode: ``capacity`` split as evenly as it goes,
+    at least one each (so ``num_workers`` when ``capacity`` is smaller)."""
+    base, extra = divmod(capacity, num_workers)
+    return [max(1, base + (w < extra)) for w in range(num_workers)]
+
+
 class MapWork:
     """What a ParallelMap worker runs: ``fn``, in the dataflow slot of the worker loop."""
 
@@ -399,6 +446,8 @@ class Control:
     :param start_method: the workers' start method; None when they are threads.
     :param credits: credits per worker (shard mode); None for a ParallelMap.
     :param tasks: the task endpoint (ParallelMap); None in shard mode.
+    :param shares: replicate mode: each worker's credits (:func:`replicate_shares`); no
+        epoch notices then, only the semaphores.
     :param sinks: the sinks of a group that carries the control itself
         (:meth:`flowplug.WorkerGroup.control_sinks`); no local gates are made then.
     """
@@ -410,16 +459,26 @@ class Control:
         credits: int | None = None,
         tasks: Callable[[int], TaskReceiver] | None = None,
         sinks: Sequence[ControlSink] | None = None,
+        shares: Sequence[int] | None = None,
     ):
         self._writers: list[Any] = []
         self._readers: list[Any] = []
         self._board: _Board | None = None
-        self.gates: list[ShardGate | MapGate] = []
+        self.gates: list[ShardGate | MapGate | ReplicateGate] = []
         #: what the local shard gates count (runner.stats()); None otherwise.
         self.counters: WorkerCounters | None = None
         if sinks is not None:
             self.sinks = list(sinks)
             self.release = [s.release for s in self.sinks]
+            return
+        if shares is not None:  # replicate mode: credits only
+            make: Any = threading.Semaphore
+            if start_method is not None:
+                make = mp.get_context(start_method).Semaphore
+            sems = [make(k) for k in shares]
+            self.gates = [ReplicateGate(sem) for sem in sems]
+            self.sinks = [_LocalSink(None, None, sem) for sem in sems]
+            self.release = [sem.release for sem in sems]
             return
         notices: list[Any]
         if start_method is not None:

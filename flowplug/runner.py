@@ -22,7 +22,7 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 from . import _exc, _fds, _resume, plugins
-from ._gates import Control, EpochEnd
+from ._gates import Control, EpochEnd, replicate_shares
 from ._passcheck import START as PASS_START
 from ._sweep import new_run_id, sweep_stale
 from .config import ARGUMENT
@@ -254,7 +254,8 @@ class Runner:
         zero-argument factory returning one, called once per worker in the consumer.
     :param transport: name of the transport (``"zmq"``, ``"queue"``, ``"thread"``...).
     :param num_workers: how many workers.
-    :param capacity: how many datapoints may be buffered between workers and consumer.
+    :param capacity: how many datapoints may be made by the workers and not yet delivered,
+        counted across the workers (each has a share; see docs/configuration.md).
     :param start_method: ``"fork"`` (default on Linux), ``"spawn"`` or ``"forkserver"``;
         only for transports whose workers are processes.
     :param timeout: seconds to wait for one datapoint before raising
@@ -542,6 +543,43 @@ class Runner:
     def _epoch(self) -> Iterator[Any]:
         run = self._run
         assert run is not None
+        if run.control is not None:
+            return self._credited_epoch()
+        return self._plain_epoch()
+
+    def _credited_epoch(self) -> Iterator[Any]:
+        """Replicate mode over workers the Runner started: each datapoint comes as
+        ``(worker id, datapoint)`` and gives its worker a credit back when it is yielded
+        (flowplug._gates.ReplicateGate), so that at most ``capacity`` datapoints are made
+        and not yet yielded, across the workers."""
+        run = self._run
+        assert run is not None and run.control is not None
+        release = run.control.release
+        recv = run.transport.recv
+        workers = run.workers
+        size = self._size
+        meter = self._meter
+        count = 0
+        me = threading.get_ident  # called per receive: a generator may move between threads
+        while size is None or count < size:
+            run.inside = me()  # see _Run: close() from another thread waits for this
+            try:
+                if run.closing is not None:
+                    raise run.refusal()
+                obj = recv(0.0)
+            finally:
+                run.inside = 0
+            if type(obj) is not tuple or workers.death is not None:
+                obj = self._next_slow(obj)
+            release[obj[0]]()
+            count += 1
+            meter.delivered += 1
+            yield obj[1]
+
+    def _plain_epoch(self) -> Iterator[Any]:
+        """Replicate mode over a group the transport runs: no credits (its own bound)."""
+        run = self._run
+        assert run is not None
         recv = run.transport.recv
         workers = run.workers
         size = self._size
@@ -823,9 +861,11 @@ class Runner:
     # ------------------------------------------------------------------ helpers
 
     def _control(self, transport: Transport) -> Control | None:
-        """The consumer-to-worker control of this mode; None in replicate mode."""
+        """The consumer-to-worker control of this mode: credits in replicate mode, and
+        epoch notices too in shard mode."""
         if self.mode != "shard":
-            return None
+            n = self.num_workers
+            return Control(n, self.start_method, shares=replicate_shares(self.capacity, n))
         return Control(
             self.num_workers, self.start_method, credits=self.capacity // self.num_workers
         )
