@@ -472,10 +472,9 @@ class Control:
             self.release = [s.release for s in self.sinks]
             return
         if shares is not None:  # replicate mode: credits only
-            make: Any = threading.Semaphore
-            if start_method is not None:
-                make = mp.get_context(start_method).Semaphore
-            sems = [make(k) for k in shares]
+            # A multiprocessing semaphore for threads too: its acquire and release are C
+            # code, 30 times cheaper than threading.Semaphore's (on every datapoint).
+            sems = [mp.get_context(start_method).Semaphore(k) for k in shares]
             self.gates = [ReplicateGate(sem) for sem in sems]
             self.sinks = [_LocalSink(None, None, sem) for sem in sems]
             self.release = [sem.release for sem in sems]
