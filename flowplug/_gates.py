@@ -37,6 +37,7 @@ from typing import Any
 from ._passcheck import START, fingerprint, mix, seed_pass
 from ._resume import PassStart, Resumed, load_into, take_state
 from .errors import TransportClosed
+from .serialize import not_picklable
 from .stats import WorkerCounters
 from .transport import EMPTY, TaskReceiver
 from .worker_loop import TaskFailed, WorkerInfo
@@ -291,8 +292,13 @@ class ReplicateGate:
     gives the credit back to that worker when it yields the datapoint.
     """
 
-    def __init__(self, credits: Any):
+    def __init__(self, credits: Any, share: int):
         self.credits = credits
+        #: once out of credits, how many to wait for before going on: half the share.
+        #: Going on with the first one given back would send every datapoint alone (a
+        #: message each, no batch) as long as the consumer is the slower side; the
+        #: consumer gives them back as many at a time (Control.chunks).
+        self.refill = max(1, share // 2)
 
     def run(self, df: Any, sender: Any, info: WorkerInfo, stop: threading.Event | None) -> None:
         """Send ``(id, datapoint)`` for every datapoint of ``df``, repeating passes, until
@@ -302,23 +308,42 @@ class ReplicateGate:
         flush = sender.flush
         credits = self.credits
         try_acquire = credits.acquire
+        refill = self.refill
         _acquire(credits, stop)  # for the first datapoint
+        held = 0  # credits taken ahead, after a wait
         while stop is None or not stop.is_set():
             sent = 0
             for dp in df:
-                send((w, dp))
+                try:
+                    send((w, dp))
+                except TypeError as exc:
+                    raise _said_of(dp, (w, dp), exc) from exc.__cause__
                 sent += 1
-                if not try_acquire(False):  # a credit for the next one, before it is made
+                # a credit for the next one, before it is made
+                if held:
+                    held -= 1
+                elif not try_acquire(False):
                     # Push out what a batching sender holds first: the consumer may be
                     # waiting for exactly those items before it can give a credit back.
                     flush()
-                    _acquire(credits, stop)
+                    for _ in range(refill):
+                        _acquire(credits, stop)
+                    held = refill - 1
             if sent == 0:
                 raise RuntimeError(
                     f"dataflow {type(df).__name__} yielded no datapoint in a whole pass; "
                     "a runner repeats passes forever, so it would spin"
                 )
         raise _Stopped("the runner stopped")
+
+
+def _said_of(dp: Any, sent: Any, exc: TypeError) -> TypeError:
+    """The sender's error for ``sent``, the datapoint in its tag, said of ``dp`` itself:
+    "datapoint of type dict cannot be pickled", not "of type tuple"."""
+    cause = exc.__cause__
+    if isinstance(cause, Exception) and str(exc) == str(not_picklable(sent, cause)):
+        return not_picklable(dp, cause)
+    return exc
 
 
 def replicate_shares(capacity: int, num_workers: int) -> list[int]:
@@ -465,6 +490,8 @@ class Control:
         self._readers: list[Any] = []
         self._board: _Board | None = None
         self.gates: list[ShardGate | MapGate | ReplicateGate] = []
+        self.chunks: list[int] = []
+        self.pending: list[int] = []
         #: what the local shard gates count (runner.stats()); None otherwise.
         self.counters: WorkerCounters | None = None
         if sinks is not None:
@@ -475,7 +502,13 @@ class Control:
             # A multiprocessing semaphore for threads too: its acquire and release are C
             # code, 30 times cheaper than threading.Semaphore's (on every datapoint).
             sems = [mp.get_context(start_method).Semaphore(k) for k in shares]
-            self.gates = [ReplicateGate(sem) for sem in sems]
+            self.gates = [ReplicateGate(sem, k) for sem, k in zip(sems, shares, strict=True)]
+            #: replicate mode: the consumer gives credits back ``chunks[w]`` at a time
+            #: (the ``refill`` worker ``w`` waits for), holding ``pending[w]`` meanwhile,
+            #: and all of them before it waits for data: a waiting worker is woken once
+            #: per chunk, not once per datapoint.
+            self.chunks = [g.refill for g in self.gates]
+            self.pending = [0] * num_workers
             self.sinks = [_LocalSink(None, None, sem) for sem in sems]
             self.release = [sem.release for sem in sems]
             return

@@ -554,7 +554,12 @@ class Runner:
         and not yet yielded, across the workers."""
         run = self._run
         assert run is not None and run.control is not None
-        release = run.control.release
+        control = run.control
+        release = control.release
+        # Credits go back a chunk at a time (flowplug._gates.Control.chunks), and all that
+        # are held before the consumer waits: the held ones survive across epochs.
+        chunks = control.chunks
+        pending = control.pending
         recv = run.transport.recv
         workers = run.workers
         size = self._size
@@ -570,8 +575,20 @@ class Runner:
             finally:
                 run.inside = 0
             if type(obj) is not tuple or workers.death is not None:
+                if obj is EMPTY:  # about to wait: give back every credit held first
+                    for w, held in enumerate(pending):
+                        for _ in range(held):
+                            release[w]()
+                        pending[w] = 0
                 obj = self._next_slow(obj)
-            release[obj[0]]()
+            w = obj[0]
+            held = pending[w] + 1
+            if held == chunks[w]:
+                give = release[w]
+                for _ in range(held):
+                    give()
+                held = 0
+            pending[w] = held
             count += 1
             meter.delivered += 1
             yield obj[1]
