@@ -288,7 +288,11 @@ class MapWork:
         self.fn = fn
 
     def reset_state(self) -> None:
-        pass
+        # A function with set-up of its own (flowplug.torch's: seeds, worker_init_fn)
+        # does it when the worker starts, before its first task.
+        reset = getattr(self.fn, "reset_state", None)
+        if callable(reset):
+            reset()
 
     def __repr__(self) -> str:
         return f"the function {self.fn!r}"

@@ -411,7 +411,8 @@ class _FetchBatch:
     """A map-style worker's function: one task ``(position, indices)`` in (a batch of
     indices, or one index with ``batch_size=None``; its position in the sampler's pass),
     ``(position, batch)`` out, fetched and collated. The worker sets itself up (seeds,
-    worker info, ``worker_init_fn``) before its first fetch."""
+    worker info, ``worker_init_fn``) when it starts, as torch's do: the ParallelMap
+    calls :meth:`reset_state` in each worker before its first task."""
 
     def __init__(self, loader: DataLoader, base_seed: int):
         self.dataset = loader.dataset
@@ -424,18 +425,22 @@ class _FetchBatch:
         self._fetcher: Any = None
         self._pid = -1
 
+    def reset_state(self) -> None:
+        """Set this worker up: threads, seeds, worker info, ``worker_init_fn``."""
+        self._pid = os.getpid()
+        _init_worker(self.dataset, self.base_seed, self.num_workers, self.worker_init_fn)
+        self._fetcher = _DatasetKind.create_fetcher(
+            _DatasetKind.Map,
+            self.dataset,
+            self.auto_collation,
+            _worker_collate(self.collate_fn),
+            self.drop_last,
+        )
+
     def __call__(self, task: tuple[int, Any]) -> tuple[int, Any]:
         position, index = task
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            _init_worker(self.dataset, self.base_seed, self.num_workers, self.worker_init_fn)
-            self._fetcher = _DatasetKind.create_fetcher(
-                _DatasetKind.Map,
-                self.dataset,
-                self.auto_collation,
-                _worker_collate(self.collate_fn),
-                self.drop_last,
-            )
+        if self._pid != os.getpid():  # not set up in this process (no reset_state() call)
+            self.reset_state()
         return position, self._fetcher.fetch(index)
 
 

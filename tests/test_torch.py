@@ -309,6 +309,23 @@ def test_worker_info_and_worker_init_fn(loader):
     assert get_worker_info() is None  # in the consumer
 
 
+def _touch(directory, worker_id):
+    (directory / f"init-{worker_id}").write_text(str(os.getpid()))
+
+
+def test_worker_init_fn_runs_when_each_worker_starts(loader, tmp_path):
+    """As in torch, every worker runs worker_init_fn when it starts: also one that gets
+    no batch (one batch, two persistent workers, which stay up after the epoch)."""
+    dl = loader(Squares(2), batch_size=2, num_workers=2, persistent_workers=True,
+                worker_init_fn=functools.partial(_touch, tmp_path))  # fmt: skip
+    assert len(list(dl)) == 1
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["init-0", "init-1"]
+    del dl
+
+
 def test_seeds_reproducible_and_identical_to_torchs(no_leaks):
     def run(cls):
         torch.manual_seed(2024)
