@@ -190,6 +190,11 @@ class ShardGate:
                 # The state this pass starts from: what a resumed run loads (no credit).
                 send(PassStart(w, epoch, take_state(target)))
                 flush()
+                if source is None:
+                    # One worker reading whole passes: seeded as the checked passes of
+                    # several are, so that a run saved on n workers resumes on 1 and the
+                    # other way round with the same passes (flowplug/_resume.py).
+                    seed_pass(df, mix(base_seed, base + epoch) & 0x7FFFFFFF)
                 items = source if source is not None else itertools.islice(df, w, None, n)
                 next_check = monotonic() + NOTICE_CHECK
                 for dp in items:
