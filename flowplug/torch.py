@@ -556,8 +556,8 @@ class _FlowplugLoaderIter(_BaseDataLoaderIter):
                 torch.set_rng_state(before)
         if pin_fn is None and self._pin_memory:
             pin_fn = functools.partial(_pin_memory.pin_memory, device=self._pin_memory_device)
-        if pin_fn is not None and self._dataset_kind == _DatasetKind.Map:
-            pin_fn = functools.partial(_pin_task, pin_fn)
+        if pin_fn is not None and self._dataset_kind == _DatasetKind.Map and self._num_workers:
+            pin_fn = functools.partial(_pin_task, pin_fn)  # the workers' (position, batch)
         self._pin_fn = pin_fn
         self._loader_options = (loader.transport, loader.transport_options)
         self._in_order = loader.in_order

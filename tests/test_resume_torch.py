@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch  # in the test extra: a missing torch fails, never skips
@@ -299,6 +300,33 @@ def test_state_is_small_plain_and_holds_no_batch(no_leaks):
     assert len(text) < 8000, len(text)
     assert state["yielded"] == 40
     assert not any(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def _plus_100(batch):
+    return batch + 100
+
+
+def test_a_pinning_thread_ahead_of_the_consumer_is_not_counted_as_received(no_leaks):
+    """The pinning thread takes batches ahead of the consumer; the state counts only
+    those the consumer got."""
+    first = _shuffled(2, pin_fn=_plus_100)
+    seen = [[i - 100 for i in b] for b in _take(first, 3)]
+    time.sleep(0.2)  # the thread has taken more meanwhile
+    state = first.state_dict()
+    del first
+    second = _shuffled(1, pin_fn=_plus_100)
+    second.load_state_dict(state)
+    rest = [[i - 100 for i in b] for b in _batches(second)]
+    del second
+    assert seen + rest == _batches(_shuffled(0))
+
+
+def test_an_iterable_dataset_with_a_pinning_thread_has_no_state(no_leaks):
+    loader = _flowplug(CountTo(), batch_size=2, num_workers=2, pin_fn=_plus_100)
+    _take(loader, 1)
+    with pytest.raises(fp.StateError, match="pinning thread"):
+        loader.state_dict()
+    del loader
 
 
 # ---------------------------------------------------------------------------- IterableDataset
