@@ -306,9 +306,18 @@ class MapWork:
 class MapGate:
     """One worker's side of a ParallelMap: takes tasks, applies ``fn``, sends results."""
 
-    def __init__(self, notices: Any, tasks: Callable[[int], TaskReceiver]):
+    def __init__(
+        self,
+        notices: Any,
+        tasks: Callable[[int], TaskReceiver],
+        counters: Any = None,
+        slot: int = 0,
+    ):
         self.notices = notices
         self.tasks = tasks
+        #: as :attr:`ShardGate.counters`: tasks answered, seconds waited for a task.
+        self.counters = counters
+        self.slot = slot
 
     def run(
         self, work: MapWork, sender: Any, info: WorkerInfo, stop: threading.Event | None
@@ -327,11 +336,21 @@ class MapGate:
             flush = sender.flush
             fn = work.fn
             notices = self.notices
+            # Statistics: one store per task (a task costs a receive, fn and a send); the
+            # waits for a task (the consumer feeds too slowly) are timed where they happen.
+            counters = self.counters
+            slot = self.slot
+            answered = 0
+            waited = 0.0
             while stop is None or not stop.is_set():
                 task = recv(0.0)
                 if task is EMPTY:
                     flush()  # the consumer may wait for these answers before sending more
+                    started = monotonic()
                     task = recv(STOP_CHECK)
+                    waited += monotonic() - started
+                    if counters is not None:
+                        counters[slot + 1] = waited
                     if task is EMPTY:
                         continue
                 epoch, index, dp = task
@@ -343,6 +362,9 @@ class MapGate:
                 except Exception as exc:
                     raise TaskFailed(index) from exc
                 send((epoch, index, out))
+                answered += 1
+                if counters is not None:
+                    counters[slot] = answered
         finally:
             receiver.close()
 
@@ -424,7 +446,7 @@ class Control:
         self._readers: list[Any] = []
         self._board: _Board | None = None
         self.gates: list[ShardGate | MapGate] = []
-        #: what the local shard gates count (runner.stats()); None otherwise.
+        #: what the local gates count (runner.stats()); None for a group's own sinks.
         self.counters: WorkerCounters | None = None
         if sinks is not None:
             self.sinks = list(sinks)
@@ -452,7 +474,8 @@ class Control:
             ]
         else:
             assert tasks is not None
-            self.gates = [MapGate(m, tasks) for m in notices]
+            counters = self.counters = WorkerCounters(num_workers, start_method)
+            self.gates = [MapGate(m, tasks, counters.values, 2 * i) for i, m in enumerate(notices)]
         writers = self._writers or [None] * num_workers
         #: one per worker, in worker order.
         self.sinks = [_LocalSink(w, self._board, s) for w, s in zip(writers, sems, strict=True)]
