@@ -335,7 +335,8 @@ def _check_state(loader: DataLoader, state: Any) -> None:
         )
     rng = _Rng.of(loader)
     saved = len(state["generators"])
-    if saved != len(rng.generators) or (state["default_generator"] is not None) > rng.uses_default:
+    lent = state["default_generator"] is not None
+    if saved != len(rng.generators) or (lent and not rng.uses_default):
         raise fp.ConfigError(
             f"this state holds the states of {saved} random generator(s), and this loader "
             f"draws from {len(rng.generators)} (its generator= and its samplers' "
