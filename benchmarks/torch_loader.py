@@ -141,13 +141,16 @@ def main() -> None:
     print(f"torch {torch.__version__}, load average {os.getloadavg()}", flush=True)
     results = []
     for batch_size in (8, 32):
-        images = Arrays(args.items, (640, 640, 3), "uint8")  # 1.2 MB
+        # At least 8 batches per epoch, so that a round measures the steady state and not
+        # the start of an epoch (4.8 MB x 32 would otherwise be 2 batches).
+        items = max(args.items, 8 * batch_size)
+        images = Arrays(items, (640, 640, 3), "uint8")  # 1.2 MB
         results.append(run_case("uint8 images 1.2 MB", images, batch_size, args.rounds))
-        arrays = Arrays(args.items // 4, (1200, 1000), "float32")  # 4.8 MB
+        arrays = Arrays(max(items // 4, 8 * batch_size), (1200, 1000), "float32")  # 4.8 MB
         results.append(run_case("float32 arrays 4.8 MB", arrays, batch_size, args.rounds))
-        fresh = Arrays(args.items, (640, 640, 3), "uint8", fresh=True)
+        fresh = Arrays(items, (640, 640, 3), "uint8", fresh=True)
         results.append(run_case("uint8 1.2 MB, fresh copies", fresh, batch_size, args.rounds))
-        decode = Decode(args.items // 2)
+        decode = Decode(max(items // 2, 8 * batch_size))
         results.append(run_case("CPU-bound, ~2 ms/item", decode, batch_size, args.rounds))
     print(f"load average after: {os.getloadavg()}", flush=True)
     if args.json:
