@@ -470,7 +470,7 @@ class _IterableWork(fp.DataFlow):
     own copy, one pass per epoch, batched and collated by torch's fetcher."""
 
     def __init__(self, loader: DataLoader, base_seed: int):
-        self.dataset = loader.dataset
+        self.dataset: Any = loader.dataset  # an IterableDataset, maybe with state_dict()
         self.auto_collation = loader._auto_collation
         self.collate_fn = loader.collate_fn
         self.drop_last = loader.drop_last
@@ -534,6 +534,8 @@ class _FlowplugLoaderIter(_BaseDataLoaderIter):
     :param state: a loader state to resume from (see :meth:`DataLoader.load_state_dict`).
     """
 
+    _sampler_iter: Any  # torch's; declared for mypy without torch installed (typecheck)
+
     def __init__(self, loader: DataLoader, state: dict[str, Any] | None = None):
         self._rng = _Rng.of(loader)
         self._resume = state
@@ -562,7 +564,8 @@ class _FlowplugLoaderIter(_BaseDataLoaderIter):
         self._pin_fn = pin_fn
         self._loader_options = (loader.transport, loader.transport_options)
         self._in_order = loader.in_order
-        self._prefetch_factor = loader.prefetch_factor
+        # torch makes it 2 when not given and num_workers > 0; unused without workers
+        self._prefetch_factor: int = loader.prefetch_factor or 2
         self._start = _start_method(loader)
         self._runner: fp.Runner | None = None
         self._epoch: Iterator[Any] | None = None
@@ -607,20 +610,20 @@ class _FlowplugLoaderIter(_BaseDataLoaderIter):
             capacity=self._prefetch_factor * self._num_workers,
             start_method=self._start,
             timeout=self._timeout or None,
-            seed=self._base_seed % 2**31,
+            seed=int(self._base_seed) % 2**31,
             **options,
         )
         if self._dataset_kind == _DatasetKind.Iterable:
             work = _StatefulIterableWork if _is_stateful(loader.dataset) else _IterableWork
             return fp.Runner(
-                work(loader, self._base_seed),
+                work(loader, int(self._base_seed)),
                 mode="shard",
                 ordered=self._in_order,
                 **common,
             )
         return fp.ParallelMap(
             _IndexSource(self),
-            _FetchBatch(loader, self._base_seed),
+            _FetchBatch(loader, int(self._base_seed)),
             ordered=self._in_order,
             **common,
         )
@@ -730,7 +733,7 @@ class _FlowplugLoaderIter(_BaseDataLoaderIter):
         if self._finished:
             # The next pass: a new iterator draws its base_seed (unless the workers persist,
             # and with them the seed), the generators go on from where they are.
-            seed = self._base_seed if keeps else None
+            seed = int(self._base_seed) if keeps else None
             state = _new_pass_state(self._dataset_kind, self._num_workers, self._rng.now(), seed)
             state["finished"] = True
             if iterable and keeps:
@@ -739,7 +742,8 @@ class _FlowplugLoaderIter(_BaseDataLoaderIter):
                 state["dataset"] = _resume.take_state(self._dataset)  # the next pass's start
             return state
         generators, default = self._pass_rng
-        state = _new_pass_state(self._dataset_kind, self._num_workers, generators, self._base_seed)
+        seed = int(self._base_seed)
+        state = _new_pass_state(self._dataset_kind, self._num_workers, generators, seed)
         state["yielded"] = self._num_yielded
         if default is not None:
             state["default_generator"] = _encode(default)
