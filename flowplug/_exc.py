@@ -182,33 +182,14 @@ def combined_type(cls: type) -> type | None:
         return made
 
 
-def combine(
-    original: BaseException | None,
-    message: str,
-    *,
-    worker_id: int,
-    exc_type: str,
-    remote_traceback: str,
-    index: int | None = None,
-    remote_message: str = "",
-    origin: str = "",
-) -> WorkerError:
-    """The exception the consumer raises for a worker's ``original``.
+def combine(original: BaseException | None, plain: WorkerError) -> WorkerError:
+    """The exception the consumer raises for a worker's ``original``, given the
+    ``plain`` WorkerError that reports it (``plain.original`` is ``original``).
 
     An instance of ``WorkerError`` and of ``type(original)`` holding the original's ``args``
-    and attributes, when :func:`combined_type` allows it and building it works; a plain
-    ``WorkerError`` otherwise. Either way ``.original`` is the rebuilt original (or None)
-    and ``str()`` is ``message``.
+    and attributes, with ``plain``'s fields set on top, when :func:`combined_type` allows
+    it and building it works; ``plain`` otherwise. Either way ``str()`` is ``plain``'s.
     """
-    fields: dict[str, Any] = dict(
-        worker_id=worker_id,
-        exc_type=exc_type,
-        remote_traceback=remote_traceback,
-        index=index,
-        original=original,
-        remote_message=remote_message,
-        origin=origin,
-    )
     cls = combined_type(type(original)) if original is not None else None
     if cls is not None:
         assert original is not None
@@ -217,9 +198,60 @@ def combine(
             err.args = original.args
             _set_state(err, _state(original))
             # WorkerError's own fields win over attributes of the same name; the
-            # original keeps its own (``err.original.index``).
-            WorkerError._fill(err, message, **fields)
+            # original keeps its own (``err.original.index``). Set one by one, as
+            # __init__ would (made by __new__, err never ran WorkerError.__init__).
+            for name, value in vars(plain).items():
+                setattr(err, name, value)
             return err
         except Exception:
             pass  # e.g. a __new__ that wants other arguments: a plain WorkerError then
-    return WorkerError(message, **fields)
+    return plain
+
+
+# ---------------------------------------------------------------------------- pickling
+# A WorkerError travels (a nested runner's error, passed on) with its original packed.
+# Here rather than in errors.py: this module builds on WorkerError, so errors.py cannot
+# import it; it registers the reducer on the class instead.
+
+
+def _reduce_worker_error(err: WorkerError) -> Any:
+    return (
+        _rebuild_worker_error,
+        (
+            err._message,
+            err.worker_id,
+            err.exc_type,
+            err.remote_traceback,
+            err.index,
+            pack(err.original) if err.original is not None else None,
+            err._remote_message,
+            err._origin,
+        ),
+    )
+
+
+def _rebuild_worker_error(
+    message: str,
+    worker_id: int,
+    exc_type: str,
+    remote_traceback: str,
+    index: int | None,
+    packed: bytes | None,
+    remote_message: str,
+    origin: str,
+) -> WorkerError:
+    original = unpack(packed)
+    plain = WorkerError(
+        message,
+        worker_id=worker_id,
+        exc_type=exc_type,
+        remote_traceback=remote_traceback,
+        index=index,
+        original=original,
+        remote_message=remote_message,
+        origin=origin,
+    )
+    return combine(original, plain)
+
+
+WorkerError._reduce = staticmethod(_reduce_worker_error)

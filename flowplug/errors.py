@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 
 class FlowplugError(Exception):
@@ -112,87 +113,28 @@ class WorkerError(FlowplugError):
         origin: str = "",
     ):
         super().__init__(message)
-        WorkerError._fill(
-            self,
-            message,
-            worker_id=worker_id,
-            exc_type=exc_type,
-            remote_traceback=remote_traceback,
-            index=index,
-            original=original,
-            remote_message=remote_message,
-            origin=origin,
-        )
-
-    @staticmethod
-    def _fill(
-        err: WorkerError,
-        message: str,
-        *,
-        worker_id: int,
-        exc_type: str,
-        remote_traceback: str,
-        index: int | None,
-        original: BaseException | None,
-        remote_message: str,
-        origin: str,
-    ) -> None:
-        # Set without __init__ as well: the instances that are also of the original type
-        # are made by __new__, with the original's args.
-        err._message = message
-        err.worker_id = worker_id
-        err.exc_type = exc_type
-        err.remote_traceback = remote_traceback
-        err.index = index
-        err.original = original
+        self._message = message
+        self.worker_id = worker_id
+        self.exc_type = exc_type
+        self.remote_traceback = remote_traceback
+        self.index = index
+        self.original = original
         #: str() of the original exception, and where it was raised ("worker 0 in fn on
         #: input 7"): what a runner inside a worker passes on, so nesting never wraps twice.
-        err._remote_message = remote_message
-        err._origin = origin
+        self._remote_message = remote_message
+        self._origin = origin
 
     def __str__(self) -> str:
         return self._message
 
     def __reduce__(self) -> Any:
-        from ._exc import pack
+        # The original exception travels packed by flowplug._exc, which builds on this
+        # class (so it is not imported here) and registers its reducer when it is
+        # imported, which `import flowplug` always does.
+        return WorkerError._reduce(self)
 
-        return (
-            _rebuild_worker_error,
-            (
-                self._message,
-                self.worker_id,
-                self.exc_type,
-                self.remote_traceback,
-                self.index,
-                pack(self.original) if self.original is not None else None,
-                self._remote_message,
-                self._origin,
-            ),
-        )
-
-
-def _rebuild_worker_error(
-    message: str,
-    worker_id: int,
-    exc_type: str,
-    remote_traceback: str,
-    index: int | None,
-    packed: bytes | None,
-    remote_message: str,
-    origin: str,
-) -> WorkerError:
-    from ._exc import combine, unpack
-
-    return combine(
-        unpack(packed),
-        message,
-        worker_id=worker_id,
-        exc_type=exc_type,
-        remote_traceback=remote_traceback,
-        index=index,
-        remote_message=remote_message,
-        origin=origin,
-    )
+    #: how a WorkerError pickles with its original exception; set by flowplug._exc.
+    _reduce: ClassVar[Callable[[WorkerError], Any]]
 
 
 class WorkerDied(FlowplugError):

@@ -10,14 +10,13 @@ and implements hooks with :data:`flowplug.hookimpl`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .runner import Runner
     from .stats import RunnerStats
     from .transport import Transport
 
@@ -58,7 +57,9 @@ def flowplug_register_transports(register: Callable[[type[Transport]], None]) ->
 
 
 @hookspec
-def flowplug_runner_stats(runner: Runner, stats: RunnerStats) -> None:
+# ``runner`` is a flowplug.Runner; typed Any because runner.py imports the plugin manager,
+# which imports this module: naming Runner here, even for type checkers, closes a circle.
+def flowplug_runner_stats(runner: Any, stats: RunnerStats) -> None:
     """Receive a runner's statistics: to export them (Prometheus, TensorBoard, a log).
 
     Called every :data:`flowplug.stats.HOOK_INTERVAL` seconds (10) while a runner (or a

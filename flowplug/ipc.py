@@ -1,8 +1,9 @@
-"""ZeroMQ over ``ipc://`` for the sockets of a run: addresses, and the socket setup and
-close sequence the zmq-based transports share (zmq, shm, doctor)."""
+"""ZeroMQ over ``ipc://`` for the sockets of a run: addresses, the socket setup and close
+sequence, and the timed receive the zmq-based transports share (zmq, shm, doctor)."""
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import sys
@@ -113,3 +114,25 @@ class ZmqSockets:
             sock.close()
         if not self.ctx.closed:
             self.ctx.term()
+
+
+def recv_within(sock: Any, timeout: float, *, multipart: bool = False, copy: bool = True) -> Any:
+    """The next message of the zmq socket ``sock``, or None when none came within
+    ``timeout`` seconds: the receive a :meth:`~flowplug.TaskReceiver.recv` needs.
+
+    Tries without waiting first (one call while messages flow), then polls, rounding the
+    wait up to whole milliseconds (a short timeout never becomes a non-blocking poll).
+
+    :param multipart: receive every frame of the message (``recv_multipart``), as a list;
+        otherwise its one frame.
+    :param copy: as pyzmq's: False gives ``zmq.Frame`` objects instead of bytes.
+    """
+    import zmq  # the caller's socket is a zmq socket: zmq is imported already
+
+    recv = sock.recv_multipart if multipart else sock.recv
+    try:
+        return recv(zmq.NOBLOCK, copy=copy)
+    except zmq.Again:
+        if not sock.poll(math.ceil(timeout * 1000)):
+            return None
+        return recv(copy=copy)

@@ -1,9 +1,11 @@
 """ParallelMap: apply a function to every datapoint of a dataflow in parallel workers.
 
-The consumer reads the source and sends each datapoint as a task ``(epoch, index, dp)``
-through the transport's task channel (:meth:`~flowplug.Transport.send_task`); any free
-worker takes it and sends back ``(epoch, index, fn(dp))``. The Runner machinery does the
-rest: workers, errors, deaths, timeouts, cleanup.
+The consumer reads the source and sends each datapoint as a task, an
+:data:`~flowplug._gates.Item` ``(epoch, index, dp)``, through the transport's task channel
+(:meth:`~flowplug.TaskTransport.send_task`); any free worker takes it and sends back
+``(epoch, index, fn(dp))``. A ParallelMap is a :class:`~flowplug.Runner` with its own
+:class:`~flowplug.modes.Mode`, :class:`MapMode`: the Runner does the rest (workers,
+errors, deaths, timeouts, cleanup).
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _resume, plugins
-from ._gates import Control, MapWork
+from ._gates import Control, Item, MapWork
 from .errors import ConfigError, RunnerTimeout, StateError, UnknownLength
-from .runner import _MISSING, POLL_INTERVAL, Runner
+from .modes import POLL_INTERVAL, Feed, Mode
+from .runner import Runner
 from .transport import EMPTY, TaskTransport, Transport
+from .worker_groups import WorkerGroup
+
+#: a value no answer is (an empty slot of the reorder buffer).
+_NOTHING: Any = object()
 
 
 class ParallelMap(Runner):
@@ -84,6 +91,7 @@ class ParallelMap(Runner):
                 f"ParallelMap reads df in the consumer, so it needs the dataflow itself "
                 f"(with __iter__ and reset_state), got {type(df).__name__}"
             )
+        mode = self._map = MapMode(df, fn, ordered, drop_none)
         super().__init__(
             df,
             transport=transport,
@@ -92,6 +100,7 @@ class ParallelMap(Runner):
             start_method=start_method,
             timeout=timeout,
             seed=seed,
+            mode=mode,
             **options,
         )
         if not self._transport_cls.carries_tasks:
@@ -110,10 +119,6 @@ class ParallelMap(Runner):
             raise ConfigError(f"length= is a number of datapoints, got {length!r}")
         #: the length declared with length=, or None.
         self.declared_length = length
-        self.mode = "map"
-        #: tasks sent whose answer has not arrived, over all epochs.
-        self._in_flight = 0
-        self._progress = _resume.Progress("map")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -125,8 +130,8 @@ class ParallelMap(Runner):
         if self._run is None and not self._closed:
             if not isinstance(self._df, Runner):
                 self._df.reset_state()  # a Runner starts when first iterated (or already has)
-            if self._progress.states is not None:  # resumed: the source's saved state
-                _resume.load_into(self._df, self._progress.states)
+            if self._map.progress.states is not None:  # resumed: the source's saved state
+                _resume.load_into(self._df, self._map.progress.states)
         super().reset_state()
 
     def close(self) -> None:
@@ -140,34 +145,14 @@ class ParallelMap(Runner):
         and the source's ``state_dict()`` at the start of that epoch (when it has one; a
         :class:`Runner` source in shard mode has). As :meth:`Runner.state_dict`.
         """
-        progress = self._progress
-        k = self._epoch_no
-        if self._guard.locked():  # mid-epoch
-            received: _resume.Done | None = progress.received(k, self.ordered)
-            source = progress.passes.get(k, {}).get(0)
-        else:
-            k += 1
-            received = progress.skip if k == 0 and progress.skip is not None else None
-            if self._run is None and k == 0:
-                source = progress.states  # not started: what was loaded, or nothing
-            else:
-                source = self._source_state()
-        return progress.to_dict(k, received or _resume.Done(), self.num_workers, source)
-
-    def _source_state(self) -> Any:
-        df = self._df
-        if isinstance(df, Runner) and df.mode == "replicate":
-            return None  # no position to save; resuming re-reads its stream
-        return _resume.take_state(df)
+        return super().state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state`` (made by :meth:`state_dict`) on a new map built the same
         way, before it starts; the source's state is loaded into it at ``reset_state()``.
         The source must yield the same inputs in the same order on every run.
         """
-        if self._run is not None or self._closed:
-            raise _resume.refuse_started(type(self).__name__)
-        self._progress.load(state, self.num_workers)
+        super().load_state_dict(state)
 
     def __len__(self) -> int:
         if self.declared_length is not None:
@@ -186,36 +171,71 @@ class ParallelMap(Runner):
             f"transport={self.transport_name!r} num_workers={self.num_workers} {state}>"
         )
 
-    # ------------------------------------------------------------------ Runner hooks
 
-    def _dataflows(self) -> list[Any]:
-        return [MapWork(self.fn) for _ in range(self.num_workers)]
+class MapMode(Mode):
+    """The passes of a :class:`ParallelMap`: each epoch feeds one pass of the source to the
+    workers as tasks and yields their answers (in input order when ``ordered``).
 
-    def _control(self, transport: Transport) -> Control:
-        assert isinstance(transport, TaskTransport)  # checked when the map was built
-        return Control(self.num_workers, self.start_method, tasks=transport.open_tasks())
+    :param source: the dataflow read in the consumer.
+    :param fn: the function the workers apply.
+    """
 
-    def _iterate(self) -> Iterator[Any]:
+    name = "map"
+    resumable = True
+
+    def __init__(self, source: Any, fn: Callable[[Any], Any], ordered: bool, drop_none: bool):
+        self.source = source
+        self.fn = fn
+        self.ordered = ordered
+        self.drop_none = drop_none
+        #: the consumer's epoch: the last one started.
+        self.epoch_no = -1
+        #: tasks sent whose answer has not arrived, over all epochs.
+        self.in_flight = 0
+        #: the epoch and the inputs of it answered (state_dict(), load_state_dict()).
+        self.progress = _resume.Progress("map")
+
+    def dataflows(self, num_workers: int) -> list[Any]:
+        return [MapWork(self.fn) for _ in range(num_workers)]
+
+    def control(
+        self, num_workers: int, start_method: str | None, capacity: int, transport: Transport
+    ) -> Control:
+        assert isinstance(transport, TaskTransport)
+        return Control(num_workers, start_method, tasks=transport.open_tasks())
+
+    def group_control(
+        self, workers: WorkerGroup, num_workers: int, capacity: int, transport_name: str
+    ) -> Control:
+        raise ConfigError(
+            f"transport {transport_name!r} runs its own workers, and its worker group "
+            f"({type(workers).__name__}) cannot carry the per-worker control that "
+            "ParallelMap needs (WorkerGroup.control_sinks); use a transport whose workers "
+            "the runner starts"
+        )
+
+    def epoch(self, feed: Feed) -> Iterator[Any]:
         """One epoch: feed one pass of the source as tasks, yield the answers."""
-        run = self._run
-        assert run is not None and run.control is not None
-        k = self._epoch_no = self._epoch_no + 1
-        run.control.start_epoch(k)  # workers skip tasks of earlier epochs
-        progress = self._progress
+        control = feed.control
+        assert control is not None
+        k = self.epoch_no = self.epoch_no + 1
+        control.start_epoch(k)  # workers skip tasks of earlier epochs
+        progress = self.progress
         skip = progress.begin(k)  # after a resume: the inputs the saved run had answered
         progress.passes[k] = {0: self._source_state()}
         got = progress.got.add
-        meter = self._meter
-        transport = run.transport
-        assert isinstance(transport, TaskTransport)
+        run = feed.run
+        assert isinstance(run.transport, TaskTransport)
         # Through the run: close() from another thread waits until these return.
         recv = run.recv
         send_task = run.send_task
         workers = run.workers
-        cap = self.capacity
+        slow = feed.slow
+        meter = feed.meter
+        cap = feed.capacity
         ordered = self.ordered
         drop_none = self.drop_none
-        source = iter(self._df)
+        source = iter(self.source)
         exhausted = False
         held: Any = None  # a task the channel had no room for
         sent = 0  # tasks of this epoch sent, also the next index
@@ -226,7 +246,7 @@ class ParallelMap(Runner):
             while True:
                 # Feed. The window sent - nxt <= cap bounds the reorder buffer (ordered).
                 while held is not None or (
-                    not exhausted and self._in_flight < cap and sent - nxt < cap
+                    not exhausted and self.in_flight < cap and sent - nxt < cap
                 ):
                     if held is None:
                         try:
@@ -240,15 +260,15 @@ class ParallelMap(Runner):
                             if not ordered:
                                 nxt += 1
                             continue
-                        held = (k, sent, dp)
+                        held = (k, sent, dp)  # an Item
                     if not send_task(held, 0.0):
                         break
                     held = None
                     sent += 1
-                    self._in_flight += 1
+                    self.in_flight += 1
                 if ordered:
-                    out = buf.pop(nxt, _MISSING)
-                    if out is not _MISSING:
+                    out = buf.pop(nxt, _NOTHING)
+                    if out is not _NOTHING:
                         nxt += 1
                         progress.nxt = nxt
                         if out is not None or not drop_none:
@@ -260,27 +280,27 @@ class ParallelMap(Runner):
                         continue
                 if exhausted and answered == sent:
                     return
-                if self._in_flight == 0:
+                if self.in_flight == 0:
                     # Nothing to wait for but the held task (the channel is not ready,
                     # e.g. no worker connected yet): wait on the channel instead.
                     assert held is not None
-                    self._push(held, send_task, workers)
+                    self._push(held, send_task, feed)
                     held = None
                     sent += 1
-                    self._in_flight += 1
+                    self.in_flight += 1
                     continue
                 obj = recv(0.0)
-                if type(obj) is not tuple or obj[0] != k or workers.death is not None:
-                    obj = self._next_slow(obj)
-                    if type(obj) is not tuple:
+                if type(obj) is not Item or obj[0] != k or workers.death is not None:
+                    obj = slow(obj)
+                    if type(obj) is not Item:
                         raise StateError(
                             f"a worker sent a {type(obj).__name__} where ParallelMap "
                             "expects answers"
                         )
                     if obj[0] != k:  # an answer to an epoch the user broke out of
-                        self._in_flight -= 1
+                        self.in_flight -= 1
                         continue
-                self._in_flight -= 1
+                self.in_flight -= 1
                 answered += 1
                 if not ordered:
                     nxt += 1
@@ -303,14 +323,49 @@ class ParallelMap(Runner):
             if close is not None:
                 close()  # a generator (a Runner's epoch) lets go of its guard now
 
-    def _push(self, task: Any, send_task: Any, workers: Any) -> None:
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(
+        self,
+        num_workers: int,
+        feed: Feed | None,
+        mid: bool,
+        closed: Callable[[], bool],
+        seed: int,
+    ) -> dict[str, Any]:
+        progress = self.progress
+        k = self.epoch_no
+        if mid:
+            received: _resume.Done | None = progress.received(k, self.ordered)
+            source = progress.passes.get(k, {}).get(0)
+        else:
+            k += 1
+            received = progress.skip if k == 0 and progress.skip is not None else None
+            if feed is None and k == 0:
+                source = progress.states  # not started: what was loaded, or nothing
+            else:
+                source = self._source_state()
+        return progress.to_dict(k, received or _resume.Done(), num_workers, source)
+
+    def load_state_dict(self, state: dict[str, Any], num_workers: int) -> int | None:
+        self.progress.load(state, num_workers)
+        return None  # the workers only apply fn: the seed makes no pass
+
+    def _source_state(self) -> Any:
+        df = self.source
+        if isinstance(df, Runner) and df.mode == "replicate":
+            return None  # no position to save; resuming re-reads its stream
+        return _resume.take_state(df)
+
+    def _push(self, task: Any, send_task: Any, feed: Feed) -> None:
         """Send ``task``, waiting for room; notices deaths and the timeout meanwhile."""
         started = time.monotonic()
+        timeout = feed.timeout
         while not send_task(task, POLL_INTERVAL):
-            if workers.death is not None:
-                self._next_slow(EMPTY)  # raises WorkerDied, or waits for the error report
-            if self.timeout is not None and time.monotonic() - started > self.timeout:
+            if feed.workers.death is not None:
+                feed.slow(EMPTY)  # raises WorkerDied, or waits for the error report
+            if timeout is not None and time.monotonic() - started > timeout:
                 raise RunnerTimeout(
-                    f"no worker took a task in {self.timeout:g} s on transport "
-                    f"{self.transport_name!r}; raise timeout= or check the workers"
+                    f"no worker took a task in {timeout:g} s on transport "
+                    f"{feed.transport_name!r}; raise timeout= or check the workers"
                 )

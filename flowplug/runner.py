@@ -1,14 +1,14 @@
 """The Runner: runs a dataflow in parallel workers and delivers its datapoints.
 
-It owns the semantics for every transport: starting workers, the reentrancy guard,
-errors and deaths, timeouts, and cleanup (close, garbage collection, interpreter exit).
+It holds the configuration and owns the lifecycle for every transport: starting workers,
+the reentrancy guard, errors and deaths, timeouts, and cleanup (close, garbage
+collection, interpreter exit). What one epoch yields is its mode's (:mod:`flowplug.modes`).
 """
 
 from __future__ import annotations
 
 import _thread
 import copy
-import difflib
 import functools
 import logging
 import os
@@ -22,34 +22,27 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 from . import _exc, _resume, plugins
-from ._gates import Control, EpochEnd
-from ._passcheck import START as PASS_START
+from ._gates import Control
 from ._sweep import new_run_id, sweep_stale
 from .config import ARGUMENT
 from .errors import (
     ConfigError,
-    PluginError,
     ReplicateWarning,
     RunnerTimeout,
-    ShardMismatch,
     StateError,
     UnknownLength,
     WorkerDied,
     WorkerError,
 )
+from .modes import MODES, POLL_INTERVAL, Feed, Mode, make_mode
 from .stats import HookTimer, Meter, RunnerStats
 from .transport import EMPTY, Transport
 from .worker_groups import OwnWorkersTransport, ProcessWorkers, ThreadWorkers, WorkerGroup
 from .worker_loop import RemoteFailure, WorkerInfo
 
-#: how long one blocking receive waits before the runner checks on its workers.
-POLL_INTERVAL = 0.1
+__all__ = ["MODES", "POLL_INTERVAL", "Runner"]
 
 logger = logging.getLogger("flowplug")
-#: the Runner's modes.
-MODES = ("replicate", "shard")
-
-_MISSING: Any = object()
 
 
 #: every started run of this process; a forked child marks them as not its own.
@@ -131,13 +124,14 @@ class _Run:
             if self.halted:
                 return
             self.halted = True
-            if isinstance(self.workers, ThreadWorkers):
+            if self.workers.woken_by_transport_close:
                 self.workers.request_stop()
             else:
                 self.workers.stop()
 
     def shutdown(self) -> None:
-        """Stop the workers and close the transport; from close(), gc or atexit.
+        """The shutdown protocol, written once (docs/architecture.md): stop the workers,
+        then close the transport, then the control; from close(), gc or atexit.
 
         In the main thread, a Ctrl-C that comes meanwhile is held back and delivered
         when this returns: raised inside cleanup that gc runs, a KeyboardInterrupt is
@@ -166,7 +160,7 @@ class _Run:
         if self.closing is None:
             self.closing = "closed"
         workers = self.workers
-        if isinstance(workers, ThreadWorkers):
+        if workers.woken_by_transport_close:
             workers.request_stop()
             self._wait_for_consumer()
             self.transport.close()  # wakes senders blocked on a full transport
@@ -261,7 +255,8 @@ class Runner:
         :class:`~flowplug.RunnerTimeout`; None waits forever (deaths are still noticed).
     :param seed: base of the per-worker seeds; random when None.
     :param mode: ``"replicate"`` or ``"shard"``, as above; None (not given) is
-        ``"replicate"``.
+        ``"replicate"``. Or a :class:`~flowplug.modes.Mode` object, the extension point
+        for other kinds of passes (:class:`~flowplug.ParallelMap`).
     :param ordered: shard mode only: deliver in the order of ``df``, buffering at most
         ``capacity`` items; otherwise items come as they arrive.
     :param config: a config file to read instead of ``./flowplug.toml`` and
@@ -278,7 +273,7 @@ class Runner:
         start_method: str | None = None,
         timeout: float | None = None,
         seed: int | None = None,
-        mode: str | None = None,
+        mode: str | Mode | None = None,
         ordered: bool = False,
         *,
         config: str | os.PathLike[str] | None = None,
@@ -324,25 +319,20 @@ class Runner:
         self._finalizer: weakref.finalize | None = None
         #: the mode was left to its default: a replicate runner then warns (see above).
         self._mode_given = mode is not None
-        self.mode = mode = "replicate" if mode is None else mode
+        mode = "replicate" if mode is None else mode
+        #: what one epoch means, and the state that spans epochs.
+        self._mode = mode if isinstance(mode, Mode) else make_mode(mode, ordered)
+        self._mode.check(self.num_workers, self.capacity)
         self.ordered = ordered
-        _check_mode(mode, ordered, self.num_workers, self.capacity)
-        # Shard mode: the consumer's epoch, and what arrived ahead of it (per epoch: the
-        # items by index, the workers that ended it).
-        self._epoch_no = -1
-        self._ahead: dict[int, dict[int, Any]] = {}
-        self._ended: dict[int, set[int]] = {}
-        #: the epoch and what the consumer received of it (state_dict(), load_state_dict()).
-        self._progress = _resume.Progress("shard")
-        # Shard mode without df.shard(): the passes are checked (flowplug._passcheck); the
-        # length and digest each worker reported for its whole pass, per epoch.
-        self._checked = False
-        self._pass_ends: dict[int, dict[int, tuple[int, int]]] = {}
-        self._df_name = type(df).__name__
         #: what stats() reports; the loops add to ``delivered`` and ``waited``.
         self._meter = Meter()
         self._hook_timer: HookTimer | None = None
         self._reported_stop = False
+
+    @property
+    def mode(self) -> str:
+        """The mode's name: ``"replicate"``, ``"shard"`` (or ``"map"`` for a ParallelMap)."""
+        return self._mode.name
 
     @classmethod
     def from_config(
@@ -365,15 +355,11 @@ class Runner:
             raise StateError("this runner is closed; create a new Runner")
         if self._run is not None:
             raise StateError("reset_state() was called twice; a runner starts once")
-        dfs = self._dataflows()
-        if self._factory:
-            self._size = _length(dfs[0])
-            self._df_name = type(dfs[0]).__name__
-        self._checked = (
-            self.mode == "shard"
-            and self.num_workers > 1
-            and not callable(getattr(dfs[0], "shard", None))
-        )
+        dfs = self._mode.dataflows(self.num_workers)
+        if dfs is None:
+            dfs = self._dataflows()
+            if self._factory:
+                self._size = _length(dfs[0])
         replicate = self.mode == "replicate" and not self._mode_given
         if replicate and self.num_workers > 1 and self._size is not None:
             warnings.warn(
@@ -385,9 +371,7 @@ class Runner:
                 ReplicateWarning,
                 stacklevel=3,
             )
-        plan = self._progress.plan() if self.mode == "shard" else None
-        if plan is not None:  # a resumed runner: its workers get the plan with their dataflow
-            dfs = [_resume.Resumed(df, plan) for df in dfs]
+        dfs = self._mode.prepare(dfs)
         n = self.num_workers
         infos = [WorkerInfo(i, n, (self.seed + i) % 2**31) for i in range(n)]
         if self._transport_cls.uses_shared_memory:
@@ -401,13 +385,14 @@ class Runner:
         )
         endpoint = transport.open()
         control = None
+        mode = self._mode
         try:
             workers: WorkerGroup
             if isinstance(transport, OwnWorkersTransport):
                 workers = transport.make_workers(dfs, endpoint, infos)
-                control = self._group_control(workers)
+                control = mode.group_control(workers, n, self.capacity, self.transport_name)
             else:
-                control = self._control(transport)
+                control = mode.control(n, self.start_method, self.capacity, transport)
                 gates = control.gates if control is not None else None
                 if self._transport_cls.crosses_processes:
                     assert self.start_method is not None
@@ -491,9 +476,12 @@ class Runner:
 
         :raises flowplug.StateError: in replicate mode, which has no position to save.
         """
-        if self.mode != "shard":
+        if not self._mode.resumable:
             raise _resume.refuse_replicate()
-        return _resume_shard_state(self)
+        feed = self._feed() if self._run is not None else None
+        return self._mode.state_dict(
+            self.num_workers, feed, self._guard.locked(), lambda: self._closed, self.seed
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state`` (made by :meth:`state_dict`): call it on a new runner
@@ -503,15 +491,13 @@ class Runner:
         :raises flowplug.StateError: the runner already started, or replicate mode.
         :raises flowplug.ConfigError: the state does not fit this runner.
         """
-        if self.mode != "shard":
+        if not self._mode.resumable:
             raise _resume.refuse_replicate()
         if self._run is not None or self._closed:
             raise _resume.refuse_started(type(self).__name__)
-        self._progress.load(state, self.num_workers)
-        if self._progress.seed is not None:
-            # The run's seed: the passes of a dataflow without shard() are seeded from it
-            # and the absolute epoch, so the resumed passes are the saved run's passes.
-            self.seed = self._progress.seed
+        seed = self._mode.load_state_dict(state, self.num_workers)
+        if seed is not None:  # the saved run's passes were seeded from it (ShardMode)
+            self.seed = seed
 
     # ------------------------------------------------------------------ iteration
 
@@ -533,230 +519,22 @@ class Runner:
             self._guard.release()
 
     def _iterate(self) -> Iterator[Any]:
-        return self._shard_epoch() if self.mode == "shard" else self._epoch()
+        return self._mode.epoch(self._feed())
 
-    def _epoch(self) -> Iterator[Any]:
+    def _feed(self) -> Feed:
+        """What the mode reads an epoch from: this started run."""
         run = self._run
         assert run is not None
-        recv = run.transport.recv
-        workers = run.workers
-        size = self._size
-        meter = self._meter
-        count = 0
-        me = threading.get_ident  # called per receive: a generator may move between threads
-        while size is None or count < size:
-            run.inside = me()  # see _Run: close() from another thread waits for this
-            try:
-                if run.closing is not None:
-                    raise run.refusal()
-                obj = recv(0.0)
-            finally:
-                run.inside = 0
-            if obj is EMPTY or type(obj) is RemoteFailure or workers.death is not None:
-                obj = self._next_slow(obj)
-            count += 1
-            meter.delivered += 1
-            yield obj
-
-    def _shard_epoch(self) -> Iterator[Any]:
-        """One epoch of shard mode: every item of one pass of ``df`` exactly once."""
-        run = self._run
-        assert run is not None and run.control is not None
-        control = run.control
-        k = self._epoch_no = self._epoch_no + 1
-        control.start_epoch(k)  # workers may now run epoch k + 1, and must leave k - 1
-        progress = self._progress
-        skip = progress.begin(k)  # after a resume: what the saved run had received
-        n = self.num_workers
-        release = control.release
-        for old in [e for e in self._ahead if e < k]:  # an epoch the user broke out of
-            for index in self._ahead.pop(old):
-                release[index % n]()
-        for old in [e for e in self._ended if e < k]:
-            del self._ended[old]
-        for old in [e for e in self._pass_ends if e < k]:
-            del self._pass_ends[old]
-        # Kept on self, not popped: items left here when the user breaks out are released
-        # when the next epoch starts, so no credit is ever lost.
-        buf = self._ahead.setdefault(k, {})
-        ended = self._ended.setdefault(k, set())
-        recv = run.transport.recv
-        workers = run.workers
-        me = threading.get_ident  # called per receive: a generator may move between threads
-        meter = self._meter
-        if self._checked:
-            yield from self._checked_epoch(k, buf, ended, skip)
-        elif not self.ordered:
-            got = progress.got.add
-            while len(ended) < n:
-                if buf:  # arrived ahead, or while state_dict() waited
-                    index, dp = buf.popitem()
-                    release[index % n]()
-                    got(index)
-                    meter.delivered += 1
-                    yield dp
-                    continue
-                run.inside = me()  # see _Run
-                try:
-                    if run.closing is not None:
-                        raise run.refusal()
-                    obj = recv(0.0)
-                finally:
-                    run.inside = 0
-                if type(obj) is not tuple or obj[0] != k or workers.death is not None:
-                    obj = self._next_slow(obj)
-                    if not self._file(obj, k):
-                        continue
-                release[obj[1] % n]()
-                got(obj[1])
-                meter.delivered += 1
-                yield obj[2]
-        else:
-            nxt = 0  # the index to yield next
-            while True:
-                dp = buf.pop(nxt, _MISSING)
-                if dp is _MISSING:
-                    if skip is not None and nxt in skip:  # received before the resume
-                        nxt += 1
-                        continue
-                    if nxt % n in ended:  # its worker has no item at nxt: a short shard
-                        if len(ended) == n:
-                            if not buf:
-                                break
-                            nxt = min(buf)
-                        else:
-                            nxt += 1
-                        continue
-                    run.inside = me()  # see _Run
-                    try:
-                        if run.closing is not None:
-                            raise run.refusal()
-                        obj = recv(0.0)
-                    finally:
-                        run.inside = 0
-                    if type(obj) is not tuple or obj[0] != k or workers.death is not None:
-                        obj = self._next_slow(obj)
-                        if not self._file(obj, k):
-                            continue
-                    if obj[1] != nxt:
-                        buf[obj[1]] = obj[2]
-                        continue
-                    dp = obj[2]
-                release[nxt % n]()
-                nxt += 1
-                progress.nxt = nxt
-                meter.delivered += 1
-                yield dp
-        del self._ahead[k], self._ended[k]
-
-    def _checked_epoch(
-        self, k: int, buf: dict[int, Any], ended: set[int], skip: Any
-    ) -> Iterator[Any]:
-        """Epoch ``k`` of shard mode without ``shard()``: every worker reads the whole pass
-        and keeps its items. Each item carries the pass's digest before and after it, as
-        its worker computed it (flowplug._passcheck): item ``i`` is yielded only once its
-        "before" equals item ``i - 1``'s "after", so workers whose passes differ are an
-        error, before any duplicate is delivered. In order, whatever ``ordered`` says.
-        """
-        run = self._run
-        assert run is not None and run.control is not None
-        release = run.control.release
-        recv = run.transport.recv
-        workers = run.workers
-        n = self.num_workers
-        progress = self._progress
-        meter = self._meter
-        got = None if self.ordered else progress.got.add  # what state_dict() reads
-        nxt = 0
-        last: int | None = PASS_START  # the digest after item nxt - 1; None: not known
-        while True:
-            item = buf.pop(nxt, _MISSING)
-            if item is _MISSING:
-                if skip is not None and nxt in skip:  # received before a resume: not sent
-                    nxt += 1
-                    last = None  # the pair across the gap cannot be compared
-                    continue
-                if nxt % n in ended:  # the pass of nxt's worker ended before nxt
-                    break
-                obj = recv(POLL_INTERVAL)
-                if type(obj) is not tuple or obj[0] != k or workers.death is not None:
-                    obj = self._next_slow(obj)
-                    if not self._file(obj, k):
-                        continue
-                if obj[1] != nxt:
-                    buf[obj[1]] = obj[2:]
-                    continue
-                item = obj[2:]
-            dp, before, after = item
-            if before != last and last is not None:
-                raise self._fail(self._passes_differ(k, nxt))
-            last = after
-            release[nxt % n]()
-            if got is not None:
-                got(nxt)
-            nxt += 1
-            progress.nxt = nxt
-            meter.delivered += 1
-            yield dp
-        while len(ended) < n:  # every pass must have ended here, with the same digest
-            obj = self._next_slow(recv(POLL_INTERVAL))
-            if self._file(obj, k):
-                buf[obj[1]] = obj[2:]
-        ends = self._pass_ends.pop(k, {})
-        if buf or len(set(ends.values())) > 1:
-            counts = ", ".join(f"worker {w}: {c}" for w, (c, _) in sorted(ends.items()))
-            raise self._fail(self._passes_differ(k, nxt, f"passes of {counts} items"))
-
-    def _passes_differ(self, k: int, index: int, detail: str = "") -> ShardMismatch:
-        n = self.num_workers
-        name = self._df_name
-        where = detail or (
-            f"worker {index % n}'s pass and worker {(index - 1) % n}'s differ at or before "
-            f"item {index}"
-        )
-        return ShardMismatch(
-            f"shard mode: the workers read different passes of {name} in epoch {k} "
-            f"({where}). Without a shard() method each of the {n} workers reads the whole "
-            f"pass and keeps item i when i % {n} is its number, which is exactly once only "
-            "if every pass yields the same items in the same order; flowplug seeds random, "
-            "numpy.random and the 'rng' attributes alike in every worker, and "
-            f"{name} still differs (another random source, or data that changes?). The "
-            "runner is closed, and no item was delivered twice. Fix: give "
-            f"{name} a shard(index, count) method (fp.DataFromList has one), or draw its "
-            "randomness from those generators, or read it once in the consumer with "
-            "fp.ParallelMap(df, fn), or use mode='replicate' where duplicates are fine. "
-            "See docs/sharding.md."
-        )
-
-    def _file(self, obj: Any, k: int) -> bool:
-        """Put away a message that is not an item of epoch ``k``; true if it is one after all."""
-        if type(obj) is tuple:
-            epoch, index = obj[0], obj[1]
-            if epoch == k:
-                return True
-            if epoch > k:  # a worker prefetching the next epoch
-                self._ahead.setdefault(epoch, {})[index] = obj[2] if len(obj) == 3 else obj[2:]
-            else:  # left over from an epoch the user broke out of
-                run = self._run
-                assert run is not None and run.control is not None
-                run.control.release[index % self.num_workers]()
-            return False
-        if type(obj) is EpochEnd:
-            if obj.epoch >= k:
-                self._ended.setdefault(obj.epoch, set()).add(obj.worker_id)
-                if obj.count >= 0:
-                    self._pass_ends.setdefault(obj.epoch, {})[obj.worker_id] = (
-                        obj.count,
-                        obj.digest,
-                    )
-            return False
-        if type(obj) is _resume.PassStart:
-            if obj.epoch >= k:
-                self._progress.passed(obj)
-            return False
-        raise StateError(
-            f"a worker sent a {type(obj).__name__} where shard mode expects items; "
-            "is a dataflow sending to the transport itself?"
+        return Feed(
+            run,
+            self.num_workers,
+            self.capacity,
+            self._size,
+            self.timeout,
+            self.transport_name,
+            self._next_slow,
+            self._meter,
+            self._fail,
         )
 
     def _next_slow(self, obj: Any) -> Any:
@@ -781,7 +559,7 @@ class Runner:
                     run.halt()
                     # Threads keep sending until the transport closes: take at most what
                     # the transport held when the death was noticed (FIFO), no more.
-                    threads = isinstance(run.workers, ThreadWorkers)
+                    threads = run.workers.woken_by_transport_close
                     self._drain_left = self.capacity + self.num_workers if threads else None
                 if obj is EMPTY and self._drain_left != 0:
                     obj = run.recv(POLL_INTERVAL)
@@ -818,39 +596,6 @@ class Runner:
 
     # ------------------------------------------------------------------ helpers
 
-    def _control(self, transport: Transport) -> Control | None:
-        """The consumer-to-worker control of this mode; None in replicate mode."""
-        if self.mode != "shard":
-            return None
-        return Control(
-            self.num_workers, self.start_method, credits=self.capacity // self.num_workers
-        )
-
-    def _group_control(self, workers: WorkerGroup) -> Control | None:
-        """The control of this mode over a group the transport runs; None in replicate mode."""
-        if self.mode == "replicate":
-            return None
-        sinks = None
-        if self.mode == "shard":
-            sinks = workers.control_sinks(self.capacity // self.num_workers)
-        if sinks is None:
-            what, instead = ("mode='shard'", "mode='replicate', or ")
-            if self.mode != "shard":
-                what, instead = "ParallelMap", ""
-            raise ConfigError(
-                f"transport {self.transport_name!r} runs its own workers, and its worker group "
-                f"({type(workers).__name__}) cannot carry the per-worker control that {what} "
-                f"needs (WorkerGroup.control_sinks); use {instead}a transport whose workers "
-                "the runner starts"
-            )
-        if len(sinks) != self.num_workers:
-            raise PluginError(
-                f"{type(workers).__name__}.control_sinks() of transport "
-                f"{self.transport_name!r} returned {len(sinks)} sinks for {self.num_workers} "
-                "workers, where it must return one per worker; report it to the plugin's authors"
-            )
-        return Control(self.num_workers, None, sinks=sinks)
-
     def _dataflows(self) -> list[Any]:
         n = self.num_workers
         if self._factory:
@@ -869,26 +614,6 @@ class Runner:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self._run else "new"
         return f"<Runner transport={self.transport_name!r} num_workers={self.num_workers} {state}>"
-
-
-def _check_mode(mode: str, ordered: bool, num_workers: int, capacity: int) -> None:
-    if mode not in MODES:
-        close = difflib.get_close_matches(str(mode), MODES, n=1)
-        raise ConfigError(
-            f"mode={mode!r} is not one of {', '.join(map(repr, MODES))}"
-            + (f". Did you mean {close[0]!r}?" if close else "")
-        )
-    if ordered and mode != "shard":
-        raise ConfigError(
-            "ordered=True needs mode='shard': replicated workers each run the whole "
-            "dataflow, so there is no single order to keep"
-        )
-    if mode == "shard" and capacity < num_workers:
-        raise ConfigError(
-            f"mode='shard' needs capacity >= num_workers (every worker holds at least one "
-            f"item in flight), got capacity={capacity} for num_workers={num_workers}; "
-            "raise capacity or lower num_workers"
-        )
 
 
 def _as_factory(df: Any) -> bool:
@@ -932,17 +657,18 @@ def _worker_error(failure: RemoteFailure) -> WorkerError:
     original = failure.original
     if original is not None and original.__traceback__ is not None:
         original.__traceback__ = None  # a live exception of a worker thread: drop its frames
-    return _exc.combine(
-        original,
+    plain = WorkerError(
         f"worker {failure.worker_id} raised {failure.exc_type} {where}{passed}: "
         f"{failure.message}\n\nRemote traceback:\n{failure.traceback}",
         worker_id=failure.worker_id,
         exc_type=failure.exc_type,
         remote_traceback=failure.traceback,
         index=failure.index,
+        original=original,
         remote_message=failure.message,
         origin=f"worker {failure.worker_id} {where}{passed}",
     )
+    return _exc.combine(original, plain)
 
 
 def _worker_died(death: Any) -> WorkerDied:
@@ -952,44 +678,6 @@ def _worker_died(death: Any) -> WorkerDied:
         pid=death.pid,
         exitcode=death.exitcode,
     )
-
-
-def _resume_shard_state(runner: Runner) -> dict[str, Any]:
-    """The state of a runner in shard mode (see :meth:`Runner.state_dict`).
-
-    Mid-epoch (an iteration is suspended) it is that epoch; otherwise the next one. The
-    dataflow states are those the workers reported at the start of that epoch's pass;
-    when some have not arrived yet, this receives until they have, keeping the items for
-    the epoch's iteration.
-    """
-    progress = runner._progress
-    k = runner._epoch_no
-    mid = runner._guard.locked()
-    if not mid:
-        k += 1  # the epoch the next iteration runs
-    received = (
-        progress.received(k, runner.ordered)
-        if mid
-        else (progress.skip if k == 0 and progress.skip is not None else _resume.Done())
-    )
-    n = runner.num_workers
-    run = runner._run
-    if run is None:  # not started: what was loaded, or a fresh start
-        states = progress.states if k == 0 else None
-        return progress.to_dict(k, received, n, states, runner.seed)
-    passes = progress.passes.setdefault(k, {})
-    while len(passes) < n:
-        if runner._closed:
-            raise StateError(
-                "this runner is closed before its workers reported where epoch "
-                f"{progress.base + k} starts; take state_dict() before closing"
-            )
-        obj = runner._next_slow(run.recv(POLL_INTERVAL))
-        if runner._file(obj, k):  # an item of epoch k: its iteration yields it from there
-            runner._ahead.setdefault(k, {})[obj[1]] = obj[2] if len(obj) == 3 else obj[2:]
-    states = [passes[w] for w in range(n)]
-    states_ = None if all(s is None for s in states) else states
-    return progress.to_dict(k, received, n, states_, runner.seed)
 
 
 def _stats_hook() -> Any:

@@ -185,12 +185,6 @@ class Transport(ABC):
         #: never repeat a default here.
         self.option_values: Mapping[str, Any] = {**option_defaults(self.options), **options}
 
-    @property
-    def settings(self) -> Mapping[str, Any]:
-        """The old name of :attr:`option_values`; kept until every plugin in this repository
-        has moved (the shm and ray branches were mid-change when it was renamed)."""
-        return self.option_values
-
     @abstractmethod
     def open(self) -> Connect:
         """Create the medium in the consumer; return what a worker calls with its id to

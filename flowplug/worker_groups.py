@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any
+from typing import Any, ClassVar
 
 from ._gates import Control, ControlSink
 from .errors import StateError
@@ -110,6 +110,11 @@ class WorkerGroup(ABC):
     #: the first unexpected end of a worker, or None. Read by the Runner after every
     #: receive; set it from any thread (or from the transport's ``recv``).
     death: Death | None = None
+    #: true when workers cannot be killed and stop only when they notice it (threads):
+    #: the Runner then calls :meth:`request_stop`, closes the transport (which wakes the
+    #: workers blocked in ``send``), and only then :meth:`stop`. False: :meth:`stop`
+    #: ends the workers on its own, and the transport is closed after it.
+    woken_by_transport_close: ClassVar[bool] = False
 
     @abstractmethod
     def start(self) -> None:
@@ -118,6 +123,9 @@ class WorkerGroup(ABC):
     @abstractmethod
     def alive(self) -> int:
         """Return how many workers are running."""
+
+    def request_stop(self) -> None:
+        """Ask the workers to stop, without waiting (see :attr:`woken_by_transport_close`)."""
 
     @abstractmethod
     def stop(self, timeout: float = 2.0) -> None:
@@ -347,6 +355,8 @@ class ProcessWorkers(WorkerGroup):
 
 class ThreadWorkers(WorkerGroup):
     """Worker threads of the consumer process. Threads cannot die silently: errors are sent."""
+
+    woken_by_transport_close = True
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""flowplug.bind_ipc: the ipc:// addresses of the zmq and shm transports (and doctor)."""
+"""flowplug.ipc: the ipc:// addresses of the zmq and shm transports (and doctor), the
+ZmqSockets setup and close sequence, and recv_within."""
 
 import os
 import shutil
@@ -9,6 +10,7 @@ import pytest
 import zmq
 
 import flowplug as fp
+from flowplug.ipc import recv_within
 
 RUN_ID = f"fp-{os.getpid()}-0123abcd"
 
@@ -72,3 +74,22 @@ def test_a_failed_bind_names_the_socket_and_the_way_out(pull, monkeypatch, short
     with pytest.raises(fp.ConfigError, match="cannot bind the zmq task socket ipc://") as info:
         fp.bind_ipc(pull, RUN_ID, "zmq task socket")
     assert "FLOWPLUG_PIPEDIR" in str(info.value)
+
+
+def test_recv_within_returns_what_came_or_none_after_the_timeout():
+    sockets = fp.ZmqSockets()
+    try:
+        pull, address = sockets.bind(zmq.PULL, RUN_ID, hwm=10)
+        push = sockets.connect(zmq.PUSH, address, hwm=10)
+        assert recv_within(pull, 0.01) is None  # nothing sent: waits, then None
+        push.send(b"one")
+        assert recv_within(pull, 5.0) == b"one"  # polls until it arrives
+        push.send_multipart([b"a", b"b"])
+        frames = recv_within(pull, 5.0, multipart=True, copy=False)
+        assert [f.bytes for f in frames] == [b"a", b"b"]
+        push.send(b"two")
+        while (got := recv_within(pull, 0.0)) is None:  # a zero timeout never blocks
+            pass
+        assert got == b"two"
+    finally:
+        sockets.close()

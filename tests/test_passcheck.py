@@ -110,7 +110,7 @@ def test_a_dataflow_with_shard_is_not_checked(no_leaks):
     # DataFromList.shard(): each worker reads only its own items; shuffled per worker
     ds = fp.DataFromList(range(30), shuffle=True)
     with fp.Runner(ds, num_workers=3, mode="shard") as r:
-        assert not r._checked
+        assert not r._mode.checked
         assert Counter(r) == Counter(range(30))
 
 

@@ -19,24 +19,6 @@ class Unpicklable(fp.DataFlow):
         yield 1
 
 
-class PerThreadState(fp.DataFlow):
-    """Counts its own iterations; sharing one instance between threads would mix counts."""
-
-    def __init__(self):
-        self.made_in = None
-
-    def __len__(self):
-        return 3
-
-    def reset_state(self):
-        self.made_in = threading.get_ident()
-
-    def __iter__(self):
-        for i in range(3):
-            assert self.made_in == threading.get_ident()
-            yield i
-
-
 def test_unknown_transport_lists_available_and_suggests():
     with pytest.raises(fp.TransportNotFound) as info:
         fp.Runner(Counting(3), transport="zmqq")
@@ -116,33 +98,6 @@ def test_other_start_methods(transport, method, mp_helpers_running, no_leaks):
 def test_unpicklable_dataflow_under_spawn_names_it(no_leaks):
     runner = fp.Runner(Unpicklable(), transport="zmq", start_method="spawn")
     with pytest.raises(fp.StateError, match=r"pickle the dataflow.*Unpicklable.*lock"):
-        runner.reset_state()
-    runner.close()
-
-
-def test_thread_workers_get_their_own_copy(no_leaks):
-    with fp.Runner(PerThreadState(), transport="thread", num_workers=3, mode="replicate") as runner:
-        for _ in range(5):
-            assert sorted(runner) == [0, 1, 2]
-
-
-def test_thread_workers_from_a_factory(no_leaks):
-    made = []
-
-    def factory():
-        df = PerThreadState()
-        made.append(df)
-        return df
-
-    with fp.Runner(factory, transport="thread", num_workers=2, mode="replicate") as runner:
-        assert len(runner) == 3
-        assert len(list(runner)) == 3
-    assert len(made) == 2 and made[0] is not made[1]
-
-
-def test_uncopyable_dataflow_for_threads_suggests_a_factory(no_leaks):
-    runner = fp.Runner(Unpicklable(), transport="thread", num_workers=2)
-    with pytest.raises(TypeError, match="factory"):
         runner.reset_state()
     runner.close()
 

@@ -230,13 +230,14 @@ def test_types_that_cannot_be_combined_give_plain_worker_error(exc_type):
         original = fp.WorkerError("inner", worker_id=1, exc_type="X", remote_traceback="")
     else:
         original = exc_type("why")
-    err = _exc.combine(
-        original,
+    plain = fp.WorkerError(
         "worker 0 raised ...",
         worker_id=0,
         exc_type=exc_type.__name__,
         remote_traceback="tb",
+        original=original,
     )
+    err = _exc.combine(original, plain)
     assert type(err) is fp.WorkerError and str(err) == "worker 0 raised ..."
     assert err.original is original
 
@@ -245,14 +246,15 @@ def test_types_that_cannot_be_combined_give_plain_worker_error(exc_type):
 def test_worker_errors_pickle(make):
     original = make()
     original = _exc.unpack(_exc.pack(original))
-    err = _exc.combine(
-        original,
+    plain = fp.WorkerError(
         "worker 2 raised it",
         worker_id=2,
         exc_type=type(original).__name__,
         remote_traceback="Traceback...",
         index=4,
+        original=original,
     )
+    err = _exc.combine(original, plain)
     copy = pickle.loads(pickle.dumps(err))
     assert type(copy) is type(err) and str(copy) == str(err) and copy.args == err.args
     assert (copy.worker_id, copy.index, copy.remote_traceback) == (2, 4, "Traceback...")

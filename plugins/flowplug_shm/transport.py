@@ -48,6 +48,7 @@ from typing import Any
 import zmq
 
 import flowplug
+from flowplug.ipc import recv_within
 from flowplug.shm import DEFAULT_SIZE, ObjectID, ObjectStore, dumps, use_store
 from flowplug.shm import channel as _channel
 
@@ -185,12 +186,9 @@ class ShmTaskReceiver(flowplug.TaskReceiver):
 
     def recv(self, timeout: float) -> Any:
         sock = self._sock
-        try:
-            msg = sock.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            if not sock.poll(math.ceil(timeout * 1000)):
-                return flowplug.EMPTY
-            msg = sock.recv()
+        msg = recv_within(sock, timeout)
+        if msg is None:
+            return flowplug.EMPTY
         if msg[:_TOKEN_LEN] != self._token:
             _discard_rest(sock)  # not from our consumer: never unpickle a stranger's bytes
             return flowplug.EMPTY

@@ -3,7 +3,7 @@
 A message is ``[token, b"", pickle stream, buffer...]`` for one object, or
 ``[token, header, blob]`` for a batch of small ones (:class:`flowplug.BatchingSender`).
 The token is private to the run, so bytes from a stranger who connects to the socket are
-dropped, never unpickled. Received numpy arrays are read-only views of the received frames.
+dropped, never unpickled. Received numpy arrays are views of the received frames.
 
 Large buffers are sent without a copy (``copy=False``); ``send()`` returns once zmq has
 handed them to the kernel (a ``MessageTracker``), because the worker may refill the same
@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 
 import flowplug
+from flowplug.ipc import recv_within
 from flowplug.serialize import dumps, loads, unpack_batch
 
 #: how long a closing worker keeps trying to deliver what it has sent (ms).
@@ -75,13 +76,9 @@ class ZmqTaskReceiver(flowplug.TaskReceiver):
         self._token = token
 
     def recv(self, timeout: float) -> Any:
-        sock = self._sock
-        try:
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            if not sock.poll(timeout * 1000):
-                return flowplug.EMPTY
-            frames = sock.recv_multipart(copy=False)
+        frames = recv_within(self._sock, timeout, multipart=True, copy=False)
+        if frames is None:
+            return flowplug.EMPTY
         if frames[0].bytes != self._token:
             return flowplug.EMPTY
         return loads(frames[1:])

@@ -2,7 +2,9 @@
 
 import pytest
 
-pytest.register_assert_rewrite("faultlib")
+pytest.register_assert_rewrite(
+    "faultlib", "flows", "probes", "scenarios_deaths", "scenarios_errors", "scenarios_lifecycle"
+)
 
 import flowplug as fp  # noqa: E402 - after the rewrite hook, as pytest requires
 

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 
-from faultlib import Chatty, Forever, StuckInC
+from flows import Chatty, Forever, StuckInC
 
 import flowplug as fp
 

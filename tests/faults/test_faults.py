@@ -1,6 +1,7 @@
 """The fault matrix (docs/reliability.md), every scenario once per registered transport.
 
-The scenarios live in faultlib.py so that the soak session (soak.py) runs the same code.
+The scenarios live in scenarios_*.py (gathered by faultlib.py) so that the soak session
+(soak.py) runs the same code.
 """
 
 import pytest

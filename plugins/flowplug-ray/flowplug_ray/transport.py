@@ -146,15 +146,16 @@ class RayWorkers(flowplug.WorkerGroup):
     def start(self) -> None:
         ray = _ray()
         t = self._transport
+        values = t.option_values
         host = t.host_class()
         opts: dict[str, Any] = {
-            "num_cpus": t.settings["num_cpus"],
+            "num_cpus": values["num_cpus"],
             "max_restarts": 0,
         }
-        if t.settings["resources"]:
-            opts["resources"] = dict(t.settings["resources"])
-        if t.settings["runtime_env"]:
-            opts["runtime_env"] = dict(t.settings["runtime_env"])
+        if values["resources"]:
+            opts["resources"] = dict(values["resources"])
+        if values["runtime_env"]:
+            opts["runtime_env"] = dict(values["runtime_env"])
         for df, info in zip(self._dfs, self._infos, strict=True):
             # Named, so `ray list actors` shows whose they are (and tests can find them).
             name = f"flowplug-{t.run_id}-w{info.id}"
@@ -164,14 +165,14 @@ class RayWorkers(flowplug.WorkerGroup):
             sink.actor = slot.actor
         self._dfs = []
         refs = [s.actor.where.remote() for s in self.slots]
-        timeout = t.settings["start_timeout"]
+        timeout = values["start_timeout"]
         try:
             placed = ray.get(refs, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             raise flowplug.StateError(
                 f"Ray placed fewer than {len(self.slots)} worker actors within {timeout:g} s "
-                f"(each needs num_cpus={t.settings['num_cpus']:g}"
-                + (f", resources={t.settings['resources']}" if t.settings["resources"] else "")
+                f"(each needs num_cpus={values['num_cpus']:g}"
+                + (f", resources={values['resources']}" if values["resources"] else "")
                 + f"; the cluster has {ray.available_resources()} free). Lower num_cpus or "
                 "num_workers, add nodes, or raise start_timeout"
             ) from None
@@ -250,7 +251,7 @@ class RayTransport(flowplug.OwnWorkersTransport):
     def open(self) -> RayEndpoint:
         ray = _ray()
         if not ray.is_initialized():
-            address = self.settings["address"]
+            address = self.option_values["address"]
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=True)
             except (ConnectionError, ValueError, RuntimeError) as exc:
