@@ -334,9 +334,13 @@ def test_seeds_reproducible_and_identical_to_torchs(no_leaks):
 
     ours, again, theirs = (run(LOADERS["flowplug"]), run(LOADERS["flowplug"]),
                            run(torch.utils.data.DataLoader))  # fmt: skip
-    assert ours == again == theirs  # torch, random and numpy, per worker
-    assert ours[0] != ours[1]
-    assert all(a != b for a, b in zip(ours[0], ours[1], strict=True))
+    # torch, random and numpy, per worker. flowplug hands a batch to whichever worker is
+    # free: on a loaded machine a worker still starting may get none (docs/pytorch.md).
+    for run_ in (ours, again):
+        assert run_ and all(run_[w] == theirs[w] for w in run_), (run_, theirs)
+    assert set(ours) | set(again) == set(theirs) == {0, 1}
+    assert theirs[0] != theirs[1]  # distinct per worker, in all three generators
+    assert all(a != b for a, b in zip(theirs[0], theirs[1], strict=True))
 
 
 def test_new_seeds_every_epoch_unless_persistent(loader):
