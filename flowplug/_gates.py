@@ -198,6 +198,11 @@ class ShardGate:
                 # The state this pass starts from: what a resumed run loads (no credit).
                 send(PassStart(w, epoch, take_state(target)))
                 flush()
+                if source is None:
+                    # One worker reading whole passes: seeded as the checked passes of
+                    # several are, so that a run saved on n workers resumes on 1 and the
+                    # other way round with the same passes (flowplug/_resume.py).
+                    seed_pass(df, mix(base_seed, base + epoch) & 0x7FFFFFFF)
                 items = source if source is not None else itertools.islice(df, w, None, n)
                 next_check = monotonic() + NOTICE_CHECK
                 for dp in items:
@@ -367,7 +372,11 @@ class MapWork:
         self.fn = fn
 
     def reset_state(self) -> None:
-        pass
+        # A function with set-up of its own (flowplug.torch's: seeds, worker_init_fn)
+        # does it when the worker starts, before its first task.
+        reset = getattr(self.fn, "reset_state", None)
+        if callable(reset):
+            reset()
 
     def __repr__(self) -> str:
         return f"the function {self.fn!r}"
@@ -376,9 +385,18 @@ class MapWork:
 class MapGate:
     """One worker's side of a ParallelMap: takes tasks, applies ``fn``, sends results."""
 
-    def __init__(self, notices: Any, tasks: Callable[[int], TaskReceiver]):
+    def __init__(
+        self,
+        notices: Any,
+        tasks: Callable[[int], TaskReceiver],
+        counters: Any = None,
+        slot: int = 0,
+    ):
         self.notices = notices
         self.tasks = tasks
+        #: as :attr:`ShardGate.counters`: tasks answered, seconds waited for a task.
+        self.counters = counters
+        self.slot = slot
 
     def run(
         self, work: MapWork, sender: Any, info: WorkerInfo, stop: threading.Event | None
@@ -397,11 +415,21 @@ class MapGate:
             flush = sender.flush
             fn = work.fn
             notices = self.notices
+            # Statistics: one store per task (a task costs a receive, fn and a send); the
+            # waits for a task (the consumer feeds too slowly) are timed where they happen.
+            counters = self.counters
+            slot = self.slot
+            answered = 0
+            waited = 0.0
             while stop is None or not stop.is_set():
                 task = recv(0.0)
                 if task is EMPTY:
                     flush()  # the consumer may wait for these answers before sending more
+                    started = monotonic()
                     task = recv(STOP_CHECK)
+                    waited += monotonic() - started
+                    if counters is not None:
+                        counters[slot + 1] = waited
                     if task is EMPTY:
                         continue
                 epoch, index, dp = task
@@ -413,6 +441,9 @@ class MapGate:
                 except Exception as exc:
                     raise TaskFailed(index) from exc
                 send((epoch, index, out))  # an Item
+                answered += 1
+                if counters is not None:
+                    counters[slot] = answered
         finally:
             receiver.close()
 
@@ -499,7 +530,8 @@ class Control:
         self.gates: list[ShardGate | MapGate | ReplicateGate] = []
         self.chunks: list[int] = []
         self.pending: list[int] = []
-        #: what the local shard gates count (runner.stats()); None otherwise.
+        #: what the local gates count (runner.stats()); None for a group's own sinks and
+        #: in replicate mode.
         self.counters: WorkerCounters | None = None
         if sinks is not None:
             self.sinks = list(sinks)
@@ -546,7 +578,8 @@ class Control:
             ]
         else:
             assert tasks is not None
-            self.gates = [MapGate(m, tasks) for m in notices]
+            counters = self.counters = WorkerCounters(num_workers, start_method)
+            self.gates = [MapGate(m, tasks, counters.values, 2 * i) for i, m in enumerate(notices)]
         writers = self._writers or [None] * num_workers
         #: one per worker, in worker order.
         self.sinks = [_LocalSink(w, self._board, s) for w, s in zip(writers, sems, strict=True)]
