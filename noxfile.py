@@ -13,6 +13,9 @@ def tests(session: nox.Session) -> None:
     """Run the test suite in parallel (pytest -n auto), every test under a timeout."""
     # The test extra pins torch==2.13.0 (tests/test_torch.py): the CPU build, never a GPU one.
     session.install("-e", ".[test]")
+    # torchdata's StatefulDataLoader, next to flowplug.torch's (tests/test_resume_torch.py);
+    # --no-deps: it declares an unpinned torch (see the test extra in pyproject.toml).
+    session.install("--no-deps", "torchdata==0.11.0")
     session.run("pytest", "-n", "auto", *session.posargs)
 
 

@@ -1,6 +1,6 @@
 """Items/s of small datapoints through a Runner, for comparing two checkouts side by side.
 
-    python benchmarks/stats_overhead.py --tree BEFORE --tree AFTER --rounds 3
+    python benchmarks/stats_overhead.py --tree BEFORE --tree AFTER --rounds 3 [--mode map]
 
 Each (tree, transport, mode) runs in a fresh process with PYTHONPATH set to the tree (and
 its plugins/), the trees taking turns; the median of the rounds is printed: items/s, and
@@ -42,7 +42,14 @@ class Repeat(fp.DataFlow):
             yield item
 
 
-runner = fp.Runner(Repeat(), transport=transport, num_workers=2, mode=mode, capacity=64)
+def same(dp):
+    return dp
+
+
+if mode == "map":  # a ParallelMap: the source read in the consumer, items as tasks
+    runner = fp.ParallelMap(Repeat(), same, transport=transport, num_workers=2, capacity=64)
+else:
+    runner = fp.Runner(Repeat(), transport=transport, num_workers=2, mode=mode, capacity=64)
 with runner:
     it = iter(runner)
     for _ in range(2000):  # warm-up
@@ -69,7 +76,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tree", action="append", required=True, help="a checkout of flowplug")
     p.add_argument("--transport", action="append", default=None)
-    p.add_argument("--mode", action="append", default=None)
+    p.add_argument(
+        "--mode", action="append", default=None, help="replicate, shard or map (a ParallelMap)"
+    )
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(

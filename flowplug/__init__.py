@@ -32,6 +32,7 @@ from .stats import RunnerStats, WorkerStats
 from .transport import (
     EMPTY,
     Endpoint,
+    OpenFiles,
     Option,
     Sender,
     TaskEndpoint,
@@ -72,6 +73,7 @@ __all__ = [
     "Endpoint",
     "FlowplugError",
     "ObjectNotFound",
+    "OpenFiles",
     "Option",
     "OwnWorkersTransport",
     "ParallelMap",

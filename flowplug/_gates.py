@@ -37,6 +37,7 @@ from typing import Any
 from ._passcheck import START, fingerprint, mix, seed_pass
 from ._resume import PassStart, Resumed, load_into, take_state
 from .errors import TransportClosed
+from .serialize import not_picklable
 from .stats import WorkerCounters
 from .transport import EMPTY, TaskReceiver
 from .worker_loop import TaskFailed, WorkerInfo
@@ -197,6 +198,11 @@ class ShardGate:
                 # The state this pass starts from: what a resumed run loads (no credit).
                 send(PassStart(w, epoch, take_state(target)))
                 flush()
+                if source is None:
+                    # One worker reading whole passes: seeded as the checked passes of
+                    # several are, so that a run saved on n workers resumes on 1 and the
+                    # other way round with the same passes (flowplug/_resume.py).
+                    seed_pass(df, mix(base_seed, base + epoch) & 0x7FFFFFFF)
                 items = source if source is not None else itertools.islice(df, w, None, n)
                 next_check = monotonic() + NOTICE_CHECK
                 for dp in items:
@@ -288,6 +294,77 @@ class ShardGate:
         return EpochEnd(w, epoch, position + 1, digest), sent, blocked
 
 
+class ReplicateGate:
+    """One worker's side of replicate mode: its own copy of the dataflow, pass after pass,
+    within its credits (its share of ``capacity``).
+
+    A credit is taken *before* the next datapoint is made, so that the datapoints made
+    and not yet yielded by the consumer never exceed the credits, the one a worker holds
+    while it waits included. Items travel as ``(worker id, datapoint)``: the consumer
+    gives the credit back to that worker when it yields the datapoint.
+    """
+
+    def __init__(self, credits: Any, share: int):
+        self.credits = credits
+        #: once out of credits, how many to wait for before going on: half the share.
+        #: Going on with the first one given back would send every datapoint alone (a
+        #: message each, no batch) as long as the consumer is the slower side; the
+        #: consumer gives them back as many at a time (Control.chunks).
+        self.refill = max(1, share // 2)
+
+    def run(self, df: Any, sender: Any, info: WorkerInfo, stop: threading.Event | None) -> None:
+        """Send ``(id, datapoint)`` for every datapoint of ``df``, repeating passes, until
+        stopped; never returns normally."""
+        w = info.id
+        send = sender.send
+        flush = sender.flush
+        credits = self.credits
+        try_acquire = credits.acquire
+        refill = self.refill
+        _acquire(credits, stop)  # for the first datapoint
+        held = 0  # credits taken ahead, after a wait
+        while stop is None or not stop.is_set():
+            sent = 0
+            for dp in df:
+                try:
+                    send((w, dp))
+                except TypeError as exc:
+                    raise _said_of(dp, (w, dp), exc) from exc.__cause__
+                sent += 1
+                # a credit for the next one, before it is made
+                if held:
+                    held -= 1
+                elif not try_acquire(False):
+                    # Push out what a batching sender holds first: the consumer may be
+                    # waiting for exactly those items before it can give a credit back.
+                    flush()
+                    for _ in range(refill):
+                        _acquire(credits, stop)
+                    held = refill - 1
+            if sent == 0:
+                raise RuntimeError(
+                    f"dataflow {type(df).__name__} yielded no datapoint in a whole pass; "
+                    "a runner repeats passes forever, so it would spin"
+                )
+        raise _Stopped("the runner stopped")
+
+
+def _said_of(dp: Any, sent: Any, exc: TypeError) -> TypeError:
+    """The sender's error for ``sent``, the datapoint in its tag, said of ``dp`` itself:
+    "datapoint of type dict cannot be pickled", not "of type tuple"."""
+    cause = exc.__cause__
+    if isinstance(cause, Exception) and str(exc) == str(not_picklable(sent, cause)):
+        return not_picklable(dp, cause)
+    return exc
+
+
+def replicate_shares(capacity: int, num_workers: int) -> list[int]:
+    """Each worker's credits in replicate mode: ``capacity`` split as evenly as it goes,
+    at least one each (so ``num_workers`` when ``capacity`` is smaller)."""
+    base, extra = divmod(capacity, num_workers)
+    return [max(1, base + (w < extra)) for w in range(num_workers)]
+
+
 class MapWork:
     """What a ParallelMap worker runs: ``fn``, in the dataflow slot of the worker loop."""
 
@@ -295,7 +372,11 @@ class MapWork:
         self.fn = fn
 
     def reset_state(self) -> None:
-        pass
+        # A function with set-up of its own (flowplug.torch's: seeds, worker_init_fn)
+        # does it when the worker starts, before its first task.
+        reset = getattr(self.fn, "reset_state", None)
+        if callable(reset):
+            reset()
 
     def __repr__(self) -> str:
         return f"the function {self.fn!r}"
@@ -304,9 +385,18 @@ class MapWork:
 class MapGate:
     """One worker's side of a ParallelMap: takes tasks, applies ``fn``, sends results."""
 
-    def __init__(self, notices: Any, tasks: Callable[[int], TaskReceiver]):
+    def __init__(
+        self,
+        notices: Any,
+        tasks: Callable[[int], TaskReceiver],
+        counters: Any = None,
+        slot: int = 0,
+    ):
         self.notices = notices
         self.tasks = tasks
+        #: as :attr:`ShardGate.counters`: tasks answered, seconds waited for a task.
+        self.counters = counters
+        self.slot = slot
 
     def run(
         self, work: MapWork, sender: Any, info: WorkerInfo, stop: threading.Event | None
@@ -325,11 +415,21 @@ class MapGate:
             flush = sender.flush
             fn = work.fn
             notices = self.notices
+            # Statistics: one store per task (a task costs a receive, fn and a send); the
+            # waits for a task (the consumer feeds too slowly) are timed where they happen.
+            counters = self.counters
+            slot = self.slot
+            answered = 0
+            waited = 0.0
             while stop is None or not stop.is_set():
                 task = recv(0.0)
                 if task is EMPTY:
                     flush()  # the consumer may wait for these answers before sending more
+                    started = monotonic()
                     task = recv(STOP_CHECK)
+                    waited += monotonic() - started
+                    if counters is not None:
+                        counters[slot + 1] = waited
                     if task is EMPTY:
                         continue
                 epoch, index, dp = task
@@ -341,6 +441,9 @@ class MapGate:
                 except Exception as exc:
                     raise TaskFailed(index) from exc
                 send((epoch, index, out))  # an Item
+                answered += 1
+                if counters is not None:
+                    counters[slot] = answered
         finally:
             receiver.close()
 
@@ -406,6 +509,8 @@ class Control:
     :param start_method: the workers' start method; None when they are threads.
     :param credits: credits per worker (shard mode); None for a ParallelMap.
     :param tasks: the task endpoint (ParallelMap); None in shard mode.
+    :param shares: replicate mode: each worker's credits (:func:`replicate_shares`); no
+        epoch notices then, only the semaphores.
     :param sinks: the sinks of a group that carries the control itself
         (:meth:`flowplug.WorkerGroup.control_sinks`); no local gates are made then.
     """
@@ -417,24 +522,47 @@ class Control:
         credits: int | None = None,
         tasks: Callable[[int], TaskReceiver] | None = None,
         sinks: Sequence[ControlSink] | None = None,
+        shares: Sequence[int] | None = None,
     ):
         self._writers: list[Any] = []
         self._readers: list[Any] = []
         self._board: _Board | None = None
-        self.gates: list[ShardGate | MapGate] = []
-        #: what the local shard gates count (runner.stats()); None otherwise.
+        self.gates: list[ShardGate | MapGate | ReplicateGate] = []
+        self.chunks: list[int] = []
+        self.pending: list[int] = []
+        #: what the local gates count (runner.stats()); None for a group's own sinks and
+        #: in replicate mode.
         self.counters: WorkerCounters | None = None
         if sinks is not None:
             self.sinks = list(sinks)
             self.release = [s.release for s in self.sinks]
             return
+        if shares is not None:  # replicate mode: credits only
+            # A multiprocessing semaphore for threads too: its acquire and release are C
+            # code, 30 times cheaper than threading.Semaphore's (on every datapoint).
+            sems: list[Any] = [mp.get_context(start_method).Semaphore(k) for k in shares]
+            gates = [ReplicateGate(sem, k) for sem, k in zip(sems, shares, strict=True)]
+            self.gates = list(gates)
+            #: replicate mode: the consumer gives credits back ``chunks[w]`` at a time
+            #: (the ``refill`` worker ``w`` waits for), holding ``pending[w]`` meanwhile,
+            #: and all of them before it waits for data: a waiting worker is woken once
+            #: per chunk, not once per datapoint.
+            self.chunks = [g.refill for g in gates]
+            self.pending = [0] * num_workers
+            self.sinks = [_LocalSink(None, None, sem) for sem in sems]
+            self.release = [sem.release for sem in sems]
+            return
         notices: list[Any]
         if start_method is not None:
             ctx = mp.get_context(start_method)
-            for _ in range(num_workers):
-                reader, writer = ctx.Pipe(duplex=False)
-                self._readers.append(reader)
-                self._writers.append(writer)
+            try:
+                for _ in range(num_workers):
+                    reader, writer = ctx.Pipe(duplex=False)
+                    self._readers.append(reader)
+                    self._writers.append(writer)
+            except BaseException:  # out of fds: the Runner never gets this object to close
+                self.close()
+                raise
             notices = [_PipeNotices(r) for r in self._readers]
             make_sem: Any = ctx.Semaphore
         else:
@@ -450,7 +578,8 @@ class Control:
             ]
         else:
             assert tasks is not None
-            self.gates = [MapGate(m, tasks) for m in notices]
+            counters = self.counters = WorkerCounters(num_workers, start_method)
+            self.gates = [MapGate(m, tasks, counters.values, 2 * i) for i, m in enumerate(notices)]
         writers = self._writers or [None] * num_workers
         #: one per worker, in worker order.
         self.sinks = [_LocalSink(w, self._board, s) for w, s in zip(writers, sems, strict=True)]

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from typing import Any
 
+from ._fds import guard_zmq_context
 from .errors import ConfigError
 
 
@@ -58,11 +59,15 @@ class ZmqSockets:
         sock = sockets.connect(zmq.PUSH, endpoint.address, hwm=50, linger_ms=5000)
         ...
         sockets.close()  # waits up to linger_ms for what was sent to be delivered
+
+    :raises flowplug.ConfigError: too few file descriptors are left for a zmq context
+        (libzmq would abort the process).
     """
 
     def __init__(self) -> None:
         import zmq  # the caller uses zmq already: importing it here costs nothing more
 
+        guard_zmq_context()  # libzmq aborts the process when it runs out of fds
         self.ctx = zmq.Context()
         self._sockets: list[Any] = []
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from . import _resume
-from ._gates import Control, EpochEnd, Item
+from ._gates import Control, EpochEnd, Item, replicate_shares
 from ._passcheck import START as PASS_START
 from .errors import ConfigError, PluginError, ShardMismatch, StateError
 from .stats import Meter
@@ -160,11 +160,73 @@ class Mode(ABC):
 
 class ReplicateMode(Mode):
     """Every worker runs its own copy of the dataflow, forever; an epoch is ``len(df)``
-    datapoints as they come (or never ends when the length is unknown)."""
+    datapoints as they come (or never ends when the length is unknown).
+
+    Over workers the Runner starts, ``capacity`` is a bound across them: each worker has
+    its share as credits (:class:`~flowplug._gates.ReplicateGate`), takes one before its
+    dataflow makes a datapoint and sends ``(worker id, datapoint)``; the epoch gives it
+    back when it yields the datapoint. A group the transport runs keeps its own bound.
+    """
 
     name = "replicate"
 
+    def control(
+        self, num_workers: int, start_method: str | None, capacity: int, transport: Transport
+    ) -> Control:
+        return Control(num_workers, start_method, shares=replicate_shares(capacity, num_workers))
+
     def epoch(self, feed: Feed) -> Iterator[Any]:
+        if feed.control is not None:
+            return self._credited_epoch(feed)
+        return self._plain_epoch(feed)
+
+    def _credited_epoch(self, feed: Feed) -> Iterator[Any]:
+        """Datapoints come as ``(worker id, datapoint)``; each gives its worker's credit
+        back when it is yielded."""
+        run = feed.run
+        control = feed.control
+        assert control is not None
+        release = control.release
+        # Credits go back a chunk at a time (flowplug._gates.Control.chunks), and all that
+        # are held before the consumer waits; the held ones survive across epochs.
+        chunks = control.chunks
+        pending = control.pending
+        recv = run.transport.recv
+        workers = run.workers
+        size = feed.size
+        meter = feed.meter
+        slow = feed.slow
+        count = 0
+        me = threading.get_ident  # called per receive: a generator may move between threads
+        while size is None or count < size:
+            run.inside = me()  # see Run: close() from another thread waits for this
+            try:
+                if run.closing is not None:
+                    raise run.refusal()
+                obj = recv(0.0)
+            finally:
+                run.inside = 0
+            if type(obj) is not tuple or workers.death is not None:
+                if obj is EMPTY:  # about to wait: give back every credit held first
+                    for w, held in enumerate(pending):
+                        for _ in range(held):
+                            release[w]()
+                        pending[w] = 0
+                obj = slow(obj)
+            w = obj[0]
+            held = pending[w] + 1
+            if held == chunks[w]:
+                give = release[w]
+                for _ in range(held):
+                    give()
+                held = 0
+            pending[w] = held
+            count += 1
+            meter.delivered += 1
+            yield obj[1]
+
+    def _plain_epoch(self, feed: Feed) -> Iterator[Any]:
+        """A group the transport runs (no credits): datapoints come as they are."""
         run = feed.run
         recv = run.transport.recv
         workers = run.workers

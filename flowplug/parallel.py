@@ -42,6 +42,8 @@ class ParallelMap(Runner):
         the map.
     :param fn: a function of one datapoint; picklable for ``spawn``/``forkserver``.
         Transports that copy (not ``zero_copy``) may give it read-only numpy arrays.
+        If it has a ``reset_state()`` method, each worker calls it once when it starts,
+        before its first task (set-up: seeds, opening files).
     :param num_workers: how many workers.
     :param transport: the transport's name; it must carry tasks (``carries_tasks``).
     :param ordered: yield in the order of ``df``.

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from . import _exc, _resume, plugins
+from . import _exc, _fds, _resume, plugins
 from ._gates import Control
 from ._sweep import new_run_id, sweep_stale
 from .config import ARGUMENT
@@ -248,7 +248,8 @@ class Runner:
         zero-argument factory returning one, called once per worker in the consumer.
     :param transport: name of the transport (``"zmq"``, ``"queue"``, ``"thread"``...).
     :param num_workers: how many workers.
-    :param capacity: how many datapoints may be buffered between workers and consumer.
+    :param capacity: how many datapoints may be made by the workers and not yet delivered,
+        counted across the workers (each has a share; see docs/configuration.md).
     :param start_method: ``"fork"`` (default on Linux), ``"spawn"`` or ``"forkserver"``;
         only for transports whose workers are processes.
     :param timeout: seconds to wait for one datapoint before raising
@@ -350,6 +351,8 @@ class Runner:
         """Start the workers (the fork happens here). Call once.
 
         :raises flowplug.StateError: called twice, or after ``close()``.
+        :raises flowplug.ConfigError: the run would need more file descriptors than
+            ``RLIMIT_NOFILE`` leaves (checked before anything is opened).
         """
         if self._closed:
             raise StateError("this runner is closed; create a new Runner")
@@ -374,6 +377,8 @@ class Runner:
         dfs = self._mode.prepare(dfs)
         n = self.num_workers
         infos = [WorkerInfo(i, n, (self.seed + i) % 2**31) for i in range(n)]
+        # Before anything is opened: running out of fds half-way fails in the worst places.
+        _fds.check(self._transport_cls, n, self.mode, self.start_method)
         if self._transport_cls.uses_shared_memory:
             sweep_stale()  # what consumers killed by SIGKILL left behind
         transport = self._transport_cls(

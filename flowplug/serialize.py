@@ -98,7 +98,7 @@ def dumps(obj: Any, *, out_of_band_min: int = OUT_OF_BAND_MIN) -> list[Any]:
         frames = [out.getvalue(), *d.buffers]
     except Exception as exc:
         d.pickler = _Pickler(out, protocol=5, buffer_callback=d.offer)  # no half state
-        raise _not_picklable(obj, exc) from exc
+        raise not_picklable(obj, exc) from exc
     finally:
         d.pickler.clear_memo()
         out.seek(0)
@@ -120,10 +120,11 @@ def dumps_bytes(obj: Any) -> bytes:
             return out.getvalue()
         return pickle.dumps(obj, protocol=5)
     except Exception as exc:
-        raise _not_picklable(obj, exc) from exc
+        raise not_picklable(obj, exc) from exc
 
 
-def _not_picklable(obj: Any, exc: Exception) -> TypeError:
+def not_picklable(obj: Any, exc: Exception) -> TypeError:
+    """The TypeError of a datapoint that cannot be pickled, with the pickler's reason."""
     return TypeError(f"datapoint of type {type(obj).__name__} cannot be pickled: {exc}")
 
 

@@ -34,13 +34,15 @@ MIN_ACTIVE = 0.05
 
 @dataclass(frozen=True)
 class WorkerStats:
-    """One worker's numbers (shard mode; other modes do not count per worker)."""
+    """One worker's numbers (shard mode and ParallelMap; replicate mode does not count
+    per worker)."""
 
     #: the worker's index.
     id: int
-    #: datapoints it produced (sent), over all epochs.
+    #: datapoints it produced (sent), over all epochs; a map's worker: tasks it answered.
     produced: int
-    #: seconds it waited for room: for a credit, or for the consumer to start an epoch.
+    #: seconds it waited on the consumer: shard mode, for room (a credit) or for the
+    #: consumer to start an epoch; a map's worker, for a task.
     blocked_s: float
 
 
@@ -74,7 +76,7 @@ class RunnerStats:
     consumer_blocked_s: float
     #: ``consumer_blocked_s / (elapsed_s - startup_s)``: what the verdict is made of.
     consumer_blocked_fraction: float
-    #: per worker (shard mode), else None.
+    #: per worker (shard mode, ParallelMap; forked or thread workers), else None.
     workers: tuple[WorkerStats, ...] | None
     #: what the transport counts (:meth:`flowplug.Transport.counters`), e.g. shm's copies.
     transport_counters: dict[str, float]

@@ -37,7 +37,10 @@ This module imports torch; ``import flowplug`` never does.
 
 from __future__ import annotations
 
+import base64
+import copy
 import functools
+import itertools
 import os
 import queue
 import random
@@ -57,6 +60,7 @@ from torch.utils.data._utils import worker as _torch_worker
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
 import flowplug as fp
+from flowplug import _resume
 
 __all__ = [
     "DataLoader",
@@ -156,6 +160,11 @@ class DataLoader(torch.utils.data.DataLoader):
         self.transport = transport
         self.transport_options = transport_options
         self.pin_fn = pin_fn
+        #: a state given to load_state_dict(), for the next iterator.
+        self._pending_state: dict[str, Any] | None = None
+        #: the last iterator (kept, as torchdata's StatefulDataLoader keeps it, so that
+        #: state_dict() after a ``break`` still knows where the consumer stopped).
+        self._last_iter: _FlowplugLoaderIter | None = None
         if num_workers > 0:
             # Resolves the configured transport and checks its options now, not at iter().
             probe = fp.Runner(_NoData(), transport=transport, num_workers=1, **transport_options)
@@ -169,7 +178,48 @@ class DataLoader(torch.utils.data.DataLoader):
                 )
 
     def _get_iterator(self) -> _BaseDataLoaderIter:
-        return _FlowplugLoaderIter(self)
+        state, self._pending_state = self._pending_state, None
+        self._last_iter = None  # an abandoned iterator's workers stop now, not later
+        it = _FlowplugLoaderIter(self, state)
+        self._last_iter = it
+        return it
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the consumer is in the current pass: torchdata's StatefulDataLoader protocol.
+
+        Call it at any point (before the first batch, mid-epoch, after an epoch ended).
+        The dict is small and plain (no batch inside): picklable, ``torch.save``-able and
+        JSON-serializable when the dataset's own ``state_dict()`` (if any) is. A loader
+        built the same way, given it with :meth:`load_state_dict`, yields the batches of
+        that pass the consumer had not received, then the following epochs as an
+        uninterrupted run would. See docs/checkpoint.md.
+        """
+        it = self._last_iter
+        if it is not None:
+            return it.state_dict()
+        if self._pending_state is not None:
+            return copy.deepcopy(self._pending_state)
+        return _new_pass_state(self._dataset_kind, self.num_workers, _Rng.of(self).now(), None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from ``state_dict`` (made by :meth:`state_dict`): the next ``iter()``
+        continues where the saved loader stopped. An empty dict loads nothing (as in
+        torchdata). The loader must be built as the saved one was (dataset, sampler,
+        batch size); ``num_workers`` may differ for a map-style dataset.
+
+        :raises ValueError: not a state of this class, or of another layout version.
+        :raises flowplug.ConfigError: the state does not fit this loader.
+        """
+        if isinstance(state_dict, dict) and not state_dict:
+            return
+        _check_state(self, state_dict)
+        it, self._last_iter = self._last_iter, None
+        self._iterator = None  # torch's persistent iterator: the next iter() makes a new one
+        if it is not None:
+            it._shutdown()
+        self._pending_state = copy.deepcopy(state_dict)
 
 
 class _NoData(fp.DataFlow):
@@ -177,6 +227,129 @@ class _NoData(fp.DataFlow):
 
     def __iter__(self) -> Iterator[Any]:
         return iter(())
+
+
+# ---------------------------------------------------------------------------- state
+
+#: the layout version of DataLoader.state_dict(); a state of another version is refused.
+STATE_VERSION = 1
+#: how deep _Rng looks for samplers wrapped in samplers (``.sampler``).
+_SAMPLER_DEPTH = 8
+
+
+def _encode(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def _decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+class _Rng:
+    """The random generators a loader's passes draw from: its ``generator`` and those of
+    its samplers (a batch sampler's ``.sampler``, and so on), once each, in that order;
+    and whether a sampler draws from torch's default generator (``generator=None``).
+
+    A pass is resumed by replaying it: these generators are set back to where they were
+    when the pass began, the sampler draws the same indices again, and the batches the
+    consumer had received are not fetched (torchdata's StatefulDataLoader also replays
+    a sampler that has no state of its own, over the generators as it finds them).
+    """
+
+    def __init__(self, generators: list[torch.Generator], uses_default: bool):
+        self.generators = generators
+        self.uses_default = uses_default
+
+    @classmethod
+    def of(cls, loader: Any) -> _Rng:
+        found: list[torch.Generator] = []
+        uses_default = False
+
+        def add(g: Any) -> None:
+            if isinstance(g, torch.Generator) and not any(g is f for f in found):
+                found.append(g)
+
+        add(loader.generator)
+        sampler = loader._index_sampler
+        for _ in range(_SAMPLER_DEPTH):
+            if sampler is None:
+                break
+            g = getattr(sampler, "generator", _MISSING)
+            if g is None:
+                uses_default = True
+            add(g)
+            sampler = getattr(sampler, "sampler", None)
+        return cls(found, uses_default)
+
+    def now(self) -> list[torch.Tensor]:
+        return [g.get_state() for g in self.generators]
+
+    def set(self, states: list[Any]) -> None:
+        for g, state in zip(self.generators, states, strict=True):
+            g.set_state(state if isinstance(state, torch.Tensor) else _decode(state))
+
+
+_MISSING: Any = object()
+
+
+def _new_pass_state(
+    kind: int, num_workers: int, generators: list[torch.Tensor], base_seed: int | None
+) -> dict[str, Any]:
+    """The state of a pass not begun: nothing received, ``generators`` as given."""
+    return {
+        "flowplug_loader": STATE_VERSION,
+        "dataset_kind": _kind_name(kind),
+        "num_workers": num_workers,
+        "finished": False,
+        "base_seed": base_seed,
+        "yielded": 0,
+        "received": None,
+        "generators": [_encode(t) for t in generators],
+        "default_generator": None,
+        "workers": None,
+        "dataset": None,
+    }
+
+
+def _kind_name(kind: int) -> str:
+    return "iterable" if kind == _DatasetKind.Iterable else "map"
+
+
+def _check_state(loader: DataLoader, state: Any) -> None:
+    if not isinstance(state, dict) or "flowplug_loader" not in state:
+        raise ValueError(
+            "DataLoader.load_state_dict() needs a dict made by state_dict() of a "
+            f"flowplug.torch.DataLoader, got {type(state).__name__}"
+            + (" without its keys (a state of another loader?)" if isinstance(state, dict) else "")
+        )
+    if state["flowplug_loader"] != STATE_VERSION:
+        raise ValueError(
+            f"this loader state has layout version {state['flowplug_loader']!r}, this "
+            f"flowplug reads version {STATE_VERSION}; resume with the flowplug that saved it"
+        )
+    kind = _kind_name(loader._dataset_kind)
+    if state["dataset_kind"] != kind:
+        raise fp.ConfigError(
+            f"this state was saved by a loader over a {state['dataset_kind']}-style dataset, "
+            f"and this loader's dataset is {kind}-style; build the loader as it was built"
+        )
+    rng = _Rng.of(loader)
+    saved = len(state["generators"])
+    lent = state["default_generator"] is not None
+    if saved != len(rng.generators) or (lent and not rng.uses_default):
+        raise fp.ConfigError(
+            f"this state holds the states of {saved} random generator(s), and this loader "
+            f"draws from {len(rng.generators)} (its generator= and its samplers' "
+            "generators); build the loader, its sampler and their generators as the saved "
+            "one was built"
+        )
+    if kind == "iterable" and state["num_workers"] != loader.num_workers:
+        raise fp.ConfigError(
+            f"this state was saved with num_workers={state['num_workers']}, and an "
+            "IterableDataset's batches depend on the number of workers (each worker "
+            "iterates its own copy, which shards itself by get_worker_info()); resume with "
+            f"num_workers={state['num_workers']} (map-style datasets may change it)"
+        )
 
 
 # ---------------------------------------------------------------------------- workers
@@ -236,9 +409,11 @@ def _worker_collate(collate_fn: Any) -> Any:
 
 
 class _FetchBatch:
-    """A map-style worker's function: one task (a batch of indices, or one index with
-    ``batch_size=None``) in, the fetched and collated batch out. The worker sets itself
-    up (seeds, worker info, ``worker_init_fn``) before its first fetch."""
+    """A map-style worker's function: one task ``(position, indices)`` in (a batch of
+    indices, or one index with ``batch_size=None``; its position in the sampler's pass),
+    ``(position, batch)`` out, fetched and collated. The worker sets itself up (seeds,
+    worker info, ``worker_init_fn``) when it starts, as torch's do: the ParallelMap
+    calls :meth:`reset_state` in each worker before its first task."""
 
     def __init__(self, loader: DataLoader, base_seed: int):
         self.dataset = loader.dataset
@@ -251,18 +426,23 @@ class _FetchBatch:
         self._fetcher: Any = None
         self._pid = -1
 
-    def __call__(self, index: Any) -> Any:
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            _init_worker(self.dataset, self.base_seed, self.num_workers, self.worker_init_fn)
-            self._fetcher = _DatasetKind.create_fetcher(
-                _DatasetKind.Map,
-                self.dataset,
-                self.auto_collation,
-                _worker_collate(self.collate_fn),
-                self.drop_last,
-            )
-        return self._fetcher.fetch(index)
+    def reset_state(self) -> None:
+        """Set this worker up: threads, seeds, worker info, ``worker_init_fn``."""
+        self._pid = os.getpid()
+        _init_worker(self.dataset, self.base_seed, self.num_workers, self.worker_init_fn)
+        self._fetcher = _DatasetKind.create_fetcher(
+            _DatasetKind.Map,
+            self.dataset,
+            self.auto_collation,
+            _worker_collate(self.collate_fn),
+            self.drop_last,
+        )
+
+    def __call__(self, task: tuple[int, Any]) -> tuple[int, Any]:
+        position, index = task
+        if self._pid != os.getpid():  # not set up in this process (no reset_state() call)
+            self.reset_state()
+        return position, self._fetcher.fetch(index)
 
 
 class _IndexSource(fp.DataFlow):
@@ -278,11 +458,11 @@ class _IndexSource(fp.DataFlow):
             if owner is None:
                 return
             try:
-                index = owner._next_index()
+                task = owner._next_task()
             except StopIteration:
                 return
             del owner
-            yield index
+            yield task
 
 
 class _IterableWork(fp.DataFlow):
@@ -290,7 +470,7 @@ class _IterableWork(fp.DataFlow):
     own copy, one pass per epoch, batched and collated by torch's fetcher."""
 
     def __init__(self, loader: DataLoader, base_seed: int):
-        self.dataset = loader.dataset
+        self.dataset: Any = loader.dataset  # an IterableDataset, maybe with state_dict()
         self.auto_collation = loader._auto_collation
         self.collate_fn = loader.collate_fn
         self.drop_last = loader.drop_last
@@ -319,19 +499,51 @@ class _IterableWork(fp.DataFlow):
             yield batch
 
 
+class _StatefulIterableWork(_IterableWork):
+    """An ``IterableDataset`` with ``state_dict()`` / ``load_state_dict()`` (torchdata's
+    ``Stateful``): its state at the start of each pass travels in the shard-mode
+    runner's state, and a resumed worker loads it before it replays the pass."""
+
+    def state_dict(self) -> Any:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.dataset.load_state_dict(state)
+
+
+def _is_stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(
+        getattr(obj, "load_state_dict", None)
+    )
+
+
 # ---------------------------------------------------------------------------- consumer
 
 
 class _FlowplugLoaderIter(_BaseDataLoaderIter):
     """One iterator of a :class:`DataLoader` (kept across epochs with persistent workers).
 
-    State, in named places (for state_dict()): ``_sampler_iter`` (torch's: where the
-    sampler is), ``_num_yielded`` (torch's: batches yielded this epoch), ``_base_seed``
-    (torch's), ``_runner`` (the workers: a ParallelMap or a shard-mode Runner; None with
-    ``num_workers=0``), ``_epoch`` (this epoch's batches from the runner), ``_pinner``.
+    State, in named places: ``_sampler_iter`` (torch's: where the sampler is),
+    ``_num_yielded`` (torch's: batches yielded this pass), ``_base_seed`` (torch's),
+    ``_runner`` (the workers: a ParallelMap or a shard-mode Runner; None with
+    ``num_workers=0``), ``_epoch`` (this pass's batches from the runner), ``_pinner``.
+    For :meth:`state_dict`: ``_pass_rng`` (the generators when this pass began),
+    ``_skip`` (positions received before a resume: not fetched again), ``_got`` (the
+    positions in the sampler's pass of the batches yielded since), ``_finished``.
+
+    :param state: a loader state to resume from (see :meth:`DataLoader.load_state_dict`).
     """
 
-    def __init__(self, loader: DataLoader):
+    _sampler_iter: Any  # torch's; declared for mypy without torch installed (typecheck)
+
+    def __init__(self, loader: DataLoader, state: dict[str, Any] | None = None):
+        self._rng = _Rng.of(loader)
+        self._resume = state
+        if state is not None and state["base_seed"] is None:
+            # A pass not begun: the generators as they were before its iterator drew
+            # base_seed, so that it draws the same one.
+            self._rng.set(state["generators"])
+        before = torch.get_rng_state() if state is not None and loader.generator is None else None
         pin_fn = loader.pin_fn
         if pin_fn is not None:
             with warnings.catch_warnings():  # a pin_fn pins, accelerator or not
@@ -339,25 +551,56 @@ class _FlowplugLoaderIter(_BaseDataLoaderIter):
                 super().__init__(loader)
         else:
             super().__init__(loader)
+        if state is not None and state["base_seed"] is not None:
+            # The pass's base_seed was drawn by the saved run: the draw just made is not
+            # part of it (torch's default generator is the program's; give it back).
+            self._base_seed = int(state["base_seed"])
+            if before is not None:
+                torch.set_rng_state(before)
         if pin_fn is None and self._pin_memory:
             pin_fn = functools.partial(_pin_memory.pin_memory, device=self._pin_memory_device)
+        if pin_fn is not None and self._dataset_kind == _DatasetKind.Map and self._num_workers:
+            pin_fn = functools.partial(_pin_task, pin_fn)  # the workers' (position, batch)
         self._pin_fn = pin_fn
         self._loader_options = (loader.transport, loader.transport_options)
         self._in_order = loader.in_order
-        self._prefetch_factor = loader.prefetch_factor
+        # torch makes it 2 when not given and num_workers > 0; unused without workers
+        self._prefetch_factor: int = loader.prefetch_factor or 2
         self._start = _start_method(loader)
         self._runner: fp.Runner | None = None
         self._epoch: Iterator[Any] | None = None
         self._pinner: _Pinner | None = None
         self._fetcher: Any = None
+        self._finished = False
+        self._pass_rng: tuple[list[torch.Tensor], torch.Tensor | None] = ([], None)
+        self._skip = _resume.Done()
+        self._got: set[int] = set()
+        self._drawn = 0
+        self._dataset_state: Any = None
+        iterable = self._dataset_kind == _DatasetKind.Iterable
         if self._num_workers == 0:
+            if iterable:
+                if state is not None and state["dataset"] is not None:
+                    _resume.load_into(self._dataset, state["dataset"])
+                self._dataset_state = _resume.take_state(self._dataset)  # at the pass start
             self._fetcher = _DatasetKind.create_fetcher(
                 self._dataset_kind, self._dataset, self._auto_collation, self._collate_fn,
                 self._drop_last,
             )  # fmt: skip
         else:
             self._runner = self._make_runner(loader)
+            if state is not None and state["workers"] is not None:
+                self._runner.load_state_dict(state["workers"])
         self._reset(loader, first_iter=True)
+        if iterable and self._num_workers == 0 and state is not None:
+            # An IterableDataset has no positions to skip to: replay the batches the
+            # consumer had received (as torchdata does for a dataset without state).
+            for _ in range(int(state["yielded"])):
+                try:
+                    self._fetcher.fetch(self._next_index())
+                except StopIteration:
+                    self._finished = True
+                    break
 
     def _make_runner(self, loader: DataLoader) -> fp.Runner:
         transport, options = self._loader_options
@@ -367,26 +610,56 @@ class _FlowplugLoaderIter(_BaseDataLoaderIter):
             capacity=self._prefetch_factor * self._num_workers,
             start_method=self._start,
             timeout=self._timeout or None,
-            seed=self._base_seed % 2**31,
+            seed=int(self._base_seed) % 2**31,
             **options,
         )
         if self._dataset_kind == _DatasetKind.Iterable:
+            work = _StatefulIterableWork if _is_stateful(loader.dataset) else _IterableWork
             return fp.Runner(
-                _IterableWork(loader, self._base_seed),
+                work(loader, int(self._base_seed)),
                 mode="shard",
                 ordered=self._in_order,
                 **common,
             )
         return fp.ParallelMap(
             _IndexSource(self),
-            _FetchBatch(loader, self._base_seed),
+            _FetchBatch(loader, int(self._base_seed)),
             ordered=self._in_order,
             **common,
         )
 
     def _reset(self, loader: DataLoader, first_iter: bool = False) -> None:
-        super()._reset(loader, first_iter)
-        self._stop_epoch()
+        self._stop_epoch()  # before the sampler moves: a pinning thread may still read it
+        state, self._resume = self._resume, None
+        rng = self._rng
+        lent = None
+        if state is not None and state["base_seed"] is not None:
+            rng.set(state["generators"])  # where they were when the saved pass began
+            if state["default_generator"] is not None:
+                # A sampler seeds itself from torch's default generator: lend it the saved
+                # pass's state for its first draw, then give the program back its own.
+                lent = torch.get_rng_state()
+                torch.set_rng_state(_decode(state["default_generator"]))
+        self._pass_rng = (rng.now(), torch.get_rng_state() if rng.uses_default else None)
+        try:
+            super()._reset(loader, first_iter)
+            if rng.uses_default:
+                # Its draw from the default generator happens now, not at the first
+                # next(): so a state saved before the first batch already follows it, and
+                # the program's draws from that generator come after it, as in a run.
+                first = list(itertools.islice(self._sampler_iter, 1))
+                self._sampler_iter = itertools.chain(first, self._sampler_iter)
+        finally:
+            if lent is not None:
+                torch.set_rng_state(lent)
+        self._finished = False
+        self._drawn = 0
+        self._got = set()
+        self._skip = _resume.Done()
+        if state is not None:
+            if state["received"] is not None:
+                self._skip = _resume.Done.from_json(state["received"])
+            self._num_yielded = int(state["yielded"])
         if self._runner is None:
             if self._num_workers == 0:
                 return
@@ -395,17 +668,42 @@ class _FlowplugLoaderIter(_BaseDataLoaderIter):
         if self._pin_fn is not None:
             self._pinner = _Pinner(self._epoch, self._pin_fn, self._prefetch_factor)
 
+    def _next_task(self) -> tuple[int, Any]:
+        """The next batch of indices of a map-style pass and its position in the pass;
+        skips those received before a resume (the sampler still draws them)."""
+        while True:
+            index = self._next_index()  # may raise StopIteration
+            position = self._drawn
+            self._drawn += 1
+            if position not in self._skip:
+                return position, index
+
     def _next_data(self) -> Any:
-        if self._runner is None and self._num_workers == 0:
-            data = self._fetcher.fetch(self._next_index())  # may raise StopIteration
-            return data if self._pin_fn is None else self._pin_fn(data)
+        if self._finished:
+            raise StopIteration  # a resumed pass that had ended
         try:
+            if self._num_workers == 0:
+                if self._dataset_kind == _DatasetKind.Map:
+                    position, index = self._next_task()
+                    data = self._fetcher.fetch(index)
+                    self._got.add(position)
+                else:
+                    data = self._fetcher.fetch(self._next_index())
+                return data if self._pin_fn is None else self._pin_fn(data)
             if self._pinner is not None:
-                return self._pinner.get()
-            if self._epoch is None:
+                data = self._pinner.get()
+            elif self._epoch is None:
                 raise StopIteration
-            return next(self._epoch)
+            else:
+                data = next(self._epoch)
+            if self._dataset_kind == _DatasetKind.Map:
+                position, data = data
+                self._got.add(position)
+            return data
         except StopIteration:
+            self._finished = True
+            if self._num_workers == 0:
+                raise
             if not self._persistent_workers:
                 self._shutdown()
             else:
@@ -427,6 +725,51 @@ class _FlowplugLoaderIter(_BaseDataLoaderIter):
         except BaseException:
             self._shutdown()  # a worker's error closed the runner: the next epoch restarts
             raise
+
+    def state_dict(self) -> dict[str, Any]:
+        """This iterator's pass, as :meth:`DataLoader.state_dict` describes it."""
+        iterable = self._dataset_kind == _DatasetKind.Iterable
+        keeps = self._persistent_workers and self._num_workers > 0
+        if self._finished:
+            # The next pass: a new iterator draws its base_seed (unless the workers persist,
+            # and with them the seed), the generators go on from where they are.
+            seed = int(self._base_seed) if keeps else None
+            state = _new_pass_state(self._dataset_kind, self._num_workers, self._rng.now(), seed)
+            state["finished"] = True
+            if iterable and keeps:
+                state["workers"] = self._workers_state()
+            elif iterable and self._num_workers == 0:
+                state["dataset"] = _resume.take_state(self._dataset)  # the next pass's start
+            return state
+        generators, default = self._pass_rng
+        seed = int(self._base_seed)
+        state = _new_pass_state(self._dataset_kind, self._num_workers, generators, seed)
+        state["yielded"] = self._num_yielded
+        if default is not None:
+            state["default_generator"] = _encode(default)
+        if not iterable:
+            state["received"] = self._skip.union(0, self._got).to_json()
+        elif self._num_workers > 0:
+            state["workers"] = self._workers_state()
+        else:
+            state["dataset"] = self._dataset_state
+        return state
+
+    def _workers_state(self) -> dict[str, Any]:
+        if self._pinner is not None:
+            raise fp.StateError(
+                "state_dict() of a DataLoader over an IterableDataset with workers and a "
+                "pinning thread (pin_memory=True with an accelerator, or pin_fn=) is not "
+                "supported: the thread takes batches ahead of the consumer. Pin in the "
+                "training loop instead, or use a map-style dataset"
+            )
+        if self._runner is None:
+            raise fp.StateError(
+                "the workers of this pass stopped (an error, a timeout, or a dead worker), "
+                "so where they were is lost; resume from a state saved before, or start "
+                "the next epoch with iter(loader)"
+            )
+        return self._runner.state_dict()
 
     def _stop_epoch(self) -> None:
         if self._pinner is not None:
@@ -455,6 +798,11 @@ class _FlowplugLoaderIter(_BaseDataLoaderIter):
             self._shutdown()
         except Exception:
             pass
+
+
+def _pin_task(pin_fn: Callable[[Any], Any], item: tuple[int, Any]) -> tuple[int, Any]:
+    """Pin the batch of a map-style answer ``(position, batch)``."""
+    return item[0], pin_fn(item[1])
 
 
 class _Pinner:

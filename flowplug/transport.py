@@ -27,7 +27,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 
 class _Empty:
@@ -61,6 +61,23 @@ class Option:
     help: str = ""
     #: true when the value is a byte count that may be given as "512MiB", "2GB"...
     size: bool = field(default=False)
+
+
+class OpenFiles(NamedTuple):
+    """How many file descriptors a transport holds open, at most: the Runner checks them,
+    with its own, against ``RLIMIT_NOFILE`` before it starts a run (see
+    :attr:`Transport.open_files`). Count what the transport's code opens (sockets, pipes,
+    a zmq context's own, the files of a shared-memory store), in the state where it holds
+    the most; measure it (``/proc/self/fd`` in the consumer and in a worker).
+    """
+
+    #: in the consumer, whatever the number of workers (a zmq context and its socket).
+    consumer: int = 0
+    #: in the consumer, for each worker (a pipe per worker, a connection it accepted).
+    per_worker: int = 0
+    #: in each worker process, opened there (its sender's zmq context and socket); what
+    #: a forked worker inherits from the consumer is counted by the Runner.
+    worker: int = 0
 
 
 def option_defaults(options: Sequence[Option]) -> dict[str, Any]:
@@ -166,6 +183,12 @@ class Transport(ABC):
     size_limit_option: ClassVar[str | None] = None
     #: the options this transport accepts.
     options: ClassVar[tuple[Option, ...]] = ()
+    #: the file descriptors the transport opens (:class:`OpenFiles`), for the Runner's check
+    #: of ``RLIMIT_NOFILE`` before it starts the workers: a run that would run out is a
+    #: :class:`~flowplug.ConfigError` naming the limit, not a worker that cannot connect
+    #: (or libzmq aborting the process). The default fits a transport with one zmq
+    #: context on each side; a run whose count is too low fails like an unchecked one.
+    open_files: ClassVar[OpenFiles] = OpenFiles(consumer=8, per_worker=2, worker=8)
 
     def __init__(
         self,
@@ -259,6 +282,8 @@ class TaskTransport(Transport):
     """
 
     carries_tasks = True
+    #: what the task channel opens, on top of :attr:`~Transport.open_files`.
+    task_open_files: ClassVar[OpenFiles] = OpenFiles(consumer=4, per_worker=1, worker=8)
 
     @abstractmethod
     def open_tasks(self) -> Callable[[int], TaskReceiver]:

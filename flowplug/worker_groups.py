@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any, ClassVar
 
+from ._fds import STARTING, ensure_room
 from ._gates import Control, ControlSink
 from .errors import StateError
 from .transport import Connect, Transport
@@ -243,6 +244,10 @@ class ProcessWorkers(WorkerGroup):
             gates = self._gates or [None] * len(self._infos)
             dfs = pickled or self._dfs
             for df, info, gate in zip(dfs, self._infos, gates, strict=True):
+                # multiprocessing leaks a pipe when it runs out of fds half-way through
+                # starting a process: refuse before (the Runner checked, unless something
+                # else opened files since)
+                ensure_room(2 + STARTING, f"to start worker process {info.id}")
                 reader, writer = self._ctx.Pipe(duplex=False)
                 self._reports.append(reader)
                 try:

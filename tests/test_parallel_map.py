@@ -212,6 +212,32 @@ def test_process_map_inside_a_worker_process(no_leaks):
         assert list(runner) == [0, 3, 6]
 
 
+class SetUp:
+    """A fn with set-up of its own: each worker runs reset_state() once, when it starts."""
+
+    def __init__(self):
+        self.calls = []
+
+    def reset_state(self):
+        self.calls.append(os.getpid())
+
+    def __call__(self, x):
+        return x, tuple(self.calls), os.getpid()
+
+
+@pytest.mark.parametrize("transport", TASK_TRANSPORTS)
+def test_fn_reset_state_runs_once_per_worker_before_its_tasks(no_leaks, transport):
+    with fp.ParallelMap(fp.DataFromList(range(20)), SetUp(), num_workers=2,
+                        transport=transport) as m:  # fmt: skip
+        out = list(m)
+    assert [x for x, _, _ in out] == list(range(20))
+    for _, calls, pid in out:
+        if fp.get_transport(transport).crosses_processes:
+            assert calls == (pid,)  # this worker's copy, set up once
+        else:
+            assert calls and set(calls) == {pid}  # worker threads share the one fn
+
+
 def test_transport_without_tasks_is_a_config_error(no_leaks):
     class NoTasks(fp.get_transport("thread")):
         name = "notasks"

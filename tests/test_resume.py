@@ -437,13 +437,18 @@ def as_int(dp) -> int:
 
 @pytest.mark.parametrize("transport", PROCESS_TRANSPORTS)
 @pytest.mark.parametrize("kind", ["tensorpack", "numpy"])
-@pytest.mark.parametrize("ordered", [True, False])
-@pytest.mark.parametrize("workers_after", [2, 3])
-def test_seeded_passes_resume_in_the_saved_order(no_leaks, transport, kind, ordered, workers_after):
-    """Without shard(), every worker's generators are seeded per epoch: the seed is the
-    run's seed and the absolute epoch, so a fresh runner resumed mid-epoch 1 or at the
-    start of epoch 2 makes the same passes as the saved run. Each epoch is exact, no
-    item twice, and in order it is the uninterrupted sequence."""
+@pytest.mark.parametrize(
+    ("workers_before", "workers_after", "ordered"),
+    [(2, 2, False), (2, 3, True), (2, 1, True), (2, 1, False), (1, 2, True), (1, 3, False)],
+)
+def test_seeded_passes_resume_in_the_saved_order(
+    no_leaks, transport, kind, workers_before, workers_after, ordered
+):
+    """Without shard(), every worker's generators are seeded per epoch (one worker's
+    too): the seed is the run's seed and the absolute epoch, so a fresh runner resumed
+    mid-epoch 1 or at the start of epoch 2, on any num_workers, makes the same passes as
+    the saved run. Each epoch is exact, no item twice, and in order it is the
+    uninterrupted sequence."""
     n, epochs = 23, 4
 
     def runner(num_workers, seed=None):
@@ -464,7 +469,7 @@ def test_seeded_passes_resume_in_the_saved_order(no_leaks, transport, kind, orde
     assert whole[1] != whole[2]  # really reshuffled per epoch
 
     for stop_epoch, taken in [(1, 9), (2, 0)]:
-        with runner(2, seed=11) as first:
+        with runner(workers_before, seed=11) as first:
             got = [[as_int(dp) for dp in first] for _ in range(stop_epoch)]
             it = iter(first)
             before = [as_int(next(it)) for _ in range(taken)]

@@ -55,11 +55,26 @@ def test_a_slow_consumer_makes_the_workers_wait(no_leaks, transport):
     assert all(w.blocked_s > 0.02 for w in stats.workers), stats.workers
 
 
-def test_map_and_replicate_mode_count_in_the_consumer(no_leaks):
-    with fp.ParallelMap(fp.DataFromList(range(30)), slow, num_workers=2, transport="thread") as m:
+@pytest.mark.parametrize("transport", ["thread", "zmq"])
+def test_map_counts_per_worker_too(no_leaks, transport):
+    """A map's workers count the tasks they answered and their waits for a task."""
+    with fp.ParallelMap(fp.DataFromList(range(30)), slow, num_workers=2, transport=transport) as m:
         assert len(list(m)) == 30 and len(list(m)) == 30
         stats = m.stats()
-    assert stats.delivered == 60 and stats.mode == "map" and stats.workers is None
+    assert stats.delivered == 60 and stats.mode == "map"
+    assert [w.id for w in stats.workers] == [0, 1]
+    assert sum(w.produced for w in stats.workers) == 60, stats.workers
+    assert all(w.blocked_s >= 0 for w in stats.workers)
+    # A consumer slower than the workers: they wait for tasks.
+    with fp.ParallelMap(fp.DataFromList(range(20)), abs, num_workers=2, transport=transport,
+                        capacity=2) as m:  # fmt: skip
+        for _ in m:
+            time.sleep(0.01)
+        stats = m.stats()
+    assert sum(w.blocked_s for w in stats.workers) > 0.05, stats.workers
+
+
+def test_replicate_mode_counts_in_the_consumer(no_leaks):
     df = fp.DataFromList(range(5))
     with fp.Runner(df, transport="thread", num_workers=2, mode="replicate") as runner:
         assert len(list(runner)) == 5  # an epoch is len(df) datapoints

@@ -309,6 +309,23 @@ def test_worker_info_and_worker_init_fn(loader):
     assert get_worker_info() is None  # in the consumer
 
 
+def _touch(directory, worker_id):
+    (directory / f"init-{worker_id}").write_text(str(os.getpid()))
+
+
+def test_worker_init_fn_runs_when_each_worker_starts(loader, tmp_path):
+    """As in torch, every worker runs worker_init_fn when it starts: also one that gets
+    no batch (one batch, two persistent workers, which stay up after the epoch)."""
+    dl = loader(Squares(2), batch_size=2, num_workers=2, persistent_workers=True,
+                worker_init_fn=functools.partial(_touch, tmp_path))  # fmt: skip
+    assert len(list(dl)) == 1
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["init-0", "init-1"]
+    del dl
+
+
 def test_seeds_reproducible_and_identical_to_torchs(no_leaks):
     def run(cls):
         torch.manual_seed(2024)
@@ -317,9 +334,13 @@ def test_seeds_reproducible_and_identical_to_torchs(no_leaks):
 
     ours, again, theirs = (run(LOADERS["flowplug"]), run(LOADERS["flowplug"]),
                            run(torch.utils.data.DataLoader))  # fmt: skip
-    assert ours == again == theirs  # torch, random and numpy, per worker
-    assert ours[0] != ours[1]
-    assert all(a != b for a, b in zip(ours[0], ours[1], strict=True))
+    # torch, random and numpy, per worker. flowplug hands a batch to whichever worker is
+    # free: on a loaded machine a worker still starting may get none (docs/pytorch.md).
+    for run_ in (ours, again):
+        assert run_ and all(run_[w] == theirs[w] for w in run_), (run_, theirs)
+    assert set(ours) | set(again) == set(theirs) == {0, 1}
+    assert theirs[0] != theirs[1]  # distinct per worker, in all three generators
+    assert all(a != b for a, b in zip(theirs[0], theirs[1], strict=True))
 
 
 def test_new_seeds_every_epoch_unless_persistent(loader):
@@ -432,7 +453,7 @@ def test_pin_fn_runs_in_a_consumer_thread(no_leaks):
     assert [x[0, 0, 0].item() for x, _ in out] == [1000.0, 1002.0, 1004.0]
     assert seen == ["flowplug-torch-pin-memory"] * 3
     ours = list(ft.DataLoader(Squares(6), batch_size=2, pin_fn=pin))  # in-process too
-    assert len(ours) == 3
+    assert [x[0, 0, 0].item() for x, _ in ours] == [1000.0, 1002.0, 1004.0]
 
 
 # ---------------------------------------------------------------------------- flowplug only

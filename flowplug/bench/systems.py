@@ -203,7 +203,7 @@ def _torch(payload: str, workers: int) -> Iterator[Iterator[Any]]:
             return iter(flow)
 
     loader = torch.utils.data.DataLoader(TorchRepeat(), batch_size=None, num_workers=workers)
-    it = iter(loader)
+    it: Any = iter(loader)  # torch's multiprocessing iterator (_shutdown_workers below)
     try:
         yield it
     finally:

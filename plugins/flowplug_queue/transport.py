@@ -115,6 +115,10 @@ class QueueTransport(flowplug.TaskTransport):
     """
 
     name = "queue"
+    # a pipe per worker, both ends kept by the consumer; tasks: one pipe (and a lock,
+    # which is a semaphore, not a file)
+    open_files = flowplug.OpenFiles(consumer=0, per_worker=2, worker=0)
+    task_open_files = flowplug.OpenFiles(consumer=2, per_worker=0, worker=0)
     options = (
         flowplug.Option("batch", int, 64, "pack up to this many small items per message (1: off)"),
         flowplug.Option(

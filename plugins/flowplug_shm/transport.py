@@ -247,6 +247,12 @@ class ShmTransport(flowplug.TaskTransport):
     """
 
     name = "shm"
+    # measured (/proc/self/fd): the store's file and a zmq context with its socket for
+    # copies (one connection per worker that sends one) in the consumer; a worker opens
+    # a zmq context of its own for its first copy (and, spawned, attaches the store);
+    # tasks: one more socket in the consumer, a context in each worker.
+    open_files = flowplug.OpenFiles(consumer=9, per_worker=1, worker=9)
+    task_open_files = flowplug.OpenFiles(consumer=2, per_worker=1, worker=7)
     zero_copy = True
     uses_shared_memory = True
     size_limit_option = "size"

@@ -66,6 +66,8 @@ class ThreadTransport(flowplug.TaskTransport):
 
     name = "thread"
     crosses_processes = False
+    open_files = flowplug.OpenFiles()  # queues and semaphores of Python: no file
+    task_open_files = flowplug.OpenFiles()
     zero_copy = True
 
     def open(self) -> functools.partial[ThreadSender]:

@@ -95,6 +95,11 @@ class ZmqTransport(flowplug.TaskTransport):
     """
 
     name = "zmq"
+    # measured (/proc/self/fd): a context holds 5 fds, a socket 2 (its mailbox and its
+    # fd), the consumer's socket one per connected worker; the task socket shares the
+    # consumer's context, a worker's task receiver has a context of its own.
+    open_files = flowplug.OpenFiles(consumer=7, per_worker=1, worker=7)
+    task_open_files = flowplug.OpenFiles(consumer=2, per_worker=1, worker=7)
     options = (
         flowplug.Option(
             "hwm", int, 0, "zmq high-water mark on both sides (0: use the runner's capacity)"

@@ -1,0 +1,80 @@
+"""``capacity`` bounds the datapoints made and not yet delivered, across the workers.
+
+docs/configuration.md: in replicate mode, at most ``max(capacity, num_workers)``
+datapoints have been made by the workers' dataflows and not yet returned by ``next()``,
+whatever the transport, the batching of small items or the kernel's buffers. Each worker
+counts what its dataflow made in shared memory; a slow consumer compares that with what
+it received after every ``next()``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+
+import numpy as np
+import pytest
+
+import flowplug as fp
+
+#: every transport whose workers the Runner starts (processes or threads).
+TRANSPORTS = sorted(name for name, cls in fp.available_transports().items() if not cls.runs_workers)
+
+
+class Counted(fp.DataFlow):
+    """Yields ``(worker id, i, payload)`` forever, counting each datapoint in ``made[id]``
+    just before it yields it. ``made`` is an anonymous shared mapping: forked workers and
+    threads write the consumer's."""
+
+    def __init__(self, made: memoryview, size: int = 0):
+        self.made = made
+        self.size = size
+
+    def __iter__(self):
+        wid = fp.worker_info().id
+        payload = np.ones(self.size, np.uint8) if self.size else None
+        made = self.made
+        i = 0
+        while True:
+            made[wid] = i + 1
+            yield (wid, i, payload)
+            i += 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize(
+    ("capacity", "workers", "size"),
+    [(4, 4, 0), (6, 2, 0), (5, 3, 1 << 20), (4, 4, 8 << 20), (2, 4, 0), (1, 1, 0)],
+    ids=["4-over-4", "6-over-2", "5-over-3-1MiB", "4-over-4-8MiB", "2-over-4", "1-over-1"],
+)
+def test_capacity_bounds_what_is_made_and_not_yet_delivered(
+    no_leaks, transport, capacity, workers, size
+):
+    cls = fp.get_transport(transport)
+    made = memoryview(mmap.mmap(-1, 8 * workers)).cast("q")
+    bound = max(capacity, workers)
+    kw = {"start_method": "fork"} if cls.crosses_processes else {}
+    items = 60 if size >= (8 << 20) else 200
+    last: dict[int, int] = {}
+    worst = 0
+    with fp.Runner(
+        lambda: Counted(made, size),  # a factory: the mapping is the consumer's, not a copy
+        transport=transport,
+        num_workers=workers,
+        capacity=capacity,
+        mode="replicate",
+        **kw,
+    ) as runner:
+        it = iter(runner)
+        for received in range(1, items + 1):
+            wid, i, payload = next(it)
+            worst = max(worst, sum(made) - received)
+            # per worker, in order, nothing lost, nothing twice
+            assert i == last.get(wid, -1) + 1, (wid, last.get(wid), i)
+            last[wid] = i
+            if size:
+                assert payload.shape == (size,) and payload[-1] == 1
+            time.sleep(0.002)  # a slow consumer: the workers fill whatever there is
+        time.sleep(0.3)  # the workers, blocked now, may not have gone past the bound
+        worst = max(worst, sum(made) - items)
+    assert worst <= bound, f"{worst} datapoints made and not yet delivered, bound {bound}"
