@@ -3,11 +3,13 @@
 ``small``/``large``: a transport alone (sender.send + transport.recv, no Runner), in one
 process: a thread sends, the main thread receives. ``runner``: the consumer's side of a
 Runner's epoch (recv, the mode's loop, delivery) over zmq with one worker process, in
-replicate and in shard mode; the worker's CPU is not counted. Each row is the minimum
-over the repeats of process CPU time per item, which holds up better than wall time on
-a busy machine. To compare two trees, run it alternately with PYTHONPATH=TREE:TREE/plugins:
+replicate and in shard mode; the worker's CPU is not counted. ``loop``: the modes' loops
+alone, on a started run faked in memory (no transport, no thread: the steadiest row, in
+ns). Each row is the minimum over the repeats of process CPU time per item, which holds
+up better than wall time on a busy machine. To compare two trees, run it alternately
+with PYTHONPATH=TREE:TREE/plugins:
 
-    python benchmarks/hot_path.py [small] [large] [runner]
+    python benchmarks/hot_path.py [small] [large] [runner] [loop]
 """
 
 import json
@@ -79,10 +81,62 @@ def runner_row(mode, n=20000, repeats=5):
     return best
 
 
+class _Recv:
+    """A transport's recv() over a list, and the rest of a started run (modes.Run)."""
+
+    closing = None
+    inside = 0
+    halted = False
+
+    def __init__(self, items, control=None):
+        self.items = items
+        self.i = 0
+        self.transport = self
+        self.workers = self
+        self.death = None
+        self.control = control
+
+    def recv(self, timeout):
+        i = self.i
+        self.i = i + 1
+        return self.items[i]
+
+
+class _Control:
+    def __init__(self):
+        self.release = [lambda: None]
+
+    def start_epoch(self, epoch):
+        pass
+
+
+def loop_row(mode, ordered=False, n=50_000, repeats=25):
+    from flowplug._gates import EpochEnd  # private: this row reaches into a Runner
+
+    best = float("inf")
+    for _ in range(repeats):
+        df = fp.DataFromList(list(range(n)))
+        runner = fp.Runner(df, transport="thread", num_workers=1, mode=mode, ordered=ordered)
+        if mode == "shard":
+            items = [(0, i, {"x": i}) for i in range(n)] + [EpochEnd(0, 0)]
+            runner._run = _Recv(items, _Control())
+        else:
+            runner._run = _Recv([{"x": i} for i in range(n)])
+        runner._size = n
+        epoch = runner._iterate()
+        start = time.process_time()
+        for _ in epoch:
+            pass
+        best = min(best, (time.process_time() - start) / n)
+        runner._run = None  # never started: nothing to close
+        runner._closed = True
+    return best
+
+
 small = {"label": 3, "x": 1.5, "name": "item"}
 large = np.zeros(1 << 20, np.uint8)  # 1 MiB
 out = {}
-which = sys.argv[1:] or ["small", "large", "runner"]
+which = sys.argv[1:] or ["small", "large", "runner", "loop"]
 for name in ("zmq", "queue"):
     if "small" in which:
         out[f"{name} small"] = row(name, small, 8192)
@@ -91,4 +145,8 @@ for name in ("zmq", "queue"):
 if "runner" in which:
     for mode in ("replicate", "shard"):
         out[f"runner {mode} small"] = runner_row(mode)
+if "loop" in which:
+    out["loop replicate (ns)"] = loop_row("replicate") * 1e3
+    out["loop shard (ns)"] = loop_row("shard") * 1e3
+    out["loop shard ordered (ns)"] = loop_row("shard", True) * 1e3
 print(json.dumps({k: round(v * 1e6, 2) for k, v in out.items()}))  # us per item

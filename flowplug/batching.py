@@ -6,6 +6,10 @@ its sender subclasses :class:`BatchingSender`, which bounds the latency this add
 The consumer side unpacks a batch (:func:`flowplug.serialize.unpack_batch`) into a local
 deque and returns its objects one per :meth:`~flowplug.Transport.recv`, so neither the
 Runner nor the user sees batches.
+
+A sender that packs its batches its own way (Ray's actor host pickles straight into a
+ring) keeps the same latency bound with :class:`LateFlush`, the timer half of
+:class:`BatchingSender`.
 """
 
 from __future__ import annotations
@@ -13,10 +17,80 @@ from __future__ import annotations
 import threading
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from .serialize import Batch, dumps
 from .transport import Sender
+
+
+class LateFlush:
+    """Writes a sender's pending batch once it has waited ``max_delay`` seconds and no
+    ``send()`` came to write it (the dataflow stalled): the timer of a batching sender.
+
+    The sender owns the batch and ``lock``. Holding the lock, it calls :meth:`began` when
+    a batch gets its first object and :meth:`written` when it writes one; its ``send()``
+    writes a batch whose :attr:`since` is ``max_delay`` old. The timer, a daemon thread
+    started at the first batch, calls ``write()`` holding the lock when ``pending()`` is
+    true and the batch is due; an error there ends the timer (the consumer is gone: the
+    next ``send()`` reports it). :meth:`stop` ends it, from the sender's ``close()``.
+
+    :param pending: whether a batch is pending (called holding the lock).
+    :param write: writes the pending batch (called holding the lock).
+    """
+
+    def __init__(
+        self,
+        lock: threading.Lock,
+        max_delay: float,
+        pending: Callable[[], Any],
+        write: Callable[[], None],
+        name: str = "flowplug-flush",
+    ):
+        self.lock = lock
+        self.max_delay = max_delay
+        self._pending = pending
+        self._write = write
+        self._name = name
+        #: when the pending batch got its first object (``time.monotonic()``).
+        self.since = 0.0
+        self._waiting = threading.Event()  # set while a batch waits: wakes the thread
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def began(self) -> None:
+        """A batch got its first object (holding the lock)."""
+        self.since = time.monotonic()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._waiting.set()
+
+    def written(self) -> None:
+        """The pending batch was written (holding the lock)."""
+        self._waiting.clear()
+
+    def stop(self) -> None:
+        """End the thread (after the sender's last flush)."""
+        self._stopped = True
+        self._waiting.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
+
+    def _run(self) -> None:
+        while True:
+            self._waiting.wait()
+            if self._stopped:
+                return
+            with self.lock:
+                due = self.since + self.max_delay - time.monotonic()
+                if self._pending() and due <= 0:
+                    try:
+                        self._write()
+                    except Exception:
+                        return  # the consumer is gone; the next send() reports it
+                    continue
+            time.sleep(max(due, 0.0002))
 
 
 class BatchingSender(Sender):
@@ -49,11 +123,10 @@ class BatchingSender(Sender):
         self._item_max = item_max if max_items > 1 else -1
         self._max_delay = max_delay
         self._batch = Batch()
-        self._started = 0.0  # when the pending batch got its first object
         self._lock = threading.Lock()
-        self._pending = threading.Event()  # set while a batch waits: wakes the timer
-        self._closed = False
-        self._timer: threading.Thread | None = None
+        self._late = LateFlush(
+            self._lock, max_delay, lambda: self._batch.count, self._write_pending
+        )
 
     @abstractmethod
     def write_one(self, frames: list[Any]) -> None:
@@ -75,20 +148,17 @@ class BatchingSender(Sender):
                 self.write_one(frames)
                 return
             if not batch.count:
-                self._started = time.monotonic()
-                if self._timer is None:
-                    self._start_timer()
-                self._pending.set()
+                self._late.began()
             batch.add(frames)
             if (
                 batch.count >= self._max_items
                 or batch.nbytes >= self._max_bytes
-                or time.monotonic() - self._started >= self._max_delay
+                or time.monotonic() - self._late.since >= self._max_delay
             ):
                 self._write_pending()
 
     def _write_pending(self) -> None:
-        self._pending.clear()
+        self._late.written()
         header, blob = self._batch.take()
         self.write_batch(header, blob)
 
@@ -102,31 +172,8 @@ class BatchingSender(Sender):
         try:
             self.flush()
         finally:
-            self._closed = True
-            self._pending.set()
-            if self._timer is not None:
-                self._timer.join(1.0)
+            self._late.stop()
             self.disconnect()
 
     def disconnect(self) -> None:
         """Close the worker side's medium (sockets, pipes); called once by :meth:`close`."""
-
-    def _start_timer(self) -> None:
-        self._timer = threading.Thread(target=self._flush_late, name="flowplug-flush", daemon=True)
-        self._timer.start()
-
-    def _flush_late(self) -> None:
-        """Timer thread: flush a batch that waited ``max_delay`` (the dataflow stalled)."""
-        while True:
-            self._pending.wait()
-            if self._closed:
-                return
-            with self._lock:
-                due = self._started + self._max_delay - time.monotonic()
-                if self._batch.count and due <= 0:
-                    try:
-                        self._write_pending()
-                    except Exception:
-                        return  # the consumer is gone; the next send() reports it
-                    continue
-            time.sleep(max(due, 0.0002))

@@ -191,10 +191,12 @@ def _rebuild_tensor(buf: Any, dtype: str, shape: tuple[int, ...], stride: tuple[
 # A batch packs the frames of several small objects into one buffer, so that a transport
 # moves them as one message: [header, blob]. The header is a uint64 array
 # ``[n_objects, (n_frames, length, ...) per object]``; each frame starts in the blob at a
-# multiple of _ALIGN, so arrays rebuilt on top of the blob are aligned.
+# multiple of ALIGN, so arrays rebuilt on top of the blob are aligned.
 
-_ALIGN = 16
-_PADDING = bytes(_ALIGN)
+#: a batch's frames start at multiples of this many bytes in its blob (for a sender that
+#: writes the batch layout itself, as Ray's actor host does).
+ALIGN = 16
+_PADDING = bytes(ALIGN)
 
 
 class Batch:
@@ -218,7 +220,7 @@ class Batch:
         lengths = self._lengths
         lengths.append(len(frames))
         for frame in frames:
-            pad = -len(blob) % _ALIGN
+            pad = -len(blob) % ALIGN
             if pad:
                 blob += b"\0" * pad
             start = len(blob)
@@ -251,7 +253,7 @@ def batch_of_one(frames: list[Any]) -> tuple[bytes, list[Any], int]:
     parts: list[Any] = []
     size = 0
     for frame, length in zip(frames, lengths, strict=True):
-        pad = -size % _ALIGN
+        pad = -size % ALIGN
         if pad:
             parts.append(_PADDING[:pad])
             size += pad
@@ -273,13 +275,13 @@ def unpack_batch(header: Any, blob: Any) -> list[Any]:
         if n == 1:  # the common case, a small object: one frame, no buffers
             length = lengths[pos + 1]
             out.append(loads(view[offset : offset + length]))
-            offset += length + (-length % _ALIGN)
+            offset += length + (-length % ALIGN)
             pos += 2
             continue
         frames = []
         for length in lengths[pos + 1 : pos + 1 + n]:
             frames.append(view[offset : offset + length])
-            offset += length + (-length % _ALIGN)
+            offset += length + (-length % ALIGN)
         pos += n + 1
         out.append(loads(frames[0], buffers=frames[1:]))
     return out

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import flowplug as fp
+from flowplug.batching import LateFlush
 from flowplug.serialize import Batch, dumps, loads, unpack_batch
 from flowplug.testing.contract import assert_same
 
@@ -61,6 +62,37 @@ def test_sender_flushes_a_waiting_batch_without_another_send():
     assert sender.written.wait(10), "the timer never flushed the batch"
     assert sender.messages == [["lonely"]]
     sender.close()
+
+
+def test_late_flush_writes_a_due_batch_once_and_ends_on_stop_or_a_failed_write():
+    lock = threading.Lock()
+    pending = []
+    writes = []
+    wrote = threading.Event()
+
+    def write():  # as a sender's: under the lock, tells the timer it wrote
+        late.written()
+        writes.append(list(pending))
+        pending.clear()
+        wrote.set()
+        if len(writes) == 2:
+            raise OSError("the consumer is gone")
+
+    late = LateFlush(lock, 0.01, lambda: pending, write, name="test-late-flush")
+    with lock:
+        pending.append("a")
+        late.began()
+    assert wrote.wait(10), "the timer never wrote the due batch"
+    with lock:
+        assert writes == [["a"]]
+        wrote.clear()
+        pending.append("b")
+        late.began()
+    assert wrote.wait(10)
+    time.sleep(0.05)  # the failed write ended the thread: nothing more is written
+    late.stop()
+    assert writes == [["a"], ["b"]]
+    assert late._thread is not None and not late._thread.is_alive()
 
 
 def test_batching_off_sends_each_item_alone():

@@ -8,8 +8,8 @@ SIGSEGV is reported as such, which Ray alone cannot tell (it sees a closed conne
 
 Between the worker and its actor (one machine, parent and child) the data goes through a
 **ring**: an anonymous shared mapping made before the fork, so nothing is named in /dev/shm
-and nothing outlives the two processes. The worker's :class:`RingSender` (a
-:class:`flowplug.BatchingSender`: small datapoints are packed together) copies each message
+and nothing outlives the two processes. The worker's :class:`RingSender` (small datapoints
+are packed together, within :mod:`flowplug.batching`'s latency bound) copies each message
 (one large datapoint, or a batch of small ones) into the ring, its frames aligned as in
 :class:`flowplug.serialize.Batch`, and sends only its header and position through a pipe.
 Consecutive messages therefore lie back to back in the ring in the core's batch layout, and
@@ -47,7 +47,8 @@ import numpy as np
 import ray
 
 import flowplug
-from flowplug.serialize import OUT_OF_BAND_MIN, dumps
+from flowplug.batching import LateFlush
+from flowplug.serialize import ALIGN, OUT_OF_BAND_MIN, dumps
 
 #: bytes of the ring between a worker and its actor (an anonymous shared mapping).
 RING_BYTES = 32 * 1024 * 1024
@@ -69,8 +70,7 @@ BATCH_DELAY = 0.002
 #: datapoints larger than this (pickled) are sent alone.
 ITEM_MAX = 64 * 1024
 
-_ALIGN = 16
-_PAD = bytes(_ALIGN)
+_PAD = bytes(ALIGN)
 _CTL = 64  # the ring's first bytes: [released position, released messages] (uint64)
 _MSG = struct.Struct("<QQ")  # position in the ring (INLINE: in the pipe), length
 _INLINE = 2**64 - 1
@@ -78,7 +78,7 @@ _COUNT = struct.Struct("<Q")
 
 
 def _up(n: int) -> int:
-    return n + (-n % _ALIGN)
+    return n + (-n % ALIGN)
 
 
 class RingSender(flowplug.Sender):
@@ -110,11 +110,10 @@ class RingSender(flowplug.Sender):
         self._pickler = pickle.Pickler(self._stream, protocol=5, buffer_callback=self._buffer)
         self._lengths: list[int] = [0]
         self._count = 0
-        self._started = 0.0
         self._lock = threading.Lock()
-        self._pending = threading.Event()
-        self._closed = False
-        self._timer: threading.Thread | None = None
+        self._late = LateFlush(
+            self._lock, BATCH_DELAY, lambda: self._count, self._write_batch, "flowplug-ray-flush"
+        )
 
     def _buffer(self, buf: pickle.PickleBuffer) -> bool:
         if buf.raw().nbytes < OUT_OF_BAND_MIN:
@@ -144,21 +143,15 @@ class RingSender(flowplug.Sender):
                     self._write_batch()
                 self._write_one(dumps(obj))
                 return
-            stream.write(_PAD[: -end % _ALIGN])
+            stream.write(_PAD[: -end % ALIGN])
             self._lengths += (1, end - start)
             self._count += 1
             if self._count == 1:
-                self._started = time.monotonic()
-                if self._timer is None:
-                    self._timer = threading.Thread(
-                        target=self._flush_late, name="flowplug-ray-flush", daemon=True
-                    )
-                    self._timer.start()
-                self._pending.set()
+                self._late.began()
             elif (
                 self._count >= BATCH_ITEMS
                 or end >= BATCH_MAX
-                or time.monotonic() - self._started >= BATCH_DELAY
+                or time.monotonic() - self._late.since >= BATCH_DELAY
             ):
                 self._write_batch()
 
@@ -171,27 +164,8 @@ class RingSender(flowplug.Sender):
         try:
             self.flush()
         finally:
-            self._closed = True
-            self._pending.set()
-            if self._timer is not None:
-                self._timer.join(1.0)
+            self._late.stop()
             self._conn.close()
-
-    def _flush_late(self) -> None:
-        """Timer thread: send a batch that waited BATCH_DELAY (the dataflow stalled)."""
-        while True:
-            self._pending.wait()
-            if self._closed:
-                return
-            with self._lock:
-                due = self._started + BATCH_DELAY - time.monotonic()
-                if self._count and due <= 0:
-                    try:
-                        self._write_batch()
-                    except Exception:
-                        return  # the actor is gone; the next send() reports it
-                    continue
-            time.sleep(max(due, 0.0002))
 
     def _reserve(self, nbytes: int) -> int:
         """Wait for ``nbytes`` contiguous bytes (and a message slot); return the position."""
@@ -217,7 +191,7 @@ class RingSender(flowplug.Sender):
 
     def _write_batch(self) -> None:
         """Send the pending batch: its stream is already in the core's batch layout."""
-        self._pending.clear()
+        self._late.written()
         lengths = self._lengths
         lengths[0] = self._count
         header = array("Q", lengths).tobytes()
