@@ -48,6 +48,9 @@ def _after_fork_in_child() -> None:
     belong to the parent. (multiprocessing's own children reset the set when they start;
     a plain os.fork does not.)
     """
+    global _STARTING
+    # A worker is forked while the lock is held: its own runners need a free one.
+    _STARTING = threading.Lock()
     children = getattr(mp.process, "_children", None)
     for proc in list(_FORKED):
         if children is not None:
