@@ -138,6 +138,12 @@ def main() -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     rng = random.Random(seed)
     fl.register_limited()
+    # spawn and forkserver start helper processes on first use, which live on: start them
+    # now, or the first run that uses them counts them as left behind
+    from multiprocessing import forkserver, resource_tracker
+
+    forkserver.ensure_running()
+    resource_tracker.ensure_running()
     transports = sorted(
         t for t in fp.available_transports() if t not in ("limited", "faulty", "faulty_thread")
     )
