@@ -29,6 +29,12 @@ from .errors import StateError
 from .transport import Connect, Transport
 from .worker_loop import RemoteFailure, WorkerInfo, process_main, run_worker
 
+#: held while a worker process starts, by every runner of this process. Between making
+#: a worker's pipes and closing the parent's copies of the worker's ends, a fork by
+#: another thread (another runner starting) would give that process copies of them:
+#: the worker's death would then never close its sentinel (the consumer hung on a dead
+#: worker) while the other process lives.
+_STARTING = threading.Lock()
 #: every worker process started here and not yet stopped (see :func:`_after_fork_in_child`).
 _FORKED: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -42,6 +48,9 @@ def _after_fork_in_child() -> None:
     belong to the parent. (multiprocessing's own children reset the set when they start;
     a plain os.fork does not.)
     """
+    global _STARTING
+    # A worker is forked while the lock is held: its own runners need a free one.
+    _STARTING = threading.Lock()
     children = getattr(mp.process, "_children", None)
     for proc in list(_FORKED):
         if children is not None:
@@ -248,18 +257,19 @@ class ProcessWorkers(WorkerGroup):
                 # starting a process: refuse before (the Runner checked, unless something
                 # else opened files since)
                 ensure_room(2 + STARTING, f"to start worker process {info.id}")
-                reader, writer = self._ctx.Pipe(duplex=False)
-                self._reports.append(reader)
-                try:
-                    proc = self._ctx.Process(
-                        target=process_main,
-                        args=(df, self._endpoint, info, parent, death_signal, gate, writer),
-                        name=f"flowplug-worker-{info.id}",
-                        daemon=True,
-                    )
-                    proc.start()
-                finally:
-                    writer.close()  # the worker has its own copy now
+                with _STARTING:  # see _STARTING
+                    reader, writer = self._ctx.Pipe(duplex=False)
+                    self._reports.append(reader)
+                    try:
+                        proc = self._ctx.Process(
+                            target=process_main,
+                            args=(df, self._endpoint, info, parent, death_signal, gate, writer),
+                            name=f"flowplug-worker-{info.id}",
+                            daemon=True,
+                        )
+                        proc.start()
+                    finally:
+                        writer.close()  # the worker has its own copy now
                 self.procs.append(proc)
                 _FORKED.add(proc)
         finally:

@@ -9,7 +9,8 @@ to what a transport declares (``crosses_processes``, ``uses_shared_memory``,
 
 The scenarios are split by theme: ``scenarios_errors.py`` (a worker's error reaches the
 consumer), ``scenarios_deaths.py`` (deaths, hangs, interrupts), ``scenarios_lifecycle.py``
-(cycles, threads, forks, strangers). What they inject faults with is in ``flows.py``,
+(cycles, threads, forks, strangers, several runners), ``scenarios_limits.py`` (too few
+file descriptors). What they inject faults with is in ``flows.py``,
 what they observe with in ``probes.py``. This module gathers them for the pytest modules
 and the soak session.
 """
@@ -20,10 +21,12 @@ from flows import register_faulty, register_limited
 from probes import CYCLES, MEASURED
 from scenarios_deaths import (
     death_modes,
+    forks,
     scenario_consumer_killed,
     scenario_consumer_sigint,
     scenario_ctrl_c_during_gc_cleanup,
     scenario_dropped,
+    scenario_ended_thread_then_death,
     scenario_segfault_is_quiet,
     scenario_stuck,
     scenario_timeout,
@@ -50,14 +53,17 @@ from scenarios_lifecycle import (
     scenario_fork_of_the_consumer,
     scenario_garbage,
     scenario_nested,
+    scenario_several_runners,
     scenario_shm_tiny,
     scenario_threads,
 )
+from scenarios_limits import scenario_fd_limits, scenario_fd_shortage_unchecked
 
 __all__ = [
     "CYCLES",
     "MEASURED",
     "death_modes",
+    "forks",
     "register_faulty",
     "register_limited",
     "scenario_broken_str",
@@ -70,7 +76,10 @@ __all__ = [
     "scenario_cycles",
     "scenario_dataflow_fails_to_load",
     "scenario_dropped",
+    "scenario_ended_thread_then_death",
     "scenario_fair",
+    "scenario_fd_limits",
+    "scenario_fd_shortage_unchecked",
     "scenario_fork_after_threads",
     "scenario_fork_of_the_consumer",
     "scenario_garbage",
@@ -80,6 +89,7 @@ __all__ = [
     "scenario_report_with_closed_stdio",
     "scenario_reset_fails",
     "scenario_segfault_is_quiet",
+    "scenario_several_runners",
     "scenario_shm_tiny",
     "scenario_stuck",
     "scenario_threads",

@@ -3,10 +3,11 @@
     python fdsweep.py TRANSPORT START_METHOD MODE [--unchecked]
 
 MODE is ``replicate``, ``shard`` or ``map`` (a ParallelMap). For each limit it prints
-``LIMIT OUTCOME`` on a line: ``OK`` (30 datapoints came), ``LIMIT`` (the Runner's
-ConfigError naming RLIMIT_NOFILE), or ``OTHER <type>: <message>``. It stops three limits
-after the first OK. ``--unchecked`` turns the Runner's headroom check off, as if something
-else opened files after it: then a clean error is allowed, but still never an abort.
+``LIMIT OUTCOME`` on a line: ``OK`` (30 datapoints came), ``LIMIT <message>`` (a
+ConfigError naming RLIMIT_NOFILE and ``ulimit -n``), or ``OTHER <type>: <message>``.
+It stops three limits after the first OK. ``--unchecked`` turns the Runner's headroom
+check off, as if something else opened files after it: then a clean error is allowed,
+but still never an abort.
 A process that aborts (libzmq's "Too many open files (src/epoll.cpp)") prints nothing more.
 """
 
@@ -65,15 +66,14 @@ def main() -> None:
             out = "OK"
         except fp.ConfigError as exc:
             text = str(exc)
-            out = "LIMIT" if "RLIMIT_NOFILE" in text and "ulimit -n" in text else f"OTHER {text}"
-            if out == "LIMIT" and "--show" in sys.argv:
-                out += " " + text
+            ours = "RLIMIT_NOFILE" in text and "ulimit -n" in text
+            out = f"LIMIT {text}" if ours else f"OTHER {text}"
         except BaseException as exc:
             out = f"OTHER {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         ok += out == "OK" or ok > 0
-        print(limit, out, flush=True)
+        print(limit, out.replace("\n", " "), flush=True)
         limit += 1
     print("DONE", _fds.open_fds(below=soft), flush=True)
 

@@ -44,6 +44,20 @@ class Forever(fp.DataFlow):
             i += 1
 
 
+class Tagged(fp.DataFlow):
+    """Yield ``(tag, worker id, i)`` forever: which runner, which worker, which item."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    def __iter__(self) -> Iterator[Any]:
+        wid = fp.worker_info().id
+        i = 0
+        while True:
+            yield (self.tag, wid, i)
+            i += 1
+
+
 class RaiseIn(fp.DataFlow):
     """Worker ``bad`` raises ValueError after ``k`` items; the others yield forever."""
 

@@ -1,5 +1,5 @@
 """Fault scenarios: a worker or the consumer dies, hangs or is interrupted, and
-everything ends cleanly (docs/reliability.md rows 3-6, 9, 10, 27, 28)."""
+everything ends cleanly (docs/reliability.md rows 3-6, 9, 10, 27, 28, 31, 32)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ import faulthandler
 import os
 import signal
 import tempfile
+import threading
 import time
 import warnings
+from typing import Any
 
-from flows import UNBLOCK, Die, Forever, StuckInC
+from flows import UNBLOCK, Die, Forever, RaiseAfter, StuckInC
 from probes import (
     CLOSE_RETURNS_WITHIN,
     DEATH_NOTICED_WITHIN,
     ORPHANS_GONE_WITHIN,
     caps,
+    drain_until,
     endless,
     finish,
     gone,
@@ -32,17 +35,19 @@ from flowplug.testing.contract import Counting, Slow
 from flowplug.testing.leaks import snapshot
 
 
-def scenario_worker_dies(transport: str, how: str) -> int:
+def scenario_worker_dies(transport: str, how: str, start_method: str | None = None) -> int:
     """3. A worker process is killed (SIGKILL, SIGSEGV, ``os._exit(3)``, SIGKILL while
     sending large datapoints): WorkerDied with pid and signal or exit code, quickly.
-    A worker thread cannot die silently: ``sys.exit(3)`` in one is a WorkerError."""
+    A worker thread cannot die silently: ``sys.exit(3)`` in one is a WorkerError.
+    31: the same with worker processes started by ``start_method`` (spawn, forkserver)."""
     expected = {
         "sigkill": (-signal.SIGKILL, "SIGKILL"),
         "sigkill_busy": (-signal.SIGKILL, "SIGKILL"),
         "sigsegv": (-signal.SIGSEGV, "SIGSEGV"),
         "exit3": (3, "code 3"),
     }
-    runner = fp.Runner(Die(how), transport=transport, num_workers=1)
+    started = {} if start_method is None else {"start_method": start_method}
+    runner = fp.Runner(Die(how), transport=transport, num_workers=1, **started)
     stream = endless(runner)
     start = time.monotonic()
     try:
@@ -234,4 +239,51 @@ def scenario_ctrl_c_during_gc_cleanup(transport: str) -> int:
     assert err.rstrip().endswith("KeyboardInterrupt"), err
     alive = gone(workers, ORPHANS_GONE_WITHIN)
     assert not alive, f"workers outlived the consumer: {alive}"
+    return 1
+
+
+def forks(transport: str) -> bool:
+    """The Runner starts this transport's workers as processes (start_method applies)."""
+    cls = caps(transport)
+    return cls.crosses_processes and not cls.runs_workers
+
+
+def scenario_ended_thread_then_death(transport: str, how: str) -> int:
+    """32. A runner started by a thread that then ended (so its worker processes have no
+    parent-death signal), iterated by another thread; its worker dies (``how``: a death
+    mode of the transport) or raises (``"raises"``): what it sent before arrives (all 7
+    items before an error; a killed worker loses what it had not sent yet), then
+    WorkerDied (WorkerError), and closing releases everything."""
+    before = snapshot()
+    df: fp.DataFlow = RaiseAfter(7) if how == "raises" else Die(how, k=7)
+    holder: list[fp.Runner] = []
+    starter = threading.Thread(
+        target=lambda: holder.append(
+            fp.Runner(df, transport=transport, num_workers=1, mode="replicate").__enter__()
+        )
+    )
+    starter.start()
+    starter.join()
+    runner = holder[0]
+    expect = fp.WorkerError if how in ("raises", "sysexit") else fp.WorkerDied
+    try:
+        time.sleep(0.2)  # the starting thread is gone; the worker may be dead already
+        result: list[Any] = []
+        consumer = threading.Thread(target=lambda: result.append(drain_until(expect, runner)))
+        consumer.start()
+        consumer.join(60)
+        assert result, f"no {expect.__name__} reached the consuming thread"
+        got, exc = result[0]
+        if how == "raises":  # reported after the data: all of it arrives first
+            assert got == list(range(7)), got[:20]
+        else:  # a killed worker's unsent batch dies with it: a prefix, in order
+            assert got == list(range(len(got))) and len(got) <= 7, got[:20]
+        if expect is fp.WorkerDied:
+            assert exc.exitcode == -signal.SIGKILL and exc.pid is not None, exc
+        else:
+            assert exc.worker_id == 0, exc
+    finally:
+        runner.close()
+    left = workers_released(before)
+    assert not left, left
     return 1

@@ -1,5 +1,5 @@
 """Fault scenarios: a worker's error reaches the consumer (docs/reliability.md rows
-1, 2, 7, 8, 18-24)."""
+1, 2, 7, 8, 18-24, 31)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ from flowplug.testing.contract import Counting
 from flowplug.testing.leaks import snapshot
 
 
-def scenario_worker_raises(transport: str, k: int = 4) -> int:
+def scenario_worker_raises(transport: str, k: int = 4, start_method: str | None = None) -> int:
     """1. A worker's dataflow raises after ``k`` items: WorkerError with type, message and
-    remote traceback; the other workers are stopped."""
+    remote traceback; the other workers are stopped. 31: the same with worker processes
+    started by ``start_method`` (spawn, forkserver)."""
     before = snapshot()
-    runner = fp.Runner(RaiseIn(bad=1, k=k), transport=transport, num_workers=2)
+    how = {} if start_method is None else {"start_method": start_method}
+    runner = fp.Runner(RaiseIn(bad=1, k=k), transport=transport, num_workers=2, **how)
     from_bad = []
     stream = endless(runner)
     try:

@@ -1,5 +1,5 @@
 """Fault scenarios: cycles, threads, nesting, forks, strangers and shared memory
-around a running runner (docs/reliability.md rows 11-17, 25, 26)."""
+around a running runner (docs/reliability.md rows 11-17, 25, 26, 30)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ import io
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
 import zmq
-from flows import Blocked, Forever, Nested, Sized
+from flows import Blocked, Die, Forever, Nested, RaiseIn, Sized, Tagged
 from probes import (
     CLOSE_RETURNS_WITHIN,
     CONSUMER,
@@ -314,4 +316,96 @@ def scenario_fork_of_the_consumer(transport: str, how: str) -> int:
     if how == "child":
         assert "CHILD-STATEERROR fork" in out, (out, err)
     assert "WorkerDied" not in out + err and tracebacks(err) == 0, err
+    return 1
+
+
+def _take_in_order(stream: Iterator[Any], seen: dict[tuple[str, int], int], count: int) -> None:
+    """Take ``count`` datapoints ``(tag, worker, i)`` of :class:`Tagged`: each worker's
+    ``i`` counts up by one (nothing lost, nothing twice, nothing of another runner)."""
+    for _ in range(count):
+        tag, wid, i = next(stream)
+        last = seen.get((tag, wid), -1)
+        assert i == last + 1, f"runner {tag} worker {wid}: {i} after {last}"
+        seen[(tag, wid)] = i
+
+
+def scenario_several_runners(transport: str, how: str = "raises", threads: bool = False) -> int:
+    """30. Three runners at once; the middle one fails (``how``: a worker raises, or
+    dies): it alone raises (WorkerError, WorkerDied; a thread's death is a WorkerError)
+    and refuses to go on; the other two keep delivering their own datapoints, every
+    worker's in order, and close normally. ``threads``: the healthy two are iterated by
+    threads of their own while the main thread meets the failure."""
+    before = snapshot()
+    dies = how == "dies"
+    processes = caps(transport).crosses_processes
+    bad_df: fp.DataFlow = Die("sigkill" if processes else "sysexit", k=5) if dies else RaiseIn(1, 5)
+    expect = fp.WorkerDied if dies and processes else fp.WorkerError
+    runners = [
+        fp.Runner(Tagged("a"), transport=transport, num_workers=2, mode="replicate"),
+        fp.Runner(bad_df, transport=transport, num_workers=1 if dies else 2, mode="replicate"),
+        fp.Runner(Tagged("b"), transport=transport, num_workers=2, mode="replicate"),
+    ]
+    good = [endless(runners[0]), endless(runners[2])]
+    bad = endless(runners[1])
+    seen: dict[tuple[str, int], int] = {}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def consume(stream: Iterator[Any]) -> None:
+        try:
+            while not stop.is_set():
+                _take_in_order(stream, seen, 1)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    consumers = [threading.Thread(target=consume, args=(s,)) for s in good] if threads else []
+    try:
+        for t in consumers:
+            t.start()
+        failed: BaseException | None = None
+        for _ in range(100_000):
+            if not threads:
+                for stream in good:
+                    _take_in_order(stream, seen, 1)
+            try:
+                next(bad)
+            except expect as exc:
+                failed = exc
+                break
+        assert failed is not None, f"no {expect.__name__} from the failing runner"
+        if expect is fp.WorkerDied:
+            assert failed.exitcode == -signal.SIGKILL, failed
+        else:
+            assert failed.exc_type in ("ValueError", "SystemExit"), failed
+        at_failure = dict(seen)
+        if threads:
+            time.sleep(0.5)
+        else:
+            for stream in good:
+                _take_in_order(stream, seen, 200)
+        stop.set()
+        for t in consumers:
+            t.join(30)
+        assert not errors, errors
+        for tag in "ab":  # every worker of the healthy runners went on after the failure
+            for wid in (0, 1):
+                assert seen.get((tag, wid), -1) > at_failure.get((tag, wid), -1), (
+                    tag,
+                    wid,
+                    at_failure,
+                    seen,
+                )
+        try:
+            next(iter(runners[1]))
+            raise AssertionError("the failed runner must refuse to iterate")
+        except fp.StateError:
+            pass
+    finally:
+        stop.set()
+        for t in consumers:
+            t.join(30)
+        for runner in runners:
+            runner.close()
+    left = workers_released(before)
+    assert not left, left
     return 1

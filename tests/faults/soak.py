@@ -56,7 +56,70 @@ SCENARIOS = {
     "16 chatty workers": (1, 150, lambda t, r: fl.scenario_chatty(t)),
     "17 stranger's bytes": (2, 90, lambda t, r: fl.scenario_garbage(t)),
     "18 fairness": (2, 60, lambda t, r: fl.scenario_fair(t, delay=r.uniform(0.05, 1.0))),
+    "19 closed stdio": (1, 60, lambda t, r: fl.scenario_report_with_closed_stdio(t)),
+    "20 str() raises": (1, 60, lambda t, r: fl.scenario_broken_str(t)),
+    "21 cannot connect, faulty": (
+        1,
+        60,
+        lambda t, r: fl.scenario_cannot_connect(r.random() < 0.5),
+    ),
+    "22 report cannot be sent, faulty": (
+        1,
+        60,
+        lambda t, r: fl.scenario_report_cannot_be_sent(r.random() < 0.5),
+    ),
+    "23 fails to load": (
+        1,
+        90,
+        lambda t, r: fl.scenario_dataflow_fails_to_load(t, r.choice(["spawn", "forkserver"])),
+    ),
+    "24 many buffers": (1, 90, lambda t, r: fl.scenario_many_buffers(t)),
+    "25 close from a thread": (2, 90, lambda t, r: fl.scenario_close_from_another_thread(t, 2)),
+    "26 fork of the consumer": (
+        1,
+        90,
+        lambda t, r: fl.scenario_fork_of_the_consumer(t, r.choice(["child", "pool"])),
+    ),
+    "27 quiet segfault": (1, 60, lambda t, r: fl.scenario_segfault_is_quiet(t)),
+    "28 Ctrl-C in gc cleanup": (1, 90, lambda t, r: fl.scenario_ctrl_c_during_gc_cleanup(t)),
+    "29 fd limits": (
+        1,
+        240,
+        lambda t, r: fl.scenario_fd_limits(
+            t,
+            r.choice(["replicate", "shard", "map"]),
+            r.choice(["fork", "spawn"]) if fl.forks(t) else "fork",
+        ),
+    ),
+    "29 fd shortage unchecked": (1, 240, lambda t, r: fl.scenario_fd_shortage_unchecked(t)),
+    "30 several runners": (
+        2,
+        90,
+        lambda t, r: fl.scenario_several_runners(t, r.choice(["raises", "dies"]), r.random() < 0.5),
+    ),
+    "31 spawned worker fails": (
+        2,
+        90,
+        lambda t, r: _spawned_fails(t, r),
+    ),
+    "32 ended thread, then a failure": (
+        2,
+        60,
+        lambda t, r: fl.scenario_ended_thread_then_death(
+            t, r.choice(["raises", fl.death_modes(t)[0]])
+        ),
+    ),
 }
+
+
+def _spawned_fails(transport: str, rng: random.Random) -> int:
+    """31: scenario 1 or 3 with workers started by spawn or forkserver."""
+    if not fl.forks(transport):
+        return 0
+    start_method = rng.choice(["spawn", "forkserver"])
+    if rng.random() < 0.5:
+        return fl.scenario_worker_raises(transport, rng.randint(0, 30), start_method)
+    return fl.scenario_worker_dies(transport, rng.choice(fl.death_modes(transport)), start_method)
 
 
 class Hang(Exception):
@@ -75,7 +138,15 @@ def main() -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     rng = random.Random(seed)
     fl.register_limited()
-    transports = sorted(t for t in fp.available_transports() if t != "limited")
+    # spawn and forkserver start helper processes on first use, which live on: start them
+    # now, or the first run that uses them counts them as left behind
+    from multiprocessing import forkserver, resource_tracker
+
+    forkserver.ensure_running()
+    resource_tracker.ensure_running()
+    transports = sorted(
+        t for t in fp.available_transports() if t not in ("limited", "faulty", "faulty_thread")
+    )
     names = list(SCENARIOS)
     weights = [SCENARIOS[n][0] for n in names]
     signal.signal(signal.SIGALRM, _alarm)
@@ -88,7 +159,13 @@ def main() -> int:
     end = time.monotonic() + args.minutes * 60
     while time.monotonic() < end:
         name = rng.choices(names, weights)[0]
-        transport = "limited" if name.endswith("limited") else rng.choice(transports)
+        transport = (
+            "limited"
+            if name.endswith("limited")
+            else "faulty"  # scenarios 21, 22 bring their own transports
+            if name.endswith("faulty")
+            else rng.choice(transports)
+        )
         _, deadline, run = SCENARIOS[name]
         key = (name, transport)
         before = snapshot()

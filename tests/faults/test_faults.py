@@ -7,6 +7,7 @@ The scenarios live in scenarios_*.py (gathered by faultlib.py) so that the soak 
 import pytest
 from faultlib import (
     death_modes,
+    forks,
     register_limited,
     scenario_broken_str,
     scenario_cannot_connect,
@@ -18,7 +19,10 @@ from faultlib import (
     scenario_cycles,
     scenario_dataflow_fails_to_load,
     scenario_dropped,
+    scenario_ended_thread_then_death,
     scenario_fair,
+    scenario_fd_limits,
+    scenario_fd_shortage_unchecked,
     scenario_fork_after_threads,
     scenario_fork_of_the_consumer,
     scenario_garbage,
@@ -28,6 +32,7 @@ from faultlib import (
     scenario_report_with_closed_stdio,
     scenario_reset_fails,
     scenario_segfault_is_quiet,
+    scenario_several_runners,
     scenario_shm_tiny,
     scenario_stuck,
     scenario_threads,
@@ -161,3 +166,39 @@ def test_27_an_intended_segfault_prints_no_dump(transport):
 
 def test_28_ctrl_c_during_cleanup_by_gc_is_not_swallowed(transport):
     assert scenario_ctrl_c_during_gc_cleanup(transport) == 1
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("mode", "start_method"),
+    [("replicate", "fork"), ("shard", "fork"), ("map", "fork"), ("replicate", "spawn")],
+)
+def test_29_every_fd_limit_runs_or_is_refused_up_front(transport, mode, start_method):
+    if start_method != "fork" and not forks(transport):
+        return  # start_method means nothing to this transport's workers
+    assert scenario_fd_limits(transport, mode, start_method) >= 1
+
+
+@pytest.mark.timeout(300)
+def test_29_without_the_check_a_shortage_is_an_error_never_an_abort(transport):
+    scenario_fd_shortage_unchecked(transport)
+
+
+@pytest.mark.parametrize("how", ["raises", "dies"])
+@pytest.mark.parametrize("threads", [False, True], ids=["in-turn", "threads"])
+def test_30_one_failing_runner_leaves_the_others_alone(transport, how, threads):
+    assert scenario_several_runners(transport, how, threads) == 1
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_31_worker_error_and_death_with_spawned_workers(transport, start_method):
+    if not forks(transport):
+        return  # start_method means nothing to this transport's workers
+    assert scenario_worker_raises(transport, 4, start_method) == 1
+    for how in death_modes(transport):
+        assert scenario_worker_dies(transport, how, start_method) == 1
+
+
+def test_32_runner_started_by_an_ended_thread_then_a_worker_fails(transport):
+    for how in ["raises", death_modes(transport)[0]]:
+        assert scenario_ended_thread_then_death(transport, how) == 1
