@@ -109,6 +109,11 @@ SCENARIOS = {
             t, r.choice(["raises", fl.death_modes(t)[0]])
         ),
     ),
+    "33 exit status reaped first": (
+        1,
+        60,
+        lambda t, r: fl.scenario_exit_status_taken_first(t, r.choice(["sigkill", "exit3"])),
+    ),
 }
 
 
