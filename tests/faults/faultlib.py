@@ -58,7 +58,11 @@ from scenarios_lifecycle import (
     scenario_shm_tiny,
     scenario_threads,
 )
-from scenarios_limits import scenario_fd_limits, scenario_fd_shortage_unchecked
+from scenarios_limits import (
+    scenario_fd_limits,
+    scenario_fd_shortage_unchecked,
+    scenario_fds_used_up_after_start,
+)
 
 __all__ = [
     "CYCLES",
@@ -82,6 +86,7 @@ __all__ = [
     "scenario_fair",
     "scenario_fd_limits",
     "scenario_fd_shortage_unchecked",
+    "scenario_fds_used_up_after_start",
     "scenario_fork_after_threads",
     "scenario_fork_of_the_consumer",
     "scenario_garbage",

@@ -302,8 +302,6 @@ def scenario_exit_status_taken_first(transport: str, how: str = "sigkill") -> in
         return 0  # no worker process of the Runner's to reap
     import multiprocessing as mp
 
-    import psutil
-
     expected = {"sigkill": -signal.SIGKILL, "exit3": 3}[how]
     real_waitpid = os.waitpid
     reaped = threading.Event()
@@ -322,21 +320,29 @@ def scenario_exit_status_taken_first(transport: str, how: str = "sigkill") -> in
             reaped.wait(30)  # the other thread comes first
         return real_waitpid(pid, options)
 
+    real_fork = os.fork
+
+    def fork() -> int:  # the worker's pid, before it can die
+        pid = real_fork()
+        if pid:
+            workers.add(pid)
+        return pid
+
     def reap() -> None:
         reaper.append(threading.get_ident())
         while not stop.is_set() and not reaped.is_set():
             mp.active_children()  # polls every child multiprocessing started
             time.sleep(0.001)
 
-    own = {p.pid for p in psutil.Process().children()}
     runner = fp.Runner(Die(how, k=3), transport=transport, num_workers=1, mode="replicate")
     thread = threading.Thread(target=reap, name="other-reaper")
     os.waitpid = waitpid
+    os.fork = fork
     try:
+        thread.start()  # before the worker exists: it may die at once
         runner.reset_state()
-        workers.update(p.pid for p in psutil.Process().children() if p.pid not in own)
+        os.fork = real_fork
         assert len(workers) == 1, workers
-        thread.start()
         _, err = drain_until(fp.WorkerDied, runner)
         assert reaped.is_set(), "the other thread did not reap the worker first"
         assert err.exitcode == expected, str(err)
@@ -347,5 +353,6 @@ def scenario_exit_status_taken_first(transport: str, how: str = "sigkill") -> in
         if thread.ident is not None:
             thread.join(30)
         os.waitpid = real_waitpid
+        os.fork = real_fork
         runner.close()
     return 1

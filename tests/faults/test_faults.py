@@ -24,6 +24,7 @@ from faultlib import (
     scenario_fair,
     scenario_fd_limits,
     scenario_fd_shortage_unchecked,
+    scenario_fds_used_up_after_start,
     scenario_fork_after_threads,
     scenario_fork_of_the_consumer,
     scenario_garbage,
@@ -208,3 +209,7 @@ def test_32_runner_started_by_an_ended_thread_then_a_worker_fails(transport):
 @pytest.mark.parametrize("how", ["sigkill", "exit3"])
 def test_33_a_death_names_its_status_when_another_thread_reaped_it_first(transport, how):
     assert scenario_exit_status_taken_first(transport, how) == int(forks(transport))
+
+
+def test_34_every_fd_taken_after_the_start_and_the_run_goes_on(transport):
+    assert scenario_fds_used_up_after_start(transport) >= 2
