@@ -44,6 +44,9 @@ from .worker_loop import TaskFailed, WorkerInfo
 
 #: how often a waiting worker thread checks whether the runner stopped.
 STOP_CHECK = 0.1
+#: a replicate-mode worker publishes its count every PUBLISH_MASK + 1 datapoints (a power of
+#: two: one bit test per datapoint).
+PUBLISH_MASK = 63
 #: how often (s) a busy worker looks for a newer epoch: a pipe poll per item would cost
 #: more than the rest of a small item's trip.
 NOTICE_CHECK = 0.005
@@ -137,7 +140,8 @@ class ShardGate:
         self.notices = notices
         self.credits = credits
         #: shared per-worker numbers (flowplug.stats.WorkerCounters.values), or None; this
-        #: gate's are at ``slot`` and ``slot + 1`` (a gate's place in its Control, which
+        #: gate's are at ``slot``, ``slot + 1``, ``slot + 2`` (WorkerCounters; ``slot`` is
+        #: a gate's place in its Control, which
         #: is not the worker's id when a group hosts some workers of a run).
         self.counters = counters
         self.slot = slot
@@ -213,8 +217,13 @@ class ShardGate:
                     if not try_acquire(False):
                         flush()
                         waited = monotonic()
+                        if counters is not None:  # blocked from now on (stats)
+                            counters[slot + 2] = waited
                         _acquire(credits, stop)
                         blocked += monotonic() - waited
+                        if counters is not None:
+                            counters[slot + 1] = blocked
+                            counters[slot + 2] = 0.0
                         next_check = 0.0  # we waited: the consumer may have moved on
                     if monotonic() >= next_check:
                         if counters is not None:
@@ -278,8 +287,13 @@ class ShardGate:
             if not try_acquire(False):
                 flush()
                 waited = monotonic()
+                if counters is not None:  # blocked from now on (stats)
+                    counters[slot + 2] = waited
                 _acquire(credits, stop)
                 blocked += monotonic() - waited
+                if counters is not None:
+                    counters[slot + 1] = blocked
+                    counters[slot + 2] = 0.0
                 next_check = 0.0
             if monotonic() >= next_check:
                 if counters is not None:
@@ -302,15 +316,25 @@ class ReplicateGate:
     and not yet yielded by the consumer never exceed the credits, the one a worker holds
     while it waits included. Items travel as ``(worker id, datapoint)``: the consumer
     gives the credit back to that worker when it yields the datapoint.
+
+    Out of credits, the worker raises its ``waiting`` flag (a semaphore too) and sleeps
+    on ``credits``. The consumer gives credits back one per datapoint, as it yields them,
+    so a worker that is running sees them at once; but once it sees the flag, it holds
+    them back until it has ``refill`` (half the share) and gives them at once: a sleeping
+    worker is woken once per refill, not once per datapoint (which would make it send
+    every datapoint alone, as long as the consumer is the slower side).
     """
 
-    def __init__(self, credits: Any, share: int):
+    def __init__(
+        self, credits: Any, waiting: Any, share: int, counters: Any = None, slot: int = 0
+    ):
         self.credits = credits
-        #: once out of credits, how many to wait for before going on: half the share.
-        #: Going on with the first one given back would send every datapoint alone (a
-        #: message each, no batch) as long as the consumer is the slower side; the
-        #: consumer gives them back as many at a time (Control.chunks).
+        self.waiting = waiting
+        #: how many credits a sleeping worker is woken with: half the share.
         self.refill = max(1, share // 2)
+        #: as :attr:`ShardGate.counters`: datapoints sent, seconds waited for a credit.
+        self.counters = counters
+        self.slot = slot
 
     def run(self, df: Any, sender: Any, info: WorkerInfo, stop: threading.Event | None) -> None:
         """Send ``(id, datapoint)`` for every datapoint of ``df``, repeating passes, until
@@ -320,9 +344,14 @@ class ReplicateGate:
         flush = sender.flush
         credits = self.credits
         try_acquire = credits.acquire
-        refill = self.refill
+        waiting = self.waiting
+        # Statistics: the count is published every PUBLISH datapoints, before each wait
+        # and at the end of a pass; only the waits are timed (they are slow anyway).
+        counters = self.counters if self.counters is not None else [0.0] * 3
+        slot = self.slot if self.counters is not None else 0
+        produced = 0  # before this pass
+        blocked = 0.0
         _acquire(credits, stop)  # for the first datapoint
-        held = 0  # credits taken ahead, after a wait
         while stop is None or not stop.is_set():
             sent = 0
             for dp in df:
@@ -331,21 +360,30 @@ class ReplicateGate:
                 except TypeError as exc:
                     raise _said_of(dp, (w, dp), exc) from exc.__cause__
                 sent += 1
+                if not sent & PUBLISH_MASK:
+                    counters[slot] = produced + sent
                 # a credit for the next one, before it is made
-                if held:
-                    held -= 1
-                elif not try_acquire(False):
+                if not try_acquire(False):
                     # Push out what a batching sender holds first: the consumer may be
                     # waiting for exactly those items before it can give a credit back.
                     flush()
-                    for _ in range(refill):
-                        _acquire(credits, stop)
-                    held = refill - 1
+                    counters[slot] = produced + sent
+                    started = counters[slot + 2] = monotonic()  # blocked from now on
+                    waiting.release()
+                    _acquire(credits, stop)
+                    blocked += monotonic() - started
+                    counters[slot + 1] = blocked
+                    counters[slot + 2] = 0.0
+                    # Take the flag down, unless the consumer saw it (then it is holding
+                    # credits back for a refill: the next wait is woken by that).
+                    waiting.acquire(False)
             if sent == 0:
                 raise RuntimeError(
                     f"dataflow {type(df).__name__} yielded no datapoint in a whole pass; "
                     "a runner repeats passes forever, so it would spin"
                 )
+            produced += sent
+            counters[slot] = produced
         raise _Stopped("the runner stopped")
 
 
@@ -528,27 +566,34 @@ class Control:
         self._readers: list[Any] = []
         self._board: _Board | None = None
         self.gates: list[ShardGate | MapGate | ReplicateGate] = []
-        self.chunks: list[int] = []
+        self.waiting: list[Any] = []
+        self.refills: list[int] = []
         self.pending: list[int] = []
-        #: what the local gates count (runner.stats()); None for a group's own sinks and
-        #: in replicate mode.
+        #: what the local gates count (runner.stats()); None for a group's own sinks.
         self.counters: WorkerCounters | None = None
         if sinks is not None:
             self.sinks = list(sinks)
             self.release = [s.release for s in self.sinks]
             return
         if shares is not None:  # replicate mode: credits only
-            # A multiprocessing semaphore for threads too: its acquire and release are C
+            # Multiprocessing semaphores for threads too: their acquire and release are C
             # code, 30 times cheaper than threading.Semaphore's (on every datapoint).
-            sems: list[Any] = [mp.get_context(start_method).Semaphore(k) for k in shares]
-            gates = [ReplicateGate(sem, k) for sem, k in zip(sems, shares, strict=True)]
+            ctx = mp.get_context(start_method)
+            sems: list[Any] = [ctx.Semaphore(k) for k in shares]
+            flags = [ctx.Semaphore(0) for _ in shares]
+            counters = self.counters = WorkerCounters(num_workers, start_method)
+            gates = [
+                ReplicateGate(sem, flag, k, counters.values, WorkerCounters.STRIDE * i)
+                for i, (sem, flag, k) in enumerate(zip(sems, flags, shares, strict=True))
+            ]
             self.gates = list(gates)
-            #: replicate mode: the consumer gives credits back ``chunks[w]`` at a time
-            #: (the ``refill`` worker ``w`` waits for), holding ``pending[w]`` meanwhile,
-            #: and all of them before it waits for data: a waiting worker is woken once
-            #: per chunk, not once per datapoint.
-            self.chunks = [g.refill for g in gates]
-            self.pending = [0] * num_workers
+            #: replicate mode: ``waiting[w](False)`` takes worker ``w``'s flag (it sleeps
+            #: for credits), ``refills[w]`` how many credits it is woken with, and
+            #: ``pending[w]`` how many the consumer holds back for it meanwhile (-1: none,
+            #: it is not known to sleep); all are given back before the consumer waits.
+            self.waiting = [f.acquire for f in flags]
+            self.refills = [g.refill for g in gates]
+            self.pending = [-1] * num_workers
             self.sinks = [_LocalSink(None, None, sem) for sem in sems]
             self.release = [sem.release for sem in sems]
             return
@@ -573,13 +618,13 @@ class Control:
         if credits:
             counters = self.counters = WorkerCounters(num_workers, start_method)
             self.gates = [
-                ShardGate(m, s, counters.values, 2 * i)
+                ShardGate(m, s, counters.values, WorkerCounters.STRIDE * i)
                 for i, (m, s) in enumerate(zip(notices, sems, strict=True))
             ]
         else:
             assert tasks is not None
             counters = self.counters = WorkerCounters(num_workers, start_method)
-            self.gates = [MapGate(m, tasks, counters.values, 2 * i) for i, m in enumerate(notices)]
+            self.gates = [MapGate(m, tasks, counters.values, WorkerCounters.STRIDE * i) for i, m in enumerate(notices)]
         writers = self._writers or [None] * num_workers
         #: one per worker, in worker order.
         self.sinks = [_LocalSink(w, self._board, s) for w, s in zip(writers, sems, strict=True)]

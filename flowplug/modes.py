@@ -187,9 +187,11 @@ class ReplicateMode(Mode):
         control = feed.control
         assert control is not None
         release = control.release
-        # Credits go back a chunk at a time (flowplug._gates.Control.chunks), and all that
-        # are held before the consumer waits; the held ones survive across epochs.
-        chunks = control.chunks
+        # A credit goes back as its datapoint is yielded, unless the worker sleeps for
+        # credits (its flag, control.waiting): then they are held back until there are
+        # control.refills of them, and all that are held before the consumer waits.
+        waiting = control.waiting
+        refills = control.refills
         pending = control.pending
         recv = run.transport.recv
         workers = run.workers
@@ -209,18 +211,26 @@ class ReplicateMode(Mode):
             if type(obj) is not tuple or workers.death is not None:
                 if obj is EMPTY:  # about to wait: give back every credit held first
                     for w, held in enumerate(pending):
-                        for _ in range(held):
-                            release[w]()
-                        pending[w] = 0
+                        if held > 0:
+                            for _ in range(held):
+                                release[w]()
+                            pending[w] = -1
                 obj = slow(obj)
             w = obj[0]
-            held = pending[w] + 1
-            if held == chunks[w]:
-                give = release[w]
-                for _ in range(held):
-                    give()
-                held = 0
-            pending[w] = held
+            held = pending[w]
+            if held < 0:
+                if refills[w] > 1 and waiting[w](False):
+                    pending[w] = 1  # it sleeps: hold this one, and wake it with a refill
+                else:
+                    release[w]()
+            else:
+                held += 1
+                if held >= refills[w]:
+                    give = release[w]
+                    for _ in range(held):
+                        give()
+                    held = -1
+                pending[w] = held
             count += 1
             meter.delivered += 1
             yield obj[1]
