@@ -102,18 +102,11 @@ class _Recv:
         return self.items[i]
 
 
-class _Control:
-    def __init__(self):
-        self.release = [lambda: None]
-
-    def start_epoch(self, epoch):
-        pass
-
-
 def loop_row(mode, ordered=False, n=50_000, repeats=25, credited=False):
-    """``credited``: replicate mode as the Runner runs it over workers it starts: items
-    tagged ``(worker id, dp)``, a credit given back per item (the core's real Control,
-    semaphores included; no worker takes them)."""
+    """The mode's loop alone. Shard mode gives its credits back through the core's real
+    control (a semaphore per worker; no worker takes them). ``credited``: replicate mode
+    as the Runner runs it over workers it starts, items tagged ``(worker id, dp)``, a
+    credit given back per item, the same way."""
     from flowplug._gates import EpochEnd  # private: this row reaches into a Runner
 
     best = float("inf")
@@ -121,8 +114,11 @@ def loop_row(mode, ordered=False, n=50_000, repeats=25, credited=False):
         df = fp.DataFromList(list(range(n)))
         runner = fp.Runner(df, transport="thread", num_workers=1, mode=mode, ordered=ordered)
         if mode == "shard":
+            from flowplug._gates import Control
+
             items = [(0, i, {"x": i}) for i in range(n)] + [EpochEnd(0, 0)]
-            runner._run = _Recv(items, _Control())
+            # the core's real control for one worker thread (its semaphore, no worker)
+            runner._run = _Recv(items, Control(1, None, credits=50))
         elif credited:
             control = runner._mode.control(1, None, 50, None)
             runner._run = _Recv([(0, {"x": i}) for i in range(n)], control)

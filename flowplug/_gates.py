@@ -130,15 +130,37 @@ def _acquire(sem: Any, stop: threading.Event | None) -> None:
             raise _Stopped("the runner stopped")
 
 
+def _sleep_for(credits: Any, waiting: Any, stop: threading.Event | None) -> None:
+    """Take a credit, none being free: raise the ``waiting`` flag, so that the consumer
+    holds credits back until it can wake this worker with a refill, then sleep."""
+    if waiting is None:
+        _acquire(credits, stop)
+        return
+    waiting.release()
+    _acquire(credits, stop)
+    # Take the flag down, unless the consumer saw it (then it holds credits back for a
+    # refill, and the next wait is woken by that).
+    waiting.acquire(False)
+
+
 # ---------------------------------------------------------------------------- worker side
 
 
 class ShardGate:
     """One worker's side of shard mode: sends its shard of each epoch, within its credits."""
 
-    def __init__(self, notices: Any, credits: Any, counters: Any = None, slot: int = 0):
+    def __init__(
+        self,
+        notices: Any,
+        credits: Any,
+        counters: Any = None,
+        slot: int = 0,
+        waiting: Any = None,
+    ):
         self.notices = notices
         self.credits = credits
+        #: the flag raised while it sleeps for credits (as ReplicateGate's), or None.
+        self.waiting = waiting
         #: shared per-worker numbers (flowplug.stats.WorkerCounters.values), or None; this
         #: gate's are at ``slot``, ``slot + 1``, ``slot + 2`` (WorkerCounters; ``slot`` is
         #: a gate's place in its Control, which
@@ -219,7 +241,7 @@ class ShardGate:
                         waited = monotonic()
                         if counters is not None:  # blocked from now on (stats)
                             counters[slot + 2] = waited
-                        _acquire(credits, stop)
+                        _sleep_for(credits, self.waiting, stop)
                         blocked += monotonic() - waited
                         if counters is not None:
                             counters[slot + 1] = blocked
@@ -289,7 +311,7 @@ class ShardGate:
                 waited = monotonic()
                 if counters is not None:  # blocked from now on (stats)
                     counters[slot + 2] = waited
-                _acquire(credits, stop)
+                _sleep_for(credits, self.waiting, stop)
                 blocked += monotonic() - waited
                 if counters is not None:
                     counters[slot + 1] = blocked
@@ -325,9 +347,7 @@ class ReplicateGate:
     every datapoint alone, as long as the consumer is the slower side).
     """
 
-    def __init__(
-        self, credits: Any, waiting: Any, share: int, counters: Any = None, slot: int = 0
-    ):
+    def __init__(self, credits: Any, waiting: Any, share: int, counters: Any = None, slot: int = 0):
         self.credits = credits
         self.waiting = waiting
         #: how many credits a sleeping worker is woken with: half the share.
@@ -369,14 +389,10 @@ class ReplicateGate:
                     flush()
                     counters[slot] = produced + sent
                     started = counters[slot + 2] = monotonic()  # blocked from now on
-                    waiting.release()
-                    _acquire(credits, stop)
+                    _sleep_for(credits, waiting, stop)
                     blocked += monotonic() - started
                     counters[slot + 1] = blocked
                     counters[slot + 2] = 0.0
-                    # Take the flag down, unless the consumer saw it (then it is holding
-                    # credits back for a refill: the next wait is woken by that).
-                    waiting.acquire(False)
             if sent == 0:
                 raise RuntimeError(
                     f"dataflow {type(df).__name__} yielded no datapoint in a whole pass; "
@@ -574,6 +590,7 @@ class Control:
         if sinks is not None:
             self.sinks = list(sinks)
             self.release = [s.release for s in self.sinks]
+            self.give = self._giver()
             return
         if shares is not None:  # replicate mode: credits only
             # Multiprocessing semaphores for threads too: their acquire and release are C
@@ -596,6 +613,7 @@ class Control:
             self.pending = [-1] * num_workers
             self.sinks = [_LocalSink(None, None, sem) for sem in sems]
             self.release = [sem.release for sem in sems]
+            self.give = self._giver()
             return
         notices: list[Any]
         if start_method is not None:
@@ -617,19 +635,69 @@ class Control:
         sems = [make_sem(credits) for _ in range(num_workers)] if credits else [None] * num_workers
         if credits:
             counters = self.counters = WorkerCounters(num_workers, start_method)
+            flags = [mp.get_context(start_method).Semaphore(0) for _ in range(num_workers)]
             self.gates = [
-                ShardGate(m, s, counters.values, WorkerCounters.STRIDE * i)
-                for i, (m, s) in enumerate(zip(notices, sems, strict=True))
+                ShardGate(m, s, counters.values, WorkerCounters.STRIDE * i, f)
+                for i, (m, s, f) in enumerate(zip(notices, sems, flags, strict=True))
             ]
+            self.waiting = [f.acquire for f in flags]
+            self.refills = [max(1, credits // 2)] * num_workers
+            self.pending = [-1] * num_workers
         else:
             assert tasks is not None
             counters = self.counters = WorkerCounters(num_workers, start_method)
-            self.gates = [MapGate(m, tasks, counters.values, WorkerCounters.STRIDE * i) for i, m in enumerate(notices)]
+            self.gates = [
+                MapGate(m, tasks, counters.values, WorkerCounters.STRIDE * i)
+                for i, m in enumerate(notices)
+            ]
         writers = self._writers or [None] * num_workers
         #: one per worker, in worker order.
         self.sinks = [_LocalSink(w, self._board, s) for w, s in zip(writers, sems, strict=True)]
         #: ``release[w]()`` gives worker ``w`` one credit back (shard mode).
         self.release = [s.release for s in self.sinks] if credits else []
+        self.give = self._giver()
+
+    def _giver(self) -> Callable[[int], None]:
+        """``give(w)``: worker ``w``'s credit for a datapoint yielded, as replicate mode's
+        loop gives it (ReplicateGate): at once, unless the worker sleeps for credits (its
+        flag is up); then held back until there is a refill of them. Without flags (a
+        group's sinks) at once."""
+        release = self.release
+        waiting = self.waiting
+        refills = self.refills
+        pending = self.pending
+        if not waiting:
+            return lambda w: release[w]()
+
+        def give(w: int) -> None:
+            held = pending[w]
+            if held < 0:
+                if refills[w] > 1 and waiting[w](False):
+                    pending[w] = 1  # it sleeps: hold this one, and wake it with a refill
+                else:
+                    release[w]()
+                return
+            held += 1
+            if held >= refills[w]:
+                one = release[w]
+                for _ in range(held):
+                    one()
+                held = -1
+            pending[w] = held
+
+        return give
+
+    def give_held(self) -> None:
+        """Give back every credit held for a refill: the consumer is about to wait, and a
+        worker that sleeps for them may be what it waits for."""
+        pending = self.pending
+        release = self.release
+        for w, held in enumerate(pending):
+            if held > 0:
+                one = release[w]
+                for _ in range(held):
+                    one()
+                pending[w] = -1
 
     def start_epoch(self, epoch: int) -> None:
         """Tell every worker that the consumer started ``epoch``."""

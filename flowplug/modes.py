@@ -210,12 +210,9 @@ class ReplicateMode(Mode):
                 run.inside = 0
             if type(obj) is not tuple or workers.death is not None:
                 if obj is EMPTY:  # about to wait: give back every credit held first
-                    for w, held in enumerate(pending):
-                        if held > 0:
-                            for _ in range(held):
-                                release[w]()
-                            pending[w] = -1
+                    control.give_held()
                 obj = slow(obj)
+            # control.give(w), written out (a call per datapoint costs more)
             w = obj[0]
             held = pending[w]
             if held < 0:
@@ -328,6 +325,11 @@ class ShardMode(Mode):
         skip = progress.begin(k)  # after a resume: what the saved run had received
         n = feed.num_workers
         release = control.release
+        # give(w): a credit back as the datapoint is yielded, held for a refill while the
+        # worker sleeps for credits (flowplug._gates.Control.give); give_held() before
+        # the consumer waits. The rare paths (old epochs) release at once.
+        give = control.give
+        give_held = control.give_held
         for old in [e for e in self.ahead if e < k]:  # an epoch the user broke out of
             for index in self.ahead.pop(old):
                 release[index % n]()
@@ -352,7 +354,7 @@ class ShardMode(Mode):
             while len(ended) < n:
                 if buf:  # arrived ahead, or while state_dict() waited
                     index, dp = buf.popitem()
-                    release[index % n]()
+                    give(index % n)
                     got(index)
                     meter.delivered += 1
                     yield dp
@@ -365,10 +367,12 @@ class ShardMode(Mode):
                 finally:
                     run.inside = 0
                 if type(obj) is not Item or obj[0] != k or workers.death is not None:
+                    if obj is EMPTY:  # about to wait: give back what is held for refills
+                        give_held()
                     obj = slow(obj)
                     if not self._file(obj, k, release, n):
                         continue
-                release[obj[1] % n]()
+                give(obj[1] % n)
                 got(obj[1])
                 meter.delivered += 1
                 yield obj[2]
@@ -396,6 +400,8 @@ class ShardMode(Mode):
                     finally:
                         run.inside = 0
                     if type(obj) is not Item or obj[0] != k or workers.death is not None:
+                        if obj is EMPTY:  # about to wait: give back what is held
+                            give_held()
                         obj = slow(obj)
                         if not self._file(obj, k, release, n):
                             continue
@@ -403,7 +409,7 @@ class ShardMode(Mode):
                         buf[obj[1]] = obj[2]
                         continue
                     dp = obj[2]
-                release[nxt % n]()
+                give(nxt % n)
                 nxt += 1
                 progress.nxt = nxt
                 meter.delivered += 1
@@ -554,6 +560,7 @@ class ShardMode(Mode):
             return progress.to_dict(k, received, n, states, seed)
         assert feed.control is not None
         release = feed.control.release
+        feed.control.give_held()  # it waits below: no worker sleeps for a held credit
         passes = progress.passes.setdefault(k, {})
         while len(passes) < n:
             if closed():
