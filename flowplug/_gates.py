@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -44,9 +45,12 @@ from .worker_loop import TaskFailed, WorkerInfo
 
 #: how often a waiting worker thread checks whether the runner stopped.
 STOP_CHECK = 0.1
-#: a replicate-mode worker publishes its count every PUBLISH_MASK + 1 datapoints (a power of
-#: two: one bit test per datapoint).
-PUBLISH_MASK = 63
+#: a worker under credits sends what its sender batched at least every ``min(BATCH,
+#: credits // 2)`` datapoints (and publishes its count then). Half its credits: so that the
+#: consumer has a batch to work on while the worker makes the next; with a batch as large
+#: as the credits, the worker would send only once out of credits, and the two sides
+#: would take turns (at the default capacity, a batching sender holds 64).
+BATCH = 64
 #: how often (s) a busy worker looks for a newer epoch: a pipe poll per item would cost
 #: more than the rest of a small item's trip.
 NOTICE_CHECK = 0.005
@@ -345,13 +349,29 @@ class ReplicateGate:
     them back until it has ``refill`` (half the share) and gives them at once: a sleeping
     worker is woken once per refill, not once per datapoint (which would make it send
     every datapoint alone, as long as the consumer is the slower side).
+
+    With ``auto`` (``capacity`` left unset: :class:`Auto`), the worker sets how many
+    credits it has itself, from the size of what it sends: it adds credits to its
+    semaphore, or takes free ones out, where it flushes.
     """
 
-    def __init__(self, credits: Any, waiting: Any, share: int, counters: Any = None, slot: int = 0):
+    def __init__(
+        self,
+        credits: Any,
+        waiting: Any,
+        share: int,
+        counters: Any = None,
+        slot: int = 0,
+        auto: Auto | None = None,
+    ):
         self.credits = credits
         self.waiting = waiting
         #: how many credits a sleeping worker is woken with: half the share.
         self.refill = max(1, share // 2)
+        #: the credits this worker starts with.
+        self.share = share
+        #: its bounds when capacity is automatic, else None.
+        self.auto = auto
         #: as :attr:`ShardGate.counters`: datapoints sent, seconds waited for a credit.
         self.counters = counters
         self.slot = slot
@@ -365,13 +385,17 @@ class ReplicateGate:
         credits = self.credits
         try_acquire = credits.acquire
         waiting = self.waiting
-        # Statistics: the count is published every PUBLISH datapoints, before each wait
-        # and at the end of a pass; only the waits are timed (they are slow anyway).
+        auto = self.auto
+        limit = self.share  # the credits in circulation: free, out, or held by the consumer
+        every = _every(limit)
+        # Statistics: the count is published with each flush (every ``every`` datapoints),
+        # before each wait and at the end of a pass; only the waits are timed.
         counters = self.counters if self.counters is not None else [0.0] * 3
         slot = self.slot if self.counters is not None else 0
         produced = 0  # before this pass
         blocked = 0.0
         _acquire(credits, stop)  # for the first datapoint
+        left = every
         while stop is None or not stop.is_set():
             sent = 0
             for dp in df:
@@ -380,8 +404,14 @@ class ReplicateGate:
                 except TypeError as exc:
                     raise _said_of(dp, (w, dp), exc) from exc.__cause__
                 sent += 1
-                if not sent & PUBLISH_MASK:
+                left -= 1
+                if not left:  # the consumer gets these while the next ones are made
+                    flush()
                     counters[slot] = produced + sent
+                    if auto is not None:
+                        limit = auto.adjust(credits, limit, dp)
+                        every = _every(limit)
+                    left = every
                 # a credit for the next one, before it is made
                 if not try_acquire(False):
                     # Push out what a batching sender holds first: the consumer may be
@@ -403,6 +433,55 @@ class ReplicateGate:
         raise _Stopped("the runner stopped")
 
 
+def _every(limit: int) -> int:
+    """How often a worker with ``limit`` credits sends what it batched (see BATCH)."""
+    return max(1, min(BATCH, limit // 2))
+
+
+@dataclass
+class Auto:
+    """One worker's credits when ``capacity`` is left unset: between ``floor`` and
+    ``ceiling``, as many as fit in ``budget`` bytes by the size of its datapoints
+    (estimated where it flushes, every few dozen datapoints, by :func:`nbytes`)."""
+
+    floor: int
+    ceiling: int
+    budget: int
+    #: the estimated size of a datapoint (bytes): rises at once, falls by an eighth.
+    size: int = 0
+
+    def adjust(self, credits: Any, limit: int, dp: Any) -> int:
+        """Move the credits in circulation towards what fits, given the datapoint just
+        sent; return the new count. Never waits: credits it cannot take out now (they
+        are out on datapoints) it takes at a later call."""
+        size = nbytes(dp)
+        self.size = size if size >= self.size else self.size - (self.size - size) // 8
+        target = min(self.ceiling, max(self.floor, self.budget // max(self.size, 1)))
+        while limit < target:
+            credits.release()
+            limit += 1
+        while limit > target and credits.acquire(False):
+            limit -= 1
+        return limit
+
+
+def nbytes(obj: Any, depth: int = 0) -> int:
+    """An estimate of the memory ``obj`` holds: arrays and buffers by their ``nbytes``,
+    strings and bytes by length, dicts, lists and tuples by their first 64 items (scaled
+    to their length), four levels down; anything else by ``sys.getsizeof``."""
+    size = getattr(obj, "nbytes", None)
+    if type(size) is int:
+        return size
+    if isinstance(obj, (bytes, bytearray, str)):
+        return len(obj)
+    if depth < 4 and isinstance(obj, (dict, list, tuple)):
+        items = obj.values() if isinstance(obj, dict) else obj
+        n = len(obj)
+        seen = sum(nbytes(x, depth + 1) for x in itertools.islice(items, 64))
+        return sys.getsizeof(obj) + (seen * n // 64 if n > 64 else seen)
+    return sys.getsizeof(obj)
+
+
 def _said_of(dp: Any, sent: Any, exc: TypeError) -> TypeError:
     """The sender's error for ``sent``, the datapoint in its tag, said of ``dp`` itself:
     "datapoint of type dict cannot be pickled", not "of type tuple"."""
@@ -410,6 +489,22 @@ def _said_of(dp: Any, sent: Any, exc: TypeError) -> TypeError:
     if isinstance(cause, Exception) and str(exc) == str(not_picklable(sent, cause)):
         return not_picklable(dp, cause)
     return exc
+
+
+#: ``capacity`` left unset, replicate mode: the datapoints made and not yet delivered fit
+#: in this many bytes across the workers (by estimate), ...
+AUTO_BUDGET = 64 << 20
+#: ... and are at most this many, and at least the default ``capacity`` (50).
+AUTO_CEILING = 1024
+
+
+def auto_shares(floor: int, num_workers: int) -> list[Auto]:
+    """Each worker's bounds in replicate mode when ``capacity`` is unset: its share of
+    ``floor`` (the default capacity), of :data:`AUTO_CEILING` and of :data:`AUTO_BUDGET`."""
+    floors = replicate_shares(floor, num_workers)
+    ceilings = replicate_shares(max(floor, AUTO_CEILING), num_workers)
+    budget = AUTO_BUDGET // num_workers
+    return [Auto(f, c, budget) for f, c in zip(floors, ceilings, strict=True)]
 
 
 def replicate_shares(capacity: int, num_workers: int) -> list[int]:
@@ -565,6 +660,8 @@ class Control:
     :param tasks: the task endpoint (ParallelMap); None in shard mode.
     :param shares: replicate mode: each worker's credits (:func:`replicate_shares`); no
         epoch notices then, only the semaphores.
+    :param auto: replicate mode with ``capacity`` unset: each worker's bounds (the shares
+        are then the floors), from :func:`auto_shares`.
     :param sinks: the sinks of a group that carries the control itself
         (:meth:`flowplug.WorkerGroup.control_sinks`); no local gates are made then.
     """
@@ -577,6 +674,7 @@ class Control:
         tasks: Callable[[int], TaskReceiver] | None = None,
         sinks: Sequence[ControlSink] | None = None,
         shares: Sequence[int] | None = None,
+        auto: Sequence[Auto] | None = None,
     ):
         self._writers: list[Any] = []
         self._readers: list[Any] = []
@@ -599,9 +697,10 @@ class Control:
             sems: list[Any] = [ctx.Semaphore(k) for k in shares]
             flags = [ctx.Semaphore(0) for _ in shares]
             counters = self.counters = WorkerCounters(num_workers, start_method)
+            autos = list(auto) if auto is not None else [None] * num_workers
             gates = [
-                ReplicateGate(sem, flag, k, counters.values, WorkerCounters.STRIDE * i)
-                for i, (sem, flag, k) in enumerate(zip(sems, flags, shares, strict=True))
+                ReplicateGate(sem, flag, k, counters.values, WorkerCounters.STRIDE * i, a)
+                for i, (sem, flag, k, a) in enumerate(zip(sems, flags, shares, autos, strict=True))
             ]
             self.gates = list(gates)
             #: replicate mode: ``waiting[w](False)`` takes worker ``w``'s flag (it sleeps

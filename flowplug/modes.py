@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from . import _resume
-from ._gates import Control, EpochEnd, Item, replicate_shares
+from ._gates import Control, EpochEnd, Item, auto_shares, replicate_shares
 from ._passcheck import START as PASS_START
 from .errors import ConfigError, PluginError, ShardMismatch, StateError
 from .stats import Meter
@@ -170,10 +170,17 @@ class ReplicateMode(Mode):
 
     name = "replicate"
 
+    def __init__(self, auto_capacity: bool = False):
+        #: ``capacity`` was left unset: the workers size their credits by the datapoints
+        #: (flowplug._gates.Auto), ``capacity`` being the least they get.
+        self.auto_capacity = auto_capacity
+
     def control(
         self, num_workers: int, start_method: str | None, capacity: int, transport: Transport
     ) -> Control:
-        return Control(num_workers, start_method, shares=replicate_shares(capacity, num_workers))
+        shares = replicate_shares(capacity, num_workers)
+        auto = auto_shares(capacity, num_workers) if self.auto_capacity else None
+        return Control(num_workers, start_method, shares=shares, auto=auto)
 
     def epoch(self, feed: Feed) -> Iterator[Any]:
         if feed.control is not None:
@@ -586,8 +593,9 @@ class ShardMode(Mode):
 MODES = ("replicate", "shard")
 
 
-def make_mode(name: str, ordered: bool) -> Mode:
-    """The mode object for ``Runner(mode=name, ordered=ordered)``.
+def make_mode(name: str, ordered: bool, auto_capacity: bool = False) -> Mode:
+    """The mode object for ``Runner(mode=name, ordered=ordered)``; ``auto_capacity``:
+    ``capacity`` was left unset (replicate mode then sizes the credits by the datapoints).
 
     :raises flowplug.ConfigError: an unknown name, or ``ordered`` outside shard mode.
     """
@@ -604,4 +612,4 @@ def make_mode(name: str, ordered: bool) -> Mode:
             "ordered=True needs mode='shard': replicated workers each run the whole "
             "dataflow, so there is no single order to keep"
         )
-    return ReplicateMode()
+    return ReplicateMode(auto_capacity)

@@ -147,3 +147,74 @@ def test_shard_credits_flow_through_bursts_and_pauses(no_leaks, transport, order
             assert sorted(got) == list(range(300))
             if ordered:
                 assert got == list(range(300))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_unset_capacity_lets_small_datapoints_run_further_ahead(no_leaks, transport):
+    """Left unset, capacity is automatic in replicate mode: small datapoints may be made
+    further ahead than the default of 50 (up to flowplug._gates.AUTO_CEILING), large ones
+    no further than what fits in AUTO_BUDGET bytes, and never fewer than 50."""
+    from flowplug._gates import AUTO_BUDGET, AUTO_CEILING
+
+    cls = fp.get_transport(transport)
+    kw = {"start_method": "fork"} if cls.crosses_processes else {}
+    # zmq and queue bound messages, and batch small datapoints into them: more credits
+    # let them run further ahead. thread and shm bound datapoints themselves, by capacity
+    # (50 here: a queue entry, a ring entry each).
+    further = 51 if transport in ("zmq", "queue") else 50
+    for size, low, high in [
+        (0, further, AUTO_CEILING),  # tiny: further than 50
+        (1 << 20, 1, AUTO_BUDGET // (1 << 20)),  # 1 MiB: what fits in the budget
+        (8 << 20, 1, 50),  # 8 MiB: the default, no more
+    ]:
+        made = memoryview(mmap.mmap(-1, 8)).cast("q")
+        received = 0
+        worst = 0
+        with fp.Runner(
+            lambda made=made, size=size: Counted(made, size),
+            transport=transport,
+            mode="replicate",
+            **kw,
+        ) as runner:
+            assert runner.capacity == 50  # what the transports' own bounds use
+            it = iter(runner)
+            for _ in range(3):  # the worker fills its credits while the consumer sleeps
+                time.sleep(0.3)
+                for _ in range(20):
+                    next(it)
+                    received += 1
+                    worst = max(worst, made[0] - received)
+        assert low <= worst <= high, (size, worst)
+
+
+def test_nbytes_estimates_arrays_buffers_strings_and_containers():
+    from flowplug._gates import nbytes
+
+    arr = np.zeros((4, 1000), np.float64)
+    assert nbytes(arr) == 32000
+    assert nbytes(b"x" * 100) == 100 and nbytes("y" * 50) == 50
+    d = {"a": arr, "b": arr[:2]}
+    assert 48000 <= nbytes(d) <= 48000 + 1000  # the arrays, and the dict itself
+    big = [arr[:1]] * 640  # 640 views of 8000 bytes: sampled (64), scaled to the length
+    assert 640 * 8000 <= nbytes(big) <= 640 * 8000 + 10000
+
+
+def test_auto_credits_move_towards_what_fits_and_never_wait():
+    import multiprocessing as mp
+
+    from flowplug._gates import Auto
+
+    sem = mp.get_context("fork").Semaphore(2)  # a worker's 2 credits, the floor
+    auto = Auto(floor=2, ceiling=10, budget=1000)
+    assert auto.adjust(sem, 2, b"x" * 100) == 10  # 100 bytes: 10 fit, the ceiling
+    assert sem.get_value() == 10
+    for _ in range(7):  # 7 datapoints out: 3 credits free
+        sem.acquire()
+    # 500 bytes: 2 fit; only the free ones can be taken out now
+    assert auto.adjust(sem, 10, b"x" * 500) == 7 and sem.get_value() == 0
+    for _ in range(7):  # the consumer gives them back
+        sem.release()
+    assert auto.adjust(sem, 7, b"x" * 500) == 2 and sem.get_value() == 2
+    # smaller again: the estimate falls by an eighth per call, never below the floor
+    assert auto.adjust(sem, 2, b"x" * 10) == 2
+    assert auto.size < 500
