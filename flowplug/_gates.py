@@ -41,7 +41,7 @@ from .errors import TransportClosed
 from .serialize import not_picklable
 from .stats import WorkerCounters
 from .transport import EMPTY, TaskReceiver
-from .worker_loop import TaskFailed, WorkerInfo
+from .worker_loop import TaskChannelFailed, TaskFailed, WorkerInfo
 
 #: how often a waiting worker thread checks whether the runner stopped.
 STOP_CHECK = 0.1
@@ -557,7 +557,10 @@ class MapGate:
 
         :raises flowplug.worker_loop.TaskFailed: ``fn`` raised; the cause is its exception.
         """
-        receiver = self.tasks(info.id)
+        try:
+            receiver = self.tasks(info.id)
+        except BaseException as exc:  # reported past the transport (see TaskChannelFailed)
+            raise TaskChannelFailed() from exc
         try:
             recv = receiver.recv
             send = sender.send

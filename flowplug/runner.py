@@ -50,6 +50,9 @@ _RUNS: weakref.WeakSet[_Run] = weakref.WeakSet()
 #: how long close() waits for a consumer thread to come out of a receive (each lasts
 #: POLL_INTERVAL by the transport contract; this only bounds a misbehaving transport).
 CLOSE_WAITS_FOR_CONSUMER = 5.0
+#: how long reset_state() waits for the workers to connect (Transport.await_connections);
+#: after that (a spawned worker importing for long) the run goes on, and iterating waits.
+CONNECTS_WITHIN = 60.0
 
 
 class _Run:
@@ -390,7 +393,13 @@ class Runner:
             start_method=self.start_method,
             **self._options,
         )
-        endpoint = transport.open()
+        try:
+            endpoint = transport.open()
+        except Exception as exc:
+            fds = _fds.out_of_fds(exc)
+            if fds is None:
+                raise
+            raise fds from exc
         control = None
         mode = self._mode
         try:
@@ -409,8 +418,14 @@ class Runner:
             run = _Run(transport, workers, control)
             self._finalizer = weakref.finalize(self, run.shutdown)
             workers.start()
+            # Before the program goes on: the transport's accepts take the fds counted
+            # by the check above, not whatever the program opens next.
+            patience = time.monotonic() + min(CONNECTS_WITHIN, self.timeout or CONNECTS_WITHIN)
+            transport.await_connections(
+                lambda: workers.death is None and time.monotonic() < patience
+            )
             self._meter.start(control.counters if control is not None else None)
-        except BaseException:
+        except BaseException as exc:
             if self._finalizer is not None:
                 self._finalizer()
             else:
@@ -418,7 +433,10 @@ class Runner:
                 if control is not None:
                     control.close()
             self._closed = True
-            raise
+            fds = _fds.out_of_fds(exc)
+            if fds is None:
+                raise
+            raise fds from exc
         self._run = run
         logger.info(
             "%s started: transport %r, %d worker(s), mode %r, capacity %d",
