@@ -24,7 +24,7 @@ from typing import Any
 from . import _exc, _fds, _resume, plugins
 from ._gates import Control
 from ._sweep import new_run_id, sweep_stale
-from .config import ARGUMENT
+from .config import ARGUMENT, DEFAULT
 from .errors import (
     ConfigError,
     ReplicateWarning,
@@ -252,7 +252,8 @@ class Runner:
     :param transport: name of the transport (``"zmq"``, ``"queue"``, ``"thread"``...).
     :param num_workers: how many workers.
     :param capacity: how many datapoints may be made by the workers and not yet delivered,
-        counted across the workers (each has a share; see docs/configuration.md).
+        counted across the workers (each has a share; see docs/configuration.md). Left
+        unset, replicate mode sizes it by the datapoints (50 to 1024, by a byte budget).
     :param start_method: ``"fork"`` (default on Linux), ``"spawn"`` or ``"forkserver"``;
         only for transports whose workers are processes.
     :param timeout: seconds to wait for one datapoint before raising
@@ -325,7 +326,8 @@ class Runner:
         self._mode_given = mode is not None
         mode = "replicate" if mode is None else mode
         #: what one epoch means, and the state that spans epochs.
-        self._mode = mode if isinstance(mode, Mode) else make_mode(mode, ordered)
+        auto = settings.source("capacity") == DEFAULT  # replicate mode sizes its credits
+        self._mode = mode if isinstance(mode, Mode) else make_mode(mode, ordered, auto)
         self._mode.check(self.num_workers, self.capacity)
         self.ordered = ordered
         #: what stats() reports; the loops add to ``delivered`` and ``waited``.

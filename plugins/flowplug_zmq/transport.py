@@ -129,6 +129,7 @@ class ZmqTransport(flowplug.TaskTransport):
         self._poll = self._sock.poll
         self._events = self._sock.get
         self._ready: collections.deque[Any] = collections.deque()
+        self._bytes = 0  # received from the workers: stats' bytes_delivered
         return functools.partial(
             ZmqSender,
             self.address,
@@ -156,9 +157,12 @@ class ZmqTransport(flowplug.TaskTransport):
             return flowplug.EMPTY  # not from our workers: never unpickle a stranger's bytes
         header = frames[1].buffer
         if not header:
+            self._bytes += sum(map(len, frames)) - len(frames[0])  # counters(): per message
             return loads(frames[2:])
+        blob = frames[2].buffer
+        self._bytes += len(header) + len(blob)
         ready = self._ready
-        ready.extend(unpack_batch(header, frames[2].buffer))
+        ready.extend(unpack_batch(header, blob))
         return ready.popleft()
 
     def open_tasks(self) -> functools.partial[ZmqTaskReceiver]:
@@ -188,6 +192,9 @@ class ZmqTransport(flowplug.TaskTransport):
         except zmq.Again:
             return False
         return True
+
+    def counters(self) -> dict[str, float]:
+        return {"bytes_received": getattr(self, "_bytes", 0)}
 
     def close(self) -> None:
         sockets = getattr(self, "_sockets", None)
