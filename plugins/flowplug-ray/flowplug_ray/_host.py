@@ -55,10 +55,12 @@ from flowplug.serialize import ALIGN, OUT_OF_BAND_MIN, dumps
 RING_BYTES = 32 * 1024 * 1024
 #: a reply stops growing past this many bytes.
 BATCH_BYTES = 8 * 1024 * 1024
+#: a reply this small goes as bytes (Ray inlines objects below 100 KiB in its answer).
+SMALL_REPLY = 64 * 1024
 #: a reply smaller than this waits up to FILL_WAIT for more messages...
 FLOOR_BYTES = 1024 * 1024
 #: ...this long (s): a few ms of latency for far fewer, fuller replies.
-FILL_WAIT = 0.003
+FILL_WAIT = 0.010
 #: messages larger than this do not go through the ring but through the pipe.
 INLINE_MIN = RING_BYTES // 4
 
@@ -224,7 +226,7 @@ class RingSender(flowplug.Sender):
         return False
 
     def send(self, obj: Any) -> None:
-        plain = _plain(obj)
+        plain = _flat(obj, dict) if type(obj) is dict else _plain(obj)
         if plain is not None and plain[1] <= ITEM_MAX:
             with self._lock:
                 if self._count:  # a batch of frames waits: it goes first, in order
@@ -240,6 +242,12 @@ class RingSender(flowplug.Sender):
                     or time.monotonic() - self._late.since >= BATCH_DELAY
                 ):
                     self._write_plain()
+            return
+        if type(obj) is np.ndarray and obj.nbytes >= OUT_OF_BAND_MIN:
+            frames = dumps(obj)  # a large array goes alone: no need to try the batch
+            with self._lock:
+                self._write_pending()
+                self._write_one(frames)
             return
         stream = self._stream
         with self._lock:
@@ -404,6 +412,7 @@ class WorkerHost:
         self._node = ray.util.get_node_ip_address()
         self._ring = mmap.mmap(-1, _CTL + RING_BYTES)  # MAP_SHARED: the worker sees it
         self._ctl = np.frombuffer(self._ring, np.uint64, count=2)
+        self._view = memoryview(self._ring)[_CTL:]
         self._size = RING_BYTES
         self._read, write = Pipe(duplex=False)
         wake_r, self._wake = os.pipe()
@@ -504,10 +513,14 @@ class WorkerHost:
             n += 1
         self._released = (end, msgs + n)
         at = start % self._size
+        header = _COUNT.pack(count) + b"".join(headers)
+        if end - start <= SMALL_REPLY:
+            # Ray sends a small reply inside its answer, not through the object store, and
+            # serializes bytes without a pickler (a numpy view costs a cloudpickle call).
+            return header, self._view[at : at + end - start].tobytes(), None
         data = np.frombuffer(self._ring, np.uint8, count=end - start, offset=_CTL + at)
-        return _COUNT.pack(count) + b"".join(headers), data, None
+        return header, data, None
 
-    @ray.method(concurrency_group="control")
     def control(self, epoch: int, credits: int) -> None:
         """Shard mode: give the worker ``credits`` credits back, then announce ``epoch``.
 

@@ -30,7 +30,7 @@ import pickle
 import re
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flowplug
 from flowplug.serialize import ALIGN
@@ -135,7 +135,7 @@ class _ActorSink(flowplug.ControlSink):
 
     def start_epoch(self, epoch: int) -> None:
         # The reply is not needed: an actor that is gone is reported by its take() call.
-        self.actor.control.remote(epoch, self.held)
+        self.actor.control.options(concurrency_group="control").remote(epoch, self.held)
         self.held = 0
 
     def release(self) -> None:
@@ -145,7 +145,7 @@ class _ActorSink(flowplug.ControlSink):
 
     def flush(self) -> None:
         if self.held:
-            self.actor.control.remote(-1, self.held)
+            self.actor.control.options(concurrency_group="control").remote(-1, self.held)
             self.held = 0
 
 
@@ -182,7 +182,7 @@ class RayWorkers(flowplug.WorkerGroup):
         ray = _ray()
         t = self._transport
         values = t.option_values
-        host = t.host_class()
+        host = t.host_class(control=self._credits is not None)
         opts: dict[str, Any] = {
             "num_cpus": values["num_cpus"],
             "max_restarts": 0,
@@ -281,7 +281,8 @@ class RayTransport(flowplug.OwnWorkersTransport):
         ),
     )
 
-    _host_class: Any = None
+    #: the actor classes, by whether they take control() calls (made once per process).
+    _host_classes: ClassVar[dict[bool, Any]] = {}
 
     def open(self) -> RayEndpoint:
         ray = _ray()
@@ -303,16 +304,27 @@ class RayTransport(flowplug.OwnWorkersTransport):
         return RayEndpoint()
 
     @classmethod
-    def host_class(cls) -> Any:
-        """The actor class, made once per process (``ray.remote`` needs Ray imported)."""
-        if cls._host_class is None:
+    def host_class(cls, control: bool) -> Any:
+        """The actor class, made once per process (``ray.remote`` needs Ray imported).
+
+        :param control: shard mode: the actor takes ``control()`` calls.
+        """
+        host = cls._host_classes.get(control)
+        if host is None:
             from ._host import WorkerHost
 
-            # control() has a thread of its own: credits must not queue behind a take()
-            # that waits for data. take() stays alone in the default group, one at a time,
-            # which is what lets it release the ring space of its previous reply.
-            cls._host_class = _ray().remote(concurrency_groups={"control": 1})(WorkerHost)
-        return cls._host_class
+            if control:
+                # control() has a thread of its own: credits must not queue behind a
+                # take() that waits for data. take() stays alone in the default group,
+                # one at a time, which is what lets it release the ring space of its
+                # previous reply.
+                host = _ray().remote(concurrency_groups={"control": 1})(WorkerHost)
+            else:
+                # No concurrency group: take() runs on the actor's main thread, as a plain
+                # actor's calls do, without a hand-off to a group's thread per call.
+                host = _ray().remote(WorkerHost)
+            cls._host_classes[control] = host
+        return host
 
     def make_workers(self, dfs: Sequence[Any], endpoint: Any, infos: Sequence[Any]) -> RayWorkers:
         self._group = RayWorkers(self, dfs, infos)
