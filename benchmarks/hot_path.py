@@ -102,15 +102,11 @@ class _Recv:
         return self.items[i]
 
 
-class _Control:
-    def __init__(self):
-        self.release = [lambda: None]
-
-    def start_epoch(self, epoch):
-        pass
-
-
-def loop_row(mode, ordered=False, n=50_000, repeats=25):
+def loop_row(mode, ordered=False, n=50_000, repeats=25, credited=False):
+    """The mode's loop alone. Shard mode gives its credits back through the core's real
+    control (a semaphore per worker; no worker takes them). ``credited``: replicate mode
+    as the Runner runs it over workers it starts, items tagged ``(worker id, dp)``, a
+    credit given back per item, the same way."""
     from flowplug._gates import EpochEnd  # private: this row reaches into a Runner
 
     best = float("inf")
@@ -118,8 +114,14 @@ def loop_row(mode, ordered=False, n=50_000, repeats=25):
         df = fp.DataFromList(list(range(n)))
         runner = fp.Runner(df, transport="thread", num_workers=1, mode=mode, ordered=ordered)
         if mode == "shard":
+            from flowplug._gates import Control
+
             items = [(0, i, {"x": i}) for i in range(n)] + [EpochEnd(0, 0)]
-            runner._run = _Recv(items, _Control())
+            # the core's real control for one worker thread (its semaphore, no worker)
+            runner._run = _Recv(items, Control(1, None, credits=50))
+        elif credited:
+            control = runner._mode.control(1, None, 50, None)
+            runner._run = _Recv([(0, {"x": i}) for i in range(n)], control)
         else:
             runner._run = _Recv([{"x": i} for i in range(n)])
         runner._size = n
@@ -130,6 +132,51 @@ def loop_row(mode, ordered=False, n=50_000, repeats=25):
         best = min(best, (time.process_time() - start) / n)
         runner._run = None  # never started: nothing to close
         runner._closed = True
+    return best
+
+
+class _ListSender:
+    def __init__(self):
+        self.sent = []
+        self.send = self.sent.append
+
+    def flush(self):
+        pass
+
+
+class _Pass:
+    """``n`` datapoints, then the stop event is set: the gate ends after one pass."""
+
+    def __init__(self, n, stop):
+        self.n = n
+        self.stop = stop
+
+    def __iter__(self):
+        dp = {"x": 1}
+        for _ in range(self.n):
+            yield dp
+        self.stop.set()
+
+
+def gate_row(n=50_000, repeats=25):
+    """The worker's side of replicate mode alone: the gate's loop (a credit per datapoint)
+    around a sender that appends to a list, with credits enough for the whole pass."""
+    from flowplug._gates import Control  # private: this row reaches into a worker
+
+    best = float("inf")
+    for _ in range(repeats):
+        control = Control(1, None, shares=[n + 1])
+        gate = control.gates[0]
+        stop = threading.Event()
+        sender = _ListSender()
+        info = fp.WorkerInfo(0, 1, 0)
+        start = time.process_time()
+        try:
+            gate.run(_Pass(n, stop), sender, info, stop)
+        except fp.TransportClosed:  # the stop event: the pass is done
+            pass
+        best = min(best, (time.process_time() - start) / n)
+        assert len(sender.sent) == n
     return best
 
 
@@ -147,6 +194,13 @@ if "runner" in which:
         out[f"runner {mode} small"] = runner_row(mode)
 if "loop" in which:
     out["loop replicate (ns)"] = loop_row("replicate") * 1e3
+    try:
+        from flowplug._gates import ReplicateGate  # noqa: F401  (not in trees before credits)
+    except ImportError:
+        pass
+    else:
+        out["loop replicate credited (ns)"] = loop_row("replicate", credited=True) * 1e3
+        out["gate replicate (ns)"] = gate_row() * 1e3
     out["loop shard (ns)"] = loop_row("shard") * 1e3
     out["loop shard ordered (ns)"] = loop_row("shard", True) * 1e3
 print(json.dumps({k: round(v * 1e6, 2) for k, v in out.items()}))  # us per item

@@ -1,6 +1,13 @@
 """Items/s of small datapoints through a Runner, for comparing two checkouts side by side.
 
     python benchmarks/stats_overhead.py --tree BEFORE --tree AFTER --rounds 3 [--mode map]
+    python benchmarks/stats_overhead.py --strip --tree TREE [--work-us 50] [--mode map]
+
+``--strip`` measures the cost of the statistics alone: it first copies each tree with
+the per-datapoint counting taken out (the consumer's ``meter.delivered += 1``, a
+replicate worker's count every 64 datapoints, a map worker's per task; the waits are
+timed only where the code waits anyway, so they stay), and runs the copy as the
+"before" of its tree.
 
 Each (tree, transport, mode) runs in a fresh process with PYTHONPATH set to the tree (and
 its plugins/), the trees taking turns; the median of the rounds is printed: items/s, and
@@ -14,9 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 
 CHILD = r"""
 import json, sys, time
@@ -72,6 +82,32 @@ print(json.dumps({"rate": rate, "cpu_us": cpu_us}))
 """
 
 
+#: (file, pattern, replacement, how many times it must match) for --strip.
+STRIP = [
+    ("flowplug/modes.py", r"meter\.delivered \+= 1", "pass", None),
+    ("flowplug/parallel.py", r"meter\.delivered \+= 1", "pass", None),
+    ("flowplug/_gates.py", r"if not sent & PUBLISH_MASK:", "if False:", 1),
+    ("flowplug/_gates.py", r"counters\[slot\] = answered", "pass", 1),
+]
+
+
+def strip(tree: str, into: str) -> str:
+    """A copy of ``tree`` (flowplug/ and plugins/) without the per-datapoint counting."""
+    out = os.path.join(into, os.path.basename(os.path.normpath(tree)) + "-nostats")
+    for part in ("flowplug", "plugins"):
+        shutil.copytree(os.path.join(tree, part), os.path.join(out, part))
+    for name, pattern, new, times in STRIP:
+        path = os.path.join(out, name)
+        with open(path) as f:
+            text = f.read()
+        text, n = re.subn(pattern, new, text)
+        if n == 0 or (times is not None and n != times):
+            sys.exit(f"--strip: {pattern!r} matched {n} times in {name}; update STRIP")
+        with open(path, "w") as f:
+            f.write(text)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tree", action="append", required=True, help="a checkout of flowplug")
@@ -87,7 +123,15 @@ def main() -> None:
         default=0.0,
         help="the consumer spins this many us per item (e.g. 50: the workers wait on it)",
     )
+    p.add_argument(
+        "--strip",
+        action="store_true",
+        help="compare each tree with a copy of it without the per-datapoint counting",
+    )
     args = p.parse_args()
+    if args.strip:
+        into = tempfile.mkdtemp(prefix="stats-overhead-")
+        args.tree = [t for tree in args.tree for t in (strip(tree, into), tree)]
     transports = args.transport or ["zmq", "queue"]
     modes = args.mode or ["replicate", "shard"]
     rates: dict[tuple[str, str, str], list[float]] = {}

@@ -12,6 +12,7 @@ thread opening files meanwhile): it refuses to start a zmq context without room 
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 from typing import Any
@@ -119,6 +120,30 @@ def check(transport: Any, num_workers: int, mode: str, start_method: str | None)
         f"too few file descriptors for this run: RLIMIT_NOFILE (`ulimit -n`) is {soft}, "
         f"this process has {used} open, and transport {transport.name!r} with {workers} "
         f"needs about {total} ({more} more: {detail}). {way_out}"
+    )
+
+
+def out_of_fds(exc: BaseException) -> ConfigError | None:
+    """The error to raise instead of ``exc`` when it (or its cause) says that the process
+    ran out of file descriptors (``EMFILE``, ``ENFILE``), naming ``RLIMIT_NOFILE`` and
+    the way out; else None. For what fails while a run starts although the check passed:
+    files opened meanwhile by other threads, or a count that was off."""
+    for err in (exc, exc.__cause__):
+        if getattr(err, "errno", None) in (errno.EMFILE, errno.ENFILE):
+            break
+    else:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = open_fds(below=soft) if soft != resource.RLIM_INFINITY else None
+    where = (
+        "the system's file table is full (ENFILE)"
+        if getattr(err, "errno", None) == errno.ENFILE
+        else f"RLIMIT_NOFILE (`ulimit -n`) is {soft} and this process has {used} open"
+    )
+    return ConfigError(
+        f"ran out of file descriptors while starting the run ({err}): {where}. Something "
+        "opened files after the runner counted what it needs (another thread?). Raise the "
+        "limit (`ulimit -n 4096` in the shell), or close files"
     )
 
 

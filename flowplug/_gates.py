@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -40,10 +41,16 @@ from .errors import TransportClosed
 from .serialize import not_picklable
 from .stats import WorkerCounters
 from .transport import EMPTY, TaskReceiver
-from .worker_loop import TaskFailed, WorkerInfo
+from .worker_loop import TaskChannelFailed, TaskFailed, WorkerInfo
 
 #: how often a waiting worker thread checks whether the runner stopped.
 STOP_CHECK = 0.1
+#: a worker under credits sends what its sender batched at least every ``min(BATCH,
+#: credits // 2)`` datapoints (and publishes its count then). Half its credits: so that the
+#: consumer has a batch to work on while the worker makes the next; with a batch as large
+#: as the credits, the worker would send only once out of credits, and the two sides
+#: would take turns (at the default capacity, a batching sender holds 64).
+BATCH = 64
 #: how often (s) a busy worker looks for a newer epoch: a pipe poll per item would cost
 #: more than the rest of a small item's trip.
 NOTICE_CHECK = 0.005
@@ -127,17 +134,40 @@ def _acquire(sem: Any, stop: threading.Event | None) -> None:
             raise _Stopped("the runner stopped")
 
 
+def _sleep_for(credits: Any, waiting: Any, stop: threading.Event | None) -> None:
+    """Take a credit, none being free: raise the ``waiting`` flag, so that the consumer
+    holds credits back until it can wake this worker with a refill, then sleep."""
+    if waiting is None:
+        _acquire(credits, stop)
+        return
+    waiting.release()
+    _acquire(credits, stop)
+    # Take the flag down, unless the consumer saw it (then it holds credits back for a
+    # refill, and the next wait is woken by that).
+    waiting.acquire(False)
+
+
 # ---------------------------------------------------------------------------- worker side
 
 
 class ShardGate:
     """One worker's side of shard mode: sends its shard of each epoch, within its credits."""
 
-    def __init__(self, notices: Any, credits: Any, counters: Any = None, slot: int = 0):
+    def __init__(
+        self,
+        notices: Any,
+        credits: Any,
+        counters: Any = None,
+        slot: int = 0,
+        waiting: Any = None,
+    ):
         self.notices = notices
         self.credits = credits
+        #: the flag raised while it sleeps for credits (as ReplicateGate's), or None.
+        self.waiting = waiting
         #: shared per-worker numbers (flowplug.stats.WorkerCounters.values), or None; this
-        #: gate's are at ``slot`` and ``slot + 1`` (a gate's place in its Control, which
+        #: gate's are at ``slot``, ``slot + 1``, ``slot + 2`` (WorkerCounters; ``slot`` is
+        #: a gate's place in its Control, which
         #: is not the worker's id when a group hosts some workers of a run).
         self.counters = counters
         self.slot = slot
@@ -213,8 +243,13 @@ class ShardGate:
                     if not try_acquire(False):
                         flush()
                         waited = monotonic()
-                        _acquire(credits, stop)
+                        if counters is not None:  # blocked from now on (stats)
+                            counters[slot + 2] = waited
+                        _sleep_for(credits, self.waiting, stop)
                         blocked += monotonic() - waited
+                        if counters is not None:
+                            counters[slot + 1] = blocked
+                            counters[slot + 2] = 0.0
                         next_check = 0.0  # we waited: the consumer may have moved on
                     if monotonic() >= next_check:
                         if counters is not None:
@@ -278,8 +313,13 @@ class ShardGate:
             if not try_acquire(False):
                 flush()
                 waited = monotonic()
-                _acquire(credits, stop)
+                if counters is not None:  # blocked from now on (stats)
+                    counters[slot + 2] = waited
+                _sleep_for(credits, self.waiting, stop)
                 blocked += monotonic() - waited
+                if counters is not None:
+                    counters[slot + 1] = blocked
+                    counters[slot + 2] = 0.0
                 next_check = 0.0
             if monotonic() >= next_check:
                 if counters is not None:
@@ -302,15 +342,39 @@ class ReplicateGate:
     and not yet yielded by the consumer never exceed the credits, the one a worker holds
     while it waits included. Items travel as ``(worker id, datapoint)``: the consumer
     gives the credit back to that worker when it yields the datapoint.
+
+    Out of credits, the worker raises its ``waiting`` flag (a semaphore too) and sleeps
+    on ``credits``. The consumer gives credits back one per datapoint, as it yields them,
+    so a worker that is running sees them at once; but once it sees the flag, it holds
+    them back until it has ``refill`` (half the share) and gives them at once: a sleeping
+    worker is woken once per refill, not once per datapoint (which would make it send
+    every datapoint alone, as long as the consumer is the slower side).
+
+    With ``auto`` (``capacity`` left unset: :class:`Auto`), the worker sets how many
+    credits it has itself, from the size of what it sends: it adds credits to its
+    semaphore, or takes free ones out, where it flushes.
     """
 
-    def __init__(self, credits: Any, share: int):
+    def __init__(
+        self,
+        credits: Any,
+        waiting: Any,
+        share: int,
+        counters: Any = None,
+        slot: int = 0,
+        auto: Auto | None = None,
+    ):
         self.credits = credits
-        #: once out of credits, how many to wait for before going on: half the share.
-        #: Going on with the first one given back would send every datapoint alone (a
-        #: message each, no batch) as long as the consumer is the slower side; the
-        #: consumer gives them back as many at a time (Control.chunks).
+        self.waiting = waiting
+        #: how many credits a sleeping worker is woken with: half the share.
         self.refill = max(1, share // 2)
+        #: the credits this worker starts with.
+        self.share = share
+        #: its bounds when capacity is automatic, else None.
+        self.auto = auto
+        #: as :attr:`ShardGate.counters`: datapoints sent, seconds waited for a credit.
+        self.counters = counters
+        self.slot = slot
 
     def run(self, df: Any, sender: Any, info: WorkerInfo, stop: threading.Event | None) -> None:
         """Send ``(id, datapoint)`` for every datapoint of ``df``, repeating passes, until
@@ -320,9 +384,18 @@ class ReplicateGate:
         flush = sender.flush
         credits = self.credits
         try_acquire = credits.acquire
-        refill = self.refill
+        waiting = self.waiting
+        auto = self.auto
+        limit = self.share  # the credits in circulation: free, out, or held by the consumer
+        every = _every(limit)
+        # Statistics: the count is published with each flush (every ``every`` datapoints),
+        # before each wait and at the end of a pass; only the waits are timed.
+        counters = self.counters if self.counters is not None else [0.0] * 3
+        slot = self.slot if self.counters is not None else 0
+        produced = 0  # before this pass
+        blocked = 0.0
         _acquire(credits, stop)  # for the first datapoint
-        held = 0  # credits taken ahead, after a wait
+        left = every
         while stop is None or not stop.is_set():
             sent = 0
             for dp in df:
@@ -331,22 +404,82 @@ class ReplicateGate:
                 except TypeError as exc:
                     raise _said_of(dp, (w, dp), exc) from exc.__cause__
                 sent += 1
+                left -= 1
+                if not left:  # the consumer gets these while the next ones are made
+                    flush()
+                    counters[slot] = produced + sent
+                    if auto is not None:
+                        limit = auto.adjust(credits, limit, dp)
+                        every = _every(limit)
+                    left = every
                 # a credit for the next one, before it is made
-                if held:
-                    held -= 1
-                elif not try_acquire(False):
+                if not try_acquire(False):
                     # Push out what a batching sender holds first: the consumer may be
                     # waiting for exactly those items before it can give a credit back.
                     flush()
-                    for _ in range(refill):
-                        _acquire(credits, stop)
-                    held = refill - 1
+                    counters[slot] = produced + sent
+                    started = counters[slot + 2] = monotonic()  # blocked from now on
+                    _sleep_for(credits, waiting, stop)
+                    blocked += monotonic() - started
+                    counters[slot + 1] = blocked
+                    counters[slot + 2] = 0.0
             if sent == 0:
                 raise RuntimeError(
                     f"dataflow {type(df).__name__} yielded no datapoint in a whole pass; "
                     "a runner repeats passes forever, so it would spin"
                 )
+            produced += sent
+            counters[slot] = produced
         raise _Stopped("the runner stopped")
+
+
+def _every(limit: int) -> int:
+    """How often a worker with ``limit`` credits sends what it batched (see BATCH)."""
+    return max(1, min(BATCH, limit // 2))
+
+
+@dataclass
+class Auto:
+    """One worker's credits when ``capacity`` is left unset: between ``floor`` and
+    ``ceiling``, as many as fit in ``budget`` bytes by the size of its datapoints
+    (estimated where it flushes, every few dozen datapoints, by :func:`nbytes`)."""
+
+    floor: int
+    ceiling: int
+    budget: int
+    #: the estimated size of a datapoint (bytes): rises at once, falls by an eighth.
+    size: int = 0
+
+    def adjust(self, credits: Any, limit: int, dp: Any) -> int:
+        """Move the credits in circulation towards what fits, given the datapoint just
+        sent; return the new count. Never waits: credits it cannot take out now (they
+        are out on datapoints) it takes at a later call."""
+        size = nbytes(dp)
+        self.size = size if size >= self.size else self.size - (self.size - size) // 8
+        target = min(self.ceiling, max(self.floor, self.budget // max(self.size, 1)))
+        while limit < target:
+            credits.release()
+            limit += 1
+        while limit > target and credits.acquire(False):
+            limit -= 1
+        return limit
+
+
+def nbytes(obj: Any, depth: int = 0) -> int:
+    """An estimate of the memory ``obj`` holds: arrays and buffers by their ``nbytes``,
+    strings and bytes by length, dicts, lists and tuples by their first 64 items (scaled
+    to their length), four levels down; anything else by ``sys.getsizeof``."""
+    size = getattr(obj, "nbytes", None)
+    if type(size) is int:
+        return size
+    if isinstance(obj, (bytes, bytearray, str)):
+        return len(obj)
+    if depth < 4 and isinstance(obj, (dict, list, tuple)):
+        items = obj.values() if isinstance(obj, dict) else obj
+        n = len(obj)
+        seen = sum(nbytes(x, depth + 1) for x in itertools.islice(items, 64))
+        return sys.getsizeof(obj) + (seen * n // 64 if n > 64 else seen)
+    return sys.getsizeof(obj)
 
 
 def _said_of(dp: Any, sent: Any, exc: TypeError) -> TypeError:
@@ -356,6 +489,22 @@ def _said_of(dp: Any, sent: Any, exc: TypeError) -> TypeError:
     if isinstance(cause, Exception) and str(exc) == str(not_picklable(sent, cause)):
         return not_picklable(dp, cause)
     return exc
+
+
+#: ``capacity`` left unset, replicate mode: the datapoints made and not yet delivered fit
+#: in this many bytes across the workers (by estimate), ...
+AUTO_BUDGET = 64 << 20
+#: ... and are at most this many, and at least the default ``capacity`` (50).
+AUTO_CEILING = 1024
+
+
+def auto_shares(floor: int, num_workers: int) -> list[Auto]:
+    """Each worker's bounds in replicate mode when ``capacity`` is unset: its share of
+    ``floor`` (the default capacity), of :data:`AUTO_CEILING` and of :data:`AUTO_BUDGET`."""
+    floors = replicate_shares(floor, num_workers)
+    ceilings = replicate_shares(max(floor, AUTO_CEILING), num_workers)
+    budget = AUTO_BUDGET // num_workers
+    return [Auto(f, c, budget) for f, c in zip(floors, ceilings, strict=True)]
 
 
 def replicate_shares(capacity: int, num_workers: int) -> list[int]:
@@ -408,7 +557,10 @@ class MapGate:
 
         :raises flowplug.worker_loop.TaskFailed: ``fn`` raised; the cause is its exception.
         """
-        receiver = self.tasks(info.id)
+        try:
+            receiver = self.tasks(info.id)
+        except BaseException as exc:  # reported past the transport (see TaskChannelFailed)
+            raise TaskChannelFailed() from exc
         try:
             recv = receiver.recv
             send = sender.send
@@ -511,6 +663,8 @@ class Control:
     :param tasks: the task endpoint (ParallelMap); None in shard mode.
     :param shares: replicate mode: each worker's credits (:func:`replicate_shares`); no
         epoch notices then, only the semaphores.
+    :param auto: replicate mode with ``capacity`` unset: each worker's bounds (the shares
+        are then the floors), from :func:`auto_shares`.
     :param sinks: the sinks of a group that carries the control itself
         (:meth:`flowplug.WorkerGroup.control_sinks`); no local gates are made then.
     """
@@ -523,34 +677,45 @@ class Control:
         tasks: Callable[[int], TaskReceiver] | None = None,
         sinks: Sequence[ControlSink] | None = None,
         shares: Sequence[int] | None = None,
+        auto: Sequence[Auto] | None = None,
     ):
         self._writers: list[Any] = []
         self._readers: list[Any] = []
         self._board: _Board | None = None
         self.gates: list[ShardGate | MapGate | ReplicateGate] = []
-        self.chunks: list[int] = []
+        self.waiting: list[Any] = []
+        self.refills: list[int] = []
         self.pending: list[int] = []
-        #: what the local gates count (runner.stats()); None for a group's own sinks and
-        #: in replicate mode.
+        #: what the local gates count (runner.stats()); None for a group's own sinks.
         self.counters: WorkerCounters | None = None
         if sinks is not None:
             self.sinks = list(sinks)
             self.release = [s.release for s in self.sinks]
+            self.give = self._giver()
             return
         if shares is not None:  # replicate mode: credits only
-            # A multiprocessing semaphore for threads too: its acquire and release are C
+            # Multiprocessing semaphores for threads too: their acquire and release are C
             # code, 30 times cheaper than threading.Semaphore's (on every datapoint).
-            sems: list[Any] = [mp.get_context(start_method).Semaphore(k) for k in shares]
-            gates = [ReplicateGate(sem, k) for sem, k in zip(sems, shares, strict=True)]
+            ctx = mp.get_context(start_method)
+            sems: list[Any] = [ctx.Semaphore(k) for k in shares]
+            flags = [ctx.Semaphore(0) for _ in shares]
+            counters = self.counters = WorkerCounters(num_workers, start_method)
+            autos = list(auto) if auto is not None else [None] * num_workers
+            gates = [
+                ReplicateGate(sem, flag, k, counters.values, WorkerCounters.STRIDE * i, a)
+                for i, (sem, flag, k, a) in enumerate(zip(sems, flags, shares, autos, strict=True))
+            ]
             self.gates = list(gates)
-            #: replicate mode: the consumer gives credits back ``chunks[w]`` at a time
-            #: (the ``refill`` worker ``w`` waits for), holding ``pending[w]`` meanwhile,
-            #: and all of them before it waits for data: a waiting worker is woken once
-            #: per chunk, not once per datapoint.
-            self.chunks = [g.refill for g in gates]
-            self.pending = [0] * num_workers
+            #: replicate mode: ``waiting[w](False)`` takes worker ``w``'s flag (it sleeps
+            #: for credits), ``refills[w]`` how many credits it is woken with, and
+            #: ``pending[w]`` how many the consumer holds back for it meanwhile (-1: none,
+            #: it is not known to sleep); all are given back before the consumer waits.
+            self.waiting = [f.acquire for f in flags]
+            self.refills = [g.refill for g in gates]
+            self.pending = [-1] * num_workers
             self.sinks = [_LocalSink(None, None, sem) for sem in sems]
             self.release = [sem.release for sem in sems]
+            self.give = self._giver()
             return
         notices: list[Any]
         if start_method is not None:
@@ -572,19 +737,69 @@ class Control:
         sems = [make_sem(credits) for _ in range(num_workers)] if credits else [None] * num_workers
         if credits:
             counters = self.counters = WorkerCounters(num_workers, start_method)
+            flags = [mp.get_context(start_method).Semaphore(0) for _ in range(num_workers)]
             self.gates = [
-                ShardGate(m, s, counters.values, 2 * i)
-                for i, (m, s) in enumerate(zip(notices, sems, strict=True))
+                ShardGate(m, s, counters.values, WorkerCounters.STRIDE * i, f)
+                for i, (m, s, f) in enumerate(zip(notices, sems, flags, strict=True))
             ]
+            self.waiting = [f.acquire for f in flags]
+            self.refills = [max(1, credits // 2)] * num_workers
+            self.pending = [-1] * num_workers
         else:
             assert tasks is not None
             counters = self.counters = WorkerCounters(num_workers, start_method)
-            self.gates = [MapGate(m, tasks, counters.values, 2 * i) for i, m in enumerate(notices)]
+            self.gates = [
+                MapGate(m, tasks, counters.values, WorkerCounters.STRIDE * i)
+                for i, m in enumerate(notices)
+            ]
         writers = self._writers or [None] * num_workers
         #: one per worker, in worker order.
         self.sinks = [_LocalSink(w, self._board, s) for w, s in zip(writers, sems, strict=True)]
         #: ``release[w]()`` gives worker ``w`` one credit back (shard mode).
         self.release = [s.release for s in self.sinks] if credits else []
+        self.give = self._giver()
+
+    def _giver(self) -> Callable[[int], None]:
+        """``give(w)``: worker ``w``'s credit for a datapoint yielded, as replicate mode's
+        loop gives it (ReplicateGate): at once, unless the worker sleeps for credits (its
+        flag is up); then held back until there is a refill of them. Without flags (a
+        group's sinks) at once."""
+        release = self.release
+        waiting = self.waiting
+        refills = self.refills
+        pending = self.pending
+        if not waiting:
+            return lambda w: release[w]()
+
+        def give(w: int) -> None:
+            held = pending[w]
+            if held < 0:
+                if refills[w] > 1 and waiting[w](False):
+                    pending[w] = 1  # it sleeps: hold this one, and wake it with a refill
+                else:
+                    release[w]()
+                return
+            held += 1
+            if held >= refills[w]:
+                one = release[w]
+                for _ in range(held):
+                    one()
+                held = -1
+            pending[w] = held
+
+        return give
+
+    def give_held(self) -> None:
+        """Give back every credit held for a refill: the consumer is about to wait, and a
+        worker that sleeps for them may be what it waits for."""
+        pending = self.pending
+        release = self.release
+        for w, held in enumerate(pending):
+            if held > 0:
+                one = release[w]
+                for _ in range(held):
+                    one()
+                pending[w] = -1
 
     def start_epoch(self, epoch: int) -> None:
         """Tell every worker that the consumer started ``epoch``."""

@@ -70,6 +70,8 @@ class ZmqSockets:
         guard_zmq_context()  # libzmq aborts the process when it runs out of fds
         self.ctx = zmq.Context()
         self._sockets: list[Any] = []
+        #: (listening socket, its monitor) per socket whose accepts are watched.
+        self._watched: list[tuple[Any, Any]] = []
 
     def connect(self, kind: int, address: str, *, hwm: int, linger_ms: int = 0) -> Any:
         """Return a new socket of ``kind`` (``zmq.PUSH``, ``zmq.PULL``) connected to ``address``.
@@ -100,6 +102,50 @@ class ZmqSockets:
             raise
         return sock, address
 
+    def watch_accepts(self, sock: Any) -> None:
+        """Count the connections the bound socket ``sock`` accepts, for
+        :meth:`await_accepts` (two sockets more, until then).
+
+        Why: libzmq 4.3 aborts the whole process when its ipc listener cannot accept a
+        connection for want of a file descriptor ("Too many open files
+        (src/ipc_listener.cpp:...)"). A consumer that waits until its workers are
+        connected (:meth:`flowplug.Transport.await_connections`) makes the accepts
+        happen while the fds the Runner counted for them are still free.
+
+        :raises flowplug.ConfigError: no fd left for the watch itself.
+        """
+        import zmq
+
+        try:
+            monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED)
+        except zmq.ZMQError as exc:
+            self.close()  # called from a transport's open(): its close() may not run
+            raise ConfigError(
+                f"cannot watch a zmq socket's connections: {exc}. If the process is out of "
+                "file descriptors (RLIMIT_NOFILE), raise the limit (`ulimit -n 4096` in the "
+                "shell), or close files"
+            ) from exc
+        self._watched.append((sock, monitor))
+
+    def await_accepts(self, count: int, keep_waiting: Any) -> None:
+        """Wait until every watched socket accepted ``count`` connections, or until
+        ``keep_waiting()`` is false (asked every 0.1 s at most); then stop watching."""
+        try:
+            for _, monitor in self._watched:
+                accepted = 0
+                while accepted < count and keep_waiting():
+                    if monitor.poll(100):
+                        monitor.recv_multipart()  # one event: one connection accepted
+                        accepted += 1
+        finally:
+            self._stop_watching()
+
+    def _stop_watching(self) -> None:
+        watched, self._watched = self._watched, []
+        for sock, monitor in watched:
+            sock.disable_monitor()
+            monitor.close()
+
     def _socket(self, kind: int, hwm: int, linger_ms: int) -> Any:
         import zmq
 
@@ -114,6 +160,7 @@ class ZmqSockets:
 
     def close(self) -> None:
         """Close every socket (each after its own linger), then the context. Idempotent."""
+        self._stop_watching()  # before the context ends: it waits for every socket
         sockets, self._sockets = self._sockets, []
         for sock in reversed(sockets):
             sock.close()

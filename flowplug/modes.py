@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from . import _resume
-from ._gates import Control, EpochEnd, Item, replicate_shares
+from ._gates import Control, EpochEnd, Item, auto_shares, replicate_shares
 from ._passcheck import START as PASS_START
 from .errors import ConfigError, PluginError, ShardMismatch, StateError
 from .stats import Meter
@@ -170,10 +170,17 @@ class ReplicateMode(Mode):
 
     name = "replicate"
 
+    def __init__(self, auto_capacity: bool = False):
+        #: ``capacity`` was left unset: the workers size their credits by the datapoints
+        #: (flowplug._gates.Auto), ``capacity`` being the least they get.
+        self.auto_capacity = auto_capacity
+
     def control(
         self, num_workers: int, start_method: str | None, capacity: int, transport: Transport
     ) -> Control:
-        return Control(num_workers, start_method, shares=replicate_shares(capacity, num_workers))
+        shares = replicate_shares(capacity, num_workers)
+        auto = auto_shares(capacity, num_workers) if self.auto_capacity else None
+        return Control(num_workers, start_method, shares=shares, auto=auto)
 
     def epoch(self, feed: Feed) -> Iterator[Any]:
         if feed.control is not None:
@@ -187,9 +194,11 @@ class ReplicateMode(Mode):
         control = feed.control
         assert control is not None
         release = control.release
-        # Credits go back a chunk at a time (flowplug._gates.Control.chunks), and all that
-        # are held before the consumer waits; the held ones survive across epochs.
-        chunks = control.chunks
+        # A credit goes back as its datapoint is yielded, unless the worker sleeps for
+        # credits (its flag, control.waiting): then they are held back until there are
+        # control.refills of them, and all that are held before the consumer waits.
+        waiting = control.waiting
+        refills = control.refills
         pending = control.pending
         recv = run.transport.recv
         workers = run.workers
@@ -208,19 +217,24 @@ class ReplicateMode(Mode):
                 run.inside = 0
             if type(obj) is not tuple or workers.death is not None:
                 if obj is EMPTY:  # about to wait: give back every credit held first
-                    for w, held in enumerate(pending):
-                        for _ in range(held):
-                            release[w]()
-                        pending[w] = 0
+                    control.give_held()
                 obj = slow(obj)
+            # control.give(w), written out (a call per datapoint costs more)
             w = obj[0]
-            held = pending[w] + 1
-            if held == chunks[w]:
-                give = release[w]
-                for _ in range(held):
-                    give()
-                held = 0
-            pending[w] = held
+            held = pending[w]
+            if held < 0:
+                if refills[w] > 1 and waiting[w](False):
+                    pending[w] = 1  # it sleeps: hold this one, and wake it with a refill
+                else:
+                    release[w]()
+            else:
+                held += 1
+                if held >= refills[w]:
+                    give = release[w]
+                    for _ in range(held):
+                        give()
+                    held = -1
+                pending[w] = held
             count += 1
             meter.delivered += 1
             yield obj[1]
@@ -318,6 +332,11 @@ class ShardMode(Mode):
         skip = progress.begin(k)  # after a resume: what the saved run had received
         n = feed.num_workers
         release = control.release
+        # give(w): a credit back as the datapoint is yielded, held for a refill while the
+        # worker sleeps for credits (flowplug._gates.Control.give); give_held() before
+        # the consumer waits. The rare paths (old epochs) release at once.
+        give = control.give
+        give_held = control.give_held
         for old in [e for e in self.ahead if e < k]:  # an epoch the user broke out of
             for index in self.ahead.pop(old):
                 release[index % n]()
@@ -342,7 +361,7 @@ class ShardMode(Mode):
             while len(ended) < n:
                 if buf:  # arrived ahead, or while state_dict() waited
                     index, dp = buf.popitem()
-                    release[index % n]()
+                    give(index % n)
                     got(index)
                     meter.delivered += 1
                     yield dp
@@ -355,10 +374,12 @@ class ShardMode(Mode):
                 finally:
                     run.inside = 0
                 if type(obj) is not Item or obj[0] != k or workers.death is not None:
+                    if obj is EMPTY:  # about to wait: give back what is held for refills
+                        give_held()
                     obj = slow(obj)
                     if not self._file(obj, k, release, n):
                         continue
-                release[obj[1] % n]()
+                give(obj[1] % n)
                 got(obj[1])
                 meter.delivered += 1
                 yield obj[2]
@@ -386,6 +407,8 @@ class ShardMode(Mode):
                     finally:
                         run.inside = 0
                     if type(obj) is not Item or obj[0] != k or workers.death is not None:
+                        if obj is EMPTY:  # about to wait: give back what is held
+                            give_held()
                         obj = slow(obj)
                         if not self._file(obj, k, release, n):
                             continue
@@ -393,7 +416,7 @@ class ShardMode(Mode):
                         buf[obj[1]] = obj[2]
                         continue
                     dp = obj[2]
-                release[nxt % n]()
+                give(nxt % n)
                 nxt += 1
                 progress.nxt = nxt
                 meter.delivered += 1
@@ -544,6 +567,7 @@ class ShardMode(Mode):
             return progress.to_dict(k, received, n, states, seed)
         assert feed.control is not None
         release = feed.control.release
+        feed.control.give_held()  # it waits below: no worker sleeps for a held credit
         passes = progress.passes.setdefault(k, {})
         while len(passes) < n:
             if closed():
@@ -569,8 +593,9 @@ class ShardMode(Mode):
 MODES = ("replicate", "shard")
 
 
-def make_mode(name: str, ordered: bool) -> Mode:
-    """The mode object for ``Runner(mode=name, ordered=ordered)``.
+def make_mode(name: str, ordered: bool, auto_capacity: bool = False) -> Mode:
+    """The mode object for ``Runner(mode=name, ordered=ordered)``; ``auto_capacity``:
+    ``capacity`` was left unset (replicate mode then sizes the credits by the datapoints).
 
     :raises flowplug.ConfigError: an unknown name, or ``ordered`` outside shard mode.
     """
@@ -587,4 +612,4 @@ def make_mode(name: str, ordered: bool) -> Mode:
             "ordered=True needs mode='shard': replicated workers each run the whole "
             "dataflow, so there is no single order to keep"
         )
-    return ReplicateMode()
+    return ReplicateMode(auto_capacity)

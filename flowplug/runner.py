@@ -24,7 +24,7 @@ from typing import Any
 from . import _exc, _fds, _resume, plugins
 from ._gates import Control
 from ._sweep import new_run_id, sweep_stale
-from .config import ARGUMENT
+from .config import ARGUMENT, DEFAULT
 from .errors import (
     ConfigError,
     ReplicateWarning,
@@ -50,6 +50,9 @@ _RUNS: weakref.WeakSet[_Run] = weakref.WeakSet()
 #: how long close() waits for a consumer thread to come out of a receive (each lasts
 #: POLL_INTERVAL by the transport contract; this only bounds a misbehaving transport).
 CLOSE_WAITS_FOR_CONSUMER = 5.0
+#: how long reset_state() waits for the workers to connect (Transport.await_connections);
+#: after that (a spawned worker importing for long) the run goes on, and iterating waits.
+CONNECTS_WITHIN = 60.0
 
 
 class _Run:
@@ -249,7 +252,8 @@ class Runner:
     :param transport: name of the transport (``"zmq"``, ``"queue"``, ``"thread"``...).
     :param num_workers: how many workers.
     :param capacity: how many datapoints may be made by the workers and not yet delivered,
-        counted across the workers (each has a share; see docs/configuration.md).
+        counted across the workers (each has a share; see docs/configuration.md). Left
+        unset, replicate mode sizes it by the datapoints (50 to 1024, by a byte budget).
     :param start_method: ``"fork"`` (default on Linux), ``"spawn"`` or ``"forkserver"``;
         only for transports whose workers are processes.
     :param timeout: seconds to wait for one datapoint before raising
@@ -322,7 +326,8 @@ class Runner:
         self._mode_given = mode is not None
         mode = "replicate" if mode is None else mode
         #: what one epoch means, and the state that spans epochs.
-        self._mode = mode if isinstance(mode, Mode) else make_mode(mode, ordered)
+        auto = settings.source("capacity") == DEFAULT  # replicate mode sizes its credits
+        self._mode = mode if isinstance(mode, Mode) else make_mode(mode, ordered, auto)
         self._mode.check(self.num_workers, self.capacity)
         self.ordered = ordered
         #: what stats() reports; the loops add to ``delivered`` and ``waited``.
@@ -388,7 +393,13 @@ class Runner:
             start_method=self.start_method,
             **self._options,
         )
-        endpoint = transport.open()
+        try:
+            endpoint = transport.open()
+        except Exception as exc:
+            fds = _fds.out_of_fds(exc)
+            if fds is None:
+                raise
+            raise fds from exc
         control = None
         mode = self._mode
         try:
@@ -407,8 +418,14 @@ class Runner:
             run = _Run(transport, workers, control)
             self._finalizer = weakref.finalize(self, run.shutdown)
             workers.start()
+            # Before the program goes on: the transport's accepts take the fds counted
+            # by the check above, not whatever the program opens next.
+            patience = time.monotonic() + min(CONNECTS_WITHIN, self.timeout or CONNECTS_WITHIN)
+            transport.await_connections(
+                lambda: workers.death is None and time.monotonic() < patience
+            )
             self._meter.start(control.counters if control is not None else None)
-        except BaseException:
+        except BaseException as exc:
             if self._finalizer is not None:
                 self._finalizer()
             else:
@@ -416,7 +433,10 @@ class Runner:
                 if control is not None:
                     control.close()
             self._closed = True
-            raise
+            fds = _fds.out_of_fds(exc)
+            if fds is None:
+                raise
+            raise fds from exc
         self._run = run
         logger.info(
             "%s started: transport %r, %d worker(s), mode %r, capacity %d",

@@ -34,15 +34,15 @@ MIN_ACTIVE = 0.05
 
 @dataclass(frozen=True)
 class WorkerStats:
-    """One worker's numbers (shard mode and ParallelMap; replicate mode does not count
-    per worker)."""
+    """One worker's numbers (forked or thread workers the Runner starts, every mode)."""
 
     #: the worker's index.
     id: int
     #: datapoints it produced (sent), over all epochs; a map's worker: tasks it answered.
     produced: int
-    #: seconds it waited on the consumer: shard mode, for room (a credit) or for the
-    #: consumer to start an epoch; a map's worker, for a task.
+    #: seconds it waited on the consumer, the wait it is in included: replicate mode, for
+    #: room (a credit); shard mode, for a credit or for the consumer to start an epoch; a
+    #: map's worker, for a task.
     blocked_s: float
 
 
@@ -76,7 +76,7 @@ class RunnerStats:
     consumer_blocked_s: float
     #: ``consumer_blocked_s / (elapsed_s - startup_s)``: what the verdict is made of.
     consumer_blocked_fraction: float
-    #: per worker (shard mode, ParallelMap; forked or thread workers), else None.
+    #: per worker (forked or thread workers the Runner starts), else None.
     workers: tuple[WorkerStats, ...] | None
     #: what the transport counts (:meth:`flowplug.Transport.counters`), e.g. shm's copies.
     transport_counters: dict[str, float]
@@ -107,14 +107,20 @@ class RunnerStats:
 class WorkerCounters:
     """Per worker: datapoints produced and seconds blocked, written by the workers.
 
-    A list for worker threads; for forked workers an anonymous shared mapping (no file,
-    no fd: nothing to clean up). Workers started with spawn or forkserver would need a
-    named segment: they are not counted (``values`` is None).
+    Worker ``w``'s numbers are ``values[w * STRIDE:]``: what it produced, the seconds it
+    was blocked in waits that ended, and when (``time.monotonic()``, one clock for every
+    process of the machine) the wait it is in began, or 0: a worker blocked right now
+    counts that wait too. A list for worker threads; for forked workers an anonymous
+    shared mapping (no file, no fd: nothing to clean up). Workers started with spawn or
+    forkserver would need a named segment: they are not counted (``values`` is None).
     """
+
+    #: numbers per worker.
+    STRIDE = 3
 
     def __init__(self, num_workers: int, start_method: str | None):
         self.num_workers = num_workers
-        size = 2 * num_workers
+        size = self.STRIDE * num_workers
         self.values: Any
         if start_method is None:
             self.values = [0.0] * size
@@ -126,10 +132,15 @@ class WorkerCounters:
     def read(self) -> tuple[WorkerStats, ...] | None:
         if self.values is None:
             return None
+        now = time.monotonic()
         v = list(self.values)
-        return tuple(
-            WorkerStats(w, int(v[2 * w]), round(v[2 * w + 1], 6)) for w in range(self.num_workers)
-        )
+        out = []
+        for w in range(self.num_workers):
+            produced, blocked, since = v[self.STRIDE * w : self.STRIDE * w + 3]
+            if since > 0:
+                blocked += max(0.0, now - since)
+            out.append(WorkerStats(w, int(produced), round(blocked, 6)))
+        return tuple(out)
 
 
 class Meter:

@@ -217,6 +217,20 @@ class Transport(ABC):
     def recv(self, timeout: float) -> Any:
         """Return the next object, or :data:`EMPTY` after ``timeout`` seconds."""
 
+    def await_connections(self, keep_waiting: Callable[[], bool]) -> None:
+        """Wait until every worker is connected (optional); called once by the Runner
+        right after it started the workers, before the program goes on.
+
+        For a consumer that *accepts* its workers' connections (a listening socket): each
+        accept takes a file descriptor, and running out of them then is the worst place
+        (libzmq aborts the whole process when its ipc listener cannot accept). The
+        Runner counted those fds before it started; waiting here makes the accepts happen
+        before any other code of the consumer's thread can open files. Wait in steps of
+        at most 0.1 s, and return as soon as ``keep_waiting()`` is false (a worker died,
+        or it took too long); never raise for a worker that did not connect: iterating
+        reports it. The default returns at once.
+        """
+
     def counters(self) -> dict[str, float]:
         """What this transport counts, for :meth:`flowplug.Runner.stats` (optional).
 

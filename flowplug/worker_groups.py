@@ -35,6 +35,14 @@ from .worker_loop import RemoteFailure, WorkerInfo, process_main, run_worker
 #: the worker's death would then never close its sentinel (the consumer hung on a dead
 #: worker) while the other process lives.
 _STARTING = threading.Lock()
+#: how long the death watcher waits for a dead worker's exit status to be recorded (see
+#: :meth:`ProcessWorkers._exit_status`); it takes microseconds unless other code reaped it.
+EXIT_STATUS_WITHIN = 10.0
+#: what a death says when its exit status is gone.
+_STATUS_TAKEN = (
+    "other code of this process collected the status before flowplug could read it: "
+    "os.wait(), os.waitpid(-1, ...) or a SIGCHLD handler"
+)
 #: every worker process started here and not yet stopped (see :func:`_after_fork_in_child`).
 _FORKED: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -315,15 +323,41 @@ class ProcessWorkers(WorkerGroup):
                 failures[i] = _read_report(conn)
             for sentinel in [s for s in ready if s in waiting]:
                 i, proc = waiting.pop(sentinel)
-                proc.join(1.0)  # the sentinel closes a moment before the exit status is ready
+                exitcode = self._exit_status(proc)
                 report = self._reports[i]
                 if i not in failures and report in reports and report.poll():
                     reports.pop(report)
                     failures[i] = _read_report(report)
                 if not self._stopping and self.death is None:
                     self.death = Death(
-                        self._infos[i].id, proc.pid, proc.exitcode, failure=failures.get(i)
+                        self._infos[i].id,
+                        proc.pid,
+                        exitcode,
+                        "" if exitcode is not None else _STATUS_TAKEN,
+                        failure=failures.get(i),
                     )
+
+    def _exit_status(self, proc: Any) -> int | None:
+        """The exit status of a worker whose sentinel closed, i.e. that has ended.
+
+        Waiting for the process (``join``) is not enough: multiprocessing reaps its
+        children from other threads too (``Process.start()`` and ``active_children()``
+        poll every child they know, e.g. when another runner starts a worker), and when
+        one of them reaps this worker first, our wait finds no child (ECHILD) and returns
+        nothing while the other thread has yet to record the status on the same Process.
+        So poll (never blocking: the sentinel may close a moment before the status is
+        there) until the status is recorded, whoever reaped it. None only when other code
+        took it past multiprocessing (``os.wait()``, ``os.waitpid(-1, ...)``, a SIGCHLD
+        handler), or when the group is being stopped meanwhile.
+        """
+        deadline = time.monotonic() + EXIT_STATUS_WITHIN
+        pause = 0.001
+        while True:
+            code = proc.exitcode  # waitpid(WNOHANG), or what another thread recorded
+            if code is not None or self._stopping or time.monotonic() > deadline:
+                return code
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def alive(self) -> int:
         return sum(p.is_alive() for p in self.procs)

@@ -124,6 +124,12 @@ class TaskFailed(Exception):
         self.index = index
 
 
+class TaskChannelFailed(Exception):
+    """Raised by a ParallelMap worker loop that could not connect to the task channel;
+    the cause is the exception. Its report cannot go through the transport: the
+    consumer, waiting to send the first task, reads no answers yet."""
+
+
 _local = threading.local()
 _process_info: WorkerInfo | None = None
 
@@ -188,8 +194,11 @@ def run_worker(
         index = None
         if isinstance(exc, TaskFailed) and exc.__cause__ is not None:
             index, phase, exc = exc.index, "map", exc.__cause__
+        unsent = isinstance(exc, TransportClosed)
+        if isinstance(exc, TaskChannelFailed) and exc.__cause__ is not None:
+            phase, exc, unsent = "connect", exc.__cause__, True
         failure = make_failure(info.id, phase, exc, index)
-        if sender is None or isinstance(exc, TransportClosed):
+        if unsent or sender is None:
             # Nothing can go through the transport. A TransportClosed while the runner
             # is not stopping is a failure too: a worker process never learns that the
             # consumer is closing, and the consumer ignores what it says then.

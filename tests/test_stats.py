@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
+import pickle
 import time
 
+import numpy as np
 import pytest
 
 import flowplug as fp
@@ -74,15 +77,115 @@ def test_map_counts_per_worker_too(no_leaks, transport):
     assert sum(w.blocked_s for w in stats.workers) > 0.05, stats.workers
 
 
-def test_replicate_mode_counts_in_the_consumer(no_leaks):
-    df = fp.DataFromList(range(5))
-    with fp.Runner(df, transport="thread", num_workers=2, mode="replicate") as runner:
-        assert len(list(runner)) == 5  # an epoch is len(df) datapoints
-        it = iter(runner)
-        next(it), next(it)
+#: transports whose workers the Runner starts (a group the transport runs counts nothing).
+STARTED = sorted(n for n, cls in fp.available_transports().items() if not cls.runs_workers)
+
+
+class Counted(fp.DataFlow):
+    """Yields ``(worker id, i)`` forever, counting each datapoint in ``made[id]`` just
+    before it yields it (an anonymous shared mapping: forked workers write the consumer's)."""
+
+    def __init__(self, made: memoryview):
+        self.made = made
+
+    def __iter__(self):
+        wid = fp.worker_info().id
+        made = self.made
+        i = 0
+        while True:
+            made[wid] = i + 1
+            yield (wid, i)
+            i += 1
+
+
+def _blocked_with(runner, made, workers, deadline=20.0):
+    """Wait until every worker's published count is what its dataflow made (it is then
+    blocked for room: the consumer takes nothing meanwhile); return those stats."""
+    end = time.monotonic() + deadline
+    while True:
         stats = runner.stats()
-        del it
-    assert stats.delivered == 7 and stats.workers is None
+        if [w.produced for w in stats.workers] == list(made[:workers]):
+            return stats
+        assert time.monotonic() < end, (stats.workers, list(made[:workers]))
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("transport", STARTED)
+def test_replicate_mode_counts_per_worker_what_it_made_and_its_waits(no_leaks, transport):
+    made = memoryview(mmap.mmap(-1, 8 * 2)).cast("q")
+    cls = fp.get_transport(transport)
+    kw = {"start_method": "fork"} if cls.crosses_processes else {}
+    with fp.Runner(
+        lambda: Counted(made), transport=transport, num_workers=2, capacity=6, mode="replicate",
+        **kw,
+    ) as runner:  # fmt: skip
+        it = iter(runner)
+        for _ in range(30):  # a slow consumer: the workers fill their credits and wait
+            next(it)
+            time.sleep(0.003)
+        first = _blocked_with(runner, made, 2)
+        time.sleep(0.2)
+        second = runner.stats()
+        # nothing was taken meanwhile: the same counts, and 0.2 s more of blocking each
+        # (the wait a worker is in counts as it goes)
+        assert [w.produced for w in second.workers] == list(made[:2])
+        for a, b in zip(first.workers, second.workers, strict=True):
+            assert b.blocked_s - a.blocked_s >= 0.2 - 1e-3, (first.workers, second.workers)
+        assert sum(w.produced for w in second.workers) <= 30 + 6  # the capacity bound
+        assert second.delivered == 30 and second.mode == "replicate"
+        assert not second.input_bound, second.summary()
+
+
+@pytest.mark.parametrize("transport", STARTED)
+def test_replicate_mode_counts_are_published_while_the_workers_run(no_leaks, transport):
+    """A consumer that never makes a worker wait still sees its counts grow (published
+    every few dozen datapoints), never above what the dataflow made."""
+    made = memoryview(mmap.mmap(-1, 8)).cast("q")
+    cls = fp.get_transport(transport)
+    kw = {"start_method": "fork"} if cls.crosses_processes else {}
+    with fp.Runner(
+        lambda: Counted(made), transport=transport, num_workers=1, capacity=1000,
+        mode="replicate", **kw,
+    ) as runner:  # fmt: skip
+        it = iter(runner)
+        for _ in range(500):
+            next(it)
+        (worker,) = runner.stats().workers
+        assert 500 - 64 <= worker.produced <= made[0], (worker, made[0])
+
+
+def test_replicate_workers_started_with_spawn_are_not_counted(no_leaks):
+    with fp.Runner(
+        fp.DataFromList(range(5)), transport="queue", num_workers=2, mode="replicate",
+        start_method="spawn",
+    ) as runner:  # fmt: skip
+        assert len(list(runner)) == 5
+        stats = runner.stats()
+    assert stats.delivered == 5 and stats.workers is None
+
+
+@pytest.mark.parametrize("transport", ["zmq", "queue"])
+@pytest.mark.parametrize("size", [256 << 10, 0], ids=["256KiB", "small"])
+def test_bytes_delivered_is_what_the_transport_received(no_leaks, transport, size):
+    """zmq and queue count the bytes of each message they receive (a batch of small
+    datapoints is one message): at least the datapoints' own bytes, at most what the
+    capacity lets arrive beyond them (the next epoch's prefetch), each with its framing."""
+    items = [np.full(size, i, np.uint8) if size else {"i": i, "name": "x" * 50} for i in range(10)]
+    one = len(pickle.dumps(items[0], protocol=5))
+    with fp.Runner(
+        fp.DataFromList(items), transport=transport, num_workers=2, capacity=4, mode="shard"
+    ) as runner:
+        assert len(list(runner)) == 10
+        got = runner.stats().bytes_delivered
+    assert got is not None
+    assert 10 * (size or one) <= got <= (10 + 4) * (one + 256), (got, one)
+
+
+def test_the_thread_transport_counts_no_bytes(no_leaks):
+    """Its workers hand over references: no bytes move, none are counted."""
+    with fp.Runner(fp.DataFromList(range(3)), transport="thread", mode="shard") as runner:
+        list(runner)
+        assert runner.stats().bytes_delivered is None
 
 
 def test_stats_as_a_dict_and_before_the_start():

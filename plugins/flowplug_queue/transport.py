@@ -141,6 +141,7 @@ class QueueTransport(flowplug.TaskTransport):
         for channel in self._channels:
             self._poller.register(channel.fd, select.POLLIN)
         self._turn = 0
+        self._bytes = 0  # received from the workers: stats' bytes_delivered
         self._ready: collections.deque[Any] = collections.deque()
         return functools.partial(
             QueueSender,
@@ -171,6 +172,7 @@ class QueueTransport(flowplug.TaskTransport):
                     channel.message = MessageReader()
                     channel.slots.release()
                     self._turn = i + 1
+                    self._bytes += len(message.header) + len(message.body)  # counters()
                     ready.extend(unpack_batch(message.header, message.body))
                     return ready.popleft()
             if deadline is None:
@@ -230,6 +232,9 @@ class QueueTransport(flowplug.TaskTransport):
                 os.read(reader.fileno(), 1 << 20)
         self._task_reader.close()
         self._task_writer.close()
+
+    def counters(self) -> dict[str, float]:
+        return {"bytes_received": getattr(self, "_bytes", 0)}
 
     def close(self) -> None:
         if getattr(self, "_task_stop", None) is not None and not self._task_stop.is_set():

@@ -155,6 +155,10 @@ class ShmSender(flowplug.Sender):
         # fp.shm.empty() in this worker allocates in the transport's store.
         self._using = use_store(store)
         self._using.__enter__()
+        # Connect for copies now, not at the first copy: the consumer's zmq listener
+        # accepts while the Runner waits for the workers (await_connections), when the
+        # fd it takes is free; later, libzmq would abort the consumer without one.
+        self._copy_socket()
         self._chan.hello(worker_id)
 
     def send(self, obj: Any) -> None:
@@ -471,11 +475,12 @@ class ShmTransport(flowplug.TaskTransport):
 
     name = "shm"
     # measured (/proc/self/fd): the store's file and a zmq context with its socket for
-    # copies (one connection per worker that sends one) in the consumer; a worker opens
-    # a zmq context of its own for its first copy (and, spawned, attaches the store);
+    # copies (one connection per worker) in the consumer, 2 more while it watches the
+    # workers connect (ZmqSockets.watch_accepts); a worker opens a zmq context of its
+    # own for copies when it starts (and, spawned, attaches the store);
     # tasks: one more socket in the consumer, a context in each worker.
-    open_files = flowplug.OpenFiles(consumer=9, per_worker=1, worker=9)
-    task_open_files = flowplug.OpenFiles(consumer=2, per_worker=1, worker=7)
+    open_files = flowplug.OpenFiles(consumer=11, per_worker=1, worker=9)
+    task_open_files = flowplug.OpenFiles(consumer=4, per_worker=1, worker=7)
     zero_copy = True
     uses_shared_memory = True
     size_limit_option = "size"
@@ -537,6 +542,7 @@ class ShmTransport(flowplug.TaskTransport):
         self._sock: zmq.Socket | None = None
         try:
             self._sock, self.address = self._sockets.bind(zmq.PULL, self.run_id, hwm=1000)
+            self._sockets.watch_accepts(self._sock)
         except flowplug.ConfigError:
             self.close()
             raise
@@ -679,7 +685,12 @@ class ShmTransport(flowplug.TaskTransport):
         self._task_sock, address = self._sockets.bind(
             zmq.PUSH, self.run_id, hwm=hwm, what="zmq task socket"
         )
+        self._sockets.watch_accepts(self._task_sock)
         return ShmTaskEndpoint(address, self._token, self._endpoint)
+
+    def await_connections(self, keep_waiting: Any) -> None:
+        # every worker connects now, while the fds counted for the accepts are free
+        self._sockets.await_accepts(self.num_workers, keep_waiting)
 
     def send_task(self, obj: Any, timeout: float) -> bool:
         frames = dumps(obj)  # the frames are views of obj: copied below, before returning

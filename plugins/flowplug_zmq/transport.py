@@ -96,10 +96,11 @@ class ZmqTransport(flowplug.TaskTransport):
 
     name = "zmq"
     # measured (/proc/self/fd): a context holds 5 fds, a socket 2 (its mailbox and its
-    # fd), the consumer's socket one per connected worker; the task socket shares the
-    # consumer's context, a worker's task receiver has a context of its own.
-    open_files = flowplug.OpenFiles(consumer=7, per_worker=1, worker=7)
-    task_open_files = flowplug.OpenFiles(consumer=2, per_worker=1, worker=7)
+    # fd), the consumer's socket one per connected worker, and 2 more while the consumer
+    # watches its workers connect (a monitor: ZmqSockets.watch_accepts); the task socket
+    # shares the consumer's context, a worker's task receiver has a context of its own.
+    open_files = flowplug.OpenFiles(consumer=9, per_worker=1, worker=7)
+    task_open_files = flowplug.OpenFiles(consumer=4, per_worker=1, worker=7)
     options = (
         flowplug.Option(
             "hwm", int, 0, "zmq high-water mark on both sides (0: use the runner's capacity)"
@@ -123,10 +124,12 @@ class ZmqTransport(flowplug.TaskTransport):
         self._token = secrets.token_bytes(16)
         self._sockets = flowplug.ZmqSockets()
         self._sock, self.address = self._sockets.bind(zmq.PULL, self.run_id, hwm=hwm)
+        self._sockets.watch_accepts(self._sock)
         self._recv = self._sock.recv_multipart
         self._poll = self._sock.poll
         self._events = self._sock.get
         self._ready: collections.deque[Any] = collections.deque()
+        self._bytes = 0  # received from the workers: stats' bytes_delivered
         return functools.partial(
             ZmqSender,
             self.address,
@@ -154,9 +157,12 @@ class ZmqTransport(flowplug.TaskTransport):
             return flowplug.EMPTY  # not from our workers: never unpickle a stranger's bytes
         header = frames[1].buffer
         if not header:
+            self._bytes += sum(map(len, frames)) - len(frames[0])  # counters(): per message
             return loads(frames[2:])
+        blob = frames[2].buffer
+        self._bytes += len(header) + len(blob)
         ready = self._ready
-        ready.extend(unpack_batch(header, frames[2].buffer))
+        ready.extend(unpack_batch(header, blob))
         return ready.popleft()
 
     def open_tasks(self) -> functools.partial[ZmqTaskReceiver]:
@@ -164,7 +170,12 @@ class ZmqTransport(flowplug.TaskTransport):
         self._task_sock, address = self._sockets.bind(
             zmq.PUSH, self.run_id, hwm=hwm, what="zmq task socket"
         )
+        self._sockets.watch_accepts(self._task_sock)
         return functools.partial(ZmqTaskReceiver, address, self._token)
+
+    def await_connections(self, keep_waiting: Any) -> None:
+        # every worker connects now, while the fds counted for the accepts are free
+        self._sockets.await_accepts(self.num_workers, keep_waiting)
 
     def send_task(self, obj: Any, timeout: float) -> bool:
         sock = self._task_sock
@@ -181,6 +192,9 @@ class ZmqTransport(flowplug.TaskTransport):
         except zmq.Again:
             return False
         return True
+
+    def counters(self) -> dict[str, float]:
+        return {"bytes_received": getattr(self, "_bytes", 0)}
 
     def close(self) -> None:
         sockets = getattr(self, "_sockets", None)

@@ -27,6 +27,7 @@ from scenarios_deaths import (
     scenario_ctrl_c_during_gc_cleanup,
     scenario_dropped,
     scenario_ended_thread_then_death,
+    scenario_exit_status_taken_first,
     scenario_segfault_is_quiet,
     scenario_stuck,
     scenario_timeout,
@@ -57,7 +58,11 @@ from scenarios_lifecycle import (
     scenario_shm_tiny,
     scenario_threads,
 )
-from scenarios_limits import scenario_fd_limits, scenario_fd_shortage_unchecked
+from scenarios_limits import (
+    scenario_fd_limits,
+    scenario_fd_shortage_unchecked,
+    scenario_fds_used_up_after_start,
+)
 
 __all__ = [
     "CYCLES",
@@ -77,9 +82,11 @@ __all__ = [
     "scenario_dataflow_fails_to_load",
     "scenario_dropped",
     "scenario_ended_thread_then_death",
+    "scenario_exit_status_taken_first",
     "scenario_fair",
     "scenario_fd_limits",
     "scenario_fd_shortage_unchecked",
+    "scenario_fds_used_up_after_start",
     "scenario_fork_after_threads",
     "scenario_fork_of_the_consumer",
     "scenario_garbage",

@@ -6,8 +6,9 @@ MODE is ``replicate``, ``shard`` or ``map`` (a ParallelMap). For each limit it p
 ``LIMIT OUTCOME`` on a line: ``OK`` (30 datapoints came), ``LIMIT <message>`` (a
 ConfigError naming RLIMIT_NOFILE and ``ulimit -n``), or ``OTHER <type>: <message>``.
 It stops three limits after the first OK. ``--unchecked`` turns the Runner's headroom
-check off, as if something else opened files after it: then a clean error is allowed,
-but still never an abort.
+check off, as if something else opened files after it: then a run may fail, but only
+with such an error (the Runner's, or a worker's as a WorkerError), never an abort or a
+hang.
 A process that aborts (libzmq's "Too many open files (src/epoll.cpp)") prints nothing more.
 """
 
@@ -48,7 +49,6 @@ def main() -> None:
     timeout = 20.0
     if "--unchecked" in sys.argv:
         _fds.check = lambda *args, **kwargs: None
-        timeout = 3.0  # zmq: a connection its listener could not accept is never retried
     if start_method != "fork":  # its helper lives on with a pipe of ours: start it first
         from multiprocessing import resource_tracker
 

@@ -287,3 +287,72 @@ def scenario_ended_thread_then_death(transport: str, how: str) -> int:
     left = workers_released(before)
     assert not left, left
     return 1
+
+
+def scenario_exit_status_taken_first(transport: str, how: str = "sigkill") -> int:
+    """33. A worker dies while another thread of the consumer reaps it first through
+    multiprocessing (``active_children()``, as ``Process.start()`` does when another
+    runner starts a worker) and records its status only a second later: the death still
+    names the signal or exit code, never "an unknown exit status".
+
+    Forced, not waited for: ``os.waitpid`` is wrapped so that the other thread takes
+    the status first and records it late, and every other caller waits until it did.
+    """
+    if not forks(transport):
+        return 0  # no worker process of the Runner's to reap
+    import multiprocessing as mp
+
+    expected = {"sigkill": -signal.SIGKILL, "exit3": 3}[how]
+    real_waitpid = os.waitpid
+    reaped = threading.Event()
+    stop = threading.Event()
+    reaper: list[int] = []
+    workers: set[int] = set()
+
+    def waitpid(pid: int, options: int) -> tuple[int, int]:
+        if reaper and threading.get_ident() == reaper[0]:
+            got = real_waitpid(pid, options)
+            if got[0] == pid and pid in workers:
+                reaped.set()
+                time.sleep(1.0)  # the status is taken, and recorded only after this
+            return got
+        if pid in workers and not reaped.is_set():
+            reaped.wait(30)  # the other thread comes first
+        return real_waitpid(pid, options)
+
+    real_fork = os.fork
+
+    def fork() -> int:  # the worker's pid, before it can die
+        pid = real_fork()
+        if pid:
+            workers.add(pid)
+        return pid
+
+    def reap() -> None:
+        reaper.append(threading.get_ident())
+        while not stop.is_set() and not reaped.is_set():
+            mp.active_children()  # polls every child multiprocessing started
+            time.sleep(0.001)
+
+    runner = fp.Runner(Die(how, k=3), transport=transport, num_workers=1, mode="replicate")
+    thread = threading.Thread(target=reap, name="other-reaper")
+    os.waitpid = waitpid
+    os.fork = fork
+    try:
+        thread.start()  # before the worker exists: it may die at once
+        runner.reset_state()
+        os.fork = real_fork
+        assert len(workers) == 1, workers
+        _, err = drain_until(fp.WorkerDied, runner)
+        assert reaped.is_set(), "the other thread did not reap the worker first"
+        assert err.exitcode == expected, str(err)
+        assert "unknown" not in str(err), str(err)
+        assert err.pid in workers, (err.pid, workers)
+    finally:
+        stop.set()
+        if thread.ident is not None:
+            thread.join(30)
+        os.waitpid = real_waitpid
+        os.fork = real_fork
+        runner.close()
+    return 1

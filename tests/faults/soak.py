@@ -109,6 +109,12 @@ SCENARIOS = {
             t, r.choice(["raises", fl.death_modes(t)[0]])
         ),
     ),
+    "34 fds used up after start": (1, 120, lambda t, r: fl.scenario_fds_used_up_after_start(t)),
+    "33 exit status reaped first": (
+        1,
+        60,
+        lambda t, r: fl.scenario_exit_status_taken_first(t, r.choice(["sigkill", "exit3"])),
+    ),
 }
 
 

@@ -20,9 +20,11 @@ from faultlib import (
     scenario_dataflow_fails_to_load,
     scenario_dropped,
     scenario_ended_thread_then_death,
+    scenario_exit_status_taken_first,
     scenario_fair,
     scenario_fd_limits,
     scenario_fd_shortage_unchecked,
+    scenario_fds_used_up_after_start,
     scenario_fork_after_threads,
     scenario_fork_of_the_consumer,
     scenario_garbage,
@@ -202,3 +204,12 @@ def test_31_worker_error_and_death_with_spawned_workers(transport, start_method)
 def test_32_runner_started_by_an_ended_thread_then_a_worker_fails(transport):
     for how in ["raises", death_modes(transport)[0]]:
         assert scenario_ended_thread_then_death(transport, how) == 1
+
+
+@pytest.mark.parametrize("how", ["sigkill", "exit3"])
+def test_33_a_death_names_its_status_when_another_thread_reaped_it_first(transport, how):
+    assert scenario_exit_status_taken_first(transport, how) == int(forks(transport))
+
+
+def test_34_every_fd_taken_after_the_start_and_the_run_goes_on(transport):
+    assert scenario_fds_used_up_after_start(transport) >= 2
