@@ -398,6 +398,56 @@ def test_option_types_are_checked():
         fp.Runner(Counting(3), transport="ray", num_cpus="many")
 
 
+# ---------------------------------------------------------------------------- fds
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_fd_estimate_covers_what_a_run_opens_in_the_consumer(no_leaks):
+    """The Runner's RLIMIT_NOFILE check counts open_files; a run must not open more."""
+    files = fp.get_transport("ray").open_files
+    before = _fds()
+    peak = before
+    with fp.Runner(
+        Counting(10**9), transport="ray", num_workers=3, num_cpus=0.5, mode="replicate"
+    ) as runner:
+        it = iter(runner)
+        for i in range(2000):
+            next(it)
+            if i % 100 == 0:
+                peak = max(peak, _fds())
+    assert peak - before <= files.consumer + 3 * files.per_worker
+
+
+def test_too_few_fds_is_refused_before_ray_starts(tmp_path):
+    """With RLIMIT_NOFILE too low for the run, reset_state() raises the Runner's
+    ConfigError naming the limit, before the transport starts Ray or any actor."""
+    code = textwrap.dedent(
+        """
+        import os, resource, sys
+        import flowplug as fp
+        from flowplug.testing.contract import Counting
+        used = len(os.listdir("/proc/self/fd"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 20, hard))
+        runner = fp.Runner(Counting(3), transport="ray", num_workers=2, num_cpus=0.5)
+        try:
+            runner.reset_state()
+        except fp.ConfigError as exc:
+            print("refused", "RLIMIT_NOFILE" in str(exc) and "ulimit -n" in str(exc))
+        runner.close()
+        print("ray initialized", "ray" in sys.modules and sys.modules["ray"].is_initialized())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["refused True", "ray initialized False"]
+
+
 # ---------------------------------------------------------------------------- packaging
 
 
