@@ -8,6 +8,7 @@ its mutex); nothing here waits, locks or knows about processes.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,10 @@ class Extents:
     :param off: int64 array: the free extents' offsets, ``len(off)`` the most extents.
     :param length: int64 array of the same length: the free extents' lengths.
 
+    Any int64 buffers will do (numpy arrays, memoryviews). Every call reads and writes
+    them through memoryviews: an element costs ~0.1 us that way against ~0.3-2 us as a
+    numpy scalar (measured), and the store's mutex is held for the whole call.
+
     A new area is one extent ``(0, size)``: :meth:`init` writes it. At most
     ``len(off) - 1`` ranges are allocated at once, so a free always has a slot.
 
@@ -35,13 +40,17 @@ class Extents:
         ext.free(a, 4096)
     """
 
-    __slots__ = ("hdr", "length", "max_extents", "off")
+    __slots__ = ("_h", "_l", "_o", "hdr", "length", "max_extents", "off")
 
     def __init__(self, hdr: Any, off: Any, length: Any):
-        self.hdr = hdr
-        self.off = off
-        self.length = length
-        self.max_extents = len(off)
+        self._h = _words(hdr)
+        self._o = _words(off)
+        self._l = _words(length)
+        #: the same memory as numpy arrays (for the rare search over many extents).
+        self.hdr = np.asarray(self._h)
+        self.off = np.asarray(self._o)
+        self.length = np.asarray(self._l)
+        self.max_extents = len(self._o)
 
     @classmethod
     def new(cls, size: int, max_extents: int = 256) -> Extents:
@@ -53,81 +62,88 @@ class Extents:
 
     def init(self, size: int) -> None:
         """Make the whole area of ``size`` bytes one free extent."""
-        self.hdr[H_EXTENTS] = 1
-        self.off[0] = 0
-        self.length[0] = size
-        self.hdr[H_BLOCKS] = self.hdr[H_USED] = 0
+        h = self._h
+        h[H_EXTENTS] = 1
+        self._o[0] = 0
+        self._l[0] = size
+        h[H_BLOCKS] = h[H_USED] = 0
 
     @property
     def used(self) -> int:
-        return int(self.hdr[H_USED])
+        return self._h[H_USED]
 
     @property
     def frees(self) -> int:
-        return int(self.hdr[H_FREES])
+        return self._h[H_FREES]
 
     def alloc(self, need: int) -> int | None:
         """The offset of a new range of ``need`` bytes; None when none is free."""
-        hdr = self.hdr
-        n = int(hdr[H_EXTENTS])
-        if n == 0 or hdr[H_BLOCKS] >= self.max_extents - 1:
+        h = self._h
+        n = h[H_EXTENTS]
+        if n == 0 or h[H_BLOCKS] >= self.max_extents - 1:
             return None
-        lens = self.length[:n]
-        if lens[0] >= need:  # the common case, without a pass over the list
+        eo, el = self._o, self._l
+        if el[0] >= need:  # the common case, without a pass over the list
             i = 0
         else:
-            fits = np.flatnonzero(lens >= need)  # first fit: lowest address, warm pages
+            fits = np.flatnonzero(self.length[:n] >= need)  # first fit: lowest address
             if fits.size == 0:
                 return None
             i = int(fits[0])
-        off = int(self.off[i])
-        if lens[i] == need:
-            self.off[i : n - 1] = self.off[i + 1 : n]
-            self.length[i : n - 1] = self.length[i + 1 : n]
-            hdr[H_EXTENTS] = n - 1
+        off = eo[i]
+        if el[i] == need:
+            eo[i : n - 1] = eo[i + 1 : n]
+            el[i : n - 1] = el[i + 1 : n]
+            h[H_EXTENTS] = n - 1
         else:
-            self.off[i] += need
-            self.length[i] -= need
-        hdr[H_BLOCKS] += 1
-        hdr[H_USED] += need
+            eo[i] = off + need
+            el[i] -= need
+        h[H_BLOCKS] += 1
+        h[H_USED] += need
         return off
 
     def free(self, off: int, size: int) -> None:
         """Return the range ``[off, off + size)``, which :meth:`alloc` gave."""
-        hdr = self.hdr
-        n = int(hdr[H_EXTENTS])
-        eo, el = self.off, self.length
-        i = int(np.searchsorted(eo[:n], off))
+        h = self._h
+        n = h[H_EXTENTS]
+        eo, el = self._o, self._l
+        i = bisect.bisect_left(eo, off, 0, n)
         prev = i > 0 and eo[i - 1] + el[i - 1] == off
         nxt = i < n and off + size == eo[i]
         if prev and nxt:
             el[i - 1] += size + el[i]
             eo[i : n - 1] = eo[i + 1 : n]
             el[i : n - 1] = el[i + 1 : n]
-            hdr[H_EXTENTS] = n - 1
+            h[H_EXTENTS] = n - 1
         elif prev:
             el[i - 1] += size
         elif nxt:
             eo[i] = off
             el[i] += size
         else:  # at most one extent more than ranges allocated, which alloc bounds
-            eo[i + 1 : n + 1] = eo[i:n].copy()
-            el[i + 1 : n + 1] = el[i:n].copy()
+            eo[i + 1 : n + 1] = eo[i:n]
+            el[i + 1 : n + 1] = el[i:n]
             eo[i] = off
             el[i] = size
-            hdr[H_EXTENTS] = n + 1
-        hdr[H_BLOCKS] -= 1
-        hdr[H_USED] -= size
-        hdr[H_FREES] += 1
+            h[H_EXTENTS] = n + 1
+        h[H_BLOCKS] -= 1
+        h[H_USED] -= size
+        h[H_FREES] += 1
 
     def trim(self, off: int, size: int, keep: int) -> None:
         """Shrink the range ``[off, off + size)`` to its first ``keep`` bytes; the rest is free."""
         if keep >= size:
             return
         self.free(off + keep, size - keep)
-        self.hdr[H_BLOCKS] += 1  # the range itself stays allocated
+        self._h[H_BLOCKS] += 1  # the range itself stays allocated
 
     def extents(self) -> list[tuple[int, int]]:
         """The free extents, ``(offset, length)`` by offset (for tests and tools)."""
-        n = int(self.hdr[H_EXTENTS])
-        return list(zip(self.off[:n].tolist(), self.length[:n].tolist(), strict=True))
+        n = self._h[H_EXTENTS]
+        return list(zip(self._o[:n].tolist(), self._l[:n].tolist(), strict=True))
+
+
+def _words(buf: Any) -> memoryview:
+    """``buf`` (int64 memory) as a memoryview of int64 items."""
+    mv = memoryview(buf)
+    return mv if mv.format == "q" else mv.cast("B").cast("q")

@@ -49,7 +49,8 @@ VERSION = 2
 HDR_WORDS = 24
 MUTEX_AT = 16 * 8
 (H_MAGIC, H_VERSION, H_OWNER, H_DATA_OFF, H_DATA_SIZE, H_CLOSED, H_EXTENTS, H_MAX_EXTENTS,
- H_BLOCKS, H_USED, H_TAG, H_FREES, H_WAITING, H_EXTRA_OFF, H_EXTRA_SIZE) = range(15)  # fmt: skip
+ H_BLOCKS, H_USED, H_TAG, H_FREES, H_WAITING, H_EXTRA_OFF, H_EXTRA_SIZE,
+ H_OWNER_WAITING) = range(16)  # fmt: skip
 
 # Byte-range locks on the file (the bytes' contents play no part).
 MUTEX, OWNER_ALIVE, ATTACHED = 0, 1, 2
