@@ -93,6 +93,8 @@ def _up(n: int) -> int:
 def _flat(obj: Any, t: type) -> tuple[Any, int] | None:
     """For a dict, list or tuple of scalars, strings and tuples of those: a shallow copy
     (the tuple itself) and its rough size in bytes; otherwise None."""
+    if len(obj) > ITEM_MAX // 16:
+        return None  # too large to wait in a batch anyway: do not walk it
     n = 0
     if t is dict:
         for k in obj:
