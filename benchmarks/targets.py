@@ -1,4 +1,5 @@
-"""Check the speed targets of the benchmark issue against a ``flowplug bench --json`` file.
+"""Check the speed targets (the benchmark issue's, and issue 14's for shm and zmq) against
+a ``flowplug bench --json`` file.
 
 Usage: ``python benchmarks/targets.py bench-full.json``. Prints each target as met / not
 met / not measured, with the numbers. The exit status is 0 either way: on a shared,
@@ -78,6 +79,38 @@ def main(path: str) -> None:
                 print(f"                  below: {_where(r)} {x:.2f}x")
     else:
         print("  NOT MEASURED  zmq >= 0.9x bare pyzmq")
+
+    # Issue 14: shm against the best other process transport and the raw shm ring, and
+    # the consumer's CPU per item (views only: touch off), for 1 and 2 workers.
+    for w in sorted({r["workers"] for r in rows}):
+        others = [
+            r
+            for r in rows
+            if (r["payload"], r["workers"], r["touch"]) == ("small", w, False)
+            and r["kind"] == "flowplug"
+            and r["system"] != "fp-shm"
+            and r["counterpart"] != "tp-thread"
+        ]
+        best_other = max(others, key=lambda r: r["items_per_s"], default=None)
+        if best_other is None:
+            print(f"  NOT MEASURED  small w={w}: no other flowplug process transport row")
+        else:
+            ratio(
+                "fp-shm", best_other["system"], "small", w, 0.9, f"small w={w}: shm vs best other"
+            )
+        for payload, goal in (("medium", 0.5), ("large", 0.8), ("xl", 1.0)):
+            ratio("fp-shm", "shm-ring", payload, w, goal, f"{payload} w={w}: shm vs raw shm ring")
+        for payload in ("small", "medium"):
+            row = index.get(("fp-shm", payload, w, False))
+            own = None if row is None else row.get("consumer_cpu_s_per_item")
+            if own is None:
+                print(f"  NOT MEASURED  {payload} w={w}: shm consumer CPU per item")
+                continue
+            verdict = "met" if own * 1e6 <= 5 else "NOT MET"
+            print(
+                f"  {verdict:<12}  {payload} w={w}: shm consumer CPU {own * 1e6:.1f} us/item "
+                "(goal <= 5 us)"
+            )
 
     tp_start = [r["startup_s"] for r in rows if r["system"] == "tp-zmq"]
     if tp_start:

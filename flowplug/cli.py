@@ -484,8 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--peers",
-        help="comma-separated peers: tp-queue, tp-zmq, tp-thread, torch, pyzmq; "
-        "'all' (default) or 'none'",
+        help="comma-separated peers: tp-queue, tp-zmq, tp-thread, torch, pyzmq, shm-ring "
+        "(the raw shared-memory baseline); 'all' (default) or 'none'",
     )
     p.add_argument(
         "-p",

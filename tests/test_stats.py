@@ -99,15 +99,20 @@ class Counted(fp.DataFlow):
 
 
 def _blocked_with(runner, made, workers, deadline=20.0):
-    """Wait until every worker's published count is what its dataflow made (it is then
-    blocked for room: the consumer takes nothing meanwhile); return those stats."""
+    """Wait until every worker's published count is what its dataflow made and its
+    blocked time grows between two looks (it is then blocked for room, and its wait is
+    counted as it goes: the consumer takes nothing meanwhile); return the later stats."""
     end = time.monotonic() + deadline
+    before = runner.stats()
     while True:
+        time.sleep(0.01)
         stats = runner.stats()
-        if [w.produced for w in stats.workers] == list(made[:workers]):
+        if [w.produced for w in stats.workers] == list(made[:workers]) and all(
+            b.blocked_s > a.blocked_s for a, b in zip(before.workers, stats.workers, strict=True)
+        ):
             return stats
         assert time.monotonic() < end, (stats.workers, list(made[:workers]))
-        time.sleep(0.01)
+        before = stats
 
 
 @pytest.mark.parametrize("transport", STARTED)

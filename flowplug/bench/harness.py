@@ -18,8 +18,9 @@ from .child import RESULT_TAG
 from .payloads import PAYLOADS
 from .systems import MEMCPY, PEERS, counterpart, flowplug_system
 
-#: the peers in table order.
-PEER_KEYS = ("tp-queue", "tp-zmq", "tp-thread", "torch", "pyzmq")
+#: the peers in table order (the raw shm ring is a baseline: what shared memory does with
+#: nothing else, the floor issue 14's shm targets are measured against).
+PEER_KEYS = ("tp-queue", "tp-zmq", "tp-thread", "torch", "pyzmq", "shm-ring")
 
 
 @dataclass

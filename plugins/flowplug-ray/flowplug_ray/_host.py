@@ -15,8 +15,9 @@ are packed together, within :mod:`flowplug.batching`'s latency bound) copies eac
 Consecutive messages therefore lie back to back in the ring in the core's batch layout, and
 :meth:`WorkerHost.take` replies with a contiguous run of them as **one** buffer (a numpy
 view of the ring, which Ray copies once into its object store) plus one merged header; the
-consumer rebuilds the datapoints with :func:`flowplug.serialize.unpack_batch`, arrays as
-views of the object store.
+consumer rebuilds the datapoints as :func:`flowplug.serialize.unpack_batch` does, arrays as
+views of the object store (a batch of small plain datapoints is one pickled list: one
+``loads`` for all of them).
 
 The ring is freed in order: the messages of a reply are released when the next ``take()``
 starts (calls run one at a time, so Ray has stored the previous reply by then). The worker
@@ -54,10 +55,12 @@ from flowplug.serialize import ALIGN, OUT_OF_BAND_MIN, dumps
 RING_BYTES = 32 * 1024 * 1024
 #: a reply stops growing past this many bytes.
 BATCH_BYTES = 8 * 1024 * 1024
+#: a reply this small goes as bytes (Ray inlines objects below 100 KiB in its answer).
+SMALL_REPLY = 64 * 1024
 #: a reply smaller than this waits up to FILL_WAIT for more messages...
 FLOOR_BYTES = 1024 * 1024
 #: ...this long (s): a few ms of latency for far fewer, fuller replies.
-FILL_WAIT = 0.003
+FILL_WAIT = 0.010
 #: messages larger than this do not go through the ring but through the pipe.
 INLINE_MIN = RING_BYTES // 4
 
@@ -70,29 +73,126 @@ BATCH_DELAY = 0.002
 #: datapoints larger than this (pickled) are sent alone.
 ITEM_MAX = 64 * 1024
 
+#: leaves of a *plain* datapoint (see :func:`_plain`): immutable, pickled by value.
+_SCALARS = frozenset(
+    {int, float, bool, complex, type(None), np.float64, np.float32, np.int64, np.int32, np.bool_}
+)
+
 _PAD = bytes(ALIGN)
 _CTL = 64  # the ring's first bytes: [released position, released messages] (uint64)
 _MSG = struct.Struct("<QQ")  # position in the ring (INLINE: in the pipe), length
 _INLINE = 2**64 - 1
 _COUNT = struct.Struct("<Q")
+_LIST = struct.Struct("<QQQQ")  # a message holding one pickled list: [1, 0, items, length]
 
 
 def _up(n: int) -> int:
     return n + (-n % ALIGN)
 
 
+def _flat(obj: Any, t: type) -> tuple[Any, int] | None:
+    """For a dict, list or tuple of scalars, strings and tuples of those: a shallow copy
+    (the tuple itself) and its rough size in bytes; otherwise None."""
+    if len(obj) > ITEM_MAX // 16:
+        return None  # too large to wait in a batch anyway: do not walk it
+    n = 0
+    if t is dict:
+        for k in obj:
+            tk = type(k)
+            if tk is str:
+                n += len(k)
+            elif tk not in _SCALARS:
+                return None
+        values: Any = obj.values()
+    else:
+        values = obj
+    for v in values:
+        tv = type(v)
+        if tv in _SCALARS:
+            continue
+        if tv is str or tv is bytes:
+            n += len(v)
+        elif tv is tuple:
+            for x in v:
+                tx = type(x)
+                if tx is str or tx is bytes:
+                    n += len(x)
+                elif tx not in _SCALARS:
+                    return None
+            n += 8 * len(v)
+        else:
+            return None
+    n += 16 * len(obj)
+    return (obj if t is tuple else obj.copy()), n
+
+
+def _plain(obj: Any) -> tuple[Any, int] | None:
+    """A copy of ``obj`` that later changes to ``obj`` cannot reach, and its rough size in
+    bytes; None unless ``obj`` is *plain*: a scalar or string, a dict, list or tuple of
+    scalars, strings and tuples of those (``{"idx": 3, "name": "cat", "box": (1, 2)}``),
+    or a tuple of such (shard mode sends ``(epoch, index, datapoint)``).
+
+    A plain datapoint can wait in a list and be pickled with its batch: one ``dumps`` per
+    batch, and one ``loads`` per batch at the consumer (which also shares repeated keys and
+    strings between the datapoints of a batch), instead of one each per datapoint. Its
+    dicts and lists are copied when it is sent (shallowly: what they hold is immutable),
+    so the dataflow may change or reuse them as soon as it has yielded them; one dict or
+    list held twice would arrive as two, so such a datapoint is not plain.
+    """
+    t = type(obj)
+    if t in _SCALARS:
+        return obj, 16
+    if t is str or t is bytes:
+        return obj, len(obj)
+    if t is dict or t is list:
+        return _flat(obj, t)
+    if t is not tuple:
+        return None
+    n = 16 * len(obj)
+    parts: list[Any] | None = None
+    for i, x in enumerate(obj):
+        tx = type(x)
+        if tx in _SCALARS:
+            continue
+        if tx is str or tx is bytes:
+            n += len(x)
+            continue
+        if tx is not dict and tx is not list and tx is not tuple:
+            return None
+        flat = _flat(x, tx)
+        if flat is None:
+            return None
+        n += flat[1]
+        if tx is not tuple:
+            if parts is None:
+                parts = list(obj)
+            elif any(p is x for p in obj[:i]):
+                return None  # the same dict or list twice: copies would part them
+            parts[i] = flat[0]
+    if parts is None:
+        return obj, n
+    return tuple(parts), n
+
+
 class RingSender(flowplug.Sender):
     """Worker side: messages into the ring, their headers through the pipe.
 
-    A datapoint is pickled when it is sent (so a dataflow may reuse its objects), into the
-    pending batch's stream with one :class:`pickle.Pickler` whose memo is cleared between
-    datapoints: each datapoint is one frame, 16-byte aligned, as in
-    :class:`flowplug.serialize.Batch`, at a fraction of the cost of one ``pickle.dumps`` per
-    datapoint. A datapoint with a large buffer (a numpy array of 8 KiB or more) is sent
-    alone, its buffers copied once, straight into the ring (:func:`flowplug.serialize.dumps`).
-    The batch goes out at :data:`BATCH_ITEMS` datapoints or :data:`BATCH_MAX` bytes, on
-    :meth:`flush`, and at the latest :data:`BATCH_DELAY` s after its first datapoint (at the
-    next send, or from a timer thread when the dataflow stalls).
+    Small datapoints travel in batches, of one of two kinds (a batch of one kind goes out
+    before a datapoint of the other is added, so the order holds):
+
+    - *plain* ones (:func:`_plain`: dicts, lists, tuples of scalars and strings, the usual
+      small datapoint) are copied shallowly when sent and the batch is pickled as **one
+      list**: one ``dumps`` here and one ``loads`` at the consumer per batch;
+    - others are pickled when sent (so a dataflow may reuse its objects), into the pending
+      batch's stream with one :class:`pickle.Pickler` whose memo is cleared between
+      datapoints: each datapoint is one frame, 16-byte aligned, as in
+      :class:`flowplug.serialize.Batch`.
+
+    A datapoint with a large buffer (a numpy array of 8 KiB or more) is sent alone, its
+    buffers copied once, straight into the ring (:func:`flowplug.serialize.dumps`). A batch
+    goes out at :data:`BATCH_ITEMS` datapoints or :data:`BATCH_MAX` bytes, on :meth:`flush`,
+    and at the latest :data:`BATCH_DELAY` s after its first datapoint (at the next send, or
+    from a timer thread when the dataflow stalls).
     """
 
     def __init__(self, ring: mmap.mmap, conn: Connection, wake: int, most: int):
@@ -109,10 +209,16 @@ class RingSender(flowplug.Sender):
         self._large = False
         self._pickler = pickle.Pickler(self._stream, protocol=5, buffer_callback=self._buffer)
         self._lengths: list[int] = [0]
-        self._count = 0
+        self._count = 0  # datapoints in the pending batch of frames
+        self._plain: list[Any] = []  # the pending batch of plain datapoints (a list)
+        self._plain_bytes = 0
         self._lock = threading.Lock()
         self._late = LateFlush(
-            self._lock, BATCH_DELAY, lambda: self._count, self._write_batch, "flowplug-ray-flush"
+            self._lock,
+            BATCH_DELAY,
+            lambda: self._count or self._plain,
+            self._write_pending,
+            "flowplug-ray-flush",
         )
 
     def _buffer(self, buf: pickle.PickleBuffer) -> bool:
@@ -122,8 +228,33 @@ class RingSender(flowplug.Sender):
         return False
 
     def send(self, obj: Any) -> None:
+        plain = _flat(obj, dict) if type(obj) is dict else _plain(obj)
+        if plain is not None and plain[1] <= ITEM_MAX:
+            with self._lock:
+                if self._count:  # a batch of frames waits: it goes first, in order
+                    self._write_batch()
+                batch = self._plain
+                batch.append(plain[0])
+                self._plain_bytes += plain[1]
+                if len(batch) == 1:
+                    self._late.began()
+                elif (
+                    len(batch) >= BATCH_ITEMS
+                    or self._plain_bytes >= BATCH_MAX
+                    or time.monotonic() - self._late.since >= BATCH_DELAY
+                ):
+                    self._write_plain()
+            return
+        if type(obj) is np.ndarray and obj.nbytes >= OUT_OF_BAND_MIN:
+            frames = dumps(obj)  # a large array goes alone: no need to try the batch
+            with self._lock:
+                self._write_pending()
+                self._write_one(frames)
+            return
         stream = self._stream
         with self._lock:
+            if self._plain:  # plain datapoints wait: they go first, in order
+                self._write_plain()
             start = stream.tell()
             self._large = False
             try:
@@ -157,8 +288,14 @@ class RingSender(flowplug.Sender):
 
     def flush(self) -> None:
         with self._lock:
-            if self._count:
-                self._write_batch()
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Send the pending batch, whichever kind it is (holding the lock)."""
+        if self._count:
+            self._write_batch()
+        elif self._plain:
+            self._write_plain()
 
     def close(self) -> None:
         try:
@@ -210,6 +347,25 @@ class RingSender(flowplug.Sender):
         self._pos = pos + nbytes
         self._post(pos, nbytes, header)
 
+    def _write_plain(self) -> None:
+        """Send the pending plain datapoints as one pickled list (see :func:`_plain`)."""
+        self._late.written()
+        batch = self._plain
+        self._plain = []
+        self._plain_bytes = 0
+        blob = pickle.dumps(batch, protocol=5)  # scalars, strings, tuples: cannot fail
+        nbytes = _up(len(blob))
+        header = _LIST.pack(1, 0, len(batch), len(blob))
+        if nbytes > INLINE_MIN:
+            self._post(_INLINE, nbytes, header)
+            self._send(blob + _PAD[: nbytes - len(blob)])
+            return
+        pos = self._reserve(nbytes)
+        at = pos % self._size
+        self._ring[at : at + len(blob)] = blob
+        self._pos = pos + nbytes
+        self._post(pos, nbytes, header)
+
     def _write_one(self, frames: list[Any]) -> None:
         views = [memoryview(f).cast("B") for f in frames]
         lengths = [len(v) for v in views]
@@ -258,6 +414,7 @@ class WorkerHost:
         self._node = ray.util.get_node_ip_address()
         self._ring = mmap.mmap(-1, _CTL + RING_BYTES)  # MAP_SHARED: the worker sees it
         self._ctl = np.frombuffer(self._ring, np.uint64, count=2)
+        self._view = memoryview(self._ring)[_CTL:]
         self._size = RING_BYTES
         self._read, write = Pipe(duplex=False)
         wake_r, self._wake = os.pipe()
@@ -358,10 +515,14 @@ class WorkerHost:
             n += 1
         self._released = (end, msgs + n)
         at = start % self._size
+        header = _COUNT.pack(count) + b"".join(headers)
+        if end - start <= SMALL_REPLY:
+            # Ray sends a small reply inside its answer, not through the object store, and
+            # serializes bytes without a pickler (a numpy view costs a cloudpickle call).
+            return header, self._view[at : at + end - start].tobytes(), None
         data = np.frombuffer(self._ring, np.uint8, count=end - start, offset=_CTL + at)
-        return _COUNT.pack(count) + b"".join(headers), data, None
+        return header, data, None
 
-    @ray.method(concurrency_group="control")
     def control(self, epoch: int, credits: int) -> None:
         """Shard mode: give the worker ``credits`` credits back, then announce ``epoch``.
 

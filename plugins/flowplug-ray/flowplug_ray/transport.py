@@ -7,8 +7,8 @@ Each worker is a :class:`~flowplug_ray._host.WorkerHost` actor placed by Ray (``
 :meth:`~flowplug_ray._host.WorkerHost.take` in flight per actor and submits the next one as
 soon as a reply arrives; each reply is one buffer holding several datapoints in the core's
 batch layout (one object in the store, owned by the consumer), unpacked with
-:func:`flowplug.serialize.unpack_batch`: numpy arrays arrive as read-only views of the
-object store.
+the layout of :func:`flowplug.serialize.unpack_batch` (plus one pickled list per batch of
+small plain datapoints): numpy arrays arrive as read-only views of the object store.
 
 What is in flight per worker is bounded: its ring holds at most ``ceil(capacity /
 num_workers)`` messages (a message is one datapoint, or a batch of small ones, like zmq's
@@ -26,13 +26,14 @@ from __future__ import annotations
 import collections
 import math
 import os
+import pickle
 import re
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flowplug
-from flowplug.serialize import unpack_batch
+from flowplug.serialize import ALIGN
 
 #: how long one take() call waits on the actor before returning empty-handed (s).
 _TAKE_WAIT = 1.0
@@ -40,6 +41,40 @@ _TAKE_WAIT = 1.0
 IN_FLIGHT = 2
 #: how long close() waits for killed actors to be reported dead (s).
 _KILL_WAIT = 5.0
+
+
+def _unpack(header: bytes, blob: Any, out: collections.deque) -> None:
+    """Append the datapoints of a reply to ``out``.
+
+    A reply is the layout of :func:`flowplug.serialize.unpack_batch` (``header`` a uint64
+    array ``[entries, (frames, length, ...) per entry]``, each frame at a multiple of
+    ``ALIGN`` in ``blob``) with one more kind of entry, ``(0, items, length)``: one frame
+    holding a pickled list of ``items`` small datapoints (``_host._plain``).
+    """
+    lengths = memoryview(header).cast("Q").tolist()
+    view = memoryview(blob).cast("B")
+    loads = pickle.loads
+    pos = 1
+    offset = 0
+    for _ in range(lengths[0]):
+        n = lengths[pos]
+        if n == 0:  # a list of small datapoints
+            length = lengths[pos + 2]
+            out.extend(loads(view[offset : offset + length]))
+            offset += length + (-length % ALIGN)
+            pos += 3
+        elif n == 1:  # one datapoint, one frame
+            length = lengths[pos + 1]
+            out.append(loads(view[offset : offset + length]))
+            offset += length + (-length % ALIGN)
+            pos += 2
+        else:  # one datapoint with out-of-band buffers: arrays are views of ``blob``
+            frames = []
+            for length in lengths[pos + 1 : pos + 1 + n]:
+                frames.append(view[offset : offset + length])
+                offset += length + (-length % ALIGN)
+            pos += n + 1
+            out.append(loads(frames[0], buffers=frames[1:]))
 
 
 def _said(exc: BaseException) -> str:
@@ -100,7 +135,7 @@ class _ActorSink(flowplug.ControlSink):
 
     def start_epoch(self, epoch: int) -> None:
         # The reply is not needed: an actor that is gone is reported by its take() call.
-        self.actor.control.remote(epoch, self.held)
+        self.actor.control.options(concurrency_group="control").remote(epoch, self.held)
         self.held = 0
 
     def release(self) -> None:
@@ -110,7 +145,7 @@ class _ActorSink(flowplug.ControlSink):
 
     def flush(self) -> None:
         if self.held:
-            self.actor.control.remote(-1, self.held)
+            self.actor.control.options(concurrency_group="control").remote(-1, self.held)
             self.held = 0
 
 
@@ -147,7 +182,7 @@ class RayWorkers(flowplug.WorkerGroup):
         ray = _ray()
         t = self._transport
         values = t.option_values
-        host = t.host_class()
+        host = t.host_class(control=self._credits is not None)
         opts: dict[str, Any] = {
             "num_cpus": values["num_cpus"],
             "max_restarts": 0,
@@ -231,6 +266,15 @@ class RayTransport(flowplug.OwnWorkersTransport):
     name = "ray"
     crosses_processes = True
     zero_copy = True
+    #: Measured in /proc/self/fd of the consumer (Ray 2.60): ``ray.init`` of a local
+    #: instance, which ``open()`` makes when Ray is not initialized yet, opens 21 (gRPC's
+    #: event fds, its sockets, session files), the first actor call and the first object
+    #: from the store 2 more, kept for good; then about one socket per actor, which Ray
+    #: keeps for a while after the actor is gone (W=1..8: 1 to 1.4 per actor). The worker
+    #: processes run inside the actors, in Ray's worker processes under their own limit, so
+    #: nothing of theirs counts here. An upper bound: with Ray already initialized (a
+    #: cluster, your own ``ray.init``) the run needs ~21 fewer.
+    open_files = flowplug.OpenFiles(consumer=24, per_worker=2, worker=0)
     options = (
         flowplug.Option(
             "address",
@@ -246,7 +290,8 @@ class RayTransport(flowplug.OwnWorkersTransport):
         ),
     )
 
-    _host_class: Any = None
+    #: the actor classes, by whether they take control() calls (made once per process).
+    _host_classes: ClassVar[dict[bool, Any]] = {}
 
     def open(self) -> RayEndpoint:
         ray = _ray()
@@ -268,16 +313,27 @@ class RayTransport(flowplug.OwnWorkersTransport):
         return RayEndpoint()
 
     @classmethod
-    def host_class(cls) -> Any:
-        """The actor class, made once per process (``ray.remote`` needs Ray imported)."""
-        if cls._host_class is None:
+    def host_class(cls, control: bool) -> Any:
+        """The actor class, made once per process (``ray.remote`` needs Ray imported).
+
+        :param control: shard mode: the actor takes ``control()`` calls.
+        """
+        host = cls._host_classes.get(control)
+        if host is None:
             from ._host import WorkerHost
 
-            # control() has a thread of its own: credits must not queue behind a take()
-            # that waits for data. take() stays alone in the default group, one at a time,
-            # which is what lets it release the ring space of its previous reply.
-            cls._host_class = _ray().remote(concurrency_groups={"control": 1})(WorkerHost)
-        return cls._host_class
+            if control:
+                # control() has a thread of its own: credits must not queue behind a
+                # take() that waits for data. take() stays alone in the default group,
+                # one at a time, which is what lets it release the ring space of its
+                # previous reply.
+                host = _ray().remote(concurrency_groups={"control": 1})(WorkerHost)
+            else:
+                # No concurrency group: take() runs on the actor's main thread, as a plain
+                # actor's calls do, without a hand-off to a group's thread per call.
+                host = _ray().remote(WorkerHost)
+            cls._host_classes[control] = host
+        return host
 
     def make_workers(self, dfs: Sequence[Any], endpoint: Any, infos: Sequence[Any]) -> RayWorkers:
         self._group = RayWorkers(self, dfs, infos)
@@ -336,7 +392,7 @@ class RayTransport(flowplug.OwnWorkersTransport):
                 continue
             for header, blob, death in replies:
                 if blob is not None:
-                    self._ready.extend(unpack_batch(header, blob))
+                    _unpack(header, blob, self._ready)
                 if death is not None:
                     slot.pending.clear()
                     group.died(slot, death)

@@ -90,6 +90,64 @@ class WhoSends(fp.DataFlow):
             yield (me.id if me is not None else None), i
 
 
+def mixed(i: int):
+    """Datapoint ``i`` of a mix that crosses both kinds of small batches and the
+    one-datapoint path: plain (dicts, tuples, lists, strings of scalars), not plain (a
+    nested list, a small array, a set, shared sub-objects), and a large array."""
+    kind = i % 9
+    if kind == 0:
+        return {"idx": i, "name": f"n{i}", "box": (i, 1.5, None), "w": np.float32(i)}
+    if kind == 1:
+        return (i, "t", b"b", True)
+    if kind == 2:
+        return [i, "l", 2.5]
+    if kind == 3:
+        return {"idx": i, "nested": [i, [i]]}
+    if kind == 4:
+        return np.full(7, i, dtype=np.int64)
+    if kind == 5:
+        shared = [i]
+        return {"a": shared, "b": shared}
+    if kind == 6:
+        return f"s{i}"
+    if kind == 7:
+        return np.full(4096, i, dtype=np.float64)  # 32 KiB: alone, out of band
+    return {i, -i}
+
+
+class Mixed(fp.DataFlow):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for i in range(self.n):
+            yield mixed(i)
+
+
+class Reused(fp.DataFlow):
+    """Yield one dict and one list, changed after every yield (a dataflow may)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return 2 * self.n
+
+    def __iter__(self):
+        d = {"idx": -1, "name": "x"}
+        row = [0, 0]
+        for i in range(self.n):
+            d["idx"] = i
+            yield d
+            d["idx"] = -1  # changed right after the yield: the copy sent must not see it
+            row[0] = i
+            yield row
+            row[0] = -1
+
+
 class Segfault(fp.DataFlow):
     def __iter__(self):
         yield 1
@@ -118,6 +176,34 @@ def test_arrays_arrive_read_only_from_the_object_store_and_outlive_close(no_leak
     # The runner and its actors are gone; what the consumer holds stays valid.
     assert [int(a[0]) for a in kept] == list(range(6))
     assert all((a == a[0]).all() for a in kept)
+
+
+@pytest.mark.parametrize("mode", ["replicate", "shard"])
+def test_small_datapoints_of_every_kind_arrive_in_order_and_intact(no_leaks, mode):
+    """Plain small datapoints travel as pickled lists, others as frames, large ones alone;
+    a switch between kinds keeps the order, and every value comes back equal."""
+    n = 2000
+    with fp.Runner(Mixed(n), transport="ray", num_workers=1, mode=mode) as runner:
+        got = list(runner)
+    assert len(got) == n
+    for i, dp in enumerate(got):
+        want = mixed(i)
+        if isinstance(want, np.ndarray):
+            assert type(dp) is np.ndarray and (dp == want).all(), i
+        else:
+            assert type(dp) is type(want) and dp == want, i
+        if i % 9 == 5:  # one object twice in a datapoint stays one object
+            assert dp["a"] is dp["b"]
+
+
+@pytest.mark.parametrize("mode", ["replicate", "shard"])
+def test_a_dataflow_may_change_what_it_yielded_right_after(no_leaks, mode):
+    n = 3000
+    with fp.Runner(Reused(n), transport="ray", num_workers=1, mode=mode) as runner:
+        it = iter(runner)
+        got = [next(it) for _ in range(2 * n)]
+    assert got[0::2] == [{"idx": i, "name": "x"} for i in range(n)]
+    assert got[1::2] == [[i, 0] for i in range(n)]
 
 
 def test_replicate_mode_every_worker_yields_the_whole_dataflow(no_leaks):
@@ -310,6 +396,56 @@ def test_start_method_is_refused():
 def test_option_types_are_checked():
     with pytest.raises(fp.ConfigError, match="num_cpus"):
         fp.Runner(Counting(3), transport="ray", num_cpus="many")
+
+
+# ---------------------------------------------------------------------------- fds
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_fd_estimate_covers_what_a_run_opens_in_the_consumer(no_leaks):
+    """The Runner's RLIMIT_NOFILE check counts open_files; a run must not open more."""
+    files = fp.get_transport("ray").open_files
+    before = _fds()
+    peak = before
+    with fp.Runner(
+        Counting(10**9), transport="ray", num_workers=3, num_cpus=0.5, mode="replicate"
+    ) as runner:
+        it = iter(runner)
+        for i in range(2000):
+            next(it)
+            if i % 100 == 0:
+                peak = max(peak, _fds())
+    assert peak - before <= files.consumer + 3 * files.per_worker
+
+
+def test_too_few_fds_is_refused_before_ray_starts(tmp_path):
+    """With RLIMIT_NOFILE too low for the run, reset_state() raises the Runner's
+    ConfigError naming the limit, before the transport starts Ray or any actor."""
+    code = textwrap.dedent(
+        """
+        import os, resource, sys
+        import flowplug as fp
+        from flowplug.testing.contract import Counting
+        used = len(os.listdir("/proc/self/fd"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 20, hard))
+        runner = fp.Runner(Counting(3), transport="ray", num_workers=2, num_cpus=0.5)
+        try:
+            runner.reset_state()
+        except fp.ConfigError as exc:
+            print("refused", "RLIMIT_NOFILE" in str(exc) and "ulimit -n" in str(exc))
+        runner.close()
+        print("ray initialized", "ray" in sys.modules and sys.modules["ray"].is_initialized())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["refused True", "ray initialized False"]
 
 
 # ---------------------------------------------------------------------------- packaging
