@@ -329,6 +329,26 @@ def _take_in_order(stream: Iterator[Any], seen: dict[tuple[str, int], int], coun
         seen[(tag, wid)] = i
 
 
+def _take_until_each_went_on(
+    stream: Iterator[Any],
+    seen: dict[tuple[str, int], int],
+    tag: str,
+    since: dict[tuple[str, int], int],
+    limit: int = 50_000,
+) -> None:
+    """Take datapoints of runner ``tag`` in order until both its workers delivered more
+    than they had in ``since`` (or ``limit`` were taken). Not a fixed count: a transport
+    may deliver many datapoints of one worker in a row (a Ray reply carries hundreds)."""
+
+    def went_on() -> bool:
+        return all(seen.get((tag, w), -1) > since.get((tag, w), -1) for w in (0, 1))
+
+    for _ in range(limit):
+        if went_on():
+            return
+        _take_in_order(stream, seen, 1)
+
+
 def scenario_several_runners(transport: str, how: str = "raises", threads: bool = False) -> int:
     """30. Three runners at once; the middle one fails (``how``: a worker raises, or
     dies): it alone raises (WorkerError, WorkerDied; a thread's death is a WorkerError)
@@ -381,8 +401,9 @@ def scenario_several_runners(transport: str, how: str = "raises", threads: bool 
         if threads:
             time.sleep(0.5)
         else:
-            for stream in good:
+            for stream, tag in zip(good, "ab", strict=True):
                 _take_in_order(stream, seen, 200)
+                _take_until_each_went_on(stream, seen, tag, at_failure)
         stop.set()
         for t in consumers:
             t.join(30)
