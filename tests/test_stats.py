@@ -169,12 +169,13 @@ def test_replicate_workers_started_with_spawn_are_not_counted(no_leaks):
     assert stats.delivered == 5 and stats.workers is None
 
 
-@pytest.mark.parametrize("transport", ["zmq", "queue"])
+@pytest.mark.parametrize("transport", ["zmq", "queue", "shm"])
 @pytest.mark.parametrize("size", [256 << 10, 0], ids=["256KiB", "small"])
 def test_bytes_delivered_is_what_the_transport_received(no_leaks, transport, size):
     """zmq and queue count the bytes of each message they receive (a batch of small
-    datapoints is one message): at least the datapoints' own bytes, at most what the
-    capacity lets arrive beyond them (the next epoch's prefetch), each with its framing."""
+    datapoints is one message), shm the bytes of each object, batch block or ring slot it
+    takes: at least the datapoints' own bytes, at most what the capacity lets arrive
+    beyond them (the next epoch's prefetch), each with its framing."""
     items = [np.full(size, i, np.uint8) if size else {"i": i, "name": "x" * 50} for i in range(10)]
     one = len(pickle.dumps(items[0], protocol=5))
     with fp.Runner(

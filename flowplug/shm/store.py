@@ -177,6 +177,9 @@ class ObjectStore:
         self._forks = _forks[0]
         self._owner = owner
         self._closed = False
+        #: bytes of the objects :meth:`take_sole` took in this process (pickle stream and
+        #: buffers): what a transport reports as received (``runner.stats()``).
+        self.bytes_taken = 0
         # The header and the free list as memoryviews of int64: a word read or written
         # costs ~0.1 us that way, ~0.3-2 us as a numpy scalar (measured), under the mutex.
         words = memoryview(mm)
@@ -337,9 +340,11 @@ class ObjectStore:
             if nbufs == 1:  # the common case: one array
                 entries: Any = (_ENTRY.unpack_from(mm, pos),)
                 own = entries[0][0] == off
+                self.bytes_taken += stream_len + entries[0][3]
             else:
                 entries = [_ENTRY.unpack_from(mm, pos + i * _ENTRY.size) for i in range(nbufs)]
                 own = bool(entries) and all(e[0] == off for e in entries)
+                self.bytes_taken += stream_len + sum(e[3] for e in entries)
             stream = None  # no own buffer (the record is freed below), or other blocks'
             if own:
                 start = pos + _ENTRY.size * nbufs

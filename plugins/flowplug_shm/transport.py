@@ -85,10 +85,14 @@ def _discard_rest(sock: zmq.Socket) -> None:
         sock.recv(copy=False)
 
 
-def _load_copy(sock: zmq.Socket) -> Any:
-    """Rebuild a copy whose first frame was read: its arrays are views of the frames."""
+def _load_copy(sock: zmq.Socket) -> tuple[Any, int]:
+    """Rebuild a copy whose first frame was read: its arrays are views of the frames.
+
+    :returns: the datapoint and the bytes of its frames.
+    """
     frames = sock.recv_multipart(copy=False)
-    return pickle.loads(frames[0].buffer, buffers=[f.buffer for f in frames[1:]])
+    obj = pickle.loads(frames[0].buffer, buffers=[f.buffer for f in frames[1:]])
+    return obj, sum(len(f) for f in frames)
 
 
 def ring_lengths(capacity: int, num_workers: int) -> list[int]:
@@ -428,7 +432,7 @@ class ShmTaskReceiver(flowplug.TaskReceiver):
         if kind == _INLINE:
             return pickle.loads(memoryview(msg)[_TOKEN_LEN + 1 :])
         if kind == _COPY:
-            return _load_copy(sock)
+            return _load_copy(sock)[0]
         _discard_rest(sock)
         return flowplug.EMPTY
 
@@ -537,6 +541,7 @@ class ShmTransport(flowplug.TaskTransport):
         self._copies: dict[int, collections.deque] = {}
         self._copy_due: int | None = None  # a COPY entry read whose copy has not come yet
         self._copies_received = 0
+        self._bytes = 0  # batches, inline datapoints and copies received (stats)
         self._token = secrets.token_bytes(_TOKEN_LEN)
         self._sockets = flowplug.ZmqSockets()
         self._sock: zmq.Socket | None = None
@@ -591,13 +596,16 @@ class ShmTransport(flowplug.TaskTransport):
         if kind == _channel.INLINE:
             if b > 1:  # a run of b slots
                 loads = pickle.loads
-                held = [loads(v) for v in chan.run(ring, b)]
+                run = chan.run(ring, b)
+                self._bytes += sum(map(len, run))
+                held = [loads(v) for v in run]
                 held.reverse()
                 self._held, self._held_release = held, self._releasers[ring]
                 chan.release(ring)
                 return held.pop()
             obj = pickle.loads(chan.mm[at : at + a])
             chan.release(ring)
+            self._bytes += a
             return obj
         chan.release(ring)  # a COPY: it comes through the socket
         return self._copy(ring, timeout)
@@ -609,6 +617,7 @@ class ShmTransport(flowplug.TaskTransport):
             raise flowplug.TransportClosed("the shm transport was closed")
         view, count, index = store.take_batch(off, tag)
         mv = memoryview(view)
+        self._bytes += mv.nbytes
         words = mv[index:].cast("q").tolist()
         loads = pickle.loads
         out = []
@@ -668,7 +677,9 @@ class ShmTransport(flowplug.TaskTransport):
                 _discard_rest(sock)  # not from our workers: never unpickle a stranger's bytes
                 continue
             (sender,) = _WORKER.unpack_from(msg, _TOKEN_LEN + 1)
-            self._copies.setdefault(sender, collections.deque()).append(_load_copy(sock))
+            obj, nbytes = _load_copy(sock)
+            self._bytes += nbytes
+            self._copies.setdefault(sender, collections.deque()).append(obj)
             got = self._copies.get(ring)
         self._copy_due = None
         self._copies_received += 1
@@ -727,7 +738,9 @@ class ShmTransport(flowplug.TaskTransport):
     def counters(self) -> dict[str, float]:
         store = self._store
         used = store.used if store is not None and not store.closed else 0
+        taken = store.bytes_taken if store is not None else 0
         return {
+            "bytes_received": self._bytes + taken,
             "copies_received": self._copies_received,
             "store_bytes_in_use": used,
             "store_bytes": self.option_values["size"],
