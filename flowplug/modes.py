@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from . import _resume
-from ._gates import Control, EpochEnd, Item, auto_shares, replicate_shares
+from ._gates import AUTO_CEILING, Control, EpochEnd, Item, auto_shares, replicate_shares
 from ._passcheck import START as PASS_START
 from .errors import ConfigError, PluginError, ShardMismatch, StateError
 from .stats import Meter
@@ -112,6 +112,12 @@ class Mode(ABC):
         """What each worker runs; None: a copy of the Runner's dataflow each."""
         return None
 
+    def max_in_flight(self, capacity: int) -> int:
+        """The most datapoints the workers may have made and not yet delivered, across
+        them (the transport's ``max_in_flight``): ``capacity`` unless the mode sizes its
+        credits itself."""
+        return capacity
+
     def control(
         self, num_workers: int, start_method: str | None, capacity: int, transport: Transport
     ) -> Control | None:
@@ -174,6 +180,9 @@ class ReplicateMode(Mode):
         #: ``capacity`` was left unset: the workers size their credits by the datapoints
         #: (flowplug._gates.Auto), ``capacity`` being the least they get.
         self.auto_capacity = auto_capacity
+
+    def max_in_flight(self, capacity: int) -> int:
+        return max(capacity, AUTO_CEILING) if self.auto_capacity else capacity
 
     def control(
         self, num_workers: int, start_method: str | None, capacity: int, transport: Transport

@@ -388,6 +388,7 @@ class Runner:
             sweep_stale()  # what consumers killed by SIGKILL left behind
         transport = self._transport_cls(
             capacity=self.capacity,
+            max_in_flight=self._mode.max_in_flight(self.capacity),
             num_workers=n,
             run_id=new_run_id(),
             start_method=self.start_method,

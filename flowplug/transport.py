@@ -147,6 +147,13 @@ class Transport(ABC):
     where ``ListSender(items, worker_id)`` is a :class:`Sender` whose ``send`` appends.
 
     :param capacity: how many objects may be in flight (buffered) at once.
+    :param max_in_flight: how many datapoints the Runner's credits may let be in flight
+        at once, when that is more than ``capacity``: with ``capacity`` left unset,
+        replicate mode sizes the credits by the datapoints' bytes, between ``capacity``
+        and 1,024 (docs/configuration.md). The credits bound the datapoints then; a
+        transport that counts datapoints itself (not messages or batches) may size its
+        buffers for this instead of ``capacity``, so that it never holds back what the
+        credits allow. Default (None): ``capacity``.
     :param num_workers: how many workers will connect.
     :param run_id: a name unique to this run (pid and random part), for pipes and segments.
     :param start_method: how worker processes start (``"fork"``, ``"spawn"``,
@@ -197,9 +204,11 @@ class Transport(ABC):
         num_workers: int,
         run_id: str,
         start_method: str | None = None,
+        max_in_flight: int | None = None,
         **options: Any,
     ):
         self.capacity = capacity
+        self.max_in_flight = capacity if max_in_flight is None else max(capacity, max_in_flight)
         self.num_workers = num_workers
         self.run_id = run_id
         self.start_method = start_method

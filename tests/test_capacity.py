@@ -159,9 +159,9 @@ def test_an_unset_capacity_lets_small_datapoints_run_further_ahead(no_leaks, tra
     cls = fp.get_transport(transport)
     kw = {"start_method": "fork"} if cls.crosses_processes else {}
     # zmq and queue bound messages, and batch small datapoints into them: more credits
-    # let them run further ahead. thread and shm bound datapoints themselves, by capacity
-    # (50 here: a queue entry, a ring entry each).
-    further = 51 if transport in ("zmq", "queue") else 50
+    # let them run further ahead; shm sizes its rings by max_in_flight (the ceiling).
+    # thread bounds datapoints itself, by capacity (50 here: a queue entry each).
+    further = 51 if transport in ("zmq", "queue", "shm") else 50
     for size, low, high in [
         (0, further, AUTO_CEILING),  # tiny: further than 50
         (1 << 20, 1, AUTO_BUDGET // (1 << 20)),  # 1 MiB: what fits in the budget
@@ -185,6 +185,35 @@ def test_an_unset_capacity_lets_small_datapoints_run_further_ahead(no_leaks, tra
                     received += 1
                     worst = max(worst, made[0] - received)
         assert low <= worst <= high, (size, worst)
+
+
+def test_a_transport_learns_how_many_datapoints_the_credits_may_let_through(no_leaks, monkeypatch):
+    """``max_in_flight``: the automatic ceiling when capacity is left unset (replicate
+    mode), else ``capacity`` (a set capacity, shard mode), for a transport that counts
+    datapoints itself (shm sizes its rings by it)."""
+    from flowplug._gates import AUTO_CEILING
+
+    cls = fp.get_transport("thread")
+    seen = []
+    real_open = cls.open
+
+    def open_and_note(self):
+        seen.append((self.capacity, self.max_in_flight))
+        return real_open(self)
+
+    monkeypatch.setattr(cls, "open", open_and_note)
+    runs = [
+        ({"mode": "replicate"}, (50, AUTO_CEILING)),
+        ({"mode": "replicate", "capacity": 8}, (8, 8)),
+        ({"mode": "shard"}, (50, 50)),
+    ]
+    for kwargs, expected in runs:
+        df = fp.DataFromList(list(range(10)))
+        with fp.Runner(df, transport="thread", num_workers=2, **kwargs) as runner:
+            assert next(iter(runner)) in range(10)
+        assert seen.pop() == expected, kwargs
+    transport = cls(capacity=6, num_workers=1, run_id="fp-1-direct")
+    assert transport.max_in_flight == 6  # built by hand: capacity
 
 
 def test_nbytes_estimates_arrays_buffers_strings_and_containers():

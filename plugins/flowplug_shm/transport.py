@@ -10,7 +10,10 @@ from ``fp.shm.empty()`` is not copied at all. While both sides are busy, no entr
 system call: the rings' semaphores enter the kernel only to wake a side that sleeps.
 
 ``capacity`` bounds the datapoints in flight, counted across workers: the rings' lengths
-add up to it (each worker at least one). The store bounds them in bytes (``size``).
+add up to it (each worker at least one). With ``capacity`` left unset the Runner's credits
+size themselves by the datapoints (up to 1,024 small ones in flight): the rings are then as
+long as that ceiling (``max_in_flight``) and the credits bound the datapoints. The store
+bounds them in bytes (``size``).
 
 The store's file is unlinked before the consumer delivers the first datapoint, so a SIGKILL
 of the consumer leaves nothing in ``/dev/shm``: forked workers inherit the mapping and its
@@ -516,7 +519,7 @@ class ShmTransport(flowplug.TaskTransport):
             raise flowplug.ConfigError(
                 f"transport 'shm' cannot run here: {why}; use transport='zmq' or 'queue'"
             )
-        slots = ring_lengths(self.capacity, self.num_workers)
+        slots = ring_lengths(self.max_in_flight, self.num_workers)
         self._store: ObjectStore | None = ObjectStore(
             self.option_values["size"],
             dir=self.option_values["dir"] or None,
