@@ -15,9 +15,9 @@ are packed together, within :mod:`flowplug.batching`'s latency bound) copies eac
 Consecutive messages therefore lie back to back in the ring in the core's batch layout, and
 :meth:`WorkerHost.take` replies with a contiguous run of them as **one** buffer (a numpy
 view of the ring, which Ray copies once into its object store) plus one merged header; the
-consumer rebuilds the datapoints as :func:`flowplug.serialize.unpack_batch` does, arrays as
-views of the object store (a batch of small plain datapoints is one pickled list: one
-``loads`` for all of them).
+consumer rebuilds the datapoints with :func:`flowplug.serialize.unpack_batch`, arrays as
+views of the object store (a batch of small plain datapoints is one entry, a pickled list:
+one ``loads`` for all of them).
 
 The ring is freed in order: the messages of a reply are released when the next ``take()``
 starts (calls run one at a time, so Ray has stored the previous reply by then). The worker
