@@ -12,7 +12,8 @@ pickled list): numpy arrays arrive as read-only views of the object store.
 
 What is in flight per worker is bounded: its ring holds at most ``ceil(capacity /
 num_workers)`` messages (a message is one datapoint, or a batch of small ones, like zmq's
-high-water mark) and 32 MiB, and each reply at most half as many messages and about 8 MiB.
+high-water mark) and 32 MiB, and each reply at most half as many messages and 16 MiB (or
+one message, when that is larger).
 
 The Runner still owns the semantics: this module only reports what Ray tells (an actor that
 died, a worker process that ended) as a :class:`flowplug.Death` in the worker group, and the
