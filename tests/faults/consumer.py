@@ -10,8 +10,9 @@ It prints ``READY`` once datapoints flow, then, by MODE:
 - ``chatty``: consumes 200 datapoints from workers that write heavily to stdout and
   stderr, closes, prints ``DONE`` (scenario 16);
 - ``fork-child``: forks; the child tries ``next()`` (prints ``CHILD-STATEERROR fork``),
-  closes and exits normally (atexit runs); the parent consumes 1.5 s more and prints
-  ``PARENT-OK`` (scenario 26); ``fork-pool``: the same around a fork Pool;
+  closes and exits normally (atexit runs; a fork of a Ray driver runs every exit handler
+  but Ray's, which hangs in a fork, and leaves by ``os._exit``); the parent consumes
+  1.5 s more and prints ``PARENT-OK`` (scenario 26); ``fork-pool``: the same around a fork Pool;
 - ``gc-sigint``: drops the runner (its workers stuck, so its cleanup is slow) and gets
   SIGINT while gc cleans up: prints ``INTERRUPTED`` and ends by KeyboardInterrupt, or
   ``SWALLOWED`` if the interrupt was lost (scenario 28).
@@ -49,7 +50,10 @@ def main() -> None:
     it = iter(runner)
     for _ in range(2 if mode == "gc-sigint" else 5):  # StuckInC: one item per worker
         next(it)
-    print("READY", flush=True)
+    # "ray-driver": this process imported Ray (its transport started or joined a cluster),
+    # which changes how the process can end (see _leave_a_fork_of_a_ray_driver, probes.
+    # interrupted_statuses).
+    print("READY", *(["ray-driver"] if "ray" in sys.modules else []), flush=True)
     if mode == "stream":
         while True:
             next(it)
@@ -72,6 +76,8 @@ def main() -> None:
                         "CHILD-STATEERROR", "fork" if "fork" in str(exc) else str(exc), flush=True
                     )
                 runner.close()
+                if "ray" in sys.modules:
+                    _leave_a_fork_of_a_ray_driver()
                 sys.exit(0)  # atexit runs: multiprocessing's, flowplug's
             os.waitpid(pid, 0)
         else:
@@ -101,6 +107,26 @@ def main() -> None:
         it.close()
         runner.close()
         print("DONE", flush=True)
+
+
+def _leave_a_fork_of_a_ray_driver() -> None:
+    """End a fork of a Ray driver as normally as Ray allows: every exit handler but Ray's
+    runs (flowplug's, multiprocessing's), then the process leaves through ``os._exit``.
+
+    Ray cannot be shut down from a fork of its driver: gRPC does not survive a fork
+    (ray-project/ray#22909), so ``ray.shutdown``, which Ray registers with atexit, hangs in
+    the child for good; without it, Ray's C++ teardown at exit crashes (SIGSEGV, Ray 2.60).
+    Nothing of flowplug's is involved: a child of any Ray driver does the same.
+    """
+    import atexit
+
+    import ray
+
+    atexit.unregister(ray.shutdown)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -103,7 +104,23 @@ def wait_ready(proc: subprocess.Popen, timeout: float = 30.0) -> list[int]:
         proc.kill()
         out, err = finish(proc)
         raise AssertionError(f"consumer did not get ready: {result} {out} {err}")
+    _READY_NOTES[proc.pid] = result[0].decode().split()[1:]
     return [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+
+
+#: what each consumer said after READY, by pid ("ray-driver": it imported Ray).
+_READY_NOTES: dict[int, list[str]] = {}
+
+
+def interrupted_statuses(proc: subprocess.Popen) -> tuple[int, ...]:
+    """The exit statuses of a consumer that an uncaught KeyboardInterrupt ended: killed by
+    SIGINT, as CPython ends such a program. In a process that imported Ray (2.60) also 1:
+    Ray's atexit handler imports modules, and CPython then forgets that the program ended
+    by KeyboardInterrupt (any program that imports ray exits with 1 after Ctrl-C, flowplug
+    or not); the traceback still ends in KeyboardInterrupt."""
+    if "ray-driver" in _READY_NOTES.get(proc.pid, []):
+        return (-signal.SIGINT, 1)
+    return (-signal.SIGINT,)
 
 
 def tracebacks(text: str) -> int:

@@ -340,13 +340,17 @@ def _take_until_each_went_on(
     than they had in ``since`` (or ``limit`` were taken). Not a fixed count: a transport
     may deliver many datapoints of one worker in a row (a Ray reply carries hundreds)."""
 
-    def went_on() -> bool:
-        return all(seen.get((tag, w), -1) > since.get((tag, w), -1) for w in (0, 1))
-
     for _ in range(limit):
-        if went_on():
+        if _went_on(seen, since, tag):
             return
         _take_in_order(stream, seen, 1)
+
+
+def _went_on(
+    seen: dict[tuple[str, int], int], since: dict[tuple[str, int], int], tags: str
+) -> bool:
+    """Both workers of each runner in ``tags`` delivered more than they had in ``since``."""
+    return all(seen.get((t, w), -1) > since.get((t, w), -1) for t in tags for w in (0, 1))
 
 
 def scenario_several_runners(transport: str, how: str = "raises", threads: bool = False) -> int:
@@ -399,7 +403,13 @@ def scenario_several_runners(transport: str, how: str = "raises", threads: bool 
             assert failed.exc_type in ("ValueError", "SystemExit"), failed
         at_failure = dict(seen)
         if threads:
-            time.sleep(0.5)
+            # Until each healthy worker went on, not a fixed while: a worker may start
+            # late (a Ray actor takes seconds on a busy machine) or deliver in long runs.
+            deadline = time.monotonic() + 60
+            while not _went_on(seen, at_failure, "ab") and time.monotonic() < deadline:
+                if errors:
+                    break
+                time.sleep(0.02)
         else:
             for stream, tag in zip(good, "ab", strict=True):
                 _take_in_order(stream, seen, 200)

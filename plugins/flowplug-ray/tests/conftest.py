@@ -13,6 +13,7 @@ Run these tests in one process (no ``-n``): each xdist worker would start its ow
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ import pytest
 #: Logical CPUs are Ray's scheduling tokens, not cores; this box has 2.
 NUM_CPUS = 4
 OBJECT_STORE = 256 * 1024**2
+#: the core's fault scenarios (tests/faults), which test_ray_faults.py runs on Ray.
+FAULTS = str(Path(__file__).resolve().parents[3] / "tests" / "faults")
 
 pytest_plugins = ["flowplug.testing.pytest_plugin"]
 
@@ -32,11 +35,12 @@ def ray_session():
     import flowplug as fp
     from flowplug.testing.contract import Counting
 
-    # The actors unpickle the dataflows defined in these test modules, so they must be
-    # able to import them; Ray's workers inherit the environment of ray.init.
+    # The actors unpickle the dataflows defined in these test modules and in the core's
+    # fault scenarios (test_ray_faults.py), so they must be able to import them; Ray's
+    # workers inherit the environment of ray.init.
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = here + (os.pathsep + path if path else "")
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, FAULTS, *([path] if path else [])])
     ray.init(
         num_cpus=NUM_CPUS,
         include_dashboard=False,
