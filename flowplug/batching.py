@@ -20,7 +20,7 @@ from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from .serialize import Batch, dumps
+from .serialize import Batch
 from .transport import Sender
 
 
@@ -35,9 +35,19 @@ class LateFlush:
     true and the batch is due; an error there ends the timer (the consumer is gone: the
     next ``send()`` reports it). :meth:`stop` ends it, from the sender's ``close()``.
 
+    While batches keep coming the thread wakes about once per ``max_delay`` (at the due
+    time of the batch it saw pending), never once per batch: :meth:`began` wakes it only
+    when it went to sleep, which it does after :data:`IDLE_TICKS` looks found nothing
+    pending. A wake-up per batch costs the sender's thread more than the batch saves
+    (a futex wake, and a switch of the GIL to the timer thread and back).
+
     :param pending: whether a batch is pending (called holding the lock).
     :param write: writes the pending batch (called holding the lock).
     """
+
+    #: after this many looks (``max_delay`` apart) found no batch, the thread sleeps
+    #: until the next :meth:`began`.
+    IDLE_TICKS = 8
 
     def __init__(
         self,
@@ -54,43 +64,60 @@ class LateFlush:
         self._name = name
         #: when the pending batch got its first object (``time.monotonic()``).
         self.since = 0.0
-        self._waiting = threading.Event()  # set while a batch waits: wakes the thread
+        self._wake = threading.Event()  # set to wake the thread from its sleep
+        self._asleep = True  # the thread waits on _wake (or is not started yet)
         self._stopped = False
         self._thread: threading.Thread | None = None
 
     def began(self) -> None:
         """A batch got its first object (holding the lock)."""
         self.since = time.monotonic()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-            self._thread.start()
-        self._waiting.set()
+        if self._asleep:  # rare: the first batch, or the first after an idle spell
+            self._asleep = False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._wake.set()
 
     def written(self) -> None:
         """The pending batch was written (holding the lock)."""
-        self._waiting.clear()
 
     def stop(self) -> None:
         """End the thread (after the sender's last flush)."""
         self._stopped = True
-        self._waiting.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(1.0)
 
     def _run(self) -> None:
-        while True:
-            self._waiting.wait()
-            if self._stopped:
-                return
-            with self.lock:
-                due = self.since + self.max_delay - time.monotonic()
-                if self._pending() and due <= 0:
-                    try:
-                        self._write()
-                    except Exception:
-                        return  # the consumer is gone; the next send() reports it
-                    continue
-            time.sleep(max(due, 0.0002))
+        lock = self.lock
+        delay = self.max_delay
+        while not self._stopped:  # read after the clear below: stop() sets both
+            self._wake.wait()
+            idle = 0
+            while True:
+                if self._stopped:
+                    return
+                with lock:
+                    if self._pending():
+                        idle = 0
+                        due = self.since + delay - time.monotonic()
+                        if due <= 0:
+                            try:
+                                self._write()
+                            except Exception:
+                                return  # the consumer is gone; the next send() reports it
+                            due = delay
+                    elif idle >= self.IDLE_TICKS:
+                        # sleep until began() wakes us: cleared under the lock, so a
+                        # batch that begins from now on sees _asleep and sets _wake
+                        self._asleep = True
+                        self._wake.clear()
+                        break
+                    else:
+                        idle += 1
+                        due = delay
+                time.sleep(max(due, 0.0002))
 
 
 class BatchingSender(Sender):
@@ -134,22 +161,23 @@ class BatchingSender(Sender):
         caller's memory: when this returns, the transport must no longer read them."""
 
     @abstractmethod
-    def write_batch(self, header: bytes, blob: bytearray) -> None:
-        """Send a batch as one message; the sender never touches ``blob`` again."""
+    def write_batch(self, header: bytes, blob: memoryview) -> None:
+        """Send a batch as one message. ``blob`` is a view of the batch's buffer, which
+        the next batch reuses once this returns: copy it to send it later (a transport
+        that keeps a view makes the sender take new memory for every batch)."""
 
     def send(self, obj: Any) -> None:
-        frames = dumps(obj)
-        size = sum(memoryview(f).nbytes for f in frames) if len(frames) > 1 else len(frames[0])
         with self._lock:
             batch = self._batch
-            if size > self._item_max:
-                if batch.count:
+            began = not batch.count
+            alone = batch.dump(obj, self._item_max)  # pickled straight into the batch
+            if alone is not None:
+                if not began:
                     self._write_pending()
-                self.write_one(frames)
+                self.write_one(alone)
                 return
-            if not batch.count:
+            if began:
                 self._late.began()
-            batch.add(frames)
             if (
                 batch.count >= self._max_items
                 or batch.nbytes >= self._max_bytes
@@ -159,8 +187,12 @@ class BatchingSender(Sender):
 
     def _write_pending(self) -> None:
         self._late.written()
-        header, blob = self._batch.take()
-        self.write_batch(header, blob)
+        batch = self._batch
+        header, blob = batch.take()
+        try:
+            self.write_batch(header, blob)
+        finally:
+            batch.taken(blob)
 
     def flush(self) -> None:
         with self._lock:

@@ -200,44 +200,123 @@ _PADDING = bytes(ALIGN)
 
 
 class Batch:
-    """Accumulates the frames of small objects; :meth:`take` returns ``(header, blob)``."""
+    """Accumulates the frames of small objects; :meth:`take` returns ``(header, blob)``.
 
-    __slots__ = ("_blob", "_lengths", "count")
+    :meth:`dump` pickles an object straight into the batch (what a batching sender does
+    per object: no stream of its own, no list of frames); :meth:`add` copies frames that
+    :func:`dumps` made. The batch writes into one buffer for its whole life, so its memory
+    stays mapped and warm: the ``blob`` that :meth:`take` returns is a view of it, valid
+    until it is released (:meth:`taken`).
+    """
+
+    __slots__ = ("_buffers", "_lengths", "_out", "_pickler", "count")
 
     def __init__(self) -> None:
-        self._blob = bytearray()
         self._lengths: list[int] = [0]
+        self._buffers: list[Any] = []
         #: how many objects the batch holds.
         self.count = 0
+        self._new()
+
+    def _new(self) -> None:
+        self._out = io.BytesIO()
+        self._pickler = _Pickler(self._out, protocol=5, buffer_callback=self._offer)
+
+    def _offer(self, buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes < OUT_OF_BAND_MIN:
+            return True  # in the stream, as dumps() does
+        self._buffers.append(raw)
+        return False
 
     @property
     def nbytes(self) -> int:
-        return len(self._blob)
+        return self._out.tell()
+
+    def dump(self, obj: Any, item_max: int) -> list[Any] | None:
+        """Pickle ``obj`` into the batch, as :func:`dumps` would (same frames, same
+        layout as :meth:`add`); or, when its stream and buffers come to more than
+        ``item_max`` bytes, leave the batch as it was and return ``obj``'s frames (the
+        stream, then views of its buffers: not copied) to be sent alone.
+
+        :raises TypeError: as :func:`dumps`; the batch is left as it was.
+        """
+        out = self._out
+        before = out.tell()
+        start = before + (-before % ALIGN)
+        if start != before:
+            out.write(_PADDING[: start - before])
+        buffers = self._buffers
+        try:
+            self._pickler.dump(obj)
+        except Exception as exc:
+            self._pickler = _Pickler(out, protocol=5, buffer_callback=self._offer)
+            buffers.clear()
+            out.seek(before)  # what lies beyond tell() is not part of the batch
+            raise not_picklable(obj, exc) from exc
+        finally:
+            self._pickler.clear_memo()
+        length = out.tell() - start
+        if not buffers:
+            if length <= item_max:
+                self._lengths += (1, length)
+                self.count += 1
+                return None
+            out.seek(start)
+            frames: list[Any] = [out.read(length)]
+        else:
+            size = length + sum(b.nbytes for b in buffers)
+            if size <= item_max:
+                lengths = self._lengths
+                lengths += (1 + len(buffers), length)
+                for buf in buffers:
+                    at = out.tell()
+                    if at % ALIGN:
+                        out.write(_PADDING[: -at % ALIGN])
+                    out.write(buf)
+                    lengths.append(buf.nbytes)
+                buffers.clear()
+                self.count += 1
+                return None
+            out.seek(start)
+            frames = [out.read(length), *buffers]
+            buffers.clear()
+        out.seek(before)  # not truncate(): that would give the memory back
+        return frames
 
     def add(self, frames: list[Any]) -> None:
         """Copy one object's frames (as :func:`dumps` made them) into the batch."""
-        blob = self._blob
+        out = self._out
         lengths = self._lengths
         lengths.append(len(frames))
         for frame in frames:
-            pad = -len(blob) % ALIGN
-            if pad:
-                blob += b"\0" * pad
-            start = len(blob)
-            blob += frame
-            lengths.append(len(blob) - start)
+            at = out.tell()
+            if at % ALIGN:
+                out.write(_PADDING[: -at % ALIGN])
+            lengths.append(out.write(frame))
         self.count += 1
 
-    def take(self) -> tuple[bytes, bytearray]:
-        """Return ``(header, blob)`` and start a new, empty batch."""
+    def take(self) -> tuple[bytes, memoryview]:
+        """Return ``(header, blob)`` and start a new, empty batch. ``blob`` is a view of
+        the batch's buffer: call :meth:`taken` with it once it was sent."""
         lengths = self._lengths
         lengths[0] = self.count
         header = array("Q", lengths).tobytes()
-        blob = self._blob
-        self._blob = bytearray()
+        out = self._out
+        blob = out.getbuffer()[: out.tell()]
+        out.seek(0)  # not truncate(): that would give the memory back
         self._lengths = [0]
         self.count = 0
         return header, blob
+
+    def taken(self, blob: memoryview) -> None:
+        """``blob`` (from :meth:`take`) was sent: its memory is for the next batch, or,
+        when the transport still holds a view of it, the batch gets new memory."""
+        try:
+            blob.release()
+            self._out.write(b"")  # raises if another view of the buffer is still alive
+        except BufferError:
+            self._new()
 
 
 def batch_of_one(frames: list[Any]) -> tuple[bytes, list[Any], int]:

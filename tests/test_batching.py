@@ -44,6 +44,50 @@ def test_batch_round_trips_objects_with_aligned_arrays():
     assert got[2]["a"].flags.aligned
 
 
+def test_dump_pickles_into_the_batch_what_dumps_would_send():
+    objs = [1, "x" * 100, {"a": np.arange(5000.0)}, (None, b"z")]
+    batch = Batch()
+    for obj in objs:
+        assert batch.dump(obj, 128 * 1024) is None
+    header, blob = batch.take()
+    got = unpack_batch(header, bytes(blob))
+    for g, w in zip(got, objs, strict=True):
+        assert_same(g, w)
+    assert got[2]["a"].flags.aligned
+
+
+def test_dump_leaves_the_batch_as_it_was_for_a_large_or_unpicklable_object():
+    batch = Batch()
+    assert batch.dump("first", 1000) is None
+    big = np.arange(10_000, dtype=np.int64)
+    frames = batch.dump({"big": big}, 1000)  # over item_max: its frames, for sending alone
+    assert frames is not None and len(frames) == 2
+    assert_same(loads(frames), {"big": big})
+    assert np.shares_memory(np.frombuffer(frames[1], np.int64), big)  # not copied
+    with pytest.raises(TypeError, match="datapoint of type function cannot be pickled"):
+        batch.dump(lambda: 0, 1000)
+    assert batch.dump("last", 1000) is None
+    header, blob = batch.take()
+    assert unpack_batch(header, bytes(blob)) == ["first", "last"]
+
+
+def test_a_batch_reuses_its_memory_unless_the_transport_kept_a_view():
+    batch = Batch()
+    batch.dump("a" * 500, 1000)
+    header, blob = batch.take()
+    address = np.frombuffer(blob, np.uint8).ctypes.data
+    batch.taken(blob)
+    batch.dump("b" * 500, 1000)
+    header, blob = batch.take()
+    assert np.frombuffer(blob, np.uint8).ctypes.data == address  # the same memory again
+    kept = memoryview(blob)  # a transport that holds on to the blob
+    batch.taken(blob)
+    batch.dump("c" * 500, 1000)
+    header2, blob2 = batch.take()
+    assert unpack_batch(header, kept) == ["b" * 500]  # untouched by the next batch
+    assert unpack_batch(header2, blob2) == ["c" * 500]
+
+
 def test_sender_packs_up_to_max_items_and_keeps_order_around_large_items():
     sender = Recording(max_items=3, max_delay=60)
     big = np.arange(100_000, dtype=np.int64)  # larger than item_max: sent alone
@@ -62,6 +106,22 @@ def test_sender_flushes_a_waiting_batch_without_another_send():
     assert sender.written.wait(10), "the timer never flushed the batch"
     assert sender.messages == [["lonely"]]
     sender.close()
+
+
+def test_every_batch_is_flushed_in_time_while_the_timer_runs_and_after_it_slept():
+    sender = Recording(max_items=64, max_delay=0.01)
+    try:
+        for word in ["one", "two"]:  # the second begins while the timer still looks
+            sender.written.clear()
+            sender.send(word)
+            assert sender.written.wait(10), f"{word!r} was never flushed"
+        time.sleep(LateFlush.IDLE_TICKS * 0.01 + 0.2)  # the timer went to sleep
+        sender.written.clear()
+        sender.send("three")
+        assert sender.written.wait(10), "'three' was never flushed"
+        assert sender.messages == [["one"], ["two"], ["three"]]
+    finally:
+        sender.close()
 
 
 def test_late_flush_writes_a_due_batch_once_and_ends_on_stop_or_a_failed_write():

@@ -63,7 +63,7 @@ class QueueSender(flowplug.BatchingSender):
             # is this worker's failure, reported with its cause.
             raise flowplug.TransportClosed(f"the consumer closed the queue: {exc}") from exc
 
-    def write_batch(self, header: bytes, blob: bytearray) -> None:
+    def write_batch(self, header: bytes, blob: memoryview) -> None:
         self._slots.acquire()
         try:
             write_batch(self._fd, header, [blob], len(blob))

@@ -1,9 +1,9 @@
 """ZeroMQ PUSH/PULL over ipc://, with pickle protocol 5 and out-of-band buffers.
 
-A message is ``[token, b"", pickle stream, buffer...]`` for one object, or
-``[token, header, blob]`` for a batch of small ones (:class:`flowplug.BatchingSender`).
-The token is private to the run, so bytes from a stranger who connects to the socket are
-dropped, never unpickled. Received numpy arrays are views of the received frames.
+A message is ``[token, pickle stream, buffer...]`` for one object, or ``[token + header,
+blob]`` for a batch of small ones (:class:`flowplug.BatchingSender`). The token is private
+to the run, so bytes from a stranger who connects to the socket are dropped, never
+unpickled. Received numpy arrays are views of the received frames.
 
 Large buffers are sent without a copy (``copy=False``); ``send()`` returns once zmq has
 handed them to the kernel (a ``MessageTracker``), because the worker may refill the same
@@ -30,6 +30,17 @@ from flowplug.serialize import dumps, loads, unpack_batch
 _LINGER_MS = 5000
 
 
+#: ``zmq.SNDMORE`` as a plain int: pyzmq's ``send_multipart`` combines its flags as enum
+#: members, which costs microseconds per frame; frames go out one ``send`` each here.
+_MORE = int(zmq.SNDMORE)
+
+#: the kernel send buffer a worker's socket asks for (capped at ``net.core.wmem_max``,
+#: 208 KiB by default on Linux). ``send()`` of a large array waits until zmq has written
+#: the whole message into the kernel; when the buffer holds a whole message, that happens
+#: while the consumer still reads the one before, instead of after it.
+SNDBUF = 4 << 20
+
+
 class ZmqSender(flowplug.BatchingSender):
     def __init__(
         self,
@@ -44,25 +55,35 @@ class ZmqSender(flowplug.BatchingSender):
         super().__init__(max_items=batch, max_delay=batch_delay)
         self._wait = not fresh_arrays
         self._sockets = flowplug.ZmqSockets()
-        self._sock = self._sockets.connect(zmq.PUSH, address, hwm=hwm, linger_ms=_LINGER_MS)
+        self._sock = self._sockets.connect(
+            zmq.PUSH, address, hwm=hwm, linger_ms=_LINGER_MS, sndbuf=SNDBUF
+        )
         self._token = token
-        self._send = self._sock.send_multipart
+        self._send = self._sock.send
 
     def write_one(self, frames: list[Any]) -> None:
+        send = self._send
+        send(self._token, _MORE)
         if len(frames) == 1:  # no out-of-band buffer: the stream is ours, zmq may keep it
-            self._send([self._token, b"", frames[0]])
+            send(frames[0], 0, copy=False)
             return
+        send(frames[0], _MORE)
+        last = len(frames) - 1
+        for i in range(1, last):
+            send(frames[i], _MORE, copy=False)
         # The buffers are the worker's arrays: send them without a copy, and return only
         # once zmq is done with them, since the worker may refill them right after; unless
         # the dataflow promised fresh arrays (zmq keeps them referenced while it reads).
+        # zmq releases a message's frames in order: the last one's tracker covers them all.
         if not self._wait:
-            self._send([self._token, b"", *frames], copy=False)
+            send(frames[last], 0, copy=False)
             return
-        tracker = self._send([self._token, b"", *frames], copy=False, track=True)
-        tracker.wait()
+        send(frames[last], 0, copy=False, track=True).wait()
 
-    def write_batch(self, header: bytes, blob: bytearray) -> None:
-        self._send([self._token, header, blob], copy=False)
+    def write_batch(self, header: bytes, blob: memoryview) -> None:
+        send = self._send
+        send(self._token + header, _MORE)
+        send(blob, 0)  # copied: the blob is the batch's buffer, which the next batch reuses
 
     def disconnect(self) -> None:
         self._sockets.close()
@@ -153,13 +174,17 @@ class ZmqTransport(flowplug.TaskTransport):
             if not self._poll(timeout * 1000):
                 return flowplug.EMPTY
             frames = self._recv(copy=False)
-        if frames[0].bytes != self._token or len(frames) < 3:
-            return flowplug.EMPTY  # not from our workers: never unpickle a stranger's bytes
-        header = frames[1].buffer
-        if not header:
-            self._bytes += sum(map(len, frames)) - len(frames[0])  # counters(): per message
-            return loads(frames[2:])
-        blob = frames[2].buffer
+        # A message is [token, stream, buffer...] (one object) or [token + header, blob]
+        # (a batch); anything else is not from our workers: never unpickle a stranger's bytes.
+        head = frames[0].bytes
+        token = self._token
+        if head == token and len(frames) > 1:
+            self._bytes += sum(map(len, frames)) - len(head)  # counters(): per message
+            return loads(frames[1:])
+        if len(frames) != 2 or head[: len(token)] != token:
+            return flowplug.EMPTY
+        header = head[len(token) :]
+        blob = frames[1].buffer
         self._bytes += len(header) + len(blob)
         ready = self._ready
         ready.extend(unpack_batch(header, blob))
