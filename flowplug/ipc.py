@@ -73,21 +73,13 @@ class ZmqSockets:
         #: (listening socket, its monitor) per socket whose accepts are watched.
         self._watched: list[tuple[Any, Any]] = []
 
-    def connect(
-        self, kind: int, address: str, *, hwm: int, linger_ms: int = 0, sndbuf: int = 0
-    ) -> Any:
+    def connect(self, kind: int, address: str, *, hwm: int, linger_ms: int = 0) -> Any:
         """Return a new socket of ``kind`` (``zmq.PUSH``, ``zmq.PULL``) connected to ``address``.
 
         :param hwm: the high-water mark of the socket's direction (send for PUSH).
         :param linger_ms: how long :meth:`close` keeps trying to deliver what was sent.
-        :param sndbuf: the kernel send buffer to ask for, in bytes (0: the system's
-            default; the kernel caps it at ``net.core.wmem_max``).
         """
         sock = self._socket(kind, hwm, linger_ms)
-        if sndbuf:
-            import zmq
-
-            sock.setsockopt(zmq.SNDBUF, sndbuf)  # before connect: the connection takes it
         sock.connect(address)
         return sock
 

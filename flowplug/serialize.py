@@ -342,11 +342,18 @@ def batch_of_one(frames: list[Any]) -> tuple[bytes, list[Any], int]:
 
 
 def unpack_batch(header: Any, blob: Any) -> list[Any]:
-    """Rebuild the objects of a batch (arrays are views of ``blob``)."""
+    """Rebuild the objects of a batch (arrays are views of ``blob``).
+
+    ``header`` is the uint64 array ``[entries, entry, ...]`` that :meth:`Batch.take` makes;
+    each entry is ``(frames, length, ...)``: one object, its frames at multiples of
+    :data:`ALIGN` in ``blob``; or ``(0, items, length)``: one frame holding a pickled
+    *list* of ``items`` objects, which come out one by one (a sender that pickles a batch of
+    small plain objects at once, as Ray's actor host does: one ``loads`` for all of them).
+    """
     lengths = memoryview(header).cast("B").cast("Q").tolist()
     view = memoryview(blob).cast("B")
     loads = pickle.loads
-    out = []
+    out: list[Any] = []
     pos = 1
     offset = 0
     for _ in range(lengths[0]):
@@ -356,6 +363,12 @@ def unpack_batch(header: Any, blob: Any) -> list[Any]:
             out.append(loads(view[offset : offset + length]))
             offset += length + (-length % ALIGN)
             pos += 2
+            continue
+        if n == 0:  # a pickled list of objects
+            length = lengths[pos + 2]
+            out.extend(loads(view[offset : offset + length]))
+            offset += length + (-length % ALIGN)
+            pos += 3
             continue
         frames = []
         for length in lengths[pos + 1 : pos + 1 + n]:

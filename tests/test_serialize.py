@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from flowplug.serialize import OUT_OF_BAND_MIN, dumps, dumps_bytes, loads
+from flowplug.serialize import ALIGN, OUT_OF_BAND_MIN, dumps, dumps_bytes, loads, unpack_batch
 
 
 def test_large_arrays_travel_out_of_band_and_come_back_as_views():
@@ -38,3 +38,37 @@ def test_dumps_bytes_round_trips():
     out = pickle.loads(dumps_bytes(obj))
     assert out["y"] == "z"
     np.testing.assert_array_equal(out["x"], obj["x"])
+
+
+def test_unpack_batch_reads_pickled_list_entries_in_place():
+    """An entry ``(0, items, length)`` is one frame holding a pickled list (Ray's actor host
+    sends a batch of small plain datapoints so): its objects come out one by one, in their
+    place among the batch's other entries; an empty list adds nothing."""
+    plain = [{"idx": i, "name": "cat", "box": (1, 2)} for i in range(3)]
+    arr = np.arange(OUT_OF_BAND_MIN, dtype=np.float64)
+    # ("frames", frames as dumps makes them) or ("list", the objects pickled as one list)
+    entries = [
+        ("frames", dumps("first")),
+        ("list", plain),
+        ("frames", dumps({"a": arr})),
+        ("list", []),
+        ("frames", dumps((None, b"z"))),
+    ]
+    lengths = [len(entries)]
+    blob = bytearray()
+    for kind, value in entries:
+        if kind == "list":
+            frames = [pickle.dumps(value, protocol=5)]
+            lengths += [0, len(value), len(frames[0])]
+        else:
+            frames = value
+            lengths += [len(frames), *(memoryview(f).nbytes for f in frames)]
+        for frame in frames:
+            blob += frame
+            blob += bytes(-len(blob) % ALIGN)
+    header = np.array(lengths, dtype=np.uint64).tobytes()
+    got = unpack_batch(header, blob)
+    assert len(got) == 6
+    assert got[0] == "first" and got[1:4] == plain and got[5] == (None, b"z")
+    np.testing.assert_array_equal(got[4]["a"], arr)
+    assert np.shares_memory(got[4]["a"], np.frombuffer(blob, np.uint8))  # a view, no copy

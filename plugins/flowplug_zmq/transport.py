@@ -34,12 +34,6 @@ _LINGER_MS = 5000
 #: members, which costs microseconds per frame; frames go out one ``send`` each here.
 _MORE = int(zmq.SNDMORE)
 
-#: the kernel send buffer a worker's socket asks for (capped at ``net.core.wmem_max``,
-#: 208 KiB by default on Linux). ``send()`` of a large array waits until zmq has written
-#: the whole message into the kernel; when the buffer holds a whole message, that happens
-#: while the consumer still reads the one before, instead of after it.
-SNDBUF = 4 << 20
-
 
 class ZmqSender(flowplug.BatchingSender):
     def __init__(
@@ -55,9 +49,7 @@ class ZmqSender(flowplug.BatchingSender):
         super().__init__(max_items=batch, max_delay=batch_delay)
         self._wait = not fresh_arrays
         self._sockets = flowplug.ZmqSockets()
-        self._sock = self._sockets.connect(
-            zmq.PUSH, address, hwm=hwm, linger_ms=_LINGER_MS, sndbuf=SNDBUF
-        )
+        self._sock = self._sockets.connect(zmq.PUSH, address, hwm=hwm, linger_ms=_LINGER_MS)
         self._token = token
         self._send = self._sock.send
 

@@ -15,9 +15,9 @@ are packed together, within :mod:`flowplug.batching`'s latency bound) copies eac
 Consecutive messages therefore lie back to back in the ring in the core's batch layout, and
 :meth:`WorkerHost.take` replies with a contiguous run of them as **one** buffer (a numpy
 view of the ring, which Ray copies once into its object store) plus one merged header; the
-consumer rebuilds the datapoints as :func:`flowplug.serialize.unpack_batch` does, arrays as
-views of the object store (a batch of small plain datapoints is one pickled list: one
-``loads`` for all of them).
+consumer rebuilds the datapoints with :func:`flowplug.serialize.unpack_batch`, arrays as
+views of the object store (a batch of small plain datapoints is one entry, a pickled list:
+one ``loads`` for all of them).
 
 The ring is freed in order: the messages of a reply are released when the next ``take()``
 starts (calls run one at a time, so Ray has stored the previous reply by then). The worker
@@ -53,8 +53,10 @@ from flowplug.serialize import ALIGN, OUT_OF_BAND_MIN, dumps
 
 #: bytes of the ring between a worker and its actor (an anonymous shared mapping).
 RING_BYTES = 32 * 1024 * 1024
-#: a reply stops growing past this many bytes.
-BATCH_BYTES = 8 * 1024 * 1024
+#: a reply holds at most this many bytes (or one message, when that is larger). 16 MiB:
+#: 13 arrays of 1.2 MB, half as many Ray calls per array as 8 MiB; half the ring, so the
+#: worker can fill the other half while a reply waits to be released.
+BATCH_BYTES = 16 * 1024 * 1024
 #: a reply this small goes as bytes (Ray inlines objects below 100 KiB in its answer).
 SMALL_REPLY = 64 * 1024
 #: a reply smaller than this waits up to FILL_WAIT for more messages...
@@ -465,7 +467,7 @@ class WorkerHost:
         return pos, nbytes, raw[_MSG.size :], blob
 
     def take(self, wait: float, most: int) -> tuple[bytes, Any, flowplug.Death | None]:
-        """Reply with up to ``most`` messages (about :data:`BATCH_BYTES` at most) as
+        """Reply with up to ``most`` messages (:data:`BATCH_BYTES` at most) as
         ``(header, blob, death)`` in the layout of :func:`flowplug.serialize.unpack_batch`,
         after waiting up to ``wait`` s for the first; ``death`` is set once the worker ended.
 
@@ -506,8 +508,8 @@ class WorkerHost:
                 msg = self._next(deadline - now)
                 if msg is None:
                     continue
-            if msg[0] != end or msg[3] is not None:  # wrapped around, or inline
-                self._carry = msg
+            if msg[0] != end or msg[3] is not None or end + msg[1] - start > BATCH_BYTES:
+                self._carry = msg  # wrapped around, inline, or too much: the next reply's
                 break
             headers.append(msg[2][8:])
             count += _COUNT.unpack_from(msg[2])[0]

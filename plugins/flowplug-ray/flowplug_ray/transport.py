@@ -6,13 +6,14 @@ Each worker is a :class:`~flowplug_ray._host.WorkerHost` actor placed by Ray (``
 :mod:`flowplug_ray._host`). The consumer keeps :data:`IN_FLIGHT` calls of
 :meth:`~flowplug_ray._host.WorkerHost.take` in flight per actor and submits the next one as
 soon as a reply arrives; each reply is one buffer holding several datapoints in the core's
-batch layout (one object in the store, owned by the consumer), unpacked with
-the layout of :func:`flowplug.serialize.unpack_batch` (plus one pickled list per batch of
-small plain datapoints): numpy arrays arrive as read-only views of the object store.
+batch layout (one object in the store, owned by the consumer), unpacked by
+:func:`flowplug.serialize.unpack_batch` (a batch of small plain datapoints is one entry, a
+pickled list): numpy arrays arrive as read-only views of the object store.
 
 What is in flight per worker is bounded: its ring holds at most ``ceil(capacity /
 num_workers)`` messages (a message is one datapoint, or a batch of small ones, like zmq's
-high-water mark) and 32 MiB, and each reply at most half as many messages and about 8 MiB.
+high-water mark) and 32 MiB, and each reply at most half as many messages and 16 MiB (or
+one message, when that is larger).
 
 The Runner still owns the semantics: this module only reports what Ray tells (an actor that
 died, a worker process that ended) as a :class:`flowplug.Death` in the worker group, and the
@@ -26,14 +27,13 @@ from __future__ import annotations
 import collections
 import math
 import os
-import pickle
 import re
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import flowplug
-from flowplug.serialize import ALIGN
+from flowplug.serialize import unpack_batch
 
 #: how long one take() call waits on the actor before returning empty-handed (s).
 _TAKE_WAIT = 1.0
@@ -41,40 +41,6 @@ _TAKE_WAIT = 1.0
 IN_FLIGHT = 2
 #: how long close() waits for killed actors to be reported dead (s).
 _KILL_WAIT = 5.0
-
-
-def _unpack(header: bytes, blob: Any, out: collections.deque) -> None:
-    """Append the datapoints of a reply to ``out``.
-
-    A reply is the layout of :func:`flowplug.serialize.unpack_batch` (``header`` a uint64
-    array ``[entries, (frames, length, ...) per entry]``, each frame at a multiple of
-    ``ALIGN`` in ``blob``) with one more kind of entry, ``(0, items, length)``: one frame
-    holding a pickled list of ``items`` small datapoints (``_host._plain``).
-    """
-    lengths = memoryview(header).cast("Q").tolist()
-    view = memoryview(blob).cast("B")
-    loads = pickle.loads
-    pos = 1
-    offset = 0
-    for _ in range(lengths[0]):
-        n = lengths[pos]
-        if n == 0:  # a list of small datapoints
-            length = lengths[pos + 2]
-            out.extend(loads(view[offset : offset + length]))
-            offset += length + (-length % ALIGN)
-            pos += 3
-        elif n == 1:  # one datapoint, one frame
-            length = lengths[pos + 1]
-            out.append(loads(view[offset : offset + length]))
-            offset += length + (-length % ALIGN)
-            pos += 2
-        else:  # one datapoint with out-of-band buffers: arrays are views of ``blob``
-            frames = []
-            for length in lengths[pos + 1 : pos + 1 + n]:
-                frames.append(view[offset : offset + length])
-                offset += length + (-length % ALIGN)
-            pos += n + 1
-            out.append(loads(frames[0], buffers=frames[1:]))
 
 
 def _said(exc: BaseException) -> str:
@@ -392,7 +358,7 @@ class RayTransport(flowplug.OwnWorkersTransport):
                 continue
             for header, blob, death in replies:
                 if blob is not None:
-                    _unpack(header, blob, self._ready)
+                    self._ready.extend(unpack_batch(header, blob))
                 if death is not None:
                     slot.pending.clear()
                     group.died(slot, death)

@@ -183,6 +183,33 @@ def test_arrays_arrive_read_only_from_the_object_store_and_outlive_close(no_leak
     assert all((a == a[0]).all() for a in kept)
 
 
+def _reply_of(arr: np.ndarray) -> np.ndarray:
+    """The reply buffer (in the object store) that a received array is a view of."""
+    base = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    assert isinstance(base, memoryview), type(base)
+    return base.obj
+
+
+def test_a_reply_holds_at_most_batch_bytes(no_leaks):
+    """A reply grows up to BATCH_BYTES (16 MiB) and no further: with the ring full of
+    5 MiB arrays, a reply takes three of them, never four; the rest come in order."""
+    from flowplug_ray._host import BATCH_BYTES
+
+    n, size = 12, 5 * 1024 * 1024 // 8
+    kept = []
+    with fp.Runner(Arrays(n, size), transport="ray", num_workers=1, capacity=16) as runner:
+        for arr in runner:
+            if not kept:
+                time.sleep(1.5)  # the worker fills the ring (6 arrays) meanwhile
+            kept.append(arr)
+    assert [int(a[0]) for a in kept] == list(range(n))
+    sizes = {id(r): r.nbytes for r in map(_reply_of, kept)}.values()
+    assert max(sizes) <= BATCH_BYTES
+    assert max(sizes) > 2 * size * 8  # replies of several arrays were made
+
+
 @pytest.mark.parametrize("mode", ["replicate", "shard"])
 def test_small_datapoints_of_every_kind_arrive_in_order_and_intact(no_leaks, mode):
     """Plain small datapoints travel as pickled lists, others as frames, large ones alone;
