@@ -67,7 +67,7 @@ INLINE_MAX = 64 * 1024
 #: small datapoints per batch block, at most (and at most half of the worker's ring).
 BATCH_ITEMS = 64
 #: bytes of a batch block (at most 1/16 of the store).
-BATCH_BYTES = 512 * 1024
+BATCH_BYTES = 2 * 1024 * 1024
 #: larger datapoints (buffers included) go alone (at most 1/4 of a batch block).
 BATCH_ITEM_MAX = 128 * 1024
 #: seconds the consumer waits before it asks the workers for their open batches (a
@@ -633,14 +633,18 @@ class ShmTransport(flowplug.TaskTransport):
                 continue
             nf = words[p]
             start, n = words[p + 1], words[p + 2]
-            buffers = [
-                view[b : b + m]
-                for b, m in zip(
-                    words[p + 3 : p + 1 + 2 * nf : 2],
-                    words[p + 4 : p + 2 + 2 * nf : 2],
-                    strict=True,
-                )
-            ]
+            if nf == 2:  # one buffer (an array): no list to build
+                b = words[p + 3]
+                buffers: Any = (view[b : b + words[p + 4]],)
+            else:
+                buffers = [
+                    view[b : b + m]
+                    for b, m in zip(
+                        words[p + 3 : p + 1 + 2 * nf : 2],
+                        words[p + 4 : p + 2 + 2 * nf : 2],
+                        strict=True,
+                    )
+                ]
             out.append(loads(mv[start : start + n], buffers=buffers))
             p += 1 + 2 * nf
         out.reverse()
