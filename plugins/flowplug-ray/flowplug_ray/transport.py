@@ -1,14 +1,15 @@
 """Workers as Ray actors, datapoints through Ray's object store.
 
-Each worker is a :class:`~flowplug_ray._host.WorkerHost` actor placed by Ray (``num_cpus``,
-``resources``, ``runtime_env``), which forks the worker process with the core's
+Each worker is a :class:`WorkerHost` actor placed by Ray (``num_cpus``, ``resources``,
+``runtime_env``), which forks the worker process with the core's
 :class:`flowplug.ProcessWorkers` and hands its datapoints on through a shared ring (see
 :mod:`flowplug_ray._host`). The consumer keeps :data:`IN_FLIGHT` calls of
-:meth:`~flowplug_ray._host.WorkerHost.take` in flight per actor and submits the next one as
-soon as a reply arrives; each reply is one buffer holding several datapoints in the core's
-batch layout (one object in the store, owned by the consumer), unpacked by
-:func:`flowplug.serialize.unpack_batch` (a batch of small plain datapoints is one entry, a
-pickled list): numpy arrays arrive as read-only views of the object store.
+:meth:`~flowplug_ray._host.Host.take` in flight per actor (the first ones submitted with the
+actor itself) and submits the next one as soon as a reply arrives; each reply is one buffer
+holding several datapoints in the core's batch layout (one object in the store, owned by the
+consumer), unpacked by :func:`flowplug.serialize.unpack_batch` (a batch of small plain
+datapoints is one entry, a pickled list): numpy arrays arrive as read-only views of the
+object store.
 
 What is in flight per worker is bounded: its ring holds at most ``ceil(capacity /
 num_workers)`` messages (a message is one datapoint, or a batch of small ones, like zmq's
@@ -67,6 +68,34 @@ class RayEndpoint(flowplug.Endpoint):
             "transport 'ray' connects each worker inside its Ray actor; its endpoint is not "
             "for the Runner's own processes or threads"
         )
+
+
+class WorkerHost:
+    """The Ray actor of one worker: makes a :class:`flowplug_ray._host.Host` in the actor
+    process and passes each call on to it.
+
+    A shell, for start-up: the consumer imports only this module, never ``_host`` (the ring,
+    the sender, numpy), and Ray, which hashes the disassembled code of an actor class the
+    first time it exports it from the consumer, has five short methods to read instead of
+    the whole host (~7 ms).
+    """
+
+    def __init__(self, df: Any, info: Any, buffer: int, credits: int | None = None):
+        from ._host import Host  # in the actor process
+
+        self._host = Host(df, info, buffer, credits)
+
+    def where(self) -> tuple[int, int, str]:
+        return self._host.where()
+
+    def take(self, wait: float, most: int) -> tuple[bytes, Any, flowplug.Death | None]:
+        return self._host.take(wait, most)
+
+    def control(self, epoch: int, credits: int) -> None:
+        self._host.control(epoch, credits)
+
+    def stop(self) -> None:
+        self._host.stop()
 
 
 class _Slot:
@@ -166,6 +195,11 @@ class RayWorkers(flowplug.WorkerGroup):
             sink.actor = slot.actor
         self._dfs = []
         refs = [s.actor.where.remote() for s in self.slots]
+        # The first take() calls go with where(): an actor runs them in order, right after
+        # it started, so the first datapoints are on their way while where() replies.
+        for slot in self.slots:
+            for _ in range(IN_FLIGHT):
+                slot.pending.append(slot.actor.take.remote(_TAKE_WAIT, t.per_reply))
         timeout = values["start_timeout"]
         try:
             placed = ray.get(refs, timeout=timeout)
@@ -286,8 +320,6 @@ class RayTransport(flowplug.OwnWorkersTransport):
         """
         host = cls._host_classes.get(control)
         if host is None:
-            from ._host import WorkerHost
-
             if control:
                 # control() has a thread of its own: credits must not queue behind a
                 # take() that waits for data. take() stays alone in the default group,
