@@ -42,6 +42,13 @@ _TAKE_WAIT = 1.0
 IN_FLIGHT = 2
 #: how long close() waits for killed actors to be reported dead (s).
 _KILL_WAIT = 5.0
+#: the consumer takes an actor's datapoints this many at a time, the actors in turn (a
+#: reply may hold thousands): one worker's error report never waits behind more than this
+#: many of each other worker's datapoints once its reply is in.
+CHUNK = 64
+#: while some actors' datapoints are queued here, look for the replies of the others at
+#: most this often (s), without waiting (a look costs ~70 us: ray.wait).
+POLL = 0.005
 
 
 def _said(exc: BaseException) -> str:
@@ -101,7 +108,7 @@ class WorkerHost:
 class _Slot:
     """The consumer's view of one worker actor."""
 
-    __slots__ = ("actor", "actor_pid", "dead", "id", "node", "pending", "pid")
+    __slots__ = ("actor", "actor_pid", "at", "dead", "id", "node", "pending", "pid", "replies")
 
     def __init__(self, worker_id: int, actor: Any):
         self.id = worker_id
@@ -110,6 +117,10 @@ class _Slot:
         self.pid: int | None = None
         self.node = "?"
         self.pending: collections.deque = collections.deque()  # take() calls, oldest first
+        #: replies received, unpacked, not yet handed out (lists of datapoints), oldest
+        #: first; ``at``: how many of the first are handed out.
+        self.replies: collections.deque = collections.deque()
+        self.at = 0
         self.dead = False
 
 
@@ -230,26 +241,29 @@ class RayWorkers(flowplug.WorkerGroup):
 
     def stop(self, timeout: float = 2.0) -> None:
         """Kill every actor (its worker process gets the death signal) and wait until Ray
-        reports them dead, so their processes and objects are gone when close() returns."""
+        reports them dead, so their processes and objects are gone when close() returns.
+        What the consumer received before stays to be handed out (the Runner drains it
+        after a death); replies still in flight are lost with their actors."""
         ray = _ray()
-        if not self.slots or not ray.is_initialized():
-            self.slots = []  # ray.shutdown() (at exit, before our finalizer) killed them
-            return
-        calls: list[Any] = []
-        for slot in self.slots:
-            calls.extend(slot.pending)
-            try:
-                ray.kill(slot.actor, no_restart=True)
-            except Exception:
-                pass  # already gone, or Ray itself was shut down: nothing left to stop
-        # A call in flight fails once Ray has the actor dead; new calls would only make Ray
-        # dial the dead actors.
-        if calls:
-            ray.wait(calls, num_returns=len(calls), timeout=_KILL_WAIT)
+        live = [slot for slot in self.slots if slot.actor is not None]
+        # Without Ray, ray.shutdown() (at exit, before our finalizer) killed them already.
+        if live and ray.is_initialized():
+            calls: list[Any] = []
+            for slot in live:
+                calls.extend(slot.pending)
+                try:
+                    ray.kill(slot.actor, no_restart=True)
+                except Exception:
+                    pass  # already gone, or Ray itself was shut down: nothing left to stop
+            # A call in flight fails once Ray has the actor dead; new calls would only make
+            # Ray dial the dead actors.
+            if calls:
+                ray.wait(calls, num_returns=len(calls), timeout=_KILL_WAIT)
         for slot in self.slots:
             slot.dead = True
             slot.pending.clear()
-        self.slots = []
+            slot.actor = None
+        self.slots = [slot for slot in self.slots if slot.replies]
         for sink in self.sinks:
             sink.actor = None
         self.sinks = []
@@ -307,7 +321,10 @@ class RayTransport(flowplug.OwnWorkersTransport):
                 ) from exc
         self.per_worker = max(1, math.ceil(self.capacity / self.num_workers))
         self.per_reply = max(1, math.ceil(self.per_worker / IN_FLIGHT))
+        #: the datapoints being handed out: a chunk of one actor's (see _refill).
         self._ready: collections.deque = collections.deque()
+        self._turn = 0  # the actor whose chunk comes next, if it has one
+        self._poll_at = 0.0
         self._group: RayWorkers | None = None
         self._pid = os.getpid()
         return RayEndpoint()
@@ -342,37 +359,89 @@ class RayTransport(flowplug.OwnWorkersTransport):
         if ready:
             return ready.popleft()
         if self._group is not None:
-            self._fetch(timeout)
-        if ready:
-            return ready.popleft()
+            self._refill(timeout)
+            if ready:
+                return ready.popleft()
         return flowplug.EMPTY
 
+    def _refill(self, timeout: float) -> None:
+        """Hand out the next :data:`CHUNK` datapoints of the next actor in turn that has
+        some; look for replies first: without waiting (at most every :data:`POLL` s) when
+        datapoints are queued, else up to ``timeout``.
+
+        Each actor's replies queue on their own, so a worker's error report (or its
+        datapoints) is handed out after at most one chunk of each other actor's, however
+        many of theirs came in before it; and an actor's replies are fetched only when its
+        queue is empty, so what waits here stays bounded by the calls in flight.
+        """
+        assert self._group is not None
+        slots = self._group.slots
+        queued = starved = False
+        for slot in slots:
+            if slot.replies:
+                queued = True
+            elif not slot.dead:
+                starved = True
+        if not queued:
+            self._fetch(timeout)
+        elif starved:
+            now = time.monotonic()
+            if now >= self._poll_at:
+                self._poll_at = now + POLL
+                self._fetch(0.0)
+        n = len(slots)
+        for k in range(n):
+            slot = slots[(self._turn + k) % n]
+            if slot.replies:
+                reply = slot.replies[0]
+                at = slot.at
+                if at == 0 and len(reply) <= CHUNK:
+                    self._ready.extend(reply)
+                    slot.replies.popleft()
+                else:
+                    self._ready.extend(reply[at : at + CHUNK])
+                    if at + CHUNK >= len(reply):
+                        slot.replies.popleft()
+                        slot.at = 0
+                    else:
+                        slot.at = at + CHUNK
+                self._turn = (self._turn + k + 1) % n
+                return
+
     def _fetch(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for replies of the actors; queue the datapoints they
-        carry, keep IN_FLIGHT calls going per actor and record deaths in the group."""
+        """Take the replies of the actors whose queue is empty, waiting up to ``timeout``
+        for the first; queue the datapoints they carry, keep IN_FLIGHT calls going per
+        actor and record deaths in the group."""
         ray = _ray()
         group = self._group
         assert group is not None
-        # Shard mode: give back the credits held before waiting, or a worker idles for them.
-        group.flush_control()
+        if timeout:
+            # Shard mode: give back the credits held before waiting, or a worker idles.
+            group.flush_control()
         by_ref = {}
         for slot in group.slots:
-            if slot.dead:
+            if slot.dead or slot.replies:
                 continue
             while len(slot.pending) < IN_FLIGHT:
                 slot.pending.append(slot.actor.take.remote(_TAKE_WAIT, self.per_reply))
             for ref in slot.pending:
                 by_ref[ref] = slot
         if not by_ref:
-            time.sleep(timeout)
+            if timeout:
+                time.sleep(timeout)  # every actor is gone and nothing is left
             return
         refs = list(by_ref)
-        ready, rest = ray.wait(refs, num_returns=1, timeout=timeout)
-        if not ready:
-            return
-        if rest:  # whatever else is in already, so every worker gets its turn
-            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
-            ready += more
+        if timeout:
+            ready, rest = ray.wait(refs, num_returns=1, timeout=timeout)
+            if not ready:
+                return
+            if rest:  # whatever else is in already, so every worker gets its turn
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                ready += more
+        else:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            if not ready:
+                return
         done = set(ready)
         for slot in group.slots:
             # An actor's replies in call order; each one taken is replaced at once.
@@ -390,7 +459,7 @@ class RayTransport(flowplug.OwnWorkersTransport):
                 continue
             for header, blob, death in replies:
                 if blob is not None:
-                    self._ready.extend(unpack_batch(header, blob))
+                    slot.replies.append(unpack_batch(header, blob))
                 if death is not None:
                     slot.pending.clear()
                     group.died(slot, death)
@@ -413,6 +482,7 @@ class RayTransport(flowplug.OwnWorkersTransport):
         group = getattr(self, "_group", None)
         if group is not None and os.getpid() == self._pid:
             group.stop()
+            group.slots = []  # and the replies they still held
         self._group = None
         ready = getattr(self, "_ready", None)
         if ready is not None:
