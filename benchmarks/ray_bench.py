@@ -27,6 +27,7 @@ in the machine's load hits every row alike. The median items/s and the median st
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -81,7 +82,7 @@ def run_flowplug(payload: str, workers: int) -> Iterator[Any]:
 
 def _make_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = np.empty((len(batch["id"]), N), np.float32)
-    out[:] = _ARR
+    out[:] = _arr()
     return {"x": out}
 
 
@@ -95,7 +96,11 @@ def _make_dicts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-_ARR = np.random.default_rng(0).standard_normal(N).astype(np.float32)
+@functools.cache
+def _arr() -> np.ndarray:
+    # Made on first use, not on import: every actor of every variant imports this module
+    # (to unpickle its class or dataflow), and start-up is measured.
+    return np.random.default_rng(0).standard_normal(N).astype(np.float32)
 
 
 class MakeBatches:

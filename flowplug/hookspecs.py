@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .stats import RunnerStats
-    from .transport import Transport
 
 hookspec = pluggy.HookspecMarker("flowplug")
 hookimpl = pluggy.HookimplMarker("flowplug")
@@ -30,24 +29,27 @@ hookimpl = pluggy.HookimplMarker("flowplug")
 
 
 @hookspec
-def flowplug_register_transports(register: Callable[[type[Transport]], None]) -> None:
+def flowplug_register_transports(register: Callable[..., None]) -> None:
     """Register the transports this plugin provides.
 
     Called once per process, the first time flowplug needs the list of transports
     (``fp.available_transports()``, ``fp.get_transport()``, or a ``Runner`` start).
     Never called on the per-datapoint path.
 
-    :param register: call ``register(TransportClass)`` once per transport. The class
-        must subclass :class:`flowplug.Transport` and have a lower-case ``name``
-        attribute not used by another plugin; ``register`` raises
-        :class:`flowplug.PluginError` otherwise.
+    :param register: call it once per transport: ``register("pkg.transport:Cls",
+        name="x")`` names the class by its import path, which flowplug imports the first
+        time transport ``x`` is selected or all are listed (so a runner imports only the
+        transport it uses); ``register(Cls)`` passes the class itself. The class must
+        subclass :class:`flowplug.Transport` and have a lower-case ``name`` attribute
+        (equal to ``name=``) not used by another plugin; ``register`` raises
+        :class:`flowplug.PluginError` otherwise (for a path: when the class is imported).
     :returns: nothing; every plugin's implementation is called.
 
     Example::
 
         @flowplug.hookimpl
         def flowplug_register_transports(register):
-            register(ZmqTransport)
+            register("flowplug_zmq.transport:ZmqTransport", name="zmq")
     """
 
 

@@ -2,7 +2,12 @@
 
 Every transport, built-in or third party, comes from a plugin module named by an entry
 point in the group ``flowplug``. Plugins load once per process, lazily, the first time the
-registry is needed.
+registry is needed: each plugin module is imported and its registration hook called then.
+A hook may name a transport class by its import path (``register("pkg.transport:Cls",
+name="x")``) instead of passing the class: the registry knows the name at once (for
+"did you mean", conflicts, the listing) and imports the class the first time transport
+``x`` is selected or the full list is asked for, so that starting a runner imports only
+the transport it uses.
 
 Environment switches (as pytest's ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``):
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -67,19 +73,45 @@ class BrokenPlugin:
 
 
 class TransportRegistry:
-    """The loaded plugins and the transports they registered."""
+    """The loaded plugins and the transports they registered.
+
+    :attr:`transports` and :attr:`broken` are the complete tables: reading them imports
+    every transport declared by import path that was not imported yet. :meth:`get` imports
+    only the one it returns.
+    """
 
     def __init__(self, pm: pluggy.PluginManager):
         self.pm = pm
-        self.transports: dict[str, type[Transport]] = {}
-        #: transport name -> the plugin that registered it.
+        self._transports: dict[str, type[Transport]] = {}
+        #: transport name -> "module:Class", declared by a plugin, not imported yet.
+        self._declared: dict[str, str] = {}
+        #: transport name -> the plugin that registered (or declared) it.
         self.origin: dict[str, PluginInfo] = {}
         self.plugins: dict[str, PluginInfo] = {}
-        self.broken: dict[str, BrokenPlugin] = {}
+        self._broken: dict[str, BrokenPlugin] = {}
+        #: transport name -> the failure of its declared class (import or checks).
+        self._failed: dict[str, BrokenPlugin] = {}
         #: names registered by two plugins; selecting one raises this error.
         self.conflicts: dict[str, PluginError] = {}
         #: false when FLOWPLUG_DISABLE_PLUGIN_AUTOLOAD limited loading to named plugins.
         self.autoload = True
+
+    @property
+    def transports(self) -> dict[str, type[Transport]]:
+        """Every working transport class, by name (imports those not imported yet)."""
+        self._import_declared()
+        return self._transports
+
+    @property
+    def broken(self) -> dict[str, BrokenPlugin]:
+        """Every broken plugin, by entry-point name (imports the declared transports first:
+        a class that fails to import makes its plugin broken)."""
+        self._import_declared()
+        return self._broken
+
+    def names(self) -> list[str]:
+        """The registered transport names, sorted, without importing any."""
+        return sorted(self._transports.keys() | self._declared.keys())
 
     def load_entry_points(self) -> None:
         """Import every allowed entry point of the group; record failures, never raise."""
@@ -97,7 +129,7 @@ class TransportRegistry:
         :param where: the config file or variable that named them, for the error.
         :raises flowplug.ConfigError: a name is not an installed entry point.
         """
-        known = self.plugins.keys() | self.broken.keys() | self.conflicts.keys()
+        known = self.plugins.keys() | self._broken.keys() | self.conflicts.keys()
         missing = [name for name in names if name not in known]
         if not missing:
             return  # the common case, on every Runner(): nothing to scan
@@ -123,8 +155,8 @@ class TransportRegistry:
         if ep.name in _env_list("FLOWPLUG_BLOCK_PLUGINS"):
             return False
         info = _info(ep)
-        if ep.name in self.plugins or ep.name in self.broken:
-            first = self.plugins.get(ep.name) or self.broken[ep.name].info
+        if ep.name in self.plugins or ep.name in self._broken:
+            first = self.plugins.get(ep.name) or self._broken[ep.name].info
             if first.distribution != info.distribution:
                 self.conflicts[ep.name] = PluginError(
                     f"entry point {ep.name!r} of the group {GROUP!r} is declared by two "
@@ -139,7 +171,7 @@ class TransportRegistry:
         except (Exception, SystemExit) as exc:
             if self.pm.get_plugin(ep.name) is not None:
                 self.pm.unregister(name=ep.name)
-            self.broken[ep.name] = BrokenPlugin(info, exc)
+            self._broken[ep.name] = BrokenPlugin(info, exc)
             return False
         self.plugins[ep.name] = info
         return True
@@ -159,10 +191,56 @@ class TransportRegistry:
             try:
                 impl.function(register=functools.partial(self.register, origin=info))
             except (Exception, SystemExit) as exc:
-                self.broken[info.name] = BrokenPlugin(info, exc)
+                self._broken[info.name] = BrokenPlugin(info, exc)
 
-    def register(self, transport: type[Transport], *, origin: PluginInfo) -> None:
-        """Add one transport class, checking it where it is registered."""
+    def register(
+        self, transport: type[Transport] | str, *, origin: PluginInfo, name: str | None = None
+    ) -> None:
+        """Add one transport, checking it where it is registered.
+
+        :param transport: the class, or its import path ``"module:Class"``, imported when
+            the transport is first selected; then ``name`` is required.
+        :param name: the transport's name (a class's ``name`` attribute, checked when the
+            class is imported).
+        """
+        who = f"plugin {origin.name!r} ({origin.distribution})"
+        if isinstance(transport, str):
+            if name is None or ":" not in transport:
+                raise PluginError(
+                    f"{who} registered {transport!r}: a transport given by its import path "
+                    "is written 'module:Class' and needs its name, as in "
+                    "register('my_plugin.transport:MyTransport', name='mine')"
+                )
+        else:
+            self._check_class(transport, origin)
+            if name is not None and name != transport.name:
+                raise PluginError(
+                    f"{who} registered {transport.__qualname__} as {name!r}, but its name "
+                    f"is {transport.name!r}; drop name= or make them agree"
+                )
+            name = transport.name
+        if not _NAME.match(name):
+            raise PluginError(
+                f"{who} registered {transport!r} with name {name!r}; a transport name is "
+                "lower-case letters, digits and '_', starting with a letter"
+            )
+        if name in self._transports or name in self._declared:
+            first = self.origin[name]
+            self.conflicts[name] = PluginError(
+                f"transport name {name!r} is registered twice: by plugin {first.name!r} "
+                f"({first.distribution} {first.version}) and by plugin {origin.name!r} "
+                f"({origin.distribution} {origin.version}); uninstall one, or block one "
+                "with FLOWPLUG_BLOCK_PLUGINS"
+            )
+            raise self.conflicts[name]
+        if isinstance(transport, str):
+            self._declared[name] = transport
+        else:
+            self._transports[name] = transport
+        self.origin[name] = origin
+
+    def _check_class(self, transport: Any, origin: PluginInfo) -> None:
+        """Refuse a class that is not a complete, well-named Transport."""
         if not (isinstance(transport, type) and issubclass(transport, Transport)):
             raise PluginError(
                 f"plugin {origin.name!r} ({origin.distribution}) registered {transport!r}, "
@@ -192,15 +270,6 @@ class TransportRegistry:
                 f"{who}, which does not implement {', '.join(m + '()' for m in missing)}; "
                 "implement it, or drop the base class that asks for it"
             )
-        if name in self.transports:
-            first = self.origin[name]
-            self.conflicts[name] = PluginError(
-                f"transport name {name!r} is registered twice: by plugin {first.name!r} "
-                f"({first.distribution} {first.version}) and by plugin {origin.name!r} "
-                f"({origin.distribution} {origin.version}); uninstall one, or block one "
-                "with FLOWPLUG_BLOCK_PLUGINS"
-            )
-            raise self.conflicts[name]
         limit = transport.size_limit_option
         if limit is not None and not any(o.name == limit and o.size for o in transport.options):
             raise PluginError(
@@ -208,8 +277,41 @@ class TransportRegistry:
                 f"{transport.__qualname__} with size_limit_option={limit!r}, which is not "
                 "one of its options declared with size=True"
             )
-        self.transports[name] = transport
-        self.origin[name] = origin
+
+    def _import(self, name: str) -> type[Transport]:
+        """Import the class declared for ``name`` and check it as :meth:`register` would.
+
+        :raises flowplug.PluginError: it fails to import or to pass the checks; its plugin
+            is then reported as broken.
+        """
+        path = self._declared.pop(name)
+        origin = self.origin[name]
+        try:
+            module, _, attr = path.partition(":")
+            obj: Any = importlib.import_module(module)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+            self._check_class(obj, origin)
+            if obj.name != name:
+                raise PluginError(
+                    f"plugin {origin.name!r} ({origin.distribution}) declared transport "
+                    f"{name!r} as {path}, whose name is {obj.name!r}; make them agree"
+                )
+        except (Exception, SystemExit) as exc:
+            del self.origin[name]
+            broken = BrokenPlugin(origin, exc)
+            self._broken.setdefault(origin.name, broken)
+            self._failed[name] = broken
+            raise PluginError(broken.describe()) from exc
+        self._transports[name] = obj
+        return obj
+
+    def _import_declared(self) -> None:
+        for name in list(self._declared):
+            try:
+                self._import(name)
+            except PluginError:
+                pass  # recorded as broken, and raised again when the name is selected
 
     def check_settings(self, settings: Settings, problems: list[str] | None = None) -> Settings:
         """Load the plugins ``settings`` names, check its transport tables against the
@@ -233,12 +335,12 @@ class TransportRegistry:
             self.ensure(settings.plugins, settings.source("plugins"))
         tables: dict[str, dict[str, Any]] = {}
         for name, options in settings.transports.items():
-            if name in self.broken or name in self.conflicts:
+            if name in self._broken or name in self._failed or name in self.conflicts:
                 tables[name] = dict(options)  # selecting it raises the plugin's own error
                 continue
-            if name not in self.transports:
+            if name not in self._transports and name not in self._declared:
                 where = settings.source(f"transports.{name}")
-                available = sorted(self.transports)
+                available = self.names()
                 close = difflib.get_close_matches(name, available, n=1)
                 problems.append(
                     f"{where}: table [transports.{name}] names no installed transport; "
@@ -246,7 +348,11 @@ class TransportRegistry:
                     + (f". Did you mean {close[0]!r}?" if close else "")
                 )
                 continue
-            cls = self.transports[name]
+            try:
+                cls = self.get(name)
+            except PluginError:
+                tables[name] = dict(options)  # selecting it raises the plugin's own error
+                continue
             tables[name] = {}
             for key, value in options.items():
                 source = settings.source(f"transports.{name}.{key}")
@@ -285,16 +391,23 @@ class TransportRegistry:
         return replace(settings, transports=tables)
 
     def get(self, name: str) -> type[Transport]:
+        """The class of transport ``name``, imported now if it was declared by its path.
+
+        :raises flowplug.PluginError: two plugins register ``name``, or its plugin is broken.
+        :raises flowplug.TransportNotFound: no plugin registers ``name``.
+        """
         if name in self.conflicts:
             raise self.conflicts[name]
         try:
-            return self.transports[name]
+            return self._transports[name]
         except KeyError:
             pass
-        if name in self.broken:
-            broken = self.broken[name]
+        if name in self._declared:
+            return self._import(name)
+        broken = self._failed.get(name) or self._broken.get(name)
+        if broken is not None:
             raise PluginError(broken.describe()) from broken.error
-        available = sorted(self.transports)
+        available = self.names()
         close = difflib.get_close_matches(name, available, n=1)
         raise TransportNotFound(name, available, close[0] if close else None)
 

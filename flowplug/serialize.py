@@ -46,10 +46,29 @@ class _Pickler(pickle.Pickler):
         return _rebuild_array, (pickle.PickleBuffer(raw), dt, obj.shape, order)
 
 
-def _rebuild_array(buf: Any, dtype: Any, shape: tuple[int, ...], order: str) -> Any:
-    import numpy as np  # only ever called to rebuild an array, so numpy is there
+#: ``(np.frombuffer, np.dtype(s))`` per dtype string ``s`` seen by :func:`_rebuild_array`:
+#: numpy parses the string anew on every call otherwise (about half of an array's rebuild,
+#: measured). Bounded: strings beyond :data:`_DTYPES_MAX` are not kept.
+_DTYPES: dict[str, tuple[Any, Any]] = {}
+_DTYPES_MAX = 256
 
-    array = np.frombuffer(buf, dtype=dtype)
+
+def _rebuild_array(buf: Any, dtype: Any, shape: tuple[int, ...], order: str) -> Any:
+    # Per array received, on every transport's consumer: kept to two C calls for the
+    # common case (a plain dtype, one dimension).
+    # (a np.dtype, structured or with metadata, is never looked up: it may equal a
+    # string and carry more than the string says)
+    cached = _DTYPES.get(dtype) if type(dtype) is str else None
+    if cached is None:
+        import numpy as np  # only ever called to rebuild an array, so numpy is there
+
+        cached = (np.frombuffer, np.dtype(dtype))
+        if type(dtype) is str and len(_DTYPES) < _DTYPES_MAX:
+            _DTYPES[dtype] = cached
+    frombuffer, dt = cached
+    array = frombuffer(buf, dt)
+    if len(shape) == 1:  # the buffer holds exactly the array: frombuffer's shape is it
+        return array
     return array.reshape(shape, order=order)  # type: ignore[call-overload]
 
 

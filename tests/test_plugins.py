@@ -219,3 +219,128 @@ def test_config_naming_an_uninstalled_plugin_is_an_error(
     msg = str(info.value)
     assert str(tmp_path / "flowplug.toml") in msg and "'pipes'" in msg
     assert "Did you mean 'pipe'?" in msg
+
+
+# ---------------------------------------------------------------------------- by import path
+
+
+def test_a_runner_imports_only_the_transport_it_uses(run_python, tmp_path):
+    result = run_python(
+        """
+        import sys
+        import flowplug as fp
+
+        def loaded():
+            return sorted(m for m in sys.modules if m.endswith(".transport") and "_" in m)
+
+        with fp.Runner(fp.DataFromList([1, 2]), transport="thread") as runner:
+            print(list(runner), loaded(), "zmq" in sys.modules)
+        print(sorted(fp.available_transports()))
+        print(loaded())
+        """,
+        None,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    ran, listed, after = result.stdout.splitlines()
+    assert ran == "[1, 2] ['flowplug_thread.transport'] False"
+    assert set(eval(listed)) >= BUILTINS
+    assert set(eval(after)) >= {f"flowplug_{name}.transport" for name in BUILTINS}
+
+
+def _registry(hook, distribution="flowplug-lazy"):
+    """A registry of its own with one plugin ``lazy`` whose hook is ``hook``."""
+    import types
+
+    import pluggy
+
+    from flowplug import hookspecs
+
+    pm = pluggy.PluginManager(plugins.GROUP)
+    pm.add_hookspecs(hookspecs)
+    registry = plugins.TransportRegistry(pm)
+    module = types.ModuleType("lazy_plugin")
+    module.flowplug_register_transports = fp.hookimpl(hook)
+    registry.plugins["lazy"] = plugins.PluginInfo("lazy", distribution, "1.0")
+    pm.register(module, name="lazy")
+    registry.collect()
+    return registry
+
+
+def test_a_transport_registered_by_path_is_named_at_once_and_imported_when_selected():
+    def hook(register):
+        register("flowplug_thread.transport:ThreadTransport", name="thread")
+        register("flowplug_ghost.transport:GhostTransport", name="ghost")
+
+    registry = _registry(hook)
+    assert registry.names() == ["ghost", "thread"]
+    with pytest.raises(fp.TransportNotFound, match="Did you mean 'ghost'"):
+        registry.get("ghots")
+    assert registry._failed == {}  # naming them imported nothing
+    from flowplug_thread.transport import ThreadTransport
+
+    assert registry.get("thread") is ThreadTransport
+    assert registry.origin["thread"].distribution == "flowplug-lazy"
+
+
+def test_a_transport_whose_path_fails_to_import_makes_its_plugin_broken():
+    def hook(register):
+        register("flowplug_ghost.transport:GhostTransport", name="ghost")
+        register("flowplug_thread.transport:ThreadTransport", name="thread")
+
+    registry = _registry(hook)
+    with pytest.raises(fp.PluginError) as info:
+        registry.get("ghost")
+    msg = str(info.value)
+    assert "'lazy' from distribution flowplug-lazy 1.0" in msg and "flowplug_ghost" in msg
+    assert "FLOWPLUG_BLOCK_PLUGINS=lazy" in msg
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+    with pytest.raises(fp.PluginError, match=r"flowplug-lazy 1\.0"):
+        registry.get("ghost")  # the same error each time it is selected
+    assert set(registry.transports) == {"thread"}  # the plugin's other transport works
+    assert set(registry.broken) == {"lazy"}
+
+
+def test_a_class_given_by_path_is_checked_when_it_is_imported():
+    def hook(register):
+        register("flowplug_thread.transport:ThreadTransport", name="threads")
+        register("flowplug.errors:ConfigError", name="config")
+
+    registry = _registry(hook)
+    with pytest.raises(fp.PluginError, match="whose name is 'thread'; make them agree"):
+        registry.get("threads")
+    with pytest.raises(fp.PluginError, match=r"not a subclass of flowplug\.Transport"):
+        registry.get("config")
+    assert registry.transports == {}
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        (("flowplug_thread.transport:ThreadTransport",), {}, "needs its name"),
+        (("flowplug_thread.transport.ThreadTransport",), {"name": "t"}, "'module:Class'"),
+        (("flowplug_thread.transport:ThreadTransport",), {"name": "Thread"}, "lower-case"),
+    ],
+)
+def test_register_by_path_refuses_a_bad_declaration_at_once(args, kwargs, message):
+    def hook(register):
+        register(*args, **kwargs)
+
+    registry = _registry(hook)
+    assert message in str(registry._broken["lazy"].error)
+    assert registry.names() == []
+
+
+def test_two_plugins_declaring_one_name_by_path_is_a_conflict():
+    def hook(register):
+        register("flowplug_thread.transport:ThreadTransport", name="thread")
+
+    registry = _registry(hook)
+    from flowplug_thread.transport import ThreadTransport
+
+    other = plugins.PluginInfo("other", "flowplug-other", "2.0")
+    with pytest.raises(fp.PluginError, match="registered twice"):
+        registry.register(ThreadTransport, origin=other)
+    with pytest.raises(fp.PluginError) as info:
+        registry.get("thread")
+    assert "flowplug-lazy 1.0" in str(info.value) and "flowplug-other 2.0" in str(info.value)

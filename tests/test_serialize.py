@@ -72,3 +72,32 @@ def test_unpack_batch_reads_pickled_list_entries_in_place():
     assert got[0] == "first" and got[1:4] == plain and got[5] == (None, b"z")
     np.testing.assert_array_equal(got[4]["a"], arr)
     assert np.shares_memory(got[4]["a"], np.frombuffer(blob, np.uint8))  # a view, no copy
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(OUT_OF_BAND_MIN, dtype=np.float32),  # 1-D: no reshape
+        np.arange(OUT_OF_BAND_MIN, dtype=np.int16).reshape(8, -1),
+        np.asfortranarray(np.arange(OUT_OF_BAND_MIN, dtype=">i8").reshape(-1, 4)),
+        np.array(7.5),  # 0-d
+        np.arange(OUT_OF_BAND_MIN).astype("M8[ms]"),
+        np.array(["ab", "cde"] * OUT_OF_BAND_MIN, dtype="<U3"),
+        np.zeros(OUT_OF_BAND_MIN, dtype=[("x", "<f8"), ("y", "u1", (3,))]),
+        np.zeros(OUT_OF_BAND_MIN, dtype=np.dtype("<f4", metadata={"unit": "m"})),
+    ],
+    ids=["1d", "2d", "fortran-big-endian", "0d", "datetime", "unicode", "structured", "metadata"],
+)
+def test_arrays_come_back_with_their_dtype_shape_and_layout(arr):
+    """The rebuild keeps each dtype string's np.dtype (parsed once): every dtype, shape
+    and layout still comes back exactly, twice in a row, and as a view of its frame."""
+    for _ in range(2):  # the second time, the dtype comes from the cache
+        frames = dumps(arr, out_of_band_min=0)
+        buf = bytearray(frames[1])
+        out = loads([frames[0], buf])
+        assert out.dtype == arr.dtype and out.dtype.metadata == arr.dtype.metadata
+        assert out.shape == arr.shape
+        assert out.flags.f_contiguous == arr.flags.f_contiguous
+        assert out.flags.c_contiguous == arr.flags.c_contiguous
+        np.testing.assert_array_equal(out, arr)
+        assert np.shares_memory(out, np.frombuffer(buf, np.uint8))

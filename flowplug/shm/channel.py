@@ -58,12 +58,12 @@ _SEM = 64  # room for one sem_t (32 bytes on glibc x86-64 and aarch64), cache-li
 OBJECT, INLINE, COPY, BATCH = 1, 2, 3, 4
 
 _HEAD = struct.Struct("<qqq")
-_B = struct.Struct("<q")
-# A producer whose ring is full sleeps in steps from _MIN_STEP to _MAX_STEP seconds, and
-# checks every _CHECK_EVERY seconds that the consumer is alive.
-_MIN_STEP, _MAX_STEP, _CHECK_EVERY = 50e-6, 0.002, 0.5
-# A consumer that finds no entry polls for this long before it sleeps on the semaphore.
-_SPIN_FOR = 0.0
+_RUN = struct.Struct("<qq")  # a run's first slot, words b and 3: its slots and bytes
+_WORD = struct.Struct("<q")
+# A producer whose ring is full checks every _CHECK_EVERY seconds that the consumer is alive.
+_CHECK_EVERY = 0.5
+# A consumer that finds no entry tries this many times more before it sleeps on the semaphore.
+_SPINS = 0
 
 
 class _Timespec(ctypes.Structure):
@@ -115,7 +115,18 @@ def layout(num_rings: int, slots: list[int]) -> int:
 
 
 class _Ring:
-    __slots__ = ("base", "flush", "free", "hello", "items", "pos", "run_at", "slots", "staged")
+    __slots__ = (
+        "base",
+        "flush",
+        "free",
+        "hello",
+        "items",
+        "pos",
+        "run_at",
+        "run_bytes",
+        "slots",
+        "staged",
+    )
 
     def __init__(self, sems: int, slots: int, base: int):
         # the semaphores' addresses, as pointers ready for _post / _trywait
@@ -124,6 +135,7 @@ class _Ring:
         )
         self.slots, self.base, self.pos = slots, base, 0
         self.staged = 0  # producer: INLINE slots written after pos, not yet published
+        self.run_bytes = 0  # producer: their pickles' bytes
         self.run_at = 0  # consumer: where the run that take() returned last starts
 
 
@@ -139,7 +151,7 @@ class Channels:
         self.mm = mm
         # An export of the mapping: closing the store cannot unmap it while this object
         # lives (a thread may be inside sem_timedwait on it); it goes with the last user.
-        self._pin = memoryview(mm)
+        self._pin = self._mv = memoryview(mm)
         self.address = address
         self._wake = ctypes.c_void_p(address + offset)
         self._closed = address + offset + _SEM  # one int64 word: the consumer closed
@@ -205,10 +217,6 @@ class Channels:
         returns non-zero at once (:meth:`try_credit` bound to ``ring``, for a hot loop)."""
         return functools.partial(_trywait, self.rings[ring].free)
 
-    def releaser(self, ring: int) -> Any:
-        """A callable that does :meth:`release` for ``ring`` (for a hot loop)."""
-        return functools.partial(_post, self.rings[ring].free)
-
     def credit(self, ring: int, alive: Any) -> None:
         """Take one credit of ``ring``, waiting while there is none (as :meth:`put` does).
 
@@ -229,6 +237,7 @@ class Channels:
         r.staged += 1
         mm = self.mm
         n = len(data)
+        r.run_bytes += n
         mm[at + _HEAD_BYTES : at + _HEAD_BYTES + n] = data
         _HEAD.pack_into(mm, at, INLINE, n, 0)
 
@@ -237,10 +246,11 @@ class Channels:
         r = self.rings[ring]
         k = r.staged
         if k:
-            # the run's length goes into its first slot's header (word b)
-            _B.pack_into(self.mm, r.base + (r.pos % r.slots) * SLOT + 16, k)
+            # the run's length and bytes go into its first slot's header (words b and 3)
+            _RUN.pack_into(self.mm, r.base + (r.pos % r.slots) * SLOT + 16, k, r.run_bytes)
             r.pos += k
             r.staged = 0
+            r.run_bytes = 0
             _post(r.items)  # release: the slots are visible first
             _post(self._wake)
         return k
@@ -311,29 +321,27 @@ class Channels:
                 return
             rings.discard(ring)
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float, tried: bool = False) -> bool:
         """Take one ``wake`` (one entry is there): at once, or within ``timeout`` seconds.
 
-        While entries come often, the consumer polls in short sleeps, so a producer's post
-        never has a sleeper to wake (no system call on its side); after
-        :data:`_SPIN_FOR` seconds without an entry it blocks on the semaphore.
+        With none there, the consumer first tries again :data:`_SPINS` times (an entry
+        that comes meanwhile then costs the producer no futex wake, and the consumer no
+        sleep), then blocks on the semaphore.
+
+        :param tried: the caller found none a moment ago (``wait(0)``): do not look
+            once more before spinning.
         """
         trywait = _trywait
         wake = self._wake
-        if trywait(wake) == 0:
+        if not tried and trywait(wake) == 0:
             return True
         if timeout <= 0:
             return False
-        now = time.monotonic()
-        deadline = now + timeout
-        poll_until = min(deadline, now + _SPIN_FOR)
-        step = _MIN_STEP
-        while now < poll_until:
-            time.sleep(step)
+        for _ in range(_SPINS):
             if trywait(wake) == 0:
                 return True
-            step *= 1.25
-            now = time.monotonic()
+        now = time.monotonic()
+        deadline = now + timeout
         ts = _Timespec()
         while now < deadline:
             _deadline(ts, deadline - now)
@@ -367,27 +375,43 @@ class Channels:
                 return i, kind, a, b, at + _HEAD_BYTES
             i = i + 1 if i + 1 < n else 0
 
-    def run(self, ring: int, count: int) -> list[Any]:
+    def run(self, ring: int, count: int) -> tuple[list[Any], int]:
         """The pickles of the run of ``count`` slots that :meth:`take` returned last
-        for ``ring`` (an INLINE entry whose ``b`` is ``count`` > 1), as memoryviews of
-        the slots: read them before the credits go back."""
-        r = self.rings[ring]
-        mv = memoryview(self.mm)
-        base, slots, start = r.base, r.slots, r.run_at
-        out = []
-        for i in range(start, start + count):
-            at = base + (i % slots) * SLOT
-            (n,) = _B.unpack_from(self.mm, at + 8)
-            out.append(mv[at + _HEAD_BYTES : at + _HEAD_BYTES + n])
-        return out
+        for ``ring`` (an INLINE entry whose ``b`` is ``count`` > 1), and their bytes.
 
-    def release(self, ring: int) -> None:
-        """One datapoint of ``ring`` was handed on: its credit returns to the producer.
+        Each pickle is a memoryview of its slot from its first byte to the slot's end:
+        ``pickle.loads`` ignores the bytes past a pickle's end. Read them before the
+        credits go back.
+        """
+        r = self.rings[ring]
+        mv = self._mv
+        base, slots, start = r.base, r.slots, r.run_at
+        first = start % slots
+        nbytes = _WORD.unpack_from(self.mm, base + first * SLOT + 24)[0]
+        head = base + _HEAD_BYTES
+        if first + count <= slots:
+            out = [
+                mv[at : at + INLINE_MAX]
+                for at in range(head + first * SLOT, head + (first + count) * SLOT, SLOT)
+            ]
+        else:  # the run wraps around the ring's end
+            out = [
+                mv[head + (i % slots) * SLOT : head + (i % slots) * SLOT + INLINE_MAX]
+                for i in range(start, start + count)
+            ]
+        return out, nbytes
+
+    def release(self, ring: int, count: int = 1) -> None:
+        """``count`` datapoints of ``ring`` were handed on: their credits return to the
+        producer (one post each: a semaphore counts by one).
 
         Without batches (one datapoint per entry) that is: the entry taken last from
         ``ring`` was read, its slot is free again.
         """
-        _post(self.rings[ring].free)
+        sem = self.rings[ring].free
+        post = _post
+        for _ in range(count):
+            post(sem)
 
 
 def _deadline(ts: _Timespec, seconds: float) -> None:

@@ -526,12 +526,24 @@ class ObjectStore:
         memory that this process (its views, the items it holds back for order) would
         only free after it got what it waits for: such a wait would never end.
         """
-        self._add_waiting(1)
+        self.begin_waiting()
         try:
             yield
         finally:
-            if not self._closed:
-                self._add_waiting(-1)
+            self.end_waiting()
+
+    def begin_waiting(self) -> None:
+        """Announce that this process waits, as :meth:`waiting` does on entering its block.
+
+        For a caller that waits often (the ``shm`` transport's consumer, once per empty
+        ring): without the context manager's cost. Pair it with :meth:`end_waiting`.
+        """
+        self._add_waiting(1)
+
+    def end_waiting(self) -> None:
+        """End what :meth:`begin_waiting` announced."""
+        if not self._closed:
+            self._add_waiting(-1)
 
     def _add_waiting(self, n: int) -> None:
         self._check()

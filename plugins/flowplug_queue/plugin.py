@@ -5,6 +5,5 @@ import flowplug
 
 @flowplug.hookimpl
 def flowplug_register_transports(register):
-    from .transport import QueueTransport  # imported here so that loading plugin.py stays cheap
-
-    register(QueueTransport)
+    # By its path: flowplug imports the transport module only when 'queue' is selected.
+    register("flowplug_queue.transport:QueueTransport", name="queue")

@@ -538,9 +538,8 @@ class ShmTransport(flowplug.TaskTransport):
             self._unhello = set(range(self.num_workers))
         self._unlinked = False
         self._next = 0
-        self._held: list[Any] = []  # the rest of a batch, last first
-        self._releasers = [self._chan.releaser(w) for w in range(self.num_workers)]
-        self._held_release = self._releasers[0]  # gives a credit back to the batch's ring
+        self._held: list[Any] = []  # the rest of a run or batch block, last first
+        self._owed = (0, 0)  # its ring, and the credits that go back after its last
         self._copies: dict[int, collections.deque] = {}
         self._copy_due: int | None = None  # a COPY entry read whose copy has not come yet
         self._copies_received = 0
@@ -563,13 +562,15 @@ class ShmTransport(flowplug.TaskTransport):
         return self._endpoint
 
     def recv(self, timeout: float) -> Any:
+        held = self._held
+        if held:  # the rest of a run or batch block, one per call
+            obj = held.pop()
+            if not held:  # its last: the credits of all its datapoints go back now
+                self._give_back()
+            return obj
         chan = self._chan  # held here: the mapping outlives a close() from another thread
         if chan is None:
             raise flowplug.TransportClosed("the shm transport was closed")
-        held = self._held
-        if held:
-            self._held_release()  # one credit per datapoint handed on
-            return held.pop()
         if not self._unlinked and not self._ready(timeout):
             return flowplug.EMPTY
         if self._copy_due is not None:
@@ -577,41 +578,65 @@ class ShmTransport(flowplug.TaskTransport):
         if not chan.wait(0):
             if timeout <= 0:  # the Runner looks first, then waits with a timeout
                 return self._closed_check(flowplug.EMPTY)
-            with self._waiting():  # workers waiting for room send copies meanwhile
-                # After BATCH_DELAY, workers send what they have batched (a stalled
-                # dataflow's last datapoints, a slow one's first).
-                if not chan.wait(min(timeout, BATCH_DELAY)):
-                    chan.request_flush()
-                    if timeout <= BATCH_DELAY or not chan.wait(timeout - BATCH_DELAY):
-                        return self._closed_check(flowplug.EMPTY)
+            if not self._wait(chan, timeout):
+                return self._closed_check(flowplug.EMPTY)
         if chan.closed:
             raise flowplug.TransportClosed("the shm transport was closed")
         ring, kind, a, b, at = chan.take(self._next)
         self._next = ring + 1 if ring + 1 < self.num_workers else 0
         if kind == _channel.BATCH:
-            held = self._unpack(a, b)
-            self._held, self._held_release = held, self._releasers[ring]
-            chan.release(ring)
-            return held.pop()
+            return self._hold(chan, self._unpack(a, b), ring)
         if kind == _channel.OBJECT:
             chan.release(ring)
             return self._take(ObjectID(a, b))
         if kind == _channel.INLINE:
             if b > 1:  # a run of b slots
                 loads = pickle.loads
-                run = chan.run(ring, b)
-                self._bytes += sum(map(len, run))
+                run, nbytes = chan.run(ring, b)
+                self._bytes += nbytes
                 held = [loads(v) for v in run]
                 held.reverse()
-                self._held, self._held_release = held, self._releasers[ring]
-                chan.release(ring)
-                return held.pop()
+                return self._hold(chan, held, ring)
             obj = pickle.loads(chan.mm[at : at + a])
             chan.release(ring)
             self._bytes += a
             return obj
         chan.release(ring)  # a COPY: it comes through the socket
         return self._copy(ring, timeout)
+
+    def _wait(self, chan: _channel.Channels, timeout: float) -> bool:
+        """Wait up to ``timeout`` for an entry, none being there a moment ago."""
+        store = self._store
+        if store is None:
+            raise flowplug.TransportClosed("the shm transport was closed")
+        store.begin_waiting()  # workers waiting for room send copies meanwhile
+        try:
+            # After BATCH_DELAY, workers send what they have batched (a stalled
+            # dataflow's last datapoints, a slow one's first).
+            if chan.wait(min(timeout, BATCH_DELAY), tried=True):
+                return True
+            chan.request_flush()
+            return timeout > BATCH_DELAY and chan.wait(timeout - BATCH_DELAY)
+        finally:
+            store.end_waiting()
+
+    def _hold(self, chan: _channel.Channels, held: list[Any], ring: int) -> Any:
+        """Hand on the first datapoint of a run or block (``held``, last first) and keep
+        the rest for the next calls. The credits of its datapoints go back together,
+        once the last is handed on (:meth:`_give_back`): one tight loop of posts per run
+        instead of a call per datapoint, and never earlier than one by one would."""
+        if len(held) > 1:
+            self._held = held
+            self._owed = (ring, len(held))
+            return held.pop()
+        chan.release(ring)
+        return held.pop()
+
+    def _give_back(self) -> None:
+        ring, count = self._owed
+        chan = self._chan
+        if chan is not None:
+            chan.release(ring, count)
 
     def _unpack(self, off: int, tag: int) -> list[Any]:
         """The datapoints of a batch block, last first (arrays are views of the block)."""
@@ -754,6 +779,7 @@ class ShmTransport(flowplug.TaskTransport):
         }
 
     def close(self) -> None:
+        self._held = []  # a recv() after close() raises, as without held datapoints
         chan = getattr(self, "_chan", None)
         if chan is not None:
             self._chan = None  # the mapping goes with the last user of chan

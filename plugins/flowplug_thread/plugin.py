@@ -5,6 +5,5 @@ import flowplug
 
 @flowplug.hookimpl
 def flowplug_register_transports(register):
-    from .transport import ThreadTransport  # imported here so that loading plugin.py stays cheap
-
-    register(ThreadTransport)
+    # By its path: flowplug imports the transport module only when 'thread' is selected.
+    register("flowplug_thread.transport:ThreadTransport", name="thread")

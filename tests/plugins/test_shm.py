@@ -269,6 +269,52 @@ def test_capacity_bounds_batched_datapoints_too(capacity, workers):
         it.close()
 
 
+@pytest.mark.parametrize("kind", ["runs", "batch blocks"])
+def test_used_directly_the_transport_bounds_datapoints_by_its_credits(kind):
+    """Without a Runner (no credits of its own), a worker never has more than
+    ``capacity`` datapoints sent and not yet received, however they are batched: the
+    consumer gives a run's credits back once it handed on the last of them, never before
+    it handed each on."""
+    capacity = 8
+    transport = fp.get_transport("shm")(
+        capacity=capacity, num_workers=1, run_id="fp-direct", start_method="fork", size="16MiB"
+    )
+    connect = transport.open()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: a worker sending 300 datapoints
+        code = 1
+        try:
+            os.close(r)
+            sender = connect(0)
+            for i in range(300):
+                sender.send({"i": i} if kind == "runs" else {"i": i, "x": np.full(3000, i)})
+                os.write(w, b"x")  # how many were sent
+            sender.close()
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.set_blocking(r, False)
+    try:
+        sent = 0
+        for received in range(300):
+            if received % 7 == 0:
+                time.sleep(0.05)  # the worker fills whatever room there is
+            try:
+                sent += len(os.read(r, 1000))
+            except BlockingIOError:
+                pass  # nothing sent since the last look
+            assert sent - received <= capacity, (sent, received)
+            dp = transport.recv(5.0)
+            assert dp is not fp.EMPTY and dp["i"] == received
+    finally:
+        os.close(r)
+        transport.close()  # a worker still waiting for a credit stops
+        status = os.waitpid(pid, 0)[1]
+    assert status == 0
+
+
 class Mixed(fp.DataFlow):
     """Each worker yields small dicts, 16 KiB and 300 KB arrays and tiny ints, in turn."""
 

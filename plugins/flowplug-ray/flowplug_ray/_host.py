@@ -13,7 +13,7 @@ are packed together, within :mod:`flowplug.batching`'s latency bound) copies eac
 (one large datapoint, or a batch of small ones) into the ring, its frames aligned as in
 :class:`flowplug.serialize.Batch`, and sends only its header and position through a pipe.
 Consecutive messages therefore lie back to back in the ring in the core's batch layout, and
-:meth:`WorkerHost.take` replies with a contiguous run of them as **one** buffer (a numpy
+:meth:`Host.take` replies with a contiguous run of them as **one** buffer (a numpy
 view of the ring, which Ray copies once into its object store) plus one merged header; the
 consumer rebuilds the datapoints with :func:`flowplug.serialize.unpack_batch`, arrays as
 views of the object store (a batch of small plain datapoints is one entry, a pickled list:
@@ -59,7 +59,8 @@ RING_BYTES = 32 * 1024 * 1024
 BATCH_BYTES = 16 * 1024 * 1024
 #: a reply this small goes as bytes (Ray inlines objects below 100 KiB in its answer).
 SMALL_REPLY = 64 * 1024
-#: a reply smaller than this waits up to FILL_WAIT for more messages...
+#: a reply smaller than this waits up to FILL_WAIT for more messages (not an actor's first
+#: reply with data: the first datapoint of a run goes at once)...
 FLOOR_BYTES = 1024 * 1024
 #: ...this long (s): a few ms of latency for far fewer, fuller replies.
 FILL_WAIT = 0.010
@@ -402,8 +403,9 @@ class RingEndpoint(flowplug.Endpoint):
         return RingSender(self.ring, self.conn, self.wake, self.most)
 
 
-class WorkerHost:
-    """A Ray actor running one flowplug worker process (made remote by the transport).
+class Host:
+    """What a worker's Ray actor (:class:`flowplug_ray.transport.WorkerHost`, which makes
+    one in the actor process and passes its calls on) does: run one flowplug worker process.
 
     :param df: the worker's dataflow.
     :param info: the worker's :class:`flowplug.WorkerInfo`.
@@ -437,6 +439,8 @@ class WorkerHost:
         self._released = (0, 0)  # (position, messages) to release at the next take()
         self._death: flowplug.Death | None = None
         self._eof = False
+        #: no reply with data yet: the first goes as soon as it has a message (start-up).
+        self._fresh = True
 
     def where(self) -> tuple[int, int, str]:
         """Return (actor pid, worker pid, node ip)."""
@@ -498,7 +502,7 @@ class WorkerHost:
         while n < most and end - start < BATCH_BYTES:
             msg = self._next(0)
             if msg is None:
-                if end - start >= FLOOR_BYTES or self._death is not None:
+                if end - start >= FLOOR_BYTES or self._death is not None or self._fresh:
                     break
                 now = time.monotonic()
                 if deadline is None:
@@ -516,6 +520,7 @@ class WorkerHost:
             end += msg[1]
             n += 1
         self._released = (end, msgs + n)
+        self._fresh = False
         at = start % self._size
         header = _COUNT.pack(count) + b"".join(headers)
         if end - start <= SMALL_REPLY:

@@ -5,6 +5,6 @@ import flowplug
 
 @flowplug.hookimpl
 def flowplug_register_transports(register):
-    from .transport import RayTransport  # imports flowplug_ray, not yet ray itself
-
-    register(RayTransport)
+    # By its path: flowplug imports flowplug_ray.transport (not yet ray itself) only when
+    # 'ray' is selected or the transports are listed.
+    register("flowplug_ray.transport:RayTransport", name="ray")

@@ -1,14 +1,15 @@
 """Workers as Ray actors, datapoints through Ray's object store.
 
-Each worker is a :class:`~flowplug_ray._host.WorkerHost` actor placed by Ray (``num_cpus``,
-``resources``, ``runtime_env``), which forks the worker process with the core's
+Each worker is a :class:`WorkerHost` actor placed by Ray (``num_cpus``, ``resources``,
+``runtime_env``), which forks the worker process with the core's
 :class:`flowplug.ProcessWorkers` and hands its datapoints on through a shared ring (see
 :mod:`flowplug_ray._host`). The consumer keeps :data:`IN_FLIGHT` calls of
-:meth:`~flowplug_ray._host.WorkerHost.take` in flight per actor and submits the next one as
-soon as a reply arrives; each reply is one buffer holding several datapoints in the core's
-batch layout (one object in the store, owned by the consumer), unpacked by
-:func:`flowplug.serialize.unpack_batch` (a batch of small plain datapoints is one entry, a
-pickled list): numpy arrays arrive as read-only views of the object store.
+:meth:`~flowplug_ray._host.Host.take` in flight per actor (the first ones submitted with the
+actor itself) and submits the next one as soon as a reply arrives; each reply is one buffer
+holding several datapoints in the core's batch layout (one object in the store, owned by the
+consumer), unpacked by :func:`flowplug.serialize.unpack_batch` (a batch of small plain
+datapoints is one entry, a pickled list): numpy arrays arrive as read-only views of the
+object store.
 
 What is in flight per worker is bounded: its ring holds at most ``ceil(capacity /
 num_workers)`` messages (a message is one datapoint, or a batch of small ones, like zmq's
@@ -41,6 +42,13 @@ _TAKE_WAIT = 1.0
 IN_FLIGHT = 2
 #: how long close() waits for killed actors to be reported dead (s).
 _KILL_WAIT = 5.0
+#: the consumer takes an actor's datapoints this many at a time, the actors in turn (a
+#: reply may hold thousands): one worker's error report never waits behind more than this
+#: many of each other worker's datapoints once its reply is in.
+CHUNK = 64
+#: while some actors' datapoints are queued here, look for the replies of the others at
+#: most this often (s), without waiting (a look costs ~70 us: ray.wait).
+POLL = 0.005
 
 
 def _said(exc: BaseException) -> str:
@@ -69,10 +77,38 @@ class RayEndpoint(flowplug.Endpoint):
         )
 
 
+class WorkerHost:
+    """The Ray actor of one worker: makes a :class:`flowplug_ray._host.Host` in the actor
+    process and passes each call on to it.
+
+    A shell, for start-up: the consumer imports only this module, never ``_host`` (the ring,
+    the sender, numpy), and Ray, which hashes the disassembled code of an actor class the
+    first time it exports it from the consumer, has five short methods to read instead of
+    the whole host (~7 ms).
+    """
+
+    def __init__(self, df: Any, info: Any, buffer: int, credits: int | None = None):
+        from ._host import Host  # in the actor process
+
+        self._host = Host(df, info, buffer, credits)
+
+    def where(self) -> tuple[int, int, str]:
+        return self._host.where()
+
+    def take(self, wait: float, most: int) -> tuple[bytes, Any, flowplug.Death | None]:
+        return self._host.take(wait, most)
+
+    def control(self, epoch: int, credits: int) -> None:
+        self._host.control(epoch, credits)
+
+    def stop(self) -> None:
+        self._host.stop()
+
+
 class _Slot:
     """The consumer's view of one worker actor."""
 
-    __slots__ = ("actor", "actor_pid", "dead", "id", "node", "pending", "pid")
+    __slots__ = ("actor", "actor_pid", "at", "dead", "id", "node", "pending", "pid", "replies")
 
     def __init__(self, worker_id: int, actor: Any):
         self.id = worker_id
@@ -81,6 +117,10 @@ class _Slot:
         self.pid: int | None = None
         self.node = "?"
         self.pending: collections.deque = collections.deque()  # take() calls, oldest first
+        #: replies received, unpacked, not yet handed out (lists of datapoints), oldest
+        #: first; ``at``: how many of the first are handed out.
+        self.replies: collections.deque = collections.deque()
+        self.at = 0
         self.dead = False
 
 
@@ -166,6 +206,11 @@ class RayWorkers(flowplug.WorkerGroup):
             sink.actor = slot.actor
         self._dfs = []
         refs = [s.actor.where.remote() for s in self.slots]
+        # The first take() calls go with where(): an actor runs them in order, right after
+        # it started, so the first datapoints are on their way while where() replies.
+        for slot in self.slots:
+            for _ in range(IN_FLIGHT):
+                slot.pending.append(slot.actor.take.remote(_TAKE_WAIT, t.per_reply))
         timeout = values["start_timeout"]
         try:
             placed = ray.get(refs, timeout=timeout)
@@ -196,26 +241,29 @@ class RayWorkers(flowplug.WorkerGroup):
 
     def stop(self, timeout: float = 2.0) -> None:
         """Kill every actor (its worker process gets the death signal) and wait until Ray
-        reports them dead, so their processes and objects are gone when close() returns."""
+        reports them dead, so their processes and objects are gone when close() returns.
+        What the consumer received before stays to be handed out (the Runner drains it
+        after a death); replies still in flight are lost with their actors."""
         ray = _ray()
-        if not self.slots or not ray.is_initialized():
-            self.slots = []  # ray.shutdown() (at exit, before our finalizer) killed them
-            return
-        calls: list[Any] = []
-        for slot in self.slots:
-            calls.extend(slot.pending)
-            try:
-                ray.kill(slot.actor, no_restart=True)
-            except Exception:
-                pass  # already gone, or Ray itself was shut down: nothing left to stop
-        # A call in flight fails once Ray has the actor dead; new calls would only make Ray
-        # dial the dead actors.
-        if calls:
-            ray.wait(calls, num_returns=len(calls), timeout=_KILL_WAIT)
+        live = [slot for slot in self.slots if slot.actor is not None]
+        # Without Ray, ray.shutdown() (at exit, before our finalizer) killed them already.
+        if live and ray.is_initialized():
+            calls: list[Any] = []
+            for slot in live:
+                calls.extend(slot.pending)
+                try:
+                    ray.kill(slot.actor, no_restart=True)
+                except Exception:
+                    pass  # already gone, or Ray itself was shut down: nothing left to stop
+            # A call in flight fails once Ray has the actor dead; new calls would only make
+            # Ray dial the dead actors.
+            if calls:
+                ray.wait(calls, num_returns=len(calls), timeout=_KILL_WAIT)
         for slot in self.slots:
             slot.dead = True
             slot.pending.clear()
-        self.slots = []
+            slot.actor = None
+        self.slots = [slot for slot in self.slots if slot.replies]
         for sink in self.sinks:
             sink.actor = None
         self.sinks = []
@@ -273,7 +321,10 @@ class RayTransport(flowplug.OwnWorkersTransport):
                 ) from exc
         self.per_worker = max(1, math.ceil(self.capacity / self.num_workers))
         self.per_reply = max(1, math.ceil(self.per_worker / IN_FLIGHT))
+        #: the datapoints being handed out: a chunk of one actor's (see _refill).
         self._ready: collections.deque = collections.deque()
+        self._turn = 0  # the actor whose chunk comes next, if it has one
+        self._poll_at = 0.0
         self._group: RayWorkers | None = None
         self._pid = os.getpid()
         return RayEndpoint()
@@ -286,8 +337,6 @@ class RayTransport(flowplug.OwnWorkersTransport):
         """
         host = cls._host_classes.get(control)
         if host is None:
-            from ._host import WorkerHost
-
             if control:
                 # control() has a thread of its own: credits must not queue behind a
                 # take() that waits for data. take() stays alone in the default group,
@@ -310,37 +359,89 @@ class RayTransport(flowplug.OwnWorkersTransport):
         if ready:
             return ready.popleft()
         if self._group is not None:
-            self._fetch(timeout)
-        if ready:
-            return ready.popleft()
+            self._refill(timeout)
+            if ready:
+                return ready.popleft()
         return flowplug.EMPTY
 
+    def _refill(self, timeout: float) -> None:
+        """Hand out the next :data:`CHUNK` datapoints of the next actor in turn that has
+        some; look for replies first: without waiting (at most every :data:`POLL` s) when
+        datapoints are queued, else up to ``timeout``.
+
+        Each actor's replies queue on their own, so a worker's error report (or its
+        datapoints) is handed out after at most one chunk of each other actor's, however
+        many of theirs came in before it; and an actor's replies are fetched only when its
+        queue is empty, so what waits here stays bounded by the calls in flight.
+        """
+        assert self._group is not None
+        slots = self._group.slots
+        queued = starved = False
+        for slot in slots:
+            if slot.replies:
+                queued = True
+            elif not slot.dead:
+                starved = True
+        if not queued:
+            self._fetch(timeout)
+        elif starved:
+            now = time.monotonic()
+            if now >= self._poll_at:
+                self._poll_at = now + POLL
+                self._fetch(0.0)
+        n = len(slots)
+        for k in range(n):
+            slot = slots[(self._turn + k) % n]
+            if slot.replies:
+                reply = slot.replies[0]
+                at = slot.at
+                if at == 0 and len(reply) <= CHUNK:
+                    self._ready.extend(reply)
+                    slot.replies.popleft()
+                else:
+                    self._ready.extend(reply[at : at + CHUNK])
+                    if at + CHUNK >= len(reply):
+                        slot.replies.popleft()
+                        slot.at = 0
+                    else:
+                        slot.at = at + CHUNK
+                self._turn = (self._turn + k + 1) % n
+                return
+
     def _fetch(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for replies of the actors; queue the datapoints they
-        carry, keep IN_FLIGHT calls going per actor and record deaths in the group."""
+        """Take the replies of the actors whose queue is empty, waiting up to ``timeout``
+        for the first; queue the datapoints they carry, keep IN_FLIGHT calls going per
+        actor and record deaths in the group."""
         ray = _ray()
         group = self._group
         assert group is not None
-        # Shard mode: give back the credits held before waiting, or a worker idles for them.
-        group.flush_control()
+        if timeout:
+            # Shard mode: give back the credits held before waiting, or a worker idles.
+            group.flush_control()
         by_ref = {}
         for slot in group.slots:
-            if slot.dead:
+            if slot.dead or slot.replies:
                 continue
             while len(slot.pending) < IN_FLIGHT:
                 slot.pending.append(slot.actor.take.remote(_TAKE_WAIT, self.per_reply))
             for ref in slot.pending:
                 by_ref[ref] = slot
         if not by_ref:
-            time.sleep(timeout)
+            if timeout:
+                time.sleep(timeout)  # every actor is gone and nothing is left
             return
         refs = list(by_ref)
-        ready, rest = ray.wait(refs, num_returns=1, timeout=timeout)
-        if not ready:
-            return
-        if rest:  # whatever else is in already, so every worker gets its turn
-            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
-            ready += more
+        if timeout:
+            ready, rest = ray.wait(refs, num_returns=1, timeout=timeout)
+            if not ready:
+                return
+            if rest:  # whatever else is in already, so every worker gets its turn
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                ready += more
+        else:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            if not ready:
+                return
         done = set(ready)
         for slot in group.slots:
             # An actor's replies in call order; each one taken is replaced at once.
@@ -358,7 +459,7 @@ class RayTransport(flowplug.OwnWorkersTransport):
                 continue
             for header, blob, death in replies:
                 if blob is not None:
-                    self._ready.extend(unpack_batch(header, blob))
+                    slot.replies.append(unpack_batch(header, blob))
                 if death is not None:
                     slot.pending.clear()
                     group.died(slot, death)
@@ -381,6 +482,7 @@ class RayTransport(flowplug.OwnWorkersTransport):
         group = getattr(self, "_group", None)
         if group is not None and os.getpid() == self._pid:
             group.stop()
+            group.slots = []  # and the replies they still held
         self._group = None
         ready = getattr(self, "_ready", None)
         if ready is not None:

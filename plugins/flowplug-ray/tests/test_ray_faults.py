@@ -10,11 +10,11 @@ session's instance (conftest.py), which also puts tests/faults on the actors' pa
 Which issue-13 case each test covers: 1 closed stdio (19), 2 a fork of the consumer (26),
 3 more buffers than IOV_MAX (24), 5 close() from another thread (25), 7 Ctrl-C (05, 28),
 9 a quiet intended segfault (27); several runners (30) and an ended starting thread (32);
-every failure a WorkerError or WorkerDied (01, 02, 03, 07, 20). Not here: rows 4 and 6
-(Ray's own processes outlive a SIGKILLed consumer for a while; Ray writes to stderr when
-it starts), 18 (on Ray an error report waits behind what is in flight: thousands of small
-datapoints), the fd rows (Ray's workers are not the Runner's processes), and the rows of
-start methods, which mean nothing here (docs/reliability.md, "On Ray").
+every failure a WorkerError or WorkerDied (01, 02, 03, 07, 20); an error report not held
+back by a flooding worker (18). Not here: rows 4 and 6 (Ray's own processes outlive a
+SIGKILLed consumer for a while; Ray writes to stderr when it starts), the fd rows (Ray's
+workers are not the Runner's processes), and the rows of start methods, which mean nothing
+here (docs/reliability.md, "On Ray").
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ def test_10_close_escalates_on_a_stuck_worker(no_leaks):
 
 def test_12_threads(no_leaks):
     assert fl.scenario_threads(RAY) == 1
+
+
+def test_18_a_flooding_worker_cannot_hold_back_an_error(no_leaks):
+    assert fl.scenario_fair(RAY) == 1
 
 
 def test_19_error_report_survives_closed_stdio_and_comes_after_the_data(no_leaks):
