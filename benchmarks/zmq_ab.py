@@ -11,8 +11,10 @@ the bare pyzmq loop (``flowplug.bench.systems._pyzmq``: pickle 5, ``copy=False``
 framing), each in a fresh process (``benchmarks/shm_ab.py --child``), in an order that
 rotates from round to round, so that a change in the machine's load hits all alike.
 Printed per run and as medians: items/s, the consumer's and the workers' CPU per item, the
-load average; and per tree the median over rounds of zmq / pyzmq *of the same round* (the
-ratio the target is about: less noisy than a ratio of medians at a changing load).
+load average, the cores each side keeps busy (its CPU per item x items/s: the side near
+its limit is the bound one); and per tree the median over rounds of zmq / pyzmq *of the
+same round* (the ratio the target is about: less noisy than a ratio of medians at a
+changing load).
 
 ``--transport queue`` compares another transport's trees the same way (still against
 pyzmq). ``--variant NAME=TREE[,VAR=VALUE...]`` adds a tree under a name, with environment
@@ -113,10 +115,15 @@ def main() -> None:
                     f"  x{statistics.median(ratio):.2f} pyzmq ({min(ratio):.2f}-{max(ratio):.2f})"
                 )
             )
+            # cores kept busy (CPU per item x items/s): a side near 1.0 (the consumer) or
+            # near its worker count is the bound one; both together near the machine's
+            # cores: it is short of CPU, and other load moves the row.
+            busy_c = statistics.median(r["consumer_us"] * r["rate"] / 1e6 for r in rs)
+            busy_w = statistics.median(r["workers_us"] * r["rate"] / 1e6 for r in rs)
             print(
                 f"{label:8} {row:10} {med('rate'):>10,.0f}/s  consumer "
                 f"{med('consumer_us'):7.1f} us  workers {med('workers_us'):7.1f} us  "
-                f"(n={len(rs)}){said}"
+                f"busy {busy_c:.2f}+{busy_w:.2f} cores  (n={len(rs)}){said}"
             )
 
 
