@@ -72,8 +72,10 @@ def _rebuild_array(buf: Any, dtype: Any, shape: tuple[int, ...], order: str) -> 
     return array.reshape(shape, order=order)  # type: ignore[call-overload]
 
 
-class _Dumper(threading.local):
-    """One pickler per thread, reused: making one per object costs more than pickling."""
+class _Dumper:
+    """A pickler and its buffer, reused: making one per object costs more than pickling."""
+
+    __slots__ = ("buffers", "busy", "min", "out", "pickler")
 
     def __init__(self) -> None:
         self.out = io.BytesIO()
@@ -90,7 +92,9 @@ class _Dumper(threading.local):
         return False
 
 
-_dumper = _Dumper()
+#: each thread's :class:`_Dumper` (attribute ``d``): one look-up per :func:`dumps`, the
+#: rest are plain attributes (each attribute of a ``threading.local`` costs a look-up).
+_local = threading.local()
 
 
 def dumps(obj: Any, *, out_of_band_min: int = OUT_OF_BAND_MIN) -> list[Any]:
@@ -106,7 +110,10 @@ def dumps(obj: Any, *, out_of_band_min: int = OUT_OF_BAND_MIN) -> list[Any]:
     :raises TypeError: ``obj`` holds something that cannot be pickled; the message
         names the datapoint's type and the original error.
     """
-    d = _dumper
+    try:
+        d = _local.d
+    except AttributeError:
+        d = _local.d = _Dumper()
     if d.busy:  # dumps() called from inside a pickling (a __reduce__): a fresh pickler
         d = _Dumper()
     d.busy = True
@@ -114,7 +121,8 @@ def dumps(obj: Any, *, out_of_band_min: int = OUT_OF_BAND_MIN) -> list[Any]:
     out = d.out
     try:
         d.pickler.dump(obj)
-        frames = [out.getvalue(), *d.buffers]
+        buffers = d.buffers
+        frames = [out.getvalue(), *buffers] if buffers else [out.getvalue()]
     except Exception as exc:
         d.pickler = _Pickler(out, protocol=5, buffer_callback=d.offer)  # no half state
         raise not_picklable(obj, exc) from exc
@@ -122,7 +130,8 @@ def dumps(obj: Any, *, out_of_band_min: int = OUT_OF_BAND_MIN) -> list[Any]:
         d.pickler.clear_memo()
         out.seek(0)
         out.truncate()
-        d.buffers = []
+        if d.buffers:
+            d.buffers = []
         d.busy = False
     return frames
 

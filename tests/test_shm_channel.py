@@ -103,3 +103,32 @@ def test_a_producer_stops_waiting_when_the_consumer_is_gone():
             chan.put(0, ch.OBJECT, 0, 0, None, dead)
         assert time.monotonic() - start < 2
         del chan
+
+
+def test_runs_of_small_pickles_take_the_slots_they_need_and_wrap_around():
+    """A run's pickles lie back to back over as many slots as they need (never more
+    than its datapoints); one that reaches the ring's end goes on at its start."""
+    store, chan = _rings([5])
+    with store:
+        mine = ch.Channels(*store.channel_area(), [5])  # the producer's view: its own position
+        pos = wraps = 0
+        for start in range(12):
+            items = [
+                {"i": start, "j": j, "pad": "x" * (start * 9 % 150)} for j in range(2 + start % 3)
+            ]
+            pickles = [pickle.dumps(x, protocol=5) for x in items]
+            for _ in items:
+                assert mine.try_credit(0)
+            blob = b"".join([np.array([len(p) for p in pickles], np.uint16).tobytes(), *pickles])
+            mine.push_run(0, blob, len(items))
+            used = -(-(32 + len(blob)) // ch.SLOT)
+            assert used <= len(items)
+            wraps += pos % 5 + used > 5
+            pos += used
+            assert chan.wait(0)
+            ring, kind, a, b, _ = chan.take(0)
+            assert (ring, kind, a, b) == (0, ch.RUN, len(items), len(blob))
+            assert [pickle.loads(v) for v in chan.run(0, a, b)] == items
+            chan.release(0, len(items))
+        assert wraps >= 2
+        del chan, mine

@@ -4,7 +4,8 @@ A store can carry a channel area (``ObjectStore(..., channels=Channels.layout(n,
 one single-producer/single-consumer ring per worker, plus three POSIX semaphores per ring
 and two for the consumer, all in the store's segment. A ring entry is one slot of
 :data:`SLOT` bytes: an object id (the object is in the store), a small pickle inline, or a
-marker that a copy follows through another channel.
+marker that a copy follows through another channel; or a *run* of small pickles back to
+back, over as many slots as they need (never more than its datapoints).
 
 Per entry, the producer (worker ``w``) takes a free slot (``free[w]``), writes the entry,
 posts ``items[w]``, then posts ``wake``; the consumer waits on ``wake`` (one post per
@@ -54,12 +55,11 @@ _HEAD_BYTES = 32
 INLINE_MAX = SLOT - _HEAD_BYTES
 _SEM = 64  # room for one sem_t (32 bytes on glibc x86-64 and aarch64), cache-line aligned
 
-# entry kinds: an object id, a pickle in the slot, a copy through a socket, a batch block id
-OBJECT, INLINE, COPY, BATCH = 1, 2, 3, 4
+# entry kinds: an object id, a pickle in the slot, a copy through a socket, a batch block
+# id, small pickles back to back over as many slots as they need
+OBJECT, INLINE, COPY, BATCH, RUN = 1, 2, 3, 4, 5
 
 _HEAD = struct.Struct("<qqq")
-_RUN = struct.Struct("<qq")  # a run's first slot, words b and 3: its slots and bytes
-_WORD = struct.Struct("<q")
 # A producer whose ring is full checks every _CHECK_EVERY seconds that the consumer is alive.
 _CHECK_EVERY = 0.5
 # A consumer that finds no entry tries this many times more before it sleeps on the semaphore.
@@ -123,9 +123,7 @@ class _Ring:
         "items",
         "pos",
         "run_at",
-        "run_bytes",
         "slots",
-        "staged",
     )
 
     def __init__(self, sems: int, slots: int, base: int):
@@ -134,8 +132,6 @@ class _Ring:
             ctypes.c_void_p(sems + i * _SEM) for i in range(4)
         )
         self.slots, self.base, self.pos = slots, base, 0
-        self.staged = 0  # producer: INLINE slots written after pos, not yet published
-        self.run_bytes = 0  # producer: their pickles' bytes
         self.run_at = 0  # consumer: where the run that take() returned last starts
 
 
@@ -227,40 +223,38 @@ class Channels:
         if _trywait(self.rings[ring].free) != 0:
             self._wait(self.rings[ring].free, alive)
 
-    def stage(self, ring: int, data: Any) -> None:
-        """Write a small pickle (at most :data:`INLINE_MAX` bytes, its credit taken) into
-        the next free slot of ``ring``, without telling the consumer yet: staged slots go
-        out together, as one *run*, with :meth:`publish` (or before the next :meth:`push`).
+    def push_run(self, ring: int, blob: Any, count: int) -> None:
+        """Write ``count`` >= 2 small pickles as one entry, a *run*, for datapoints whose
+        credits the caller took. ``blob`` holds their lengths (``count`` uint16), then the
+        pickles back to back, each of at most :data:`INLINE_MAX` bytes.
+
+        The run takes as many slots as its bytes need (after the entry's header), at most
+        ``count``: an entry never takes more slots than it holds credits, so a ring as
+        long as its credits never overflows. At the ring's end it goes on at the start.
         """
         r = self.rings[ring]
-        at = r.base + ((r.pos + r.staged) % r.slots) * SLOT
-        r.staged += 1
+        n = len(blob)
+        used = (_HEAD_BYTES + n + SLOT - 1) // SLOT
+        if used > count:  # pragma: no cover - the sender checks every pickle's size
+            raise ValueError(f"a run of {count} pickles needs {used} slots")
+        first = r.pos % r.slots
+        at = r.base + first * SLOT
         mm = self.mm
-        n = len(data)
-        r.run_bytes += n
-        mm[at + _HEAD_BYTES : at + _HEAD_BYTES + n] = data
-        _HEAD.pack_into(mm, at, INLINE, n, 0)
-
-    def publish(self, ring: int) -> int:
-        """Send the staged slots of ``ring`` as one entry (a run); returns how many."""
-        r = self.rings[ring]
-        k = r.staged
-        if k:
-            # the run's length and bytes go into its first slot's header (words b and 3)
-            _RUN.pack_into(self.mm, r.base + (r.pos % r.slots) * SLOT + 16, k, r.run_bytes)
-            r.pos += k
-            r.staged = 0
-            r.run_bytes = 0
-            _post(r.items)  # release: the slots are visible first
-            _post(self._wake)
-        return k
+        room = (r.slots - first) * SLOT - _HEAD_BYTES
+        if n <= room:
+            mm[at + _HEAD_BYTES : at + _HEAD_BYTES + n] = blob
+        else:  # wraps around the ring's end
+            view = memoryview(blob)
+            mm[at + _HEAD_BYTES : at + _HEAD_BYTES + room] = view[:room]
+            mm[r.base : r.base + n - room] = view[room:]
+        _HEAD.pack_into(mm, at, RUN, count, n)
+        r.pos += used
+        _post(r.items)  # release: the run is visible first
+        _post(self._wake)
 
     def push(self, ring: int, kind: int, a: int, b: int, inline: Any = None) -> None:
-        """Write one entry into ``ring`` for datapoints whose credits the caller took
-        (after the staged run, if any)."""
+        """Write one entry into ``ring`` for datapoints whose credits the caller took."""
         r = self.rings[ring]
-        if r.staged:
-            self.publish(ring)
         at = r.base + (r.pos % r.slots) * SLOT
         r.pos += 1
         mm = self.mm
@@ -367,39 +361,36 @@ class Channels:
             if trywait(r.items) == 0:  # acquire: the entry is visible
                 at = r.base + (r.pos % r.slots) * SLOT
                 kind, a, b = _HEAD.unpack_from(self.mm, at)
-                if kind == INLINE and b > 1:  # a run of b slots: see run()
+                if kind == RUN:  # b bytes after the header: see run()
                     r.run_at = r.pos
-                    r.pos += b
+                    r.pos += (_HEAD_BYTES + b + SLOT - 1) // SLOT
                 else:
                     r.pos += 1
                 return i, kind, a, b, at + _HEAD_BYTES
             i = i + 1 if i + 1 < n else 0
 
-    def run(self, ring: int, count: int) -> tuple[list[Any], int]:
-        """The pickles of the run of ``count`` slots that :meth:`take` returned last
-        for ``ring`` (an INLINE entry whose ``b`` is ``count`` > 1), and their bytes.
-
-        Each pickle is a memoryview of its slot from its first byte to the slot's end:
-        ``pickle.loads`` ignores the bytes past a pickle's end. Read them before the
-        credits go back.
-        """
+    def run(self, ring: int, count: int, nbytes: int) -> list[Any]:
+        """The ``count`` pickles of the run that :meth:`take` returned last for ``ring``
+        (a RUN entry: ``a`` is ``count``, ``b`` is ``nbytes``), as memoryviews of the
+        ring (of a copy, for a run that wraps around the ring's end). Read them before
+        the credits go back."""
         r = self.rings[ring]
+        first = r.run_at % r.slots
+        at = r.base + first * SLOT + _HEAD_BYTES
+        room = (r.slots - first) * SLOT - _HEAD_BYTES
         mv = self._mv
-        base, slots, start = r.base, r.slots, r.run_at
-        first = start % slots
-        nbytes = _WORD.unpack_from(self.mm, base + first * SLOT + 24)[0]
-        head = base + _HEAD_BYTES
-        if first + count <= slots:
-            out = [
-                mv[at : at + INLINE_MAX]
-                for at in range(head + first * SLOT, head + (first + count) * SLOT, SLOT)
-            ]
-        else:  # the run wraps around the ring's end
-            out = [
-                mv[head + (i % slots) * SLOT : head + (i % slots) * SLOT + INLINE_MAX]
-                for i in range(start, start + count)
-            ]
-        return out, nbytes
+        if nbytes <= room:
+            blob = mv[at : at + nbytes]
+        else:  # rare: once per turn of the ring at most
+            blob = memoryview(
+                bytes(mv[at : at + room]) + bytes(mv[r.base : r.base + nbytes - room])
+            )
+        p = 2 * count
+        out = []
+        for n in blob[:p].cast("H").tolist():
+            out.append(blob[p : p + n])
+            p += n
+        return out
 
     def release(self, ring: int, count: int = 1) -> None:
         """``count`` datapoints of ``ring`` were handed on: their credits return to the

@@ -107,9 +107,9 @@ def ring_lengths(capacity: int, num_workers: int) -> list[int]:
 class ShmSender(flowplug.Sender):
     """A worker's side: datapoints into the store, their ids into the worker's ring.
 
-    Small datapoints are batched. A pickle without buffers of at most
-    :data:`~flowplug.shm.channel.INLINE_MAX` bytes goes into a slot of the ring itself,
-    and consecutive ones go out as one *run* (one entry). Other datapoints of at most
+    Small datapoints are batched. Consecutive pickles without buffers of at most
+    :data:`~flowplug.shm.channel.INLINE_MAX` bytes each go out as one *run*: one entry
+    of the ring that holds them back to back. Other datapoints of at most
     :data:`BATCH_ITEM_MAX` bytes (buffers included) are written one after the other into
     a *batch block* of the store, sent as one entry. A run or block goes out once it holds
     :data:`BATCH_ITEMS` datapoints (or half the ring), when a block is full, when its first
@@ -148,8 +148,7 @@ class ShmSender(flowplug.Sender):
         self._fill = 0  # bytes written into it
         self._index: list[int] = []  # per datapoint: frames, (start, length) per frame
         self._count = 0  # datapoints in the open batch block
-        self._staged = 0  # datapoints staged in ring slots (a run not yet sent)
-        self._stage = self._chan.stage
+        self._run: list[bytes] = []  # small pickles of the open run (not yet sent)
         self._started = 0.0  # when the open run or block got its first datapoint
         self._lock = threading.Lock()
         self._timer: threading.Thread | None = None
@@ -174,20 +173,18 @@ class ShmSender(flowplug.Sender):
             stream = frames[0]
             n = len(stream)
             if n <= _channel.INLINE_MAX and self._max_items > 1:
-                # The smallest: a slot of the ring each, staged and sent as one run.
+                # The smallest: back to back in the open run, sent as one entry.
                 with self._lock:
                     if self._probe() != 0:
                         self._no_credit()
                     if self._count:
                         self._seal()
-                    if not self._staged:
-                        self._started = time.monotonic()
-                    self._stage(self._ring, stream)
-                    self._staged += 1
-                    if (
-                        self._staged >= self._max_items
-                        or time.monotonic() - self._started >= BATCH_DELAY
-                    ):
+                    now = time.monotonic()
+                    run = self._run
+                    if not run:
+                        self._started = now
+                    run.append(stream)
+                    if len(run) >= self._max_items or now - self._started >= BATCH_DELAY:
                         self._publish()
                 return
             if n <= self._item_max:  # small, into a batch block; kept short
@@ -224,12 +221,18 @@ class ShmSender(flowplug.Sender):
             self._send_one(frames)
 
     def _publish(self) -> None:
-        self._staged = 0
-        self._chan.publish(self._ring)
+        """Send the open run (its credits were taken; the lock is held)."""
+        run = self._run
+        self._run = []
+        if len(run) == 1:
+            self._chan.push(self._ring, _channel.INLINE, len(run[0]), 0, run[0])
+            return
+        # one blob: the lengths, then the pickles back to back (one copy into the ring)
+        self._chan.push_run(self._ring, b"".join([array("H", map(len, run)), *run]), len(run))
 
     def _send_open(self) -> None:
         """Send the open run or batch block, if any (the lock is held)."""
-        if self._staged:
+        if self._run:
             self._publish()
         if self._count:
             self._seal()
@@ -586,17 +589,16 @@ class ShmTransport(flowplug.TaskTransport):
         self._next = ring + 1 if ring + 1 < self.num_workers else 0
         if kind == _channel.BATCH:
             return self._hold(chan, self._unpack(a, b), ring)
+        if kind == _channel.RUN:  # a small pickles, b bytes
+            loads = pickle.loads
+            held = [loads(v) for v in chan.run(ring, a, b)]
+            self._bytes += b
+            held.reverse()
+            return self._hold(chan, held, ring)
         if kind == _channel.OBJECT:
             chan.release(ring)
             return self._take(ObjectID(a, b))
         if kind == _channel.INLINE:
-            if b > 1:  # a run of b slots
-                loads = pickle.loads
-                run, nbytes = chan.run(ring, b)
-                self._bytes += nbytes
-                held = [loads(v) for v in run]
-                held.reverse()
-                return self._hold(chan, held, ring)
             obj = pickle.loads(chan.mm[at : at + a])
             chan.release(ring)
             self._bytes += a
