@@ -35,6 +35,11 @@ else:  # pragma: no cover - tomllib is in the standard library from 3.11 on
     import tomli as tomllib
 
 START_METHODS = ("fork", "spawn", "forkserver")
+#: the default transport where its store fits (see :func:`default_transport`), and the
+#: one used everywhere else.
+PREFERRED_TRANSPORT, PORTABLE_TRANSPORT = "shm", "zmq"
+#: free bytes a directory needs for the shm transport's default store (``size`` = 1 GiB).
+SHM_DEFAULT_ROOM = 1 << 30
 #: the config file read from the working directory.
 CONFIG_FILE = "flowplug.toml"
 #: read for its ``[tool.flowplug]`` table.
@@ -54,8 +59,8 @@ class Settings:
         print(cfg.num_workers, cfg.source("num_workers"))  # 4 environment variable ...
     """
 
-    #: name of the transport.
-    transport: str = "zmq"
+    #: name of the transport; by default :func:`default_transport`'s choice.
+    transport: str = field(default_factory=lambda: default_transport())
     #: how many workers.
     num_workers: int = 1
     #: how many datapoints may be buffered between workers and consumer.
@@ -110,6 +115,25 @@ FILE_KEYS = (*SETTINGS, "transports")
 
 
 # ---------------------------------------------------------------------------- reading
+
+
+def default_transport(where: str = "/dev/shm") -> str:
+    """The transport a runner uses when none is set: ``"shm"`` on Linux where ``where``
+    has room for its default 1 GiB store, else ``"zmq"``.
+
+    shm is the fastest process transport on every payload measured (docs/performance.md);
+    zmq runs anywhere, including a container's 64 MB ``/dev/shm``. Set ``transport`` (or
+    ``FLOWPLUG_TRANSPORT``) to choose for yourself.
+    """
+    if not sys.platform.startswith("linux"):
+        return PORTABLE_TRANSPORT
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return PORTABLE_TRANSPORT
+    if st.f_bavail * st.f_frsize < SHM_DEFAULT_ROOM:
+        return PORTABLE_TRANSPORT
+    return PREFERRED_TRANSPORT
 
 
 def read_settings(

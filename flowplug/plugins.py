@@ -33,7 +33,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .config import ARGUMENT, DEFAULT, Settings, read_settings, validate_options
+from .config import ARGUMENT, DEFAULT, PORTABLE_TRANSPORT, Settings, read_settings, validate_options
 from .errors import ConfigError, PluginError, TransportNotFound
 from .transport import TaskTransport, Transport
 from .worker_groups import OwnWorkersTransport
@@ -370,6 +370,9 @@ class TransportRegistry:
                     )
                 except ConfigError as exc:
                     problems.extend(exc.problems)
+        if settings.source("transport") == DEFAULT and settings.transport not in self.names():
+            # the preferred default is blocked or not installed: the portable one
+            settings = replace(settings, transport=PORTABLE_TRANSPORT)
         try:
             self.get(settings.transport)
         except TransportNotFound as exc:

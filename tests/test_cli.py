@@ -77,7 +77,7 @@ def test_config_shows_each_value_and_its_source(capsys, tmp_path, monkeypatch):
     toml = str(tmp_path / "flowplug.toml")
     lines = [" ".join(line.split()) for line in out.splitlines()]
     assert f"config files: {toml}" in lines
-    assert "transport = 'zmq' (default)" in lines
+    assert f"transport = {fp.load_config().transport!r} (default)" in lines
     assert "num_workers = 6 (environment variable FLOWPLUG_NUM_WORKERS)" in lines
     assert f"capacity = 8 ({toml})" in lines
     assert "[transports.zmq]" in lines and f"hwm = 3 ({toml})" in lines
@@ -101,9 +101,10 @@ def test_config_json(capsys, tmp_path):
 def test_config_shows_the_selected_transports_declared_options(capsys):
     code, out, _ = run(capsys, "config", "--json")
     assert code == 0
-    declared = fp.get_transport("zmq").options
+    selected = fp.load_config().transport
+    declared = fp.get_transport(selected).options
     assert json.loads(out)["transports"] == {
-        "zmq": {o.name: {"value": o.default, "source": "default"} for o in declared}
+        selected: {o.name: {"value": o.default, "source": "default"} for o in declared}
     }
 
 

@@ -4,12 +4,16 @@ Every test works in its own directory (monkeypatch.chdir) with real files and re
 environment variables.
 """
 
+import os
 import re
+import subprocess
+import sys
+import types
 
 import pytest
 
 import flowplug as fp
-from flowplug.config import ENV_VARS
+from flowplug.config import ENV_VARS, default_transport
 
 DF = fp.DataFromList([1, 2, 3])
 AVAILABLE = ", ".join(sorted(fp.available_transports()))
@@ -32,10 +36,40 @@ def write(path, text):
 
 def test_defaults_when_nothing_is_set():
     cfg = fp.load_config()
-    assert (cfg.transport, cfg.num_workers, cfg.capacity) == ("zmq", 1, 50)
+    assert (cfg.transport, cfg.num_workers, cfg.capacity) == (default_transport(), 1, 50)
     assert (cfg.start_method, cfg.timeout, cfg.plugins) == (None, None, ())
     assert cfg.files == () and cfg.transports == {}
     assert {cfg.source(k) for k in ("transport", "num_workers", "timeout")} == {"default"}
+
+
+def test_the_default_transport_is_shm_where_its_store_fits_else_zmq(tmp_path, monkeypatch):
+    room = {"free": 2 << 30}
+
+    def statvfs(where):
+        assert where == str(tmp_path)
+        return types.SimpleNamespace(f_bavail=room["free"] // 4096, f_frsize=4096)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    assert default_transport(str(tmp_path)) == "shm"
+    room["free"] = 64 << 20  # a container's /dev/shm
+    assert default_transport(str(tmp_path)) == "zmq"
+    room["free"] = 2 << 30
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert default_transport(str(tmp_path)) == "zmq"
+
+
+def test_the_default_transport_falls_back_to_zmq_when_shm_is_not_there(tmp_path):
+    code = (
+        "import flowplug as fp; cfg = fp.load_config(); "
+        "print(cfg.transport, cfg.source('transport'))"
+    )
+    env = {**os.environ, "FLOWPLUG_BLOCK_PLUGINS": "shm"}
+    env.pop("FLOWPLUG_TRANSPORT", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["zmq", "default"]
 
 
 def test_sources_in_order_argument_env_flowplug_toml_pyproject(tmp_path, monkeypatch):
