@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import math
 import secrets
 from typing import Any
 
@@ -36,7 +35,6 @@ _LINGER_MS = 5000
 _MORE = int(zmq.SNDMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
-_RCVTIMEO = int(zmq.RCVTIMEO)
 
 
 class ZmqSender(flowplug.BatchingSender):
@@ -143,10 +141,8 @@ class ZmqTransport(flowplug.TaskTransport):
         self._sock, self.address = self._sockets.bind(zmq.PULL, self.run_id, hwm=hwm)
         self._sockets.watch_accepts(self._sock)
         self._recv = self._sock.recv_multipart
+        self._poll = self._sock.poll
         self._events = self._sock.get
-        self._set = self._sock.set
-        self._wait_ms = -1  # the socket's RCVTIMEO: how long a blocking receive waits
-        self._dry = False  # the last recv(0) found nothing (zmq handled its commands)
         self._ready: collections.deque[Any] = collections.deque()
         self._bytes = 0  # received from the workers: stats' bytes_delivered
         return functools.partial(
@@ -167,30 +163,17 @@ class ZmqTransport(flowplug.TaskTransport):
         # of another worker's first message (its error report). Reading EVENTS handles them.
         # Its answer also says whether a message is there: when none is, go straight to the
         # wait (a receive that fails costs ~10 us: pyzmq raises zmq.Again), or to EMPTY.
-        # Right after a recv(0) that found nothing (the Runner's way to start a wait),
-        # zmq handled its commands an instant ago: the wait needs no second look.
-        dry, self._dry = self._dry, False
-        frames = None
-        if not (dry and timeout > 0) and self._events(_EVENTS) & _POLLIN:
+        if self._events(_EVENTS) & _POLLIN:
             try:
                 frames = self._recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                pass
+                frames = None
+        else:
+            frames = None
         if frames is None:
-            if timeout <= 0:
-                self._dry = True
+            if timeout <= 0 or not self._poll(timeout * 1000):
                 return flowplug.EMPTY
-            # Wait inside zmq's own receive, as a bare pyzmq loop does (the GIL released),
-            # with RCVTIMEO as the bound: a poll first costs ~10 us more in pyzmq (a Poller
-            # made per call) and a receive after it.
-            wait_ms = max(1, math.ceil(timeout * 1000))
-            if wait_ms != self._wait_ms:
-                self._set(_RCVTIMEO, wait_ms)
-                self._wait_ms = wait_ms
-            try:
-                frames = self._recv(copy=False)
-            except zmq.Again:
-                return flowplug.EMPTY
+            frames = self._recv(copy=False)
         # A message is [token, stream, buffer...] (one object) or [token + header, blob]
         # (a batch); anything else is not from our workers: never unpickle a stranger's bytes.
         head = frames[0].bytes
