@@ -27,7 +27,6 @@ in the machine's load hits every row alike. The median items/s and the median st
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -96,11 +95,18 @@ def _make_dicts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-@functools.cache
+#: the source array, made on first use, not on import: every actor of every variant
+#: imports this module (to unpickle its class or dataflow), and start-up is measured. A
+#: plain dict, not functools.cache: run as a script, Ray Data pickles ``_make_arrays`` by
+#: value with the globals it names, and a cache wrapper of ``__main__`` would not unpickle.
+_ARRAYS: dict[int, np.ndarray] = {}
+
+
 def _arr() -> np.ndarray:
-    # Made on first use, not on import: every actor of every variant imports this module
-    # (to unpickle its class or dataflow), and start-up is measured.
-    return np.random.default_rng(0).standard_normal(N).astype(np.float32)
+    arr = _ARRAYS.get(N)
+    if arr is None:
+        arr = _ARRAYS[N] = np.random.default_rng(0).standard_normal(N).astype(np.float32)
+    return arr
 
 
 class MakeBatches:
