@@ -23,7 +23,8 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
+
+from _timing import count_steps, warm_up
 
 
 def _workers_cpu(root: int) -> dict[int, float]:
@@ -51,18 +52,10 @@ def child(system: str, payload: str, workers: int, seconds: float) -> None:
 
     with open_stream(system, payload, workers) as items:
         step = items.__next__
-        start = time.perf_counter()
-        while time.perf_counter() - start < 0.5:  # warm-up
-            step()
+        warm_up(step)
         before = _workers_cpu(os.getpid())
         own = resource.getrusage(resource.RUSAGE_SELF)
-        n = 0
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            for _ in range(20):
-                step()
-            n += 20
-        elapsed = time.perf_counter() - start
+        n, elapsed = count_steps(step, seconds)
         own_end = resource.getrusage(resource.RUSAGE_SELF)
         after = _workers_cpu(os.getpid())
     consumer = own_end.ru_utime + own_end.ru_stime - own.ru_utime - own.ru_stime

@@ -20,7 +20,8 @@ import argparse
 import os
 import subprocess
 import sys
-import time
+
+from _timing import count_steps, warm_up
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,17 +75,9 @@ def child(system: str, payload: str, workers: int, seconds: float) -> None:
     me = os.getpid()
     with open_stream(system, payload, workers) as items:
         step = items.__next__
-        start = time.perf_counter()
-        while time.perf_counter() - start < 0.5:  # warm-up
-            step()
+        warm_up(step)
         before = _threads(me)
-        n = 0
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            for _ in range(20):
-                step()
-            n += 20
-        elapsed = time.perf_counter() - start
+        n, elapsed = count_steps(step, seconds)
         after = _threads(me)
     load = os.getloadavg()[0]
     print(f"{system}:{payload}:{workers}  {n / elapsed:,.0f} items/s  load {load:.1f}")
