@@ -243,11 +243,12 @@ def _plain(stream: bytes) -> bool:
 _LEAVES = frozenset({int, float, str, bytes, bool, type(None)})
 
 
-def _recipe(node: Any, seen: set[int]) -> Any:
-    """A function of the buffers that rebuilds ``node`` (what :class:`_Recorder` made)."""
+def _recipe(node: Any, seen: set[int], spans: bool = False) -> Any:
+    """A function that rebuilds ``node`` (what :class:`_Recorder` made): of the buffers,
+    or with ``spans``, of ``(base, spans, at)`` (see :meth:`Loader.from_spans`)."""
     kind = type(node)
     if kind in _LEAVES:
-        return lambda b: node
+        return (lambda v, s, a: node) if spans else (lambda b: node)
     if id(node) in seen:  # shared or cyclic: the unpickler's memo, which recipes skip
         raise _NoRecipe("an object that appears twice")
     seen.add(id(node))
@@ -259,19 +260,33 @@ def _recipe(node: Any, seen: set[int]) -> Any:
             cached = (np.frombuffer, np.dtype(node.dtype))
         frombuffer, dt = cached
         i, shape, order = node.index, node.shape, node.order
+        if spans:  # one frombuffer on the base: no slice of it in between
+            size = dt.itemsize
+            at, length = 2 * i, 2 * i + 1
+            if len(shape) == 1:
+                return lambda v, s, a: frombuffer(v, dt, s[a + length] // size, s[a + at])
+            return lambda v, s, a: frombuffer(v, dt, s[a + length] // size, s[a + at]).reshape(
+                shape, order=order
+            )
         if len(shape) == 1:  # as _rebuild_array: the buffer holds exactly the array
             return lambda b: frombuffer(b[i], dt)
         return lambda b: frombuffer(b[i], dt).reshape(shape, order=order)
     if kind is tuple or kind is list:
-        parts = [_recipe(x, seen) for x in node]
+        parts = [_recipe(x, seen, spans) for x in node]
         if kind is tuple and len(parts) == 2:  # (worker id, datapoint): the Runner's tag
             first, second = parts
+            if spans:
+                return lambda v, s, a: (first(v, s, a), second(v, s, a))
             return lambda b: (first(b), second(b))
+        if spans:
+            return lambda v, s, a: kind([f(v, s, a) for f in parts])
         return lambda b: kind([f(b) for f in parts])
     if kind is dict:
         if any(type(k) not in _LEAVES for k in node):
             raise _NoRecipe("a dict key that is not a plain value")
-        pairs = [(k, _recipe(v, seen)) for k, v in node.items()]
+        pairs = [(k, _recipe(v, seen, spans)) for k, v in node.items()]
+        if spans:
+            return lambda v, s, a: {k: f(v, s, a) for k, f in pairs}
         return lambda b: {k: f(b) for k, f in pairs}
     raise _NoRecipe(f"a {kind.__name__}")
 
@@ -294,10 +309,12 @@ class Loader:
     #: streams a loader keeps a recipe (or "no recipe") for.
     RECIPES = 64
 
-    __slots__ = ("_hits", "_misses", "_recipes", "on")
+    __slots__ = ("_hits", "_misses", "_recipes", "_spans", "on")
 
     def __init__(self) -> None:
         self._recipes: dict[bytes, Any] = {}
+        #: the same recipes, for :meth:`from_spans`.
+        self._spans: dict[bytes, Any] = {}
         self._hits = 0
         self._misses = 0
         #: false once the streams were seen to change all the time (then it only unpickles).
@@ -305,7 +322,7 @@ class Loader:
 
     def __call__(self, stream: Any, buffers: Any) -> Any:
         if self.on:
-            key = bytes(stream)
+            key = stream.tobytes() if type(stream) is memoryview else bytes(stream)
             recipe = self._recipes.get(key)
             if recipe is not None:
                 self._hits += 1
@@ -313,6 +330,22 @@ class Loader:
             if key not in self._recipes:
                 return self._first(key, buffers)
         return pickle.loads(stream, buffers=buffers)
+
+    def from_spans(self, stream: memoryview, base: Any, spans: Any, at: int, count: int) -> Any:
+        """As ``self(stream, buffers)``, buffer ``i`` being ``base[o : o + n]`` for ``o, n =
+        spans[at + 2 * i], spans[at + 2 * i + 1]`` (``i < count``): for a consumer whose
+        buffers lie in one block (the ``shm`` store's batch blocks). Arrays made by a
+        recipe are views of ``base`` itself (no slice of it in between).
+
+        :param base: a numpy array (``np.frombuffer`` takes it with an offset).
+        """
+        if self.on:
+            recipe = self._spans.get(stream.tobytes())
+            if recipe is not None:
+                self._hits += 1
+                return recipe(base, spans, at)
+        ends = spans[at : at + 2 * count]
+        return self(stream, [base[o : o + n] for o, n in zip(ends[::2], ends[1::2], strict=True)])
 
     def _first(self, key: bytes, buffers: Any) -> Any:
         """A stream not seen before: unpickle it, and keep its recipe if it has one."""
@@ -325,9 +358,10 @@ class Loader:
         if b"_rebuild_array" in key and _plain(key):
             try:
                 recorder = _Recorder(key, len(buffers))
-                recipe = _recipe(recorder.load(), set())
-                if len({a.index for a in recorder.arrays}) != len(recorder.arrays):
-                    recipe = None  # one buffer in two arrays
+                node = recorder.load()
+                if len({a.index for a in recorder.arrays}) == len(recorder.arrays):
+                    recipe = _recipe(node, set())  # (else one buffer in two arrays)
+                    self._spans[key] = _recipe(node, set(), spans=True)
             except Exception:  # _NoRecipe; or a broken stream: pickle.loads says why below
                 recipe = None
         self._recipes[key] = recipe

@@ -233,3 +233,30 @@ def test_a_loader_raises_what_pickle_raises_on_a_broken_stream():
     frames = dumps((0, ARR), out_of_band_min=0)
     with pytest.raises(pickle.UnpicklingError):
         Loader()(frames[0][:-3], frames[1:])
+
+
+def test_a_loader_rebuilds_from_spans_of_one_block_as_from_its_slices():
+    """from_spans: the buffers lie in one block, given as (offset, length) pairs; a recipe
+    makes the arrays on the block itself, anything else is unpickled from slices."""
+    loader = Loader()
+    obj = (0, {"image": ARR.reshape(16, -1), "depth": ARR[:1024] + 1, "label": 3})
+    frames = dumps(obj, out_of_band_min=0)
+    for _ in range(3):
+        block = np.zeros(1 << 17, np.uint8)
+        spans = [-1, -1]  # what comes before this datapoint's spans
+        at = 4096
+        for f in frames[1:]:
+            block[at : at + len(f)] = np.frombuffer(f, np.uint8)
+            spans += [at, len(f)]
+            at += (len(f) + 63) & -64
+        out = loader.from_spans(memoryview(frames[0]), block, spans, 2, len(frames) - 1)
+        _same(out, obj)
+        for arr in _arrays(out):
+            assert np.shares_memory(arr, block)
+        block[4096:4100] = np.frombuffer(np.float32(7).tobytes(), np.uint8)
+        assert out[1]["image"][0, 0] == 7  # a view of the block, not a copy
+    assert loader._hits == 2
+    plain = dumps({"p": _Point(1), "a": ARR}, out_of_band_min=0)
+    block = np.frombuffer(bytearray(plain[1]), np.uint8)
+    out = loader.from_spans(memoryview(plain[0]), block, [0, len(plain[1])], 0, 1)
+    assert out["p"] == _Point(1) and np.shares_memory(out["a"], block)

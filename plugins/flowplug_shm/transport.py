@@ -652,7 +652,7 @@ class ShmTransport(flowplug.TaskTransport):
         self._bytes += mv.nbytes
         words = mv[index:].cast("q").tolist()
         loads = pickle.loads
-        rebuild = self._loads  # datapoints with arrays: by recipe (flowplug.serialize.Loader)
+        rebuild = self._loads.from_spans  # with arrays: by recipe (flowplug.serialize.Loader)
         out = []
         p = 0
         for _ in range(count):
@@ -662,20 +662,9 @@ class ShmTransport(flowplug.TaskTransport):
                 p += 3
                 continue
             nf = words[p]
-            start, n = words[p + 1], words[p + 2]
-            if nf == 2:  # one buffer (an array): no list to build
-                b = words[p + 3]
-                buffers: Any = (view[b : b + words[p + 4]],)
-            else:
-                buffers = [
-                    view[b : b + m]
-                    for b, m in zip(
-                        words[p + 3 : p + 1 + 2 * nf : 2],
-                        words[p + 4 : p + 2 + 2 * nf : 2],
-                        strict=True,
-                    )
-                ]
-            out.append(rebuild(mv[start : start + n], buffers))
+            start = words[p + 1]
+            # the stream, then (start, length) of each buffer in the block
+            out.append(rebuild(mv[start : start + words[p + 2]], view, words, p + 3, nf - 1))
             p += 1 + 2 * nf
         out.reverse()
         return out
