@@ -170,5 +170,6 @@ def _fmt(r: dict) -> str:
         f"{r['workers_us']:7.1f} us  idle {r['idle']:4.0%}  steal {r['steal']:4.0%}"
     )
 
+
 if __name__ == "__main__":
     main()
