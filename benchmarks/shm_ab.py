@@ -11,8 +11,10 @@ runs every row once per tree, each in a fresh process with that tree first on
 ``PYTHONPATH``, base first in odd rounds and new first in even ones, so that a change in
 the machine's load hits both alike. Printed per run and as medians: items/s, the
 consumer's CPU per item (its process, all threads) and the workers' (from ``/proc``), the
-load average, and how much of the machine was idle and stolen (by the hypervisor, from
-``/proc/stat``) while the row ran. ``--child`` is the per-run part (one row in this process).
+load average, how much of the machine was idle and stolen (by the hypervisor, from
+``/proc/stat``) while the row ran, and the machine's memcpy speed right after it (GB/s
+copying 1.2 MB into 16 slots in turn: on a shared host it halves and doubles within
+minutes, and the large rows follow it). ``--child`` is the per-run part (one row in this process).
 
 ``--versus SYSTEM`` runs each row next to ``SYSTEM`` on the same payload and workers (e.g.
 ``fp-shm:large:2`` and ``shm-ring:large:2``), the two in turn, the row first in odd
@@ -32,6 +34,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 
 from _timing import count_steps, warm_up
 
@@ -64,6 +67,30 @@ def _machine_ticks() -> list[int]:
     return [sum(ticks[:8]), ticks[3] + ticks[4], ticks[7]]
 
 
+def _memcpy_gbs() -> float:
+    """This machine's memory speed now: GB/s copying 1.2 MB into 16 slots in turn (20 MB,
+    the raw ring's pattern), the best of 3 passes. On a shared host it changes by 2x
+    within minutes (the other guests' traffic), and the large rows with it."""
+    import mmap
+
+    import numpy as np
+
+    n = 1_204_224
+    src = np.ones(n, np.uint8)
+    mm = mmap.mmap(-1, 16 * (n + 4096))
+    view = np.frombuffer(mm, np.uint8)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for i in range(16):
+            at = i * (n + 4096)
+            view[at : at + n] = src
+        best = min(best, time.perf_counter() - start)
+    del view
+    mm.close()
+    return 16 * n / best / 1e9
+
+
 def child(system: str, payload: str, workers: int, seconds: float) -> None:
     from flowplug.bench.systems import open_stream
 
@@ -87,6 +114,7 @@ def child(system: str, payload: str, workers: int, seconds: float) -> None:
         # of all the machine's cores, the share left idle and the share the hypervisor took
         "idle": machine[1] / max(machine[0], 1),
         "steal": machine[2] / max(machine[0], 1),
+        "memcpy_gbs": _memcpy_gbs(),
     }
     print("SHM-AB", json.dumps(result), flush=True)
 
@@ -167,7 +195,8 @@ def _medians(rs: list[dict]) -> dict:
 def _fmt(r: dict) -> str:
     return (
         f"{r['rate']:>10,.0f}/s  consumer {r['consumer_us']:7.1f} us  workers "
-        f"{r['workers_us']:7.1f} us  idle {r['idle']:4.0%}  steal {r['steal']:4.0%}"
+        f"{r['workers_us']:7.1f} us  idle {r['idle']:4.0%}  steal {r['steal']:4.0%}  "
+        f"memcpy {r['memcpy_gbs']:4.1f} GB/s"
     )
 
 
