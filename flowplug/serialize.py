@@ -161,6 +161,179 @@ def loads(frames: list[Any]) -> Any:
     return pickle.loads(frames[0], buffers=frames[1:])
 
 
+# ---------------------------------------------------------------------------- recipes
+# A consumer receives the same kind of datapoint over and over: an array, or ``(worker id,
+# array)``, or a dict of arrays and labels. Their pickle streams are byte for byte the same
+# (only the buffers differ), and unpickling one costs ~2 us even though it holds nothing
+# but the arrays' dtype and shape: most of it the unpickler itself and its look-up of
+# _rebuild_array (an import call per array, in CPython 3.11). A Loader remembers, per
+# stream, a recipe that rebuilds the datapoint from its buffers without the unpickler.
+
+
+class _NoRecipe(Exception):
+    """The stream holds something a recipe does not rebuild: it is unpickled each time."""
+
+
+class _Array:
+    """What :class:`_Recorder` returns for ``_rebuild_array``: buffer ``index``'s array."""
+
+    __slots__ = ("dtype", "index", "order", "shape")
+
+    def __init__(self, index: int, dtype: str, shape: tuple[int, ...], order: str):
+        self.index = index
+        self.dtype = dtype
+        self.shape = shape
+        self.order = order
+
+
+class _Recorder(pickle.Unpickler):
+    """Unpickles a stream whose only global is :func:`_rebuild_array`, with ``buffers``
+    stand-ins: each array comes out as an :class:`_Array` naming its buffer."""
+
+    def __init__(self, stream: Any, count: int):
+        self.stand_ins = [bytearray() for _ in range(count)]
+        super().__init__(io.BytesIO(stream), buffers=self.stand_ins)
+        self.arrays: list[_Array] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == __name__ and name == "_rebuild_array":
+            return self.array
+        raise _NoRecipe(f"{module}.{name}")
+
+    def array(self, buf: Any, dtype: Any, shape: Any, order: Any) -> _Array:
+        # by identity: a read-only buffer comes as a memoryview of its stand-in, and is
+        # not rebuilt here (pickle makes it read-only; frombuffer would not)
+        index = next((i for i, s in enumerate(self.stand_ins) if s is buf), -1)
+        if (
+            index < 0
+            or type(dtype) is not str
+            or type(shape) is not tuple
+            or any(type(n) is not int for n in shape)
+            or order not in ("C", "F")
+        ):
+            raise _NoRecipe("an array this recipe does not rebuild")
+        made = _Array(index, dtype, shape, order)
+        self.arrays.append(made)
+        return made
+
+
+#: the opcodes of a stream a recipe may stand for: values, containers, the memo, and
+#: globals (which :class:`_Recorder` resolves to arrays only) called with REDUCE; no
+#: objects built otherwise (NEWOBJ, BUILD, extension codes, persistent ids, ...).
+_PLAIN_OPS = frozenset(
+    "PROTO FRAME STOP MARK MEMOIZE BINGET LONG_BINGET GET BINPUT LONG_BINPUT PUT "
+    "SHORT_BINUNICODE BINUNICODE BINUNICODE8 SHORT_BINBYTES BINBYTES BINBYTES8 "
+    "BININT BININT1 BININT2 LONG1 LONG4 BINFLOAT NONE NEWTRUE NEWFALSE "
+    "EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_LIST APPEND APPENDS LIST "
+    "EMPTY_DICT SETITEM SETITEMS DICT STACK_GLOBAL REDUCE NEXT_BUFFER".split()
+)
+
+
+def _plain(stream: bytes) -> bool:
+    """True when ``stream`` has only :data:`_PLAIN_OPS` (read once per new stream)."""
+    import pickletools  # only for a stream seen for the first time
+
+    try:
+        return all(op.name in _PLAIN_OPS for op, _, _ in pickletools.genops(stream))
+    except Exception:  # not a pickle pickletools can read: unpickled as usual
+        return False
+
+
+#: immutable values a recipe may hand out again and again (exact types only).
+_LEAVES = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+def _recipe(node: Any, seen: set[int]) -> Any:
+    """A function of the buffers that rebuilds ``node`` (what :class:`_Recorder` made)."""
+    kind = type(node)
+    if kind in _LEAVES:
+        return lambda b: node
+    if id(node) in seen:  # shared or cyclic: the unpickler's memo, which recipes skip
+        raise _NoRecipe("an object that appears twice")
+    seen.add(id(node))
+    if kind is _Array:
+        cached = _DTYPES.get(node.dtype)
+        if cached is None:
+            import numpy as np  # arrays were sent: numpy is there
+
+            cached = (np.frombuffer, np.dtype(node.dtype))
+        frombuffer, dt = cached
+        i, shape, order = node.index, node.shape, node.order
+        if len(shape) == 1:  # as _rebuild_array: the buffer holds exactly the array
+            return lambda b: frombuffer(b[i], dt)
+        return lambda b: frombuffer(b[i], dt).reshape(shape, order=order)
+    if kind is tuple or kind is list:
+        parts = [_recipe(x, seen) for x in node]
+        if kind is tuple and len(parts) == 2:  # (worker id, datapoint): the Runner's tag
+            first, second = parts
+            return lambda b: (first(b), second(b))
+        return lambda b: kind([f(b) for f in parts])
+    if kind is dict:
+        if any(type(k) not in _LEAVES for k in node):
+            raise _NoRecipe("a dict key that is not a plain value")
+        pairs = [(k, _recipe(v, seen)) for k, v in node.items()]
+        return lambda b: {k: f(b) for k, f in pairs}
+    raise _NoRecipe(f"a {kind.__name__}")
+
+
+class Loader:
+    """``pickle.loads(stream, buffers=buffers)`` for a consumer that receives datapoints
+    of the same make again and again, as :func:`dumps` pickled them.
+
+    A datapoint made of numpy arrays (plain dtypes, as :func:`dumps` sends them) in
+    tuples, lists and dicts, with ints, floats, strings, bytes, bools and None beside
+    them, has the same stream every time; the loader keeps a recipe per stream (up to
+    :attr:`RECIPES`) and rebuilds the next such datapoint from its buffers directly:
+    ~0.5 us instead of ~2.5 us for an array. The result is what ``pickle.loads`` gives:
+    the same values, arrays as views of the buffers, fresh containers each time. Every
+    other stream (another global, a shared or read-only object, a stream that changes
+    with each datapoint) is unpickled as usual; a loader whose streams keep changing
+    stops looking them up. One loader per consumer thread.
+    """
+
+    #: streams a loader keeps a recipe (or "no recipe") for.
+    RECIPES = 64
+
+    __slots__ = ("_hits", "_misses", "_recipes", "on")
+
+    def __init__(self) -> None:
+        self._recipes: dict[bytes, Any] = {}
+        self._hits = 0
+        self._misses = 0
+        #: false once the streams were seen to change all the time (then it only unpickles).
+        self.on = True
+
+    def __call__(self, stream: Any, buffers: Any) -> Any:
+        if self.on:
+            key = bytes(stream)
+            recipe = self._recipes.get(key)
+            if recipe is not None:
+                self._hits += 1
+                return recipe(buffers)
+            if key not in self._recipes:
+                return self._first(key, buffers)
+        return pickle.loads(stream, buffers=buffers)
+
+    def _first(self, key: bytes, buffers: Any) -> Any:
+        """A stream not seen before: unpickle it, and keep its recipe if it has one."""
+        self._misses += 1
+        if self._misses > 4 * self.RECIPES and self._misses > self._hits:
+            self.on = False  # each datapoint its own stream (an index inside, ...)
+        if len(self._recipes) >= self.RECIPES:
+            return pickle.loads(key, buffers=buffers)
+        recipe = None
+        if b"_rebuild_array" in key and _plain(key):
+            try:
+                recorder = _Recorder(key, len(buffers))
+                recipe = _recipe(recorder.load(), set())
+                if len({a.index for a in recorder.arrays}) != len(recorder.arrays):
+                    recipe = None  # one buffer in two arrays
+            except Exception:  # _NoRecipe; or a broken stream: pickle.loads says why below
+                recipe = None
+        self._recipes[key] = recipe
+        return recipe(buffers) if recipe is not None else pickle.loads(key, buffers=buffers)
+
+
 # ---------------------------------------------------------------------------- tensors
 # torch pickles a tensor's storage in-band (through torch.save into bytes), so a tensor
 # would be copied twice on the way and once more when loaded. A plain CPU tensor goes as

@@ -7,6 +7,7 @@ import pytest
 from flowplug.serialize import (
     ALIGN,
     OUT_OF_BAND_MIN,
+    Loader,
     Run,
     dumps,
     dumps_bytes,
@@ -157,3 +158,127 @@ def test_arrays_come_back_with_their_dtype_shape_and_layout(arr):
         assert out.flags.c_contiguous == arr.flags.c_contiguous
         np.testing.assert_array_equal(out, arr)
         assert np.shares_memory(out, np.frombuffer(buf, np.uint8))
+
+
+def _same(a, b):
+    """``a`` and ``b`` are equal, type for type and array for array (dtype, shape, layout)."""
+    assert type(a) is type(b)
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.flags.f_contiguous == b.flags.f_contiguous
+        assert a.flags.writeable == b.flags.writeable
+        np.testing.assert_array_equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            _same(a[k], b[k])
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same(x, y)
+    else:
+        assert a == b
+
+
+ARR = np.arange(OUT_OF_BAND_MIN, dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        ARR,
+        (0, ARR),
+        (1, 2, ARR, None),
+        [ARR, ARR + 1, "x"],
+        {"image": ARR.reshape(16, -1), "label": 3, "w": 0.5, "name": "cat", "b": b"x"},
+        (0, {"depth": np.asfortranarray(ARR.reshape(-1, 8)), "flag": True, "n": None}),
+        {"nested": {"deeper": [(ARR, 1.5)]}},
+    ],
+    ids=["array", "tagged", "tuple", "list", "dict", "tagged-dict", "nested"],
+)
+def test_a_loader_rebuilds_what_pickle_does_from_new_buffers(obj):
+    """The second datapoint of the same make comes from the loader's recipe: equal to what
+    pickle.loads gives, with its arrays as views of *its* buffers and fresh containers."""
+    loader = Loader()
+    frames = dumps(obj, out_of_band_min=0)
+    outs = []
+    for k in range(3):
+        bufs = [bytearray(f) for f in frames[1:]]
+        out = loader(memoryview(frames[0]), bufs)
+        _same(out, pickle.loads(frames[0], buffers=[bytearray(f) for f in frames[1:]]))
+        if bufs:  # a view of the buffer it was given: writing there shows in the array
+            bufs[0][:4] = b"\x00\x00\x80\x3f" if k else b"\x00\x00\x00\x40"
+            first = np.frombuffer(bufs[0], np.uint8)
+            assert any(
+                np.shares_memory(a, first)
+                for a in _arrays(out)  # the first buffer's array, wherever it sits
+            )
+        outs.append(out)
+    assert loader._hits == 2  # the first one recorded the recipe, the other two used it
+    if isinstance(obj, (dict, list)):
+        assert outs[1] is not outs[2]  # fresh containers each time
+        outs[1].clear()
+        assert len(outs[2]) == len(obj)
+
+
+def _arrays(obj):
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _arrays(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _arrays(v)
+
+
+class _Point:
+    def __init__(self, x):
+        self.x = x
+
+    def __eq__(self, other):
+        return type(other) is _Point and other.x == self.x
+
+
+@pytest.mark.parametrize(
+    ("make", "out_of_band_min"),
+    [
+        (lambda: {"p": _Point(3), "a": ARR}, 0),  # another global: its class
+        (lambda: (ARR, ARR), 0),  # one array twice: the unpickler's memo
+        (lambda: [ARR, {1, 2}], 0),  # a set
+        (lambda: [ARR, 1 + 2j], 0),  # a complex: built by a global
+        (lambda: {"a": np.frombuffer(ARR.tobytes(), np.float32)}, 0),  # read-only
+        (lambda: {"a": np.arange(4)}, OUT_OF_BAND_MIN),  # an array inside the stream
+        (lambda: {"x": 1}, OUT_OF_BAND_MIN),  # no array at all
+    ],
+    ids=["class", "shared", "set", "complex", "read-only", "in-band", "plain"],
+)
+def test_a_loader_unpickles_what_it_has_no_recipe_for(make, out_of_band_min):
+    loader = Loader()
+    for _ in range(3):
+        obj = make()
+        frames = dumps(obj, out_of_band_min=out_of_band_min)
+        out = loader(frames[0], [bytearray(f) for f in frames[1:]])
+        _same(out, pickle.loads(frames[0], buffers=[bytearray(f) for f in frames[1:]]))
+        if isinstance(obj, tuple):
+            assert out[0] is out[1]  # still one object, as pickle makes it
+    assert loader._hits == 0
+
+
+def test_a_loader_whose_streams_keep_changing_stops_looking_them_up():
+    loader = Loader()
+    seen = 0
+    for i in range(5 * Loader.RECIPES):
+        frames = dumps((i, ARR), out_of_band_min=0)  # the index changes every stream
+        out = loader(frames[0], frames[1:])
+        assert out[0] == i
+        np.testing.assert_array_equal(out[1], ARR)
+        seen += loader.on
+    assert not loader.on and len(loader._recipes) == Loader.RECIPES
+    assert seen >= 4 * Loader.RECIPES
+
+
+def test_a_loader_raises_what_pickle_raises_on_a_broken_stream():
+    frames = dumps((0, ARR), out_of_band_min=0)
+    with pytest.raises(pickle.UnpicklingError):
+        Loader()(frames[0][:-3], frames[1:])

@@ -55,7 +55,7 @@ import zmq
 
 import flowplug
 from flowplug.ipc import recv_within
-from flowplug.serialize import Run
+from flowplug.serialize import Loader, Run
 from flowplug.shm import DEFAULT_SIZE, ObjectID, ObjectStore, dumps, use_store
 from flowplug.shm import channel as _channel
 
@@ -554,6 +554,7 @@ class ShmTransport(flowplug.TaskTransport):
         self._copy_due: int | None = None  # a COPY entry read whose copy has not come yet
         self._copies_received = 0
         self._bytes = 0  # batches, inline datapoints and copies received (stats)
+        self._loads = Loader()
         self._token = secrets.token_bytes(_TOKEN_LEN)
         self._sockets = flowplug.ZmqSockets()
         self._sock: zmq.Socket | None = None
@@ -657,6 +658,7 @@ class ShmTransport(flowplug.TaskTransport):
         self._bytes += mv.nbytes
         words = mv[index:].cast("q").tolist()
         loads = pickle.loads
+        rebuild = self._loads  # datapoints with arrays: by recipe (flowplug.serialize.Loader)
         out = []
         p = 0
         for _ in range(count):
@@ -679,7 +681,7 @@ class ShmTransport(flowplug.TaskTransport):
                         strict=True,
                     )
                 ]
-            out.append(loads(mv[start : start + n], buffers=buffers))
+            out.append(rebuild(mv[start : start + n], buffers))
             p += 1 + 2 * nf
         out.reverse()
         return out
