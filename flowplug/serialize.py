@@ -554,6 +554,106 @@ class Batch:
             self._new()
 
 
+class Run:
+    """Small pickles back to back in one buffer: what the ``shm`` sender sends as one
+    ring entry (a *run*).
+
+    :meth:`dump` pickles an object straight after the run's others when its pickle has
+    no out-of-band buffer and is at most ``item_max`` bytes; :meth:`take` returns the run
+    as one blob: the pickles' lengths (uint16), then the pickles. Per object, that is one
+    pickling into memory the run keeps (no stream of its own, no list of frames), where
+    :func:`dumps` makes, copies and resets a stream per object (measured: ~0.4 us of
+    ~1.1 us per small dict is the pickling). Every buffer goes out of band, as with
+    ``dumps(obj, out_of_band_min=0)``, so an array is never copied into a run.
+    """
+
+    __slots__ = ("_buffers", "_lengths", "_out", "_pickler", "item_max")
+
+    #: an object pickled to more bytes than this (sent alone) makes the run's buffer
+    #: start anew, so that one huge pickle does not keep its memory for the worker's life.
+    KEEP_MAX = 1 << 20
+
+    def __init__(self, item_max: int):
+        if not 0 < item_max < 1 << 16:
+            raise ValueError(f"a run holds pickles of at most 65535 bytes, not {item_max}")
+        self.item_max = item_max
+        self._lengths = array("H")
+        self._buffers: list[Any] = []
+        self._new()
+
+    def _new(self) -> None:
+        self._out = io.BytesIO()
+        self._pickler = _Pickler(self._out, protocol=5, buffer_callback=self._offer)
+
+    def _offer(self, buf: pickle.PickleBuffer) -> bool:
+        self._buffers.append(buf.raw())
+        return False  # every buffer out of band
+
+    @property
+    def count(self) -> int:
+        """How many pickles the run holds."""
+        return len(self._lengths)
+
+    def dump(self, obj: Any) -> list[Any] | None:
+        """Pickle ``obj`` onto the end of the run, as :func:`dumps` would with
+        ``out_of_band_min=0``; None when it joined the run. Otherwise (it has out-of-band
+        buffers, or its pickle is longer than :attr:`item_max`) the run is left as it
+        was and ``obj``'s frames are returned: the stream (copied), then views of its
+        buffers.
+
+        :raises TypeError: as :func:`dumps`; the run is left as it was.
+        """
+        out = self._out
+        start = out.tell()
+        buffers = self._buffers
+        try:
+            self._pickler.dump(obj)
+        except Exception as exc:
+            buffers.clear()
+            self._pickler = _Pickler(out, protocol=5, buffer_callback=self._offer)  # no half state
+            out.seek(start)
+            raise not_picklable(obj, exc) from exc
+        finally:
+            self._pickler.clear_memo()
+        length = out.tell() - start
+        if not buffers and length <= self.item_max:
+            self._lengths.append(length)
+            return None
+        out.seek(start)
+        frames = [out.read(length), *buffers]
+        buffers.clear()
+        out.seek(start)  # what lies beyond tell() is not part of the run
+        if length > self.KEEP_MAX and not start:
+            self._new()
+        return frames
+
+    def pop(self) -> bytes:
+        """Take the last pickle off the run; :returns: it."""
+        length = self._lengths.pop()
+        out = self._out
+        start = out.tell() - length
+        out.seek(start)
+        stream = out.read(length)
+        out.seek(start)
+        return stream
+
+    def add(self, stream: bytes) -> None:
+        """Put a pickle (of at most :attr:`item_max` bytes) onto the end of the run."""
+        self._out.write(stream)
+        self._lengths.append(len(stream))
+
+    def take(self) -> bytes:
+        """The run as one blob (``count`` uint16 lengths, then the pickles back to back);
+        the run is empty afterwards."""
+        out = self._out
+        n = out.tell()
+        with out.getbuffer() as mv, mv[:n] as body:
+            blob = b"".join((self._lengths, body))
+        out.seek(0)  # not truncate(): the memory serves the next run
+        del self._lengths[:]
+        return blob
+
+
 def batch_of_one(frames: list[Any]) -> tuple[bytes, list[Any], int]:
     """Lay out one object's frames as a batch of one, without copying them.
 

@@ -8,6 +8,7 @@ from flowplug.serialize import (
     ALIGN,
     OUT_OF_BAND_MIN,
     Loader,
+    Run,
     dumps,
     dumps_bytes,
     loads,
@@ -39,6 +40,54 @@ def test_unpicklable_names_the_type():
         dumps({"lock": threading.Lock()})
     with pytest.raises(TypeError, match=r"datapoint of type function"):
         dumps_bytes(lambda: 1)
+
+
+def _run_pickles(blob: bytes, count: int) -> list:
+    """The objects of a :meth:`Run.take` blob: ``count`` uint16 lengths, then the pickles."""
+    lengths = np.frombuffer(blob, np.uint16, count).tolist()
+    out, at = [], 2 * count
+    for n in lengths:
+        out.append(pickle.loads(blob[at : at + n]))
+        at += n
+    assert at == len(blob)
+    return out
+
+
+def test_a_run_holds_small_pickles_back_to_back_and_returns_the_rest_as_frames():
+    """Small plain objects join the run; an object with a buffer (even a tiny array: every
+    buffer goes out of band, as in the shm store), a pickle longer than the limit, and an
+    unpicklable object leave the run as it was."""
+    run = Run(64)
+    assert run.dump({"i": 0}) is None
+    assert run.dump("x" * 100) is not None  # a pickle of more than 64 bytes: alone
+    frames = run.dump({"a": np.arange(3)})
+    assert frames is not None and len(frames) == 2  # stream and the array's buffer
+    np.testing.assert_array_equal(loads(frames)["a"], np.arange(3))
+    with pytest.raises(TypeError, match=r"datapoint of type dict cannot be pickled"):
+        run.dump({"lock": threading.Lock()})
+    assert run.dump((1, "b")) is None
+    assert run.count == 2
+    assert _run_pickles(run.take(), 2) == [{"i": 0}, (1, "b")]
+    assert run.count == 0
+
+    # the next run starts empty, in the same memory; pop and add move its last pickle
+    for i in range(5):
+        assert run.dump(i) is None
+    last = run.pop()
+    assert pickle.loads(last) == 4 and run.count == 4
+    run.add(last)
+    run.add(pickle.dumps("y", protocol=5))
+    assert _run_pickles(run.take(), 6) == [0, 1, 2, 3, 4, "y"]
+
+
+def test_a_huge_pickle_sent_alone_does_not_keep_its_memory_in_the_run():
+    run = Run(64)
+    big = "z" * (2 * Run.KEEP_MAX)
+    frames = run.dump(big)
+    assert frames is not None and pickle.loads(frames[0]) == big
+    assert run._out.getbuffer().nbytes < Run.KEEP_MAX  # a new buffer
+    assert run.dump(7) is None
+    assert _run_pickles(run.take(), 1) == [7]
 
 
 def test_dumps_bytes_round_trips():

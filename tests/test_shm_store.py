@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import weakref
 
 import numpy as np
 import pyarrow as pa
@@ -169,6 +170,28 @@ def test_a_view_keeps_its_memory_until_the_last_reference_goes(store):
     assert derived[0, 0] == 10
     del derived
     assert store.used == 0
+
+
+def test_a_view_keeps_a_dropped_store_until_it_dies_and_then_frees_its_memory():
+    """The store object lives while a view of it does, whatever else lets go of it: the
+    view's death must reach the store (its memory goes back, and the store, now
+    unreferenced, closes and removes its file)."""
+    s = shm.ObjectStore("4MiB")
+    other = shm.ObjectStore.attach(s.name)
+    name = s.name
+    view = s.take(s.put(np.arange(100_000, dtype=np.int64)))
+    assert other.used > 800_000
+    store_ref = weakref.ref(s)
+    del s
+    gc.collect()
+    assert store_ref() is not None  # held for the view
+    assert view[-1] == 99_999
+    del view
+    gc.collect()
+    assert store_ref() is None
+    assert other.used == 0  # the view's memory came back before the store went
+    other.close()
+    assert not os.path.exists(name)
 
 
 def test_an_arrow_column_keeps_its_memory(store):

@@ -11,7 +11,9 @@ under the segment's mutex (:mod:`.segment`).
 
 from __future__ import annotations
 
+import atexit
 import bisect
+import functools
 import mmap
 import os
 import pickle
@@ -86,6 +88,33 @@ def dumps(obj: Any) -> list[Any]:
     :raises TypeError: ``obj`` cannot be pickled; names the datapoint's type.
     """
     return _dumps(obj, out_of_band_min=0)
+
+
+# The death of a block view is heard through a weak reference with a callback, kept here
+# until it fires (as weakref.finalize keeps its own, at 3-4 times the cost per view,
+# measured): the callback holds the store, so the store lives while any view does.
+_watched: dict[int, weakref.ref] = {}
+_exiting = [False]
+
+
+def _exit() -> None:
+    _exiting[0] = True  # as weakref.finalize(atexit=False): no store work during shutdown
+
+
+atexit.register(_exit)
+
+
+def _watch(view: Any, store: ObjectStore, off: int, tag: int) -> weakref.ref:
+    """A weak reference to ``view`` that tells ``store`` when the view dies."""
+    ref = weakref.ref(view, functools.partial(_died, store, off, tag, store._pid))
+    _watched[id(ref)] = ref
+    return ref
+
+
+def _died(store: ObjectStore, off: int, tag: int, pid: int, ref: weakref.ref) -> None:
+    _watched.pop(id(ref), None)
+    if not _exiting[0]:
+        store._view_died(off, tag, pid)
 
 
 @dataclass(frozen=True)
@@ -356,8 +385,7 @@ class ObjectStore:
                     block = self._view(off, tag, transfer=True)  # viewed already (a get())
                 else:
                     block = np.frombuffer(mm, np.uint8, count=nbytes, offset=at)
-                    weakref.finalize(block, self._view_died, off, tag, self._pid).atexit = False
-                    self._local[off] = (weakref.ref(block), tag)
+                    self._local[off] = (_watch(block, self, off, tag), tag)
                 buffers = [block[begin : begin + length] for _, _, begin, length in entries]
                 _WORD.pack_into(mm, at + 8 * _B_STORED, 0)
         finally:
@@ -693,8 +721,8 @@ class ObjectStore:
         # Runs when the last reference to a block view goes, in any thread, maybe inside
         # another store operation of this thread (gc): never wait for our own thread lock
         # (the holder applies the release), never raise.
-        if pid != os.getpid() or self._closed:
-            return
+        if pid != self._pid or self._forks != _forks[0] or self._closed:
+            return  # a forked child's copy: the parent's views are the parent's
         self._pending.append((off, tag))
         if len(self._pending) < self._defer:
             return  # applied by this process's next store operation
@@ -820,8 +848,7 @@ class ObjectStore:
         mm = self._mm
         assert mm is not None
         view = np.frombuffer(mm, np.uint8, count=nbytes, offset=self._data + off)
-        weakref.finalize(view, self._view_died, off, tag, self._pid).atexit = False
-        self._local[off] = (weakref.ref(view), tag)
+        self._local[off] = (_watch(view, self, off, tag), tag)
         return view
 
     def _locate(self, buf: Any, nbytes: int) -> tuple[int, int, int] | None:

@@ -55,7 +55,7 @@ import zmq
 
 import flowplug
 from flowplug.ipc import recv_within
-from flowplug.serialize import Loader
+from flowplug.serialize import Loader, Run
 from flowplug.shm import DEFAULT_SIZE, ObjectID, ObjectStore, dumps, use_store
 from flowplug.shm import channel as _channel
 
@@ -149,7 +149,8 @@ class ShmSender(flowplug.Sender):
         self._fill = 0  # bytes written into it
         self._index: list[int] = []  # per datapoint: frames, (start, length) per frame
         self._count = 0  # datapoints in the open batch block
-        self._run: list[bytes] = []  # small pickles of the open run (not yet sent)
+        # small pickles of the open run (not yet sent), back to back
+        self._runs = Run(_channel.INLINE_MAX)
         self._started = 0.0  # when the open run or block got its first datapoint
         self._lock = threading.Lock()
         self._timer: threading.Thread | None = None
@@ -169,25 +170,31 @@ class ShmSender(flowplug.Sender):
         self._chan.hello(worker_id)
 
     def send(self, obj: Any) -> None:
-        frames = dumps(obj)
-        if len(frames) == 1:
-            stream = frames[0]
-            n = len(stream)
-            if n <= _channel.INLINE_MAX and self._max_items > 1:
-                # The smallest: back to back in the open run, sent as one entry.
-                with self._lock:
-                    if self._probe() != 0:
+        if self._max_items > 1:
+            with self._lock:
+                # The smallest (a pickle without buffers, at most INLINE_MAX bytes) join
+                # the open run, pickled in place; the rest come back as frames.
+                run = self._runs
+                frames = run.dump(obj)
+                if frames is None:
+                    if self._probe() != 0:  # no credit: send the rest, then wait for one
+                        stream = run.pop()
                         self._no_credit()
+                        run.add(stream)
                     if self._count:
                         self._seal()
                     now = time.monotonic()
-                    run = self._run
-                    if not run:
+                    count = run.count
+                    if count == 1:
                         self._started = now
-                    run.append(stream)
-                    if len(run) >= self._max_items or now - self._started >= BATCH_DELAY:
+                    elif count >= self._max_items or now - self._started >= BATCH_DELAY:
                         self._publish()
-                return
+                    return
+        else:
+            frames = dumps(obj)
+        if len(frames) == 1:
+            stream = frames[0]
+            n = len(stream)
             if n <= self._item_max:  # small, into a batch block; kept short
                 with self._lock:
                     if self._probe() != 0:
@@ -223,17 +230,16 @@ class ShmSender(flowplug.Sender):
 
     def _publish(self) -> None:
         """Send the open run (its credits were taken; the lock is held)."""
-        run = self._run
-        self._run = []
-        if len(run) == 1:
-            self._chan.push(self._ring, _channel.INLINE, len(run[0]), 0, run[0])
+        count = self._runs.count
+        blob = self._runs.take()  # the lengths, then the pickles back to back
+        if count == 1:
+            self._chan.push(self._ring, _channel.INLINE, len(blob) - 2, 0, memoryview(blob)[2:])
             return
-        # one blob: the lengths, then the pickles back to back (one copy into the ring)
-        self._chan.push_run(self._ring, b"".join([array("H", map(len, run)), *run]), len(run))
+        self._chan.push_run(self._ring, blob, count)
 
     def _send_open(self) -> None:
         """Send the open run or batch block, if any (the lock is held)."""
-        if self._run:
+        if self._runs.count:
             self._publish()
         if self._count:
             self._seal()
