@@ -577,3 +577,25 @@ def test_processes_put_while_threads_take_and_drop_views(store):
     assert all((dp["a"] == dp["fill"]).all() for dp in kept)
     kept.clear()
     assert store.used == 0  # every reference came back
+
+
+def test_take_sole_with_a_loader_and_large_blocks_freed_at_once():
+    """take_sole rebuilds through a Loader as pickle would; a dropped view of a large
+    block returns its memory at once, while small ones wait for the deferred frees."""
+    from flowplug.serialize import Loader
+
+    with shm.ObjectStore("16MiB") as s:
+        s.defer_frees(16)
+        loads = Loader()
+        for i in range(3):  # the second and third by the loader's recipe
+            oid = s.put({"x": np.full(1 << 20, i, np.uint8), "n": i})
+            got = s.take_sole(oid, loads)
+            assert got["n"] == i and got["x"].shape == (1 << 20,) and (got["x"] == i).all()
+            assert got["x"].flags.writeable
+            assert s.used > 1 << 20
+            del got
+            assert s.used == 0  # at once: 1 MiB >= FREE_AT_ONCE
+        small = s.take_sole(s.put(np.arange(10)), loads)
+        del small
+        assert s._pending  # a small block's free waits for the next operation
+        assert s.used == 0  # which applies it

@@ -75,11 +75,12 @@ BATCH_ITEM_MAX = 128 * 1024
 #: datapoint waits in a batch longer only while the consumer has others to take).
 BATCH_DELAY = 0.002
 ALIGN = 64
-#: bytes of large datapoints (those sent alone) in flight, all workers together, as far as
-#: :data:`LARGE_MIN` allows: the blocks being written, sent and handed on, then written
-#: again, stay in the CPU's cache (a copy into a cold 1.2 MB block costs ~1.5x a warm one).
-LARGE_BYTES = 16 * 1024 * 1024
-#: large datapoints are bounded so only while a worker's share holds this many.
+#: bytes of large datapoints (those sent alone) in flight, all workers together: the
+#: blocks written, sent, handed on and written again then stay in the CPU's cache (a copy
+#: into a cold 1.2 MB block cost ~1.5x a warm one here). Each worker may have its share
+#: of it in flight, and at least 2; datapoints of which fewer than :data:`LARGE_MIN` fit
+#: are not bounded (they go to memory anyway).
+LARGE_BYTES = 10 * 1024 * 1024
 LARGE_MIN = 4
 #: tasks go into the store only while it stays at most this full: the rest is for results.
 TASK_SHARE = 0.5
@@ -274,12 +275,13 @@ class ShmSender(flowplug.Sender):
 
     def _bound(self, size: int) -> None:
         """Large datapoints of ``size`` bytes (the lock is held): hold back the ring's
-        credits beyond this worker's share of :data:`LARGE_BYTES`, so that their blocks
-        stay few and warm; none when that share holds fewer than :data:`LARGE_MIN`."""
+        credits beyond this worker's share of :data:`LARGE_BYTES` (at least 2), so that
+        their blocks stay few and warm."""
         self._large_size = size
-        keep = self._large_bytes // max(size, 1)
-        # Fewer than LARGE_MIN of them would not fit: no bound, they go to memory anyway.
-        self._want = max(0, self._slots - keep) if keep >= LARGE_MIN else 0
+        if 0 < size <= LARGE_BYTES // LARGE_MIN:
+            self._want = max(0, self._slots - max(2, self._large_bytes // size))
+        else:
+            self._want = 0
         if self._withheld > self._want:  # larger share now: some credits go back
             self._chan.release(self._ring, self._withheld - self._want)
             self._withheld = self._want

@@ -493,3 +493,58 @@ def test_no_resource_tracker_warnings(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "resource_tracker" not in done.stderr and "leaked" not in done.stderr
     assert done.stderr == ""
+
+
+def test_large_datapoints_in_flight_are_bounded_by_bytes_then_small_ones_run_freely():
+    """A worker keeps its share of LARGE_BYTES of large datapoints in flight (not all of
+    its ring's credits); small datapoints after them get the whole ring again."""
+    from flowplug_shm import transport as shm_transport
+
+    capacity = 40
+    transport = fp.get_transport("shm")(
+        capacity=capacity, num_workers=1, run_id="fp-bound", start_method="fork", size="64MiB"
+    )
+    size = 1 << 20
+    keep = shm_transport.LARGE_BYTES // (size + 200)  # the stream's bytes too
+    connect = transport.open()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: 60 large datapoints, then 300 small ones
+        code = 1
+        try:
+            os.close(r)
+            sender = connect(0)
+            for i in range(360):
+                sender.send({"i": i, "x": np.full(size, i % 256, np.uint8)} if i < 60 else i)
+                os.write(w, b"x")
+            sender.close()
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.set_blocking(r, False)
+    try:
+        sent = 0
+        most = {True: 0, False: 0}  # the most in flight, of large / small datapoints
+        for received in range(360):
+            if received % 20 == 0:
+                time.sleep(0.1)  # the worker fills whatever room there is
+            try:
+                sent += len(os.read(r, 1000))
+            except BlockingIOError:
+                pass
+            large = received < 60
+            most[large] = max(most[large], (min(sent, 60) if large else sent) - received)
+            dp = transport.recv(5.0)
+            if large:
+                assert dp["i"] == received and dp["x"][0] == received % 256
+                del dp
+            else:
+                assert dp == received
+        assert 2 <= most[True] <= keep, (most, keep)
+        assert most[False] > keep, (most, keep)  # the large ones' bound is gone
+    finally:
+        os.close(r)
+        transport.close()
+        status = os.waitpid(pid, 0)[1]
+    assert status == 0
