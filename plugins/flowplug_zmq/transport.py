@@ -16,6 +16,7 @@ Small items are copied into batches, so they never wait.
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import functools
 import secrets
@@ -24,6 +25,7 @@ import socket
 import struct
 import sys
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -125,7 +127,7 @@ class ZmqSender(flowplug.BatchingSender):
         # consumer mostly finds the bytes there when it learns of them, and reads them in
         # one go. The rest (the buffer was full) follows the header: the consumer reads
         # it as it comes, so sendall() cannot wait on a consumer that waits on it.
-        rest = []
+        rest: list[memoryview] = []
         for i in range(1, len(frames)):
             raw = getattr(frames[i], "raw", None)  # a PickleBuffer: C or Fortran order
             view = raw() if raw is not None else memoryview(frames[i]).cast("B")
@@ -151,7 +153,17 @@ class ZmqSender(flowplug.BatchingSender):
         if len(frames) > 1 and self._direct_min >= 0:
             sizes = [memoryview(f).nbytes for f in frames[1:]]
             if sum(sizes) >= self._direct_min:
-                self._write_direct(frames, sizes)
+                try:
+                    self._write_direct(frames, sizes)
+                except BaseException:
+                    # Half a datapoint may be on the connection, or bytes without their
+                    # header: close it, so that the consumer drops what is cut off (at
+                    # its end) and never reads one datapoint's bytes as the next one's.
+                    # Later datapoints go by zmq.
+                    self._direct_min = -1
+                    if self._conn is not None:
+                        self._conn.close()
+                    raise
                 return
         send = self._send
         send(self._token, _MORE)
@@ -185,11 +197,12 @@ class ZmqSender(flowplug.BatchingSender):
 class _Direct:
     """The consumer's end of the workers' direct connections (``direct_min``).
 
-    A worker connects at its first large datapoint and says hello: the run's token and a
-    key of its connection. Then, per datapoint, it sends ``[token, stream, key + sizes]``
-    through zmq and the buffers' bytes through its connection, in order. The consumer reads
-    them into new arrays; a datapoint still arriving is finished by the next
-    :meth:`read` (each bounded by its timeout).
+    A worker connects when its sender is made and says hello: the run's token and a key
+    of its connection. Then, per large datapoint, it sends ``[token + "D", stream, key +
+    sizes]`` through zmq and the buffers' bytes through its connection, in order. The
+    consumer reads them into buffers of its own (:meth:`_buffer`); a datapoint still
+    arriving is finished by the next :meth:`read` (each bounded by its timeout), before
+    any other message.
     """
 
     def __init__(self, run_id: str, token: bytes, backlog: int):
@@ -209,10 +222,12 @@ class _Direct:
             raise
         self.conns: dict[bytes, socket.socket] = {}
         self.unnamed: list[tuple[socket.socket, bytearray]] = []  # accepted, before hello
-        self.pool: list[np.ndarray] = []  # receive buffers, reused (_buffer)
+        # receive buffers, reused (_buffer): [buffer, weak reference to its lease, lease type]
+        self.pool: list[list[Any]] = []
         self.pool_bytes = 0
-        # the datapoint being read: connection, its poll, stream, buffers, index, offset
+        # the datapoint being read: connection, key, stream, buffers, index, offset
         self.partial: list[Any] | None = None
+        self.rcvtimeo: dict[socket.socket, float] = {}  # SO_RCVTIMEO set per connection
 
     def begin(self, stream: Any, head: bytes, timeout: float) -> tuple[Any, int]:
         """Start reading a datapoint: ``(it or EMPTY, bytes announced)``."""
@@ -234,18 +249,20 @@ class _Direct:
         recv_into = conn.recv_into
         if timeout > 0:  # wait inside the kernel's receive, for all the bytes asked
             deadline = time.monotonic() + timeout
-            sec = int(timeout)
-            conn.setsockopt(
-                socket.SOL_SOCKET,
-                socket.SO_RCVTIMEO,
-                _TIMEVAL.pack(sec, int((timeout - sec) * 1e6) or 1),
-            )
+            if self.rcvtimeo.get(conn) != timeout:  # a syscall only when it changes
+                sec = int(timeout)
+                conn.setsockopt(
+                    socket.SOL_SOCKET,
+                    socket.SO_RCVTIMEO,
+                    _TIMEVAL.pack(sec, int((timeout - sec) * 1e6) or 1),
+                )
+                self.rcvtimeo[conn] = timeout
             flags = _WAITALL
         else:
             deadline = 0.0
             flags = _DONTWAIT
         while i < len(buffers):
-            view = buffers[i].data
+            view = memoryview(buffers[i]).cast("B")
             try:
                 n = recv_into(view[pos:], 0, flags)
             except BlockingIOError:  # nothing now, or nothing within SO_RCVTIMEO
@@ -253,6 +270,7 @@ class _Direct:
             if n == 0:  # the worker is gone mid-datapoint: its death is the Runner's news
                 self.partial = None
                 del self.conns[key]
+                self.rcvtimeo.pop(conn, None)
                 conn.close()
                 return flowplug.EMPTY
             if n > 0:
@@ -267,28 +285,39 @@ class _Direct:
         self.partial = None
         return loads([stream, *buffers])
 
-    def _buffer(self, size: int) -> np.ndarray:
-        """Memory for ``size`` bytes: a kept buffer that nothing refers to any more (the
-        datapoints read into it are gone), else a new one, kept if there is room. New
-        memory costs a page fault per page when the kernel writes it (~20% of the
-        consumer's time at 1.2 MB); kept memory does not."""
+    def _buffer(self, size: int) -> Any:
+        """Memory for ``size`` bytes, lent out as a new ctypes array over a kept buffer
+        that no datapoint refers to any more, else over a new one (kept if there is
+        room). New memory costs a page fault per page when the kernel writes it (~20% of
+        the consumer's time at 1.2 MB); kept memory does not.
+
+        Whatever is rebuilt on the lease (numpy arrays and their views, memoryviews,
+        torch tensors) refers to the lease, never to the buffer behind it (numpy stops
+        collapsing a view's base at a non-array), so a buffer is free once the weak
+        reference to its last lease is dead: no reference counting that depends on the
+        interpreter (``sys.getrefcount`` counts differently from Python 3.14 on).
+        """
         pool = self.pool
-        for buf in pool:
-            # references: the pool, `buf`, getrefcount's argument; a datapoint rebuilt on
-            # it (a view, or a view of a view) holds one more as long as it lives
-            if buf.nbytes == size and sys.getrefcount(buf) == 3:
-                return buf
-        buf = np.empty(size, np.uint8)
+        for entry in pool:
+            if entry[1]() is None and entry[0].nbytes == size:
+                lease = entry[2].from_buffer(entry[0])
+                entry[1] = weakref.ref(lease)
+                return lease
+        buf: Any = np.empty(size, np.uint8)
+        kind = ctypes.c_char * size
+        lease = kind.from_buffer(buf)
         if self.pool_bytes + size > _POOL_BYTES:  # make room: drop free buffers
-            free = [b for b in pool if sys.getrefcount(b) == 3]
-            while free and self.pool_bytes + size > _POOL_BYTES:
-                gone = free.pop()
-                pool.remove(gone)
-                self.pool_bytes -= gone.nbytes
+            kept = []
+            for entry in pool:
+                if self.pool_bytes + size > _POOL_BYTES and entry[1]() is None:
+                    self.pool_bytes -= entry[0].nbytes
+                else:
+                    kept.append(entry)
+            pool[:] = kept
         if self.pool_bytes + size <= _POOL_BYTES:
-            pool.append(buf)
+            pool.append([buf, weakref.ref(lease), kind])
             self.pool_bytes += size
-        return buf
+        return lease
 
     def await_workers(self, count: int, keep_waiting: Any) -> None:
         """Accept ``count`` connections with their hellos, or until ``keep_waiting()`` is
@@ -344,6 +373,7 @@ class _Direct:
             conn.close()
         self.conns.clear()
         self.unnamed.clear()
+        self.rcvtimeo.clear()
         self.listener.close()
 
 
@@ -424,8 +454,13 @@ class ZmqTransport(flowplug.TaskTransport):
         if direct_min > 0 and not values["fresh_arrays"] and _direct_supported():
             try:
                 self._direct = _Direct(self.run_id, self._token, max(128, 2 * self.num_workers))
-            except BaseException:
+            except flowplug.ConfigError:
                 self._sockets.close()  # open() failed: close() may not run
+                raise
+            except OSError:  # no unix sockets here (a sandbox): every buffer goes by zmq
+                self._direct = None
+            except BaseException:
+                self._sockets.close()
                 raise
         return functools.partial(
             ZmqSender,

@@ -264,3 +264,111 @@ def test_each_workers_datapoints_keep_their_order_and_arrive_whole(direct_min):
         for n, a in mine:
             if n % 2:
                 assert a.min() == a.max() == n // 2
+
+
+def test_a_view_of_a_view_a_memoryview_or_a_tensor_keeps_its_memory_from_reuse(transport):
+    connect = transport.open()
+
+    def work():
+        sender = connect(0)
+        batch = np.empty(MB2, np.uint8)
+        for i in range(6):
+            batch[...] = i
+            sender.send(batch)
+        sender.close()
+
+    join = _in_thread(work)
+    first = transport.recv(10.0)
+    kept = [first[1:][::2][:10], memoryview(first[5:9])]  # a view of a view, a memoryview
+    del first
+    got = [transport.recv(10.0) for _ in range(4)]
+    del got  # their memory is free again: the next datapoint may reuse it
+    last = transport.recv(10.0)
+    join()
+    assert last.min() == last.max() == 5
+    assert int(kept[0].max()) == 0 and set(bytes(kept[1])) == {0}
+
+
+def test_a_full_pool_makes_room_by_dropping_free_buffers(transport, monkeypatch):
+    from flowplug_zmq import transport as zt
+
+    monkeypatch.setattr(zt, "_POOL_BYTES", 5 * MB2)
+    connect = transport.open()
+    sizes = [MB2 + 64 * k for k in range(8)] * 2  # more kinds than the pool holds
+
+    def work():
+        sender = connect(0)
+        for i, n in enumerate(sizes):
+            sender.send(np.full(n, i, np.uint8))
+        sender.close()
+
+    join = _in_thread(work)
+    held = []
+    for i, n in enumerate(sizes):
+        got = transport.recv(10.0)
+        assert got.shape == (n,) and got.min() == got.max() == i
+        if i % 4 == 0:
+            held.append(got)  # some stay in use while the pool fills
+        del got
+    join()
+    assert transport._direct.pool_bytes <= 5 * MB2
+    assert [int(a[0]) for a in held] == list(range(0, len(sizes), 4))
+
+
+def test_without_unix_sockets_every_buffer_goes_by_zmq(monkeypatch):
+    from flowplug_zmq import transport as zt
+
+    def refuse(*args):
+        raise PermissionError(1, "not here")
+
+    monkeypatch.setattr(zt, "_Direct", refuse)
+    t = fp.get_transport("zmq")(capacity=4, num_workers=1, run_id="test-zmqd1")
+    try:
+        connect = t.open()
+        assert t._direct is None
+        join = _in_thread(lambda: (s := connect(0)).send(np.full(MB2, 4, np.uint8)) or s.close())
+        got = t.recv(10.0)
+        join()
+        assert got.min() == got.max() == 4
+    finally:
+        t.close()
+
+
+def test_a_send_that_fails_half_way_closes_the_direct_connection(transport):
+    connect = transport.open()
+    errors = []
+
+    class Cut:  # the worker's connection, interrupted half way through a datapoint
+        def __init__(self, conn):
+            self.conn = conn
+
+        def send(self, view, flags):
+            return self.conn.send(view, flags)
+
+        def sendall(self, view):
+            self.conn.sendall(view[: len(view) // 2])
+            raise KeyboardInterrupt  # e.g. a signal while the bytes go out
+
+        def close(self):
+            self.conn.close()
+
+    def work():
+        sender = connect(0)
+        sender._conn = Cut(sender._conn)
+        try:
+            sender.send(np.full(4 * MB2, 1, np.uint8))  # more than the kernel takes at once
+        except KeyboardInterrupt:
+            errors.append("cut")
+        sender.send(np.full(MB2, 2, np.uint8))  # by zmq now
+        sender.close()
+
+    join = _in_thread(work)
+    got = fp.EMPTY
+    for _ in range(5):  # the cut datapoint is dropped (EMPTY), then the next one comes
+        got = transport.recv(5.0)
+        if got is not fp.EMPTY:
+            break
+    join()
+    assert errors == ["cut"]
+    assert got.shape == (MB2,) and got.min() == got.max() == 2
+    assert transport._direct.conns == {}  # the cut connection is closed at our end too
