@@ -3,7 +3,7 @@
 A message is ``[token, pickle stream, buffer...]`` for one object, or ``[token + header,
 blob]`` for a batch of small ones (:class:`flowplug.BatchingSender`). The token is private
 to the run, so bytes from a stranger who connects to the socket are dropped, never
-unpickled. Received numpy arrays are views of the received frames.
+unpickled. Received numpy arrays are views of the received frames (or buffers, below).
 
 Large buffers are sent without a copy (``copy=False``); ``send()`` returns once zmq has
 handed them to the kernel (a ``MessageTracker``), because the worker may refill the same
@@ -11,6 +11,13 @@ array as soon as ``send()`` returns. A dataflow that yields a new array each tim
 changes one it has yielded can say so (option ``fresh_arrays``): ``send()`` then returns at
 once and zmq keeps the buffers referenced until it is done, as a bare pyzmq loop does.
 Small items are copied into batches, so they never wait.
+
+On Linux a datapoint with at least ``direct_min`` bytes (1 MiB) of such buffers takes
+another way (:class:`_Direct`): its buffers go over the worker's own unix stream socket
+(``sendall``: it returns once the kernel holds the bytes, so no tracker wait), its header
+``[token + "D", stream, key + sizes]`` through zmq, in the same order as everything else of
+that worker. The consumer reads the bytes into buffers of its own, reused once nothing
+refers to them; the arrays it returns are views of those.
 """
 
 from __future__ import annotations
