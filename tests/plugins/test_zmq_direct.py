@@ -372,3 +372,25 @@ def test_a_send_that_fails_half_way_closes_the_direct_connection(transport):
     assert errors == ["cut"]
     assert got.shape == (MB2,) and got.min() == got.max() == 2
     assert transport._direct.conns == {}  # the cut connection is closed at our end too
+
+
+def test_a_torch_tensor_keeps_its_memory_from_reuse(transport):
+    torch = pytest.importorskip("torch")
+    connect = transport.open()
+
+    def work():
+        sender = connect(0)
+        batch = torch.empty(MB2 // 4, dtype=torch.float32)
+        for i in range(6):
+            batch.fill_(i)
+            sender.send(batch)
+        sender.close()
+
+    join = _in_thread(work)
+    kept = transport.recv(10.0)[3:7]  # a view of the tensor received
+    for _ in range(4):  # free as soon as received: their memory is reused
+        transport.recv(10.0)
+    last = transport.recv(10.0)
+    join()
+    assert float(last.min()) == float(last.max()) == 5
+    assert kept.tolist() == [0.0] * 4
