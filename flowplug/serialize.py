@@ -231,9 +231,9 @@ _PLAIN_OPS = frozenset(
 
 def _plain(stream: bytes) -> bool:
     """True when ``stream`` has only :data:`_PLAIN_OPS` (read once per new stream)."""
-    import pickletools  # only for a stream seen for the first time
-
     try:
+        import pickletools  # imported by Loader() already: no file to open here
+
         return all(op.name in _PLAIN_OPS for op, _, _ in pickletools.genops(stream))
     except Exception:  # not a pickle pickletools can read: unpickled as usual
         return False
@@ -312,6 +312,9 @@ class Loader:
     __slots__ = ("_hits", "_misses", "_recipes", "_spans", "on")
 
     def __init__(self) -> None:
+        # Now, not at the first new stream: a running consumer may have no fd to spare.
+        import pickletools  # noqa: F401
+
         self._recipes: dict[bytes, Any] = {}
         #: the same recipes, for :meth:`from_spans`.
         self._spans: dict[bytes, Any] = {}
