@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -279,38 +280,55 @@ def test_used_directly_the_transport_bounds_datapoints_by_its_credits(kind):
     transport = fp.get_transport("shm")(
         capacity=capacity, num_workers=1, run_id="fp-direct", start_method="fork", size="16MiB"
     )
+
+    def make(i):
+        return {"i": i} if kind == "runs" else {"i": i, "x": np.full(3000, i)}
+
+    with _forked_worker(transport, make, 300) as sent:
+        for received in range(300):
+            if received % 7 == 0:
+                time.sleep(0.05)  # the worker fills whatever room there is
+            assert sent() - received <= capacity, (sent(), received)
+            dp = transport.recv(5.0)
+            assert dp is not fp.EMPTY and dp["i"] == received
+
+
+@contextlib.contextmanager
+def _forked_worker(transport, make, count):
+    """Worker 0 of ``transport`` in a forked child, sending ``make(i)`` for ``i < count``.
+    Yields a function that says how many it has sent so far; at the end closes the
+    transport (a worker still waiting for a credit stops) and checks the child's exit."""
     connect = transport.open()
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child: a worker sending 300 datapoints
+    if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
             os.close(r)
             sender = connect(0)
-            for i in range(300):
-                sender.send({"i": i} if kind == "runs" else {"i": i, "x": np.full(3000, i)})
-                os.write(w, b"x")  # how many were sent
+            for i in range(count):
+                sender.send(make(i))
+                os.write(w, b"x")  # one byte per datapoint sent
             sender.close()
             code = 0
         finally:
             os._exit(code)
     os.close(w)
     os.set_blocking(r, False)
+    sent = [0]
+
+    def sent_so_far():
+        try:
+            sent[0] += len(os.read(r, 1000))
+        except BlockingIOError:
+            pass  # nothing sent since the last look
+        return sent[0]
+
     try:
-        sent = 0
-        for received in range(300):
-            if received % 7 == 0:
-                time.sleep(0.05)  # the worker fills whatever room there is
-            try:
-                sent += len(os.read(r, 1000))
-            except BlockingIOError:
-                pass  # nothing sent since the last look
-            assert sent - received <= capacity, (sent, received)
-            dp = transport.recv(5.0)
-            assert dp is not fp.EMPTY and dp["i"] == received
+        yield sent_so_far
     finally:
         os.close(r)
-        transport.close()  # a worker still waiting for a credit stops
+        transport.close()
         status = os.waitpid(pid, 0)[1]
     assert status == 0
 
@@ -506,35 +524,17 @@ def test_large_datapoints_in_flight_are_bounded_by_bytes_then_small_ones_run_fre
     )
     size = 1 << 20
     keep = shm_transport.LARGE_BYTES // (size + 200)  # the stream's bytes too
-    connect = transport.open()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child: 60 large datapoints, then 300 small ones
-        code = 1
-        try:
-            os.close(r)
-            sender = connect(0)
-            for i in range(360):
-                sender.send({"i": i, "x": np.full(size, i % 256, np.uint8)} if i < 60 else i)
-                os.write(w, b"x")
-            sender.close()
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    os.set_blocking(r, False)
-    try:
-        sent = 0
+
+    def make(i):  # 60 large datapoints, then 300 small ones
+        return {"i": i, "x": np.full(size, i % 256, np.uint8)} if i < 60 else i
+
+    with _forked_worker(transport, make, 360) as sent:
         most = {True: 0, False: 0}  # the most in flight, of large / small datapoints
         for received in range(360):
             if received % 20 == 0:
                 time.sleep(0.1)  # the worker fills whatever room there is
-            try:
-                sent += len(os.read(r, 1000))
-            except BlockingIOError:
-                pass
             large = received < 60
-            most[large] = max(most[large], (min(sent, 60) if large else sent) - received)
+            most[large] = max(most[large], (min(sent(), 60) if large else sent()) - received)
             dp = transport.recv(5.0)
             if large:
                 assert dp["i"] == received and dp["x"][0] == received % 256
@@ -543,8 +543,3 @@ def test_large_datapoints_in_flight_are_bounded_by_bytes_then_small_ones_run_fre
                 assert dp == received
         assert 2 <= most[True] <= keep, (most, keep)
         assert most[False] > keep, (most, keep)  # the large ones' bound is gone
-    finally:
-        os.close(r)
-        transport.close()
-        status = os.waitpid(pid, 0)[1]
-    assert status == 0

@@ -125,18 +125,24 @@ def test_arrays_of_every_layout_and_several_per_datapoint_arrive_equal(transport
     assert len(transport._direct.conns) == 1
 
 
-def test_receive_memory_is_reused_only_once_no_datapoint_refers_to_it(transport):
-    connect = transport.open()
+def _refill_and_send(connect, count):
+    """Worker 0 in a thread: one 2 MiB array, refilled with ``i`` and sent, ``count`` times."""
 
     def work():
         sender = connect(0)
         batch = np.empty(MB2, np.uint8)
-        for i in range(12):
+        for i in range(count):
             batch[...] = i
             sender.send(batch)
         sender.close()
 
-    join = _in_thread(work)
+    return _in_thread(work)
+
+
+def test_receive_memory_is_reused_only_once_no_datapoint_refers_to_it(transport):
+    connect = transport.open()
+
+    join = _refill_and_send(connect, 12)
     kept = [transport.recv(10.0) for _ in range(4)]
     views = [a[10:20] for a in kept]  # a view keeps the memory as its array does
     del kept[1:]
@@ -269,15 +275,7 @@ def test_each_workers_datapoints_keep_their_order_and_arrive_whole(direct_min):
 def test_a_view_of_a_view_a_memoryview_or_a_tensor_keeps_its_memory_from_reuse(transport):
     connect = transport.open()
 
-    def work():
-        sender = connect(0)
-        batch = np.empty(MB2, np.uint8)
-        for i in range(6):
-            batch[...] = i
-            sender.send(batch)
-        sender.close()
-
-    join = _in_thread(work)
+    join = _refill_and_send(connect, 6)
     first = transport.recv(10.0)
     kept = [first[1:][::2][:10], memoryview(first[5:9])]  # a view of a view, a memoryview
     del first
