@@ -280,6 +280,25 @@ def test_doctor_checks_the_platform(capsys):
     assert "plugin autoload on" in out
 
 
+@pytest.mark.parametrize(("wmem_max", "hint"), [(212992, True), (4194304, False)])
+def test_doctor_says_how_to_give_zmq_room_for_large_datapoints(
+    capsys, tmp_path, monkeypatch, wmem_max, hint
+):
+    from flowplug import cli
+
+    fake = tmp_path / "wmem_max"
+    fake.write_text(f"{wmem_max}\n")
+    monkeypatch.setattr(cli, "_WMEM_MAX", str(fake))
+    code, out, _ = run(capsys, "doctor", "--clean")
+    assert code == 0, out
+    line = next(x for x in out.splitlines() if "net.core.wmem_max" in x)
+    assert line.startswith("ok    net.core.wmem_max: ")
+    assert ("sudo sysctl -w net.core.wmem_max=4194304" in line) is hint
+    monkeypatch.setattr(cli, "_WMEM_MAX", str(tmp_path / "missing"))
+    code, out, _ = run(capsys, "doctor", "--clean")
+    assert code == 0 and "wmem_max" not in out  # not Linux: nothing said
+
+
 def test_doctor_fails_on_a_bad_config_and_says_why(capsys, tmp_path):
     (tmp_path / "flowplug.toml").write_text('transport = "zmqq"\n')
     code, out, _ = run(capsys, "doctor", "--clean")
