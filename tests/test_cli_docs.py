@@ -69,6 +69,7 @@ def _normal(text: str, varying: bool) -> list[str]:
             if "stale flowplug segment" in line or line.startswith("      /dev/shm/"):
                 continue
             line = re.sub(r"\d[\d,]*(\.\d+)?", "N", line)
+            line = re.sub(r"(wmem_max: N MiB);.*", r"\1", line)  # the hint: by machine
             line = re.sub(VERDICT, "<verdict>", line)  # the runner's view of this run
             line = re.sub(r"-{2,}", "--", " ".join(line.split()))
             line = re.sub(r"^N problem\(s\) to fix$|^no problems found$", "<verdict>", line)
