@@ -3,6 +3,7 @@ sequence, and the timed receive the zmq-based transports share (zmq, shm, doctor
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import secrets
@@ -78,9 +79,23 @@ class ZmqSockets:
 
         :param hwm: the high-water mark of the socket's direction (send for PUSH).
         :param linger_ms: how long :meth:`close` keeps trying to deliver what was sent.
+        :raises flowplug.ConfigError: no file descriptor left for the socket (every socket
+            of this object is closed then).
         """
-        sock = self._socket(kind, hwm, linger_ms)
-        sock.connect(address)
+        import zmq
+
+        try:
+            sock = self._socket(kind, hwm, linger_ms)
+            sock.connect(address)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            self.close()  # a worker's sender being made: its close() will not run
+            raise ConfigError(
+                f"cannot connect a zmq socket to {address}: {exc}. The process is out of "
+                "file descriptors (RLIMIT_NOFILE): raise the limit (`ulimit -n 4096` in the "
+                "shell), or close files"
+            ) from exc
         return sock
 
     def bind(

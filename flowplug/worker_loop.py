@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from . import _exc, _fds
+from . import _exc
 from .errors import TransportClosed, WorkerError
 from .transport import Connect
 
@@ -197,11 +197,6 @@ def run_worker(
         unsent = isinstance(exc, TransportClosed)
         if isinstance(exc, TaskChannelFailed) and exc.__cause__ is not None:
             phase, exc, unsent = "connect", exc.__cause__, True
-        if phase == "connect":  # out of fds (a raw OSError, ZMQError...): say the way out
-            fds = _fds.out_of_fds(exc)
-            if fds is not None:
-                fds.__cause__ = exc
-                exc = fds
         failure = make_failure(info.id, phase, exc, index)
         if unsent or sender is None:
             # Nothing can go through the transport. A TransportClosed while the runner

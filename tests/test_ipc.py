@@ -93,3 +93,31 @@ def test_recv_within_returns_what_came_or_none_after_the_timeout():
         assert got == b"two"
     finally:
         sockets.close()
+
+
+def test_a_connect_out_of_file_descriptors_is_a_config_error_naming_the_limit(monkeypatch):
+    """zmq's EMFILE when a worker's socket is made (the process ran out of fds after the
+    Runner's count) says RLIMIT_NOFILE and the way out, and closes what it had made."""
+    import errno
+
+    sockets = fp.ZmqSockets()
+    made = sockets.connect(zmq.PUSH, "ipc://@fp-test-unused", hwm=1)
+
+    def no_fd(kind):
+        raise zmq.ZMQError(errno.EMFILE)
+
+    monkeypatch.setattr(sockets.ctx, "socket", no_fd)
+    with pytest.raises(fp.ConfigError, match=r"RLIMIT_NOFILE.*ulimit -n"):
+        sockets.connect(zmq.PUSH, "ipc://@fp-test-unused", hwm=1)
+    assert made.closed and sockets.ctx.closed
+    other = zmq.ZMQError(errno.EINVAL)
+    sockets = fp.ZmqSockets()
+
+    def invalid(kind):
+        raise other
+
+    monkeypatch.setattr(sockets.ctx, "socket", invalid)
+    with pytest.raises(zmq.ZMQError) as info:  # any other error: as zmq raised it
+        sockets.connect(zmq.PUSH, "ipc://@fp-test-unused", hwm=1)
+    assert info.value is other
+    sockets.close()

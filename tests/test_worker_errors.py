@@ -306,31 +306,3 @@ def test_runner_inside_a_runner_does_not_wrap_twice(transport, no_leaks):
     )
     assert "WorkerError" not in str(info.value)
 
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_a_worker_out_of_fds_while_connecting_says_rlimit_nofile(transport, monkeypatch):
-    """A worker whose transport runs out of file descriptors as it connects (a raw
-    OSError, or zmq's ZMQError, with EMFILE) is reported as a ConfigError naming
-    RLIMIT_NOFILE and the way out, not as that raw error."""
-    import errno
-
-    cls = fp.get_transport(transport)
-    opened = cls.open
-
-    def open_then_refuse(self):
-        opened(self)  # the consumer's side as always; each worker's connect fails
-
-        def refuse(worker_id):
-            raise OSError(errno.EMFILE, "Too many open files")
-
-        return refuse
-
-    monkeypatch.setattr(cls, "open", open_then_refuse)
-    kw = {"start_method": "fork"} if cls.crosses_processes else {}
-    with pytest.raises(fp.WorkerError) as info:
-        with fp.Runner(fp.DataFromList([1, 2, 3]), transport=transport, num_workers=1, **kw) as r:
-            next(iter(r))
-    err = info.value
-    assert isinstance(err, fp.ConfigError), err
-    assert "while connecting to the transport" in str(err)
-    assert "RLIMIT_NOFILE" in str(err) and "ulimit -n" in str(err)
