@@ -50,6 +50,17 @@ def bind_ipc(sock: Any, run_id: str, what: str = "zmq socket") -> str:
     return address
 
 
+def _no_fds(exc: Exception, what: str) -> ConfigError | None:
+    """The error to raise instead of zmq's ``exc`` when the process ran out of file
+    descriptors: a ConfigError naming ``RLIMIT_NOFILE`` and the way out; else None."""
+    if getattr(exc, "errno", None) not in (errno.EMFILE, errno.ENFILE):
+        return None
+    return ConfigError(
+        f"cannot {what}: {exc}. The process is out of file descriptors (RLIMIT_NOFILE): "
+        "raise the limit (`ulimit -n 4096` in the shell), or close files"
+    )
+
+
 class ZmqSockets:
     """One zmq context and the sockets made from it, closed together: the setup and close
     sequence every zmq-based transport needs, on either side.
@@ -69,7 +80,13 @@ class ZmqSockets:
         import zmq  # the caller uses zmq already: importing it here costs nothing more
 
         guard_zmq_context()  # libzmq aborts the process when it runs out of fds
-        self.ctx = zmq.Context()
+        try:  # the guard counted room, but another thread (zmq's I/O) may take it first
+            self.ctx = zmq.Context()
+        except zmq.ZMQError as exc:
+            fds = _no_fds(exc, "start a zmq context")
+            if fds is None:
+                raise
+            raise fds from exc
         self._sockets: list[Any] = []
         #: (listening socket, its monitor) per socket whose accepts are watched.
         self._watched: list[tuple[Any, Any]] = []
@@ -88,14 +105,11 @@ class ZmqSockets:
             sock = self._socket(kind, hwm, linger_ms)
             sock.connect(address)
         except zmq.ZMQError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
             self.close()  # a worker's sender being made: its close() will not run
-            raise ConfigError(
-                f"cannot connect a zmq socket to {address}: {exc}. The process is out of "
-                "file descriptors (RLIMIT_NOFILE): raise the limit (`ulimit -n 4096` in the "
-                "shell), or close files"
-            ) from exc
+            fds = _no_fds(exc, f"connect a zmq socket to {address}")
+            if fds is None:
+                raise
+            raise fds from exc
         return sock
 
     def bind(

@@ -119,5 +119,5 @@ def test_a_connect_out_of_file_descriptors_is_a_config_error_naming_the_limit(mo
     monkeypatch.setattr(sockets.ctx, "socket", invalid)
     with pytest.raises(zmq.ZMQError) as info:  # any other error: as zmq raised it
         sockets.connect(zmq.PUSH, "ipc://@fp-test-unused", hwm=1)
-    assert info.value is other
+    assert info.value is other and other.__cause__ is None
     sockets.close()
