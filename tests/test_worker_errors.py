@@ -305,4 +305,3 @@ def test_runner_inside_a_runner_does_not_wrap_twice(transport, no_leaks):
         "while iterating: bad record 17"
     )
     assert "WorkerError" not in str(info.value)
-
