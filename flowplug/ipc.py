@@ -50,9 +50,10 @@ def bind_ipc(sock: Any, run_id: str, what: str = "zmq socket") -> str:
     return address
 
 
-def _no_fds(exc: Exception, what: str) -> ConfigError | None:
-    """The error to raise instead of zmq's ``exc`` when the process ran out of file
-    descriptors: a ConfigError naming ``RLIMIT_NOFILE`` and the way out; else None."""
+def out_of_fds(exc: BaseException, what: str) -> ConfigError | None:
+    """The error to raise instead of ``exc`` (an ``OSError``, zmq's ``ZMQError``) when the
+    process ran out of file descriptors doing ``what``: a ConfigError naming
+    ``RLIMIT_NOFILE`` and the way out; else None (raise ``exc`` itself)."""
     if getattr(exc, "errno", None) not in (errno.EMFILE, errno.ENFILE):
         return None
     return ConfigError(
@@ -83,7 +84,7 @@ class ZmqSockets:
         try:  # the guard counted room, but another thread (zmq's I/O) may take it first
             self.ctx = zmq.Context()
         except zmq.ZMQError as exc:
-            fds = _no_fds(exc, "start a zmq context")
+            fds = out_of_fds(exc, "start a zmq context")
             if fds is None:
                 raise
             raise fds from exc
@@ -106,7 +107,7 @@ class ZmqSockets:
             sock.connect(address)
         except zmq.ZMQError as exc:
             self.close()  # a worker's sender being made: its close() will not run
-            fds = _no_fds(exc, f"connect a zmq socket to {address}")
+            fds = out_of_fds(exc, f"connect a zmq socket to {address}")
             if fds is None:
                 raise
             raise fds from exc

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import errno
 import functools
 import secrets
 import select
@@ -39,7 +38,7 @@ import numpy as np
 import zmq
 
 import flowplug
-from flowplug.ipc import recv_within
+from flowplug.ipc import out_of_fds, recv_within
 from flowplug.serialize import dumps, loads, unpack_batch
 
 #: how long a closing worker keeps trying to deliver what it has sent (ms).
@@ -72,23 +71,15 @@ def _direct_supported() -> bool:
     return sys.platform.startswith("linux")
 
 
-def _no_fds(exc: OSError, what: str) -> flowplug.ConfigError | OSError:
-    """The error for ``exc``: a ConfigError naming RLIMIT_NOFILE when it is a shortage of
-    file descriptors, else ``exc`` itself."""
-    if exc.errno not in (errno.EMFILE, errno.ENFILE):
-        return exc
-    return flowplug.ConfigError(
-        f"cannot {what}: {exc}. The process is out of file descriptors (RLIMIT_NOFILE): "
-        "raise the limit (`ulimit -n 4096` in the shell), or close files"
-    )
-
-
 def _connect(address: str, hello: bytes) -> socket.socket:
     """A worker's direct connection, with its hello said."""
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:
-        raise _no_fds(exc, "open a direct connection to the consumer") from exc
+        fds = out_of_fds(exc, "open a direct connection to the consumer")
+        if fds is None:
+            raise
+        raise fds from exc
     try:
         if _DIRECT_SNDBUF:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _DIRECT_SNDBUF)
@@ -223,7 +214,10 @@ class _Direct:
         try:
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:
-            raise _no_fds(exc, "open the socket for direct connections") from exc
+            fds = out_of_fds(exc, "open the socket for direct connections")
+            if fds is None:
+                raise
+            raise fds from exc
         try:
             self.listener.bind(self.address)
             self.listener.listen(backlog)
@@ -354,7 +348,10 @@ class _Direct:
             except BlockingIOError:
                 break
             except OSError as exc:
-                raise _no_fds(exc, "accept a worker's direct connection") from exc
+                fds = out_of_fds(exc, "accept a worker's direct connection")
+                if fds is None:
+                    raise
+                raise fds from exc
             self.unnamed.append((conn, bytearray()))  # blocking: each read says how it waits
         size = len(self.token) + _KEY
         waiting = []
