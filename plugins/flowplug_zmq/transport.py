@@ -71,15 +71,20 @@ def _direct_supported() -> bool:
     return sys.platform.startswith("linux")
 
 
-def _connect(address: str, hello: bytes) -> socket.socket:
-    """A worker's direct connection, with its hello said."""
+def _unix_socket(what: str) -> socket.socket:
+    """A unix stream socket; out of file descriptors, a ConfigError saying ``what`` failed."""
     try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:
-        fds = out_of_fds(exc, "open a direct connection to the consumer")
+        fds = out_of_fds(exc, what)
         if fds is None:
             raise
         raise fds from exc
+
+
+def _connect(address: str, hello: bytes) -> socket.socket:
+    """A worker's direct connection, with its hello said."""
+    conn = _unix_socket("open a direct connection to the consumer")
     try:
         if _DIRECT_SNDBUF:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _DIRECT_SNDBUF)
@@ -211,13 +216,7 @@ class _Direct:
         self.token = token
         self.head = token + b"D"
         self.address = f"\0flowplug-{run_id}-{secrets.token_hex(8)}-direct"
-        try:
-            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as exc:
-            fds = out_of_fds(exc, "open the socket for direct connections")
-            if fds is None:
-                raise
-            raise fds from exc
+        self.listener = _unix_socket("open the socket for direct connections")
         try:
             self.listener.bind(self.address)
             self.listener.listen(backlog)

@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import zmq
+from zmq_helpers import Bomb
 
 import flowplug as fp
 
@@ -18,11 +19,6 @@ def transport():
 
 def test_bytes_from_a_stranger_are_dropped_never_unpickled(transport):
     connect = transport.open()
-
-    class Bomb:
-        def __reduce__(self):
-            return (pytest.fail, ("a stranger's pickle was loaded",))
-
     stranger = fp.ZmqSockets()
     try:
         sock = stranger.connect(zmq.PUSH, transport.address, hwm=1, linger_ms=1000)

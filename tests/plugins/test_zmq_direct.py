@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 import zmq
+from zmq_helpers import Bomb
 
 import flowplug as fp
 from flowplug.serialize import dumps
@@ -192,11 +193,6 @@ def test_bytes_that_are_late_are_waited_for_only_as_long_as_recv_may_wait(transp
 
 def test_strangers_on_the_direct_socket_are_closed_and_never_read(transport):
     connect = transport.open()
-
-    class Bomb:
-        def __reduce__(self):
-            return (pytest.fail, ("a stranger's pickle was loaded",))
-
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # connects, says nothing
     silent.connect(transport._direct.address)
     wrong = FakeWorker(transport, key=b"w" * 8, token=b"0" * 16)
