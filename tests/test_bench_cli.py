@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -100,3 +102,15 @@ def test_the_plot_title_names_the_machine():
 def test_unknown_peer_is_a_usage_error(capsys):
     assert main(["bench", "--quick", "--peers", "tensorflow"]) == 2
     assert "unknown peer 'tensorflow'" in capsys.readouterr().err
+
+
+def test_every_peer_is_preloaded_so_startup_counts_no_imports():
+    # A peer without an entry would fail at measuring time (KeyError), not here.
+    assert set(systems.IMPORTS) == set(systems.PEERS)
+    code = (
+        "import sys; from flowplug.bench import systems; "
+        "assert 'flowplug.runner' not in sys.modules; systems.preload('fp-queue'); "
+        "assert 'flowplug.runner' in sys.modules; "
+        "assert not any(m.startswith('flowplug_') for m in sys.modules), 'plugins loaded'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

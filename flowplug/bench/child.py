@@ -109,10 +109,11 @@ def _measure_memcpy(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure_stream(spec: dict[str, Any]) -> dict[str, Any]:
-    from .systems import VERDICTS, open_stream
+    from .systems import VERDICTS, open_stream, preload
 
     expected = nbytes(make(spec["payload"]))
     check = touch if spec["touch"] else None
+    preload(spec["system"])  # imports are not startup
     gc.collect()
     start = time.perf_counter()
     with open_stream(spec["system"], spec["payload"], spec["workers"]) as items:

@@ -99,6 +99,24 @@ def counterpart(key: str) -> str | None:
 VERDICTS: dict[str, str] = {}
 
 
+#: what each system imports: :func:`preload` imports it before its startup is timed.
+IMPORTS = {
+    "tp-queue": ("tensorpack.dataflow",),
+    "tp-zmq": ("tensorpack.dataflow",),
+    "tp-thread": ("tensorpack.dataflow",),
+    "torch": ("torch.utils.data",),
+    "pyzmq": ("zmq",),
+    "shm-ring": ("mmap",),
+}
+
+
+def preload(key: str) -> None:
+    """Import what system ``key`` needs, so that its startup counts no imports (flowplug's
+    plugins are not imported here: loading them is part of its first Runner's startup)."""
+    for module in ("flowplug.runner",) if key.startswith("fp-") else IMPORTS[key]:
+        importlib.import_module(module)
+
+
 def open_stream(key: str, payload: str, workers: int) -> AbstractContextManager[Iterator[Any]]:
     """Start system ``key`` (``fp-<transport>`` or a :data:`PEERS` key) on ``payload``."""
     if key.startswith("fp-"):
