@@ -344,3 +344,60 @@ def test_two_plugins_declaring_one_name_by_path_is_a_conflict():
     with pytest.raises(fp.PluginError) as info:
         registry.get("thread")
     assert "flowplug-lazy 1.0" in str(info.value) and "flowplug-other 2.0" in str(info.value)
+
+
+# ---------------------------------------------------------------------------- startup cost
+
+
+def _fake_dist(root, name, version, entry_points):
+    info = root / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(entry_points)
+
+
+def test_entry_points_are_those_importlib_metadata_selects(tmp_path, monkeypatch):
+    # The same distribution twice on sys.path (the first wins, as in importlib.metadata),
+    # one that names the group only in another group, one with the group and others.
+    _fake_dist(tmp_path / "a", "fp_twice", "2.0", "[flowplug]\nnew = fp_twice.plugin\n")
+    _fake_dist(tmp_path / "b", "FP.Twice", "1.0", "[flowplug]\nold = fp_twice.old\n")
+    _fake_dist(tmp_path / "a", "mentions", "1.0", "[console_scripts]\nflowplug-x = m:main\n")
+    _fake_dist(
+        tmp_path / "a", "mixed", "1.0", "[console_scripts]\nm = m:main\n\n[flowplug]\nmix = m.p\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "b"))
+    monkeypatch.syspath_prepend(str(tmp_path / "a"))
+
+    def described(eps):
+        return [(ep.name, ep.value, ep.group, ep.dist.metadata["Name"]) for ep in eps]
+
+    expected = sorted(metadata.entry_points(group="flowplug"), key=lambda ep: ep.name)
+    found = plugins._entry_points()
+    assert described(found) == described(expected)
+    assert {"new", "mix"} <= {ep.name for ep in found}
+    assert "old" not in {ep.name for ep in found}
+
+
+def test_selecting_a_transport_reads_no_distribution_metadata(monkeypatch):
+    # Parsing METADATA costs about a millisecond per entry point on the way to a runner's
+    # first datapoint: the plugins' distribution names are read when a message needs them.
+    reads = []
+    original = metadata.PathDistribution.metadata
+
+    def counted(self):
+        reads.append(self)
+        return original.fget(self)
+
+    monkeypatch.setattr(metadata.PathDistribution, "metadata", property(counted))
+    fp.reload_plugins()
+    try:
+        assert fp.get_transport("thread").name == "thread"
+        assert fp.load_config(transport="queue").transport == "queue"
+        assert reads == []
+        origin = plugins.get_registry().origin["thread"]
+        assert (origin.distribution, origin.version) == ("flowplug", metadata.version("flowplug"))
+        assert reads  # read when asked for
+        assert origin == plugins.PluginInfo("thread", "flowplug", metadata.version("flowplug"))
+        assert "distribution='flowplug'" in repr(origin)
+    finally:
+        fp.reload_plugins()
