@@ -132,6 +132,34 @@ def test_same_seed_same_streams(no_leaks):
     assert runs[0] == runs[1]
 
 
+def test_numpy_random_imported_in_the_worker_is_seeded(run_python, tmp_path):
+    # numpy imported, numpy.random not (numpy loads it lazily): the worker seeds it when
+    # the dataflow first imports it, not at its start, and the stream is the seeded one.
+    result = run_python(
+        """
+        import sys
+        import numpy
+        import flowplug as fp
+
+        class Draw(fp.DataFlow):
+            def __iter__(self):
+                loaded = "numpy.random" in sys.modules
+                import numpy.random
+                hooks = [type(f).__name__ for f in sys.meta_path if "Seed" in type(f).__name__]
+                yield loaded, numpy.random.random(), hooks, type(numpy.random.__loader__).__name__
+
+        with fp.Runner(Draw(), transport="queue", seed=1234) as runner:
+            loaded, x, hooks, loader = next(iter(runner))
+        assert "numpy.random" not in sys.modules  # the test tests the lazy case
+        print(loaded, x == numpy.random.RandomState(1234).random_sample(), hooks, loader)
+        """,
+        None,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "[]", "SourceFileLoader"]
+
+
 def test_runner_repr_shows_state():
     runner = fp.Runner(Counting(3), transport="thread")
     assert "new" in repr(runner)
