@@ -366,6 +366,30 @@ def test_batched_and_single_datapoints_keep_each_workers_order():
         it.close()
 
 
+class Shapes(fp.DataFlow):
+    """Arrays of two makes in runs (A A B B B A ...): a batch block holds datapoints that
+    share one stream and datapoints that do not."""
+
+    def __iter__(self):
+        w = fp.worker_info().id
+        i = 0
+        while True:
+            shape = (4, 3) if (i // 2) % 3 == 0 else (12,)
+            yield np.full(shape, value(w, i), np.int64)
+            i += 1
+
+
+def test_datapoints_of_one_make_and_of_another_in_one_block_keep_their_own_shape():
+    with fp.Runner(Shapes(), transport="shm", num_workers=1) as runner:
+        it = iter(runner)
+        for i in range(2000):
+            dp = next(it)
+            assert dp.shape == ((4, 3) if (i // 2) % 3 == 0 else (12,))
+            assert (dp == value(0, i)).all()
+        del dp
+        it.close()
+
+
 class Stalls(fp.DataFlow):
     """Three small datapoints, then a long wait."""
 
