@@ -366,7 +366,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise FlowplugError("--plot needs matplotlib: pip install 'flowplug[plot]'") from None
     quick = args.quick
     # --all: 3 interleaved rounds (a ratio of rows measured seconds apart, three times);
-    # the rounds replace the repeats, so the full table takes ~15 min, not ~25.
+    # the rounds replace the repeats: the full table takes ~13 min, not ~23.
     rounds = args.rounds or (3 if args.all and not quick else 1)
     bench_config = bench.BenchConfig(
         transports=transports,

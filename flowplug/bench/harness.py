@@ -84,14 +84,7 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> dict[str, An
     """Measure every planned row ``config.rounds`` times over (round 1 measures each row
     once, then round 2...); return ``{"machine", "config", "rows"}`` with ratios."""
     rows = plan(config)
-    missing = {key: PEERS[key].missing() for key in config.peers}
-    todo = []
-    for row in rows:
-        why = missing.get(row["system"])
-        if why:
-            row["status"] = f"not installed: {why}"
-        else:
-            todo.append(row)
+    todo = _installed(rows, config)
     results: list[list[dict[str, Any]]] = [[] for _ in todo]
     for k in range(1, config.rounds + 1):
         for i, (row, done) in enumerate(zip(todo, results, strict=True)):
@@ -106,6 +99,19 @@ def run(config: BenchConfig, progress: ProgressFn | None = None) -> dict[str, An
         row.update(combine(done, config.rounds))
     add_ratios(rows)
     return {"machine": machine(), "config": asdict(config), "rows": rows}
+
+
+def _installed(rows: list[dict[str, Any]], config: BenchConfig) -> list[dict[str, Any]]:
+    """The rows to measure; the others (a peer not installed) get that as their status."""
+    missing = {key: PEERS[key].missing() for key in config.peers}
+    todo = []
+    for row in rows:
+        why = missing.get(row["system"])
+        if why:
+            row["status"] = f"not installed: {why}"
+        else:
+            todo.append(row)
+    return todo
 
 
 def _median(values: Iterable[float | None]) -> float | None:
