@@ -12,8 +12,8 @@ system call: the rings' semaphores enter the kernel only to wake a side that sle
 ``capacity`` bounds the datapoints in flight, counted across workers: the rings' lengths
 add up to it (each worker at least one). With ``capacity`` left unset the Runner's credits
 size themselves by the datapoints (up to 1,024 small ones in flight): the rings are then as
-long as that ceiling (``max_in_flight``) and the credits bound the datapoints. The store
-bounds them in bytes (``size``).
+long as that ceiling (``max_in_flight``) plus one run each, and the credits bound the
+datapoints. The store bounds them in bytes (``size``).
 
 The store's file is unlinked before the consumer delivers the first datapoint, so a SIGKILL
 of the consumer leaves nothing in ``/dev/shm``: forked workers inherit the mapping and its
@@ -585,6 +585,12 @@ class ShmTransport(flowplug.TaskTransport):
                 f"transport 'shm' cannot run here: {why}; use transport='zmq' or 'queue'"
             )
         slots = ring_lengths(self.max_in_flight, self.num_workers)
+        if self.max_in_flight > self.capacity:
+            # The Runner's credits bound the datapoints (capacity unset). A run's ring
+            # credits come back once its last datapoint is handed on, the Runner's as each
+            # is: a run more per ring, so that the ring never holds back what the credits
+            # allow (a worker asleep on its ring made every credit given back a syscall).
+            slots = [n + BATCH_ITEMS for n in slots]
         self._store: ObjectStore | None = ObjectStore(
             self.option_values["size"],
             dir=self.option_values["dir"] or None,

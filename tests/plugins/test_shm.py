@@ -270,6 +270,30 @@ def test_capacity_bounds_batched_datapoints_too(capacity, workers):
         it.close()
 
 
+def test_with_capacity_unset_the_ring_never_holds_back_what_the_credits_allow(monkeypatch):
+    """The Runner's credits bound the datapoints; a run's ring credits come back after its
+    last datapoint, so each ring has a run's room more: a worker never waits on it."""
+    import mmap
+
+    from flowplug.shm import channel
+
+    waits = np.frombuffer(mmap.mmap(-1, 8), np.int64)  # anonymous: forked workers share it
+    credit = channel.Channels.credit
+
+    def counted(self, ring, alive):
+        waits[0] += 1
+        return credit(self, ring, alive)
+
+    monkeypatch.setattr(channel.Channels, "credit", counted)
+    df = CountedSmall()
+    with fp.Runner(df, transport="shm", num_workers=2, start_method="fork") as runner:
+        it = iter(runner)
+        for _ in range(20_000):  # the consumer the slower side: the workers fill the rings
+            next(it)
+        assert waits[0] == 0
+        it.close()
+
+
 @pytest.mark.parametrize("kind", ["runs", "batch blocks"])
 def test_used_directly_the_transport_bounds_datapoints_by_its_credits(kind):
     """Without a Runner (no credits of its own), a worker never has more than
