@@ -4,6 +4,11 @@ a ``flowplug bench --json`` file.
 Usage: ``python benchmarks/targets.py bench-full.json``. Prints each target as met / not
 met / not measured, with the numbers. The exit status is 0 either way: on a shared,
 noisy machine a target is a measurement to report, not a test to fail.
+
+A ratio of two rows is the median of their per-round ratios when the file has several
+rounds (``flowplug bench --rounds N``; ``--all`` measures 3): each round measured both rows
+seconds apart, so a slow minute hits both sides alike. With one round it is the ratio of
+the rows' items/s. The first lines say which.
 """
 
 from __future__ import annotations
@@ -13,27 +18,50 @@ import statistics
 import sys
 from typing import Any
 
+from flowplug.bench.harness import paired_ratio, round_ratios
+
 
 def main(path: str) -> None:
     with open(path) as f:
         result = json.load(f)
+    print(f"targets ({path}; load average at the start: {result['machine']['load_average']})")
+    check(result)
+
+
+def method(result: dict[str, Any]) -> str:
+    """How this file's ratios are computed, in one line."""
+    rounds = result.get("config", {}).get("rounds", 1)
+    if rounds > 1:
+        return (
+            f"ratios: median of the {rounds} per-round ratios (both rows measured seconds "
+            "apart in each round); items/s: median of the rounds"
+        )
+    return "ratios: of the rows' items/s (1 round: each row the median of its repeats)"
+
+
+def per_round(x: dict[str, Any], y: dict[str, Any]) -> str:
+    """``; rounds 1.10 1.16 1.24`` (the per-round ratios), or nothing with one round."""
+    ratios = round_ratios(x, y)
+    return "" if ratios is None else "; rounds " + " ".join(f"{r:.2f}" for r in ratios)
+
+
+def check(result: dict[str, Any]) -> None:
+    """Print every target of the ``flowplug bench --json`` result ``result``."""
     rows = [r for r in result["rows"] if r.get("status") == "ok"]
     index = {(r["system"], r["payload"], r["workers"], r["touch"]): r for r in rows}
-    print(f"targets ({path}; load average at the start: {result['machine']['load_average']})")
-
-    def rate(system: str, payload: str, workers: int, touch: bool = False) -> float | None:
-        row = index.get((system, payload, workers, touch))
-        return None if row is None else row["items_per_s"]
+    print(f"  {method(result)}")
 
     def ratio(a: str, b: str, payload: str, workers: int, goal: float, name: str) -> None:
-        x, y = rate(a, payload, workers), rate(b, payload, workers)
+        x, y = index.get((a, payload, workers, False)), index.get((b, payload, workers, False))
         if x is None or y is None:
             missing = a if x is None else b
             print(f"  NOT MEASURED  {name}: no row for {missing} {payload} w={workers}")
             return
-        verdict = "met" if x / y >= goal else "NOT MET"
+        value = paired_ratio(x, y)
+        verdict = "met" if value >= goal else "NOT MET"
         print(
-            f"  {verdict:<12}  {name}: {x / y:.2f}x (goal {goal:g}x; {x:,.0f} vs {y:,.0f} items/s)"
+            f"  {verdict:<12}  {name}: {value:.2f}x (goal {goal:g}x; "
+            f"{x['items_per_s']:,.0f} vs {y['items_per_s']:,.0f} items/s{per_round(x, y)})"
         )
 
     ratio("fp-shm", "tp-zmq", "xl", 1, 3, "xl, 1 worker: shm vs tp MultiProcessRunnerZMQ")
@@ -66,17 +94,18 @@ def main(path: str) -> None:
         for r in rows
         if r["system"] == "fp-zmq"
     ]
-    pairs = [(r, b, r["items_per_s"] / b["items_per_s"]) for r, b in bare if b is not None]
+    pairs = [(r, b, paired_ratio(r, b)) for r, b in bare if b is not None]
     if pairs:
         worst_pair = min(pairs, key=lambda p: p[2])
         verdict = "met" if worst_pair[2] >= 0.9 else "NOT MET"
+        r, b, x = worst_pair
         print(
             f"  {verdict:<12}  zmq >= 0.9x bare pyzmq: {len(pairs)} rows, worst "
-            f"{_where(worst_pair[0])} {worst_pair[2]:.2f}x"
+            f"{_where(r)} {x:.2f}x{per_round(r, b)}"
         )
-        for r, _, x in pairs:
+        for r, b, x in pairs:
             if x < 0.9:
-                print(f"                  below: {_where(r)} {x:.2f}x")
+                print(f"                  below: {_where(r)} {x:.2f}x{per_round(r, b)}")
     else:
         print("  NOT MEASURED  zmq >= 0.9x bare pyzmq")
 

@@ -365,6 +365,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         except ImportError:
             raise FlowplugError("--plot needs matplotlib: pip install 'flowplug[plot]'") from None
     quick = args.quick
+    # --all: 3 interleaved rounds (a ratio of rows measured seconds apart, three times);
+    # the rounds replace the repeats: the full table takes ~13 min, not ~23.
+    rounds = args.rounds or (3 if args.all and not quick else 1)
     bench_config = bench.BenchConfig(
         transports=transports,
         peers=peers,
@@ -373,7 +376,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         touch={"off": [False], "on": [True], "both": [False, True]}[args.touch or "off"],
         warmup=args.warmup if args.warmup is not None else (0.05 if quick else 0.3),
         seconds=args.seconds if args.seconds is not None else (0.1 if quick else 0.5),
-        repeats=args.repeats if args.repeats is not None else (1 if quick else 3),
+        repeats=args.repeats if args.repeats is not None else (1 if quick or rounds > 1 else 3),
+        rounds=rounds,
     )
     result = bench.run(bench_config, progress=None if args.json == "-" else bench.Progress())
     if args.json == "-":
@@ -500,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         "measure transports side by side with tensorpack, torch, pyzmq and memcpy",
         description="Each row runs in a fresh process: startup, warm-up, then the median of "
-        "--repeats timed runs. Peers that are not installed are reported, never faked.",
+        "--repeats timed runs. With --rounds N the whole table is measured N times over and "
+        "each row's items/s is the median of its rounds'. Peers that are not installed are "
+        "reported, never faked.",
     )
     p.add_argument(
         "-t",
@@ -529,10 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seconds", type=_seconds(True), help="seconds per repeat (default 0.5)")
     p.add_argument(
-        "--warmup", type=_seconds(False), help="seconds of warm-up per row (default 0.3)"
+        "--warmup", type=_seconds(False), help="seconds of warm-up per row and round (default 0.3)"
     )
     p.add_argument(
-        "--repeats", type=_int_at_least(1), help="timed repeats per row; median (default 3)"
+        "--repeats",
+        type=_int_at_least(1),
+        help="timed repeats per row and round; median (default 3; 1 with --rounds > 1)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=_int_at_least(1),
+        help="measure every row N times over, one round after the other; median of the "
+        "rounds (default 1; 3 with --all)",
     )
     p.add_argument("--quick", action="store_true", help="small payloads, short runs, 1 repeat")
     p.add_argument(

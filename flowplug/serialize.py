@@ -350,6 +350,17 @@ class Loader:
         ends = spans[at : at + 2 * count]
         return self(stream, [base[o : o + n] for o, n in zip(ends[::2], ends[1::2], strict=True)])
 
+    def span_recipe(self, stream: memoryview) -> Any:
+        """The recipe :meth:`from_spans` would use for ``stream``, called as ``recipe(base,
+        spans, at)``; None when there is none (yet): then call :meth:`from_spans`. For a
+        consumer whose datapoints share one stream (found by its place), looked up once."""
+        if not self.on:
+            return None
+        recipe = self._spans.get(stream.tobytes())
+        if recipe is not None:
+            self._hits += 1
+        return recipe
+
     def _first(self, key: bytes, buffers: Any) -> Any:
         """A stream not seen before: unpickle it, and keep its recipe if it has one."""
         self._misses += 1

@@ -9,6 +9,8 @@ not installed are reported as such, never faked.
 Every row runs in a fresh subprocess (:mod:`flowplug.bench.child`) and is measured the same
 way: startup (construct to first item), a warm-up, then the median items/s of ``repeats``
 timed runs, the CPU time per item of all the row's processes, and the consumer's peak RSS.
+With ``rounds`` > 1 the whole plan is measured that many times over and a row's items/s is
+the median of its rounds' (ratios: the median of the per-round ratios).
 """
 
 from .harness import BenchConfig, plan, run

@@ -13,7 +13,7 @@ COLUMNS = (
     ("payload", "<", "see `flowplug bench --help`"),
     ("w", ">", "workers"),
     ("touch", "<", "yes: the consumer read every byte of each item"),
-    ("items/s", ">", "median of the repeats"),
+    ("items/s", ">", "median of the rounds (each the median of its repeats)"),
     ("GB/s", ">", "items/s x payload bytes"),
     ("startup ms", ">", "construct to first item"),
     ("peak RSS MB", ">", "the consumer process"),
@@ -27,24 +27,29 @@ COLUMNS = (
 class Progress:
     """A one-line progress bar on a terminal; one line per row elsewhere (logs, CI)."""
 
-    def __init__(self, stream: TextIO = sys.stderr, width: int = 30):
-        self.stream = stream
+    def __init__(self, stream: TextIO | None = None, width: int = 30):
+        self.stream = sys.stderr if stream is None else stream
         self.width = width
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
 
-    def __call__(self, done: int, total: int, row: dict[str, Any]) -> None:
+    def __call__(
+        self, done: int, total: int, row: dict[str, Any], round_: int = 1, rounds: int = 1
+    ) -> None:
         what = (
             f"{row['label']} {row['payload']} w={row['workers']}{' touch' if row['touch'] else ''}"
             if row
             else "done"
         )
+        where = f"{done + 1 if row else done}/{total}"
+        if rounds > 1:
+            where = f"round {round_}/{rounds} {where}"
         if self.tty:
-            filled = self.width * done // max(total, 1)
+            filled = self.width * ((round_ - 1) * total + done) // max(rounds * total, 1)
             bar = "#" * filled + "-" * (self.width - filled)
-            end = "\n" if done == total else ""
-            self.stream.write(f"\r\x1b[K[{bar}] {done}/{total} {what}{end}")
+            end = "" if row else "\n"
+            self.stream.write(f"\r\x1b[K[{bar}] {where} {what}{end}")
         elif row:
-            self.stream.write(f"[{done + 1}/{total}] {what}\n")
+            self.stream.write(f"[{where}] {what}\n")
         self.stream.flush()
 
 

@@ -12,8 +12,8 @@ system call: the rings' semaphores enter the kernel only to wake a side that sle
 ``capacity`` bounds the datapoints in flight, counted across workers: the rings' lengths
 add up to it (each worker at least one). With ``capacity`` left unset the Runner's credits
 size themselves by the datapoints (up to 1,024 small ones in flight): the rings are then as
-long as that ceiling (``max_in_flight``) and the credits bound the datapoints. The store
-bounds them in bytes (``size``).
+long as that ceiling (``max_in_flight``) plus one run each, and the credits bound the
+datapoints. The store bounds them in bytes (``size``).
 
 The store's file is unlinked before the consumer delivers the first datapoint, so a SIGKILL
 of the consumer leaves nothing in ``/dev/shm``: forked workers inherit the mapping and its
@@ -162,6 +162,8 @@ class ShmSender(flowplug.Sender):
         self._end = 0  # its bytes
         self._fill = 0  # bytes written into it
         self._index: list[int] = []  # per datapoint: frames, (start, length) per frame
+        self._stream: Any = b""  # the stream of the block's last datapoint with buffers,
+        self._stream_at = 0  # and where it was written
         self._count = 0  # datapoints in the open batch block
         # small pickles of the open run (not yet sent), back to back
         self._runs = Run(_channel.INLINE_MAX)
@@ -326,14 +328,23 @@ class ShmSender(flowplug.Sender):
         index = self._index
         pos = self._fill
         index.append(len(frames))
-        first = True
-        for frame in frames:
-            if first:
-                n = len(frame)
-                first = False
-            else:
-                n = frame.nbytes
-                pos = (pos + ALIGN - 1) & -ALIGN  # arrays start aligned, as in a record
+        stream = frames[0]
+        n = len(stream)
+        if self._count and stream == self._stream:
+            # The same stream as the block's datapoint before (the same make): its span
+            # again, written once; the consumer knows it by the span (_unpack).
+            index.append(self._stream_at)
+            index.append(n)
+        else:
+            mm[at + pos : at + pos + n] = stream
+            index.append(pos)
+            index.append(n)
+            self._stream = stream
+            self._stream_at = pos
+            pos += n
+        for frame in frames[1:]:
+            n = frame.nbytes
+            pos = (pos + ALIGN - 1) & -ALIGN  # arrays start aligned, as in a record
             mm[at + pos : at + pos + n] = frame
             index.append(pos)
             index.append(n)
@@ -574,6 +585,12 @@ class ShmTransport(flowplug.TaskTransport):
                 f"transport 'shm' cannot run here: {why}; use transport='zmq' or 'queue'"
             )
         slots = ring_lengths(self.max_in_flight, self.num_workers)
+        if self.max_in_flight > self.capacity:
+            # The Runner's credits bound the datapoints (capacity unset). A run's ring
+            # credits come back once its last datapoint is handed on, the Runner's as each
+            # is: a run more per ring, so that the ring never holds back what the credits
+            # allow (a worker asleep on its ring made every credit given back a syscall).
+            slots = [n + BATCH_ITEMS for n in slots]
         self._store: ObjectStore | None = ObjectStore(
             self.option_values["size"],
             dir=self.option_values["dir"] or None,
@@ -702,9 +719,13 @@ class ShmTransport(flowplug.TaskTransport):
         self._bytes += mv.nbytes
         words = mv[index:].cast("q").tolist()
         loads = pickle.loads
-        rebuild = self._loads.from_spans  # with arrays: by recipe (flowplug.serialize.Loader)
+        # with arrays: by recipe (flowplug.serialize.Loader), looked up once per stream
+        recipe_for = self._loads.span_recipe
+        rebuild = self._loads.from_spans
         out = []
         p = 0
+        last = -1  # where the stream of the last datapoint with buffers starts
+        recipe = None
         for _ in range(count):
             if words[p] == 1:  # a small datapoint without buffers: one frame
                 start, n = words[p + 1], words[p + 2]
@@ -713,8 +734,15 @@ class ShmTransport(flowplug.TaskTransport):
                 continue
             nf = words[p]
             start = words[p + 1]
-            # the stream, then (start, length) of each buffer in the block
-            out.append(rebuild(mv[start : start + words[p + 2]], view, words, p + 3, nf - 1))
+            # the stream, then (start, length) of each buffer in the block; a stream
+            # the sender wrote once for several datapoints has the same start
+            if start != last:
+                last = start
+                recipe = recipe_for(mv[start : start + words[p + 2]])
+            if recipe is not None:
+                out.append(recipe(view, words, p + 3))
+            else:
+                out.append(rebuild(mv[start : start + words[p + 2]], view, words, p + 3, nf - 1))
             p += 1 + 2 * nf
         out.reverse()
         return out

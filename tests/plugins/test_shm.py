@@ -270,6 +270,30 @@ def test_capacity_bounds_batched_datapoints_too(capacity, workers):
         it.close()
 
 
+def test_with_capacity_unset_the_ring_never_holds_back_what_the_credits_allow(monkeypatch):
+    """The Runner's credits bound the datapoints; a run's ring credits come back after its
+    last datapoint, so each ring has a run's room more: a worker never waits on it."""
+    import mmap
+
+    from flowplug.shm import channel
+
+    waits = np.frombuffer(mmap.mmap(-1, 8), np.int64)  # anonymous: forked workers share it
+    credit = channel.Channels.credit
+
+    def counted(self, ring, alive):
+        waits[0] += 1
+        return credit(self, ring, alive)
+
+    monkeypatch.setattr(channel.Channels, "credit", counted)
+    df = CountedSmall()
+    with fp.Runner(df, transport="shm", num_workers=2, start_method="fork") as runner:
+        it = iter(runner)
+        for _ in range(20_000):  # the consumer the slower side: the workers fill the rings
+            next(it)
+        assert waits[0] == 0
+        it.close()
+
+
 @pytest.mark.parametrize("kind", ["runs", "batch blocks"])
 def test_used_directly_the_transport_bounds_datapoints_by_its_credits(kind):
     """Without a Runner (no credits of its own), a worker never has more than
@@ -362,6 +386,30 @@ def test_batched_and_single_datapoints_keep_each_workers_order():
                 assert (dp["x"] == value(w, i)).all()
             assert i == last[w] + 1
             last[w] = i
+        del dp
+        it.close()
+
+
+class Shapes(fp.DataFlow):
+    """Arrays of two makes in runs (A A B B B A ...): a batch block holds datapoints that
+    share one stream and datapoints that do not."""
+
+    def __iter__(self):
+        w = fp.worker_info().id
+        i = 0
+        while True:
+            shape = (4, 3) if (i // 2) % 3 == 0 else (12,)
+            yield np.full(shape, value(w, i), np.int64)
+            i += 1
+
+
+def test_datapoints_of_one_make_and_of_another_in_one_block_keep_their_own_shape():
+    with fp.Runner(Shapes(), transport="shm", num_workers=1) as runner:
+        it = iter(runner)
+        for i in range(2000):
+            dp = next(it)
+            assert dp.shape == ((4, 3) if (i // 2) % 3 == 0 else (12,))
+            assert (dp == value(0, i)).all()
         del dp
         it.close()
 
