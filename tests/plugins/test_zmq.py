@@ -5,16 +5,14 @@ import pickle
 import numpy as np
 import pytest
 import zmq
-from zmq_helpers import Bomb
+from zmq_helpers import Bomb, zmq_transport
 
 import flowplug as fp
 
 
 @pytest.fixture
 def transport():
-    t = fp.get_transport("zmq")(capacity=8, num_workers=1, run_id="test-zmq", start_method="fork")
-    yield t
-    t.close()
+    yield from zmq_transport("test-zmq")
 
 
 def test_bytes_from_a_stranger_are_dropped_never_unpickled(transport):

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 import zmq
-from zmq_helpers import Bomb
+from zmq_helpers import Bomb, zmq_transport
 
 import flowplug as fp
 from flowplug.serialize import dumps
@@ -20,9 +20,7 @@ MB2 = 2 << 20  # above the default direct_min (1 MiB)
 
 @pytest.fixture
 def transport():
-    t = fp.get_transport("zmq")(capacity=8, num_workers=1, run_id="test-zmqd", start_method="fork")
-    yield t
-    t.close()
+    yield from zmq_transport("test-zmqd")
 
 
 def _in_thread(fn):
