@@ -309,3 +309,25 @@ def test_a_loader_rebuilds_from_spans_of_one_block_as_from_its_slices():
     block = np.frombuffer(bytearray(plain[1]), np.uint8)
     out = loader.from_spans(memoryview(plain[0]), block, [0, len(plain[1])], 0, 1)
     assert out["p"] == _Point(1) and np.shares_memory(out["a"], block)
+
+
+def test_a_span_recipe_is_there_once_its_stream_was_seen_and_rebuilds_as_from_spans():
+    """span_recipe: the recipe from_spans uses, for a consumer that looks it up once per
+    stream; None for a stream not seen yet and for one without a recipe."""
+    loader = Loader()
+    obj = (1, ARR.reshape(16, -1))
+    frames = dumps(obj, out_of_band_min=0)
+    stream = memoryview(frames[0])
+    block = np.zeros(1 << 17, np.uint8)
+    block[64 : 64 + len(frames[1])] = np.frombuffer(frames[1], np.uint8)
+    spans = [64, len(frames[1])]
+    assert loader.span_recipe(stream) is None  # not seen yet: from_spans learns it
+    _same(loader.from_spans(stream, block, spans, 0, 1), obj)
+    recipe = loader.span_recipe(stream)
+    assert recipe is not None
+    out = recipe(block, spans, 0)
+    _same(out, obj)
+    assert np.shares_memory(out[1], block)
+    other = dumps({"p": _Point(1), "a": ARR}, out_of_band_min=0)
+    loader.from_spans(memoryview(other[0]), block, [0, len(other[1])], 0, 1)
+    assert loader.span_recipe(memoryview(other[0])) is None  # no recipe for that make
