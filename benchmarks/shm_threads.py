@@ -11,7 +11,8 @@ Starts the system (``fp-<transport>``, a peer of :mod:`flowplug.bench.systems`, 
 prints, per thread of the consumer and the workers, µs per item of CPU (and of it in the
 kernel), of time on a CPU and waiting for one (``schedstat``), voluntary and involuntary
 switches and minor faults per item. Extra arguments run ``perf ARGS -p <workers>`` meanwhile
-(or ``py-spy ...``, with ``SELF`` / ``KID`` standing for the consumer's / first worker's pid).
+(or ``py-spy ...``; in either, ``SELF`` / ``KID`` stand for the consumer's / first worker's
+pid, and perf then profiles only what its arguments name).
 """
 
 from __future__ import annotations
@@ -95,8 +96,10 @@ def main() -> None:
         kids = children(me)
         tool = None
         if extra:
-            if extra[0].endswith("py-spy"):
+            if extra[0].endswith("py-spy") or "SELF" in extra or "KID" in extra:
                 argv = [a.replace("SELF", str(me)).replace("KID", str(kids[0])) for a in extra]
+                if not extra[0].endswith("py-spy"):
+                    argv.insert(0, "perf")
             else:
                 argv = ["perf", *extra, "-p", ",".join(map(str, kids))]
             tool = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
