@@ -150,6 +150,7 @@ class Channels:
         self._wake = ctypes.c_void_p(address + offset)
         self._closed = address + offset + _SEM  # one int64 word: the consumer closed
         self._closed_at = offset + _SEM
+        self._closed_word = self._mv[offset + _SEM : offset + _SEM + 8].cast("q")
         pos = offset + 2 * _SEM
         self.rings: list[_Ring] = []
         for n in slots:
@@ -172,7 +173,7 @@ class Channels:
 
     @property
     def closed(self) -> bool:
-        return struct.unpack_from("<q", self.mm, self._closed_at)[0] != 0
+        return self._closed_word[0] != 0
 
     def close(self) -> None:
         """Mark the channel closed and wake everyone who waits on it."""
@@ -341,6 +342,19 @@ class Channels:
                 return False
             now = time.monotonic()
         return False
+
+    def poll(self, start: int) -> tuple[int, int, int, int, int] | None:
+        """:meth:`wait` without waiting, then :meth:`take`, in one call (the consumer's
+        path while entries come faster than it takes them).
+
+        :returns: None when no entry is there (or the channel is closed, which
+            :attr:`closed` tells); else what :meth:`take` returns.
+        """
+        if _trywait(self._wake) != 0:
+            return None
+        if self._closed_word[0]:
+            return None
+        return self.take(start)
 
     def take(self, start: int) -> tuple[int, int, int, int, int]:
         """Take the next entry of the first ring from ``start`` on that has one.

@@ -57,6 +57,7 @@ _BLOCK_MAGIC = 0x6B63_6F6C_6270_6766  # "fgpblock"
 _RECORD, _RAW, _BATCH = 1, 2, 3
 _BLOCK = struct.Struct("<8q")
 _B_MAGIC, _B_REFS, _B_STORED = 0, 3, 4  # the words a block's life changes
+_BLOCK_HEAD = struct.Struct("<4q")  # magic, tag, bytes, references
 _ENTRY = struct.Struct("<4q")
 _BLOCK_HEADER = 64
 _OID = struct.Struct("<qq")
@@ -112,15 +113,9 @@ atexit.register(_exit)
 def _watch(view: Any, store: ObjectStore, off: int, tag: int, big: bool = False) -> weakref.ref:
     """A weak reference to ``view`` that tells ``store`` when the view dies (``big``: the
     block's memory returns at once, not deferred)."""
-    ref = weakref.ref(view, functools.partial(_died, store, off, tag, store._pid, big))
+    ref = weakref.ref(view, functools.partial(store._view_died, off, tag, store._pid, big))
     _watched[id(ref)] = ref
     return ref
-
-
-def _died(store: ObjectStore, off: int, tag: int, pid: int, big: bool, ref: weakref.ref) -> None:
-    _watched.pop(id(ref), None)
-    if not _exiting[0]:
-        store._view_died(off, tag, pid, big)
 
 
 @dataclass(frozen=True)
@@ -393,11 +388,21 @@ class ObjectStore:
                 entry = self._local.get(off)
                 if entry is not None and entry[1] == tag:
                     block = self._view(off, tag, transfer=True)  # viewed already (a get())
-                else:
+                else:  # as _watch(), written out
                     block = np.frombuffer(mm, np.uint8, count=nbytes, offset=at)
-                    big = nbytes >= FREE_AT_ONCE
-                    self._local[off] = (_watch(block, self, off, tag, big), tag)
-                buffers = [block[begin : begin + length] for _, _, begin, length in entries]
+                    ref = weakref.ref(
+                        block,
+                        functools.partial(
+                            self._view_died, off, tag, self._pid, nbytes >= FREE_AT_ONCE
+                        ),
+                    )
+                    _watched[id(ref)] = ref
+                    self._local[off] = (ref, tag)
+                if nbufs == 1:
+                    begin, length = entries[0][2:]
+                    buffers = [block[begin : begin + length]]
+                else:
+                    buffers = [block[begin : begin + length] for _, _, begin, length in entries]
                 _WORD.pack_into(mm, at + 8 * _B_STORED, 0)
         finally:
             lock.release()
@@ -706,8 +711,8 @@ class ObjectStore:
 
     def _release(self) -> None:
         try:
-            while self._pending:
-                self._drop_view(*self._pending.pop())
+            if self._pending:
+                self._drop_views()
             self._mutex.unlock()
         finally:
             self._thread_lock.release()
@@ -717,27 +722,30 @@ class ObjectStore:
     def _drain(self) -> None:
         # Whoever holds the thread lock applies pending releases before letting go, so a
         # release that finds the lock taken may leave its entry for the holder.
+        lock = self._thread_lock
         while self._pending and not self._closed:
-            if not self._thread_lock.acquire(blocking=False):
+            if not lock.acquire(blocking=False):
                 return
             try:
                 self._mutex.lock()
                 try:
-                    while self._pending:
-                        self._drop_view(*self._pending.pop())
+                    self._drop_views()
                 finally:
                     self._mutex.unlock()
             finally:
-                self._thread_lock.release()
+                lock.release()
 
-    def _view_died(self, off: int, tag: int, pid: int, big: bool = False) -> None:
-        # Runs when the last reference to a block view goes, in any thread, maybe inside
-        # another store operation of this thread (gc): never wait for our own thread lock
-        # (the holder applies the release), never raise.
-        if pid != self._pid or self._forks != _forks[0] or self._closed:
-            return  # a forked child's copy: the parent's views are the parent's
-        self._pending.append((off, tag))
-        if len(self._pending) < self._defer and not big:
+    def _view_died(self, off: int, tag: int, pid: int, big: bool, ref: weakref.ref) -> None:
+        # The callback of a view's weak reference (_watch): runs when the last reference
+        # to a block view goes, in any thread, maybe inside another store operation of
+        # this thread (gc): never wait for our own thread lock (the holder applies the
+        # release), never raise.
+        _watched.pop(id(ref), None)
+        if pid != self._pid or self._forks != _forks[0] or self._closed or _exiting[0]:
+            return  # a forked child's copy (the parent's views are the parent's), or exit
+        pending = self._pending
+        pending.append((off, tag))
+        if len(pending) < self._defer and not big:
             return  # applied by this process's next store operation
         try:
             self._drain()
@@ -826,11 +834,28 @@ class ObjectStore:
         self._write_word(off, _B_MAGIC, 0)  # no longer a block: a stale id finds nothing
         self._extents.free(off, nbytes)
 
-    def _drop_view(self, off: int, tag: int) -> None:
-        entry = self._local.get(off)
-        if entry is not None and entry[1] == tag and entry[0]() is None:
-            del self._local[off]
-        self._unref(off, tag)
+    def _drop_views(self) -> None:
+        """Apply the pending releases of dead views (:meth:`_unref` of each, written out:
+        one a datapoint on the consumer's path)."""
+        pending = self._pending
+        local = self._local
+        mm = self._mm
+        data = self._data
+        free = self._extents.free
+        while pending:
+            off, tag = pending.pop()
+            entry = local.get(off)
+            if entry is not None and entry[1] == tag and entry[0]() is None:
+                del local[off]
+            at = data + off
+            magic, btag, nbytes, refs = _BLOCK_HEAD.unpack_from(mm, at)  # type: ignore[arg-type]
+            if magic != _BLOCK_MAGIC or btag != tag:
+                continue  # pragma: no cover - the block went already; nothing to do
+            if refs > 1:
+                _WORD.pack_into(mm, at + 8 * _B_REFS, refs - 1)  # type: ignore[arg-type]
+                continue
+            _WORD.pack_into(mm, at, 0)  # type: ignore[arg-type]  # no longer a block
+            free(off, nbytes)
 
     def _stored_record(self, oid: ObjectID) -> tuple[int, int, int]:
         """Check ``oid`` names a stored object; returns (file position, nbufs, stream_len)."""

@@ -647,14 +647,18 @@ class ShmTransport(flowplug.TaskTransport):
             return flowplug.EMPTY
         if self._copy_due is not None:
             return self._copy(self._copy_due, timeout)
-        if not chan.wait(0):
+        entry = chan.poll(self._next)
+        if entry is None:
+            if chan.closed:
+                raise flowplug.TransportClosed("the shm transport was closed")
             if timeout <= 0:  # the Runner looks first, then waits with a timeout
                 return self._closed_check(flowplug.EMPTY)
             if not self._wait(chan, timeout):
                 return self._closed_check(flowplug.EMPTY)
-        if chan.closed:
-            raise flowplug.TransportClosed("the shm transport was closed")
-        ring, kind, a, b, at = chan.take(self._next)
+            if chan.closed:
+                raise flowplug.TransportClosed("the shm transport was closed")
+            entry = chan.take(self._next)
+        ring, kind, a, b, at = entry
         self._next = ring + 1 if ring + 1 < self.num_workers else 0
         if kind == _channel.BATCH:
             return self._hold(chan, self._unpack(a, b), ring)
