@@ -275,6 +275,11 @@ def _recipe(node: Any, seen: set[int], spans: bool = False) -> Any:
         parts = [_recipe(x, seen, spans) for x in node]
         if kind is tuple and len(parts) == 2:  # (worker id, datapoint): the Runner's tag
             first, second = parts
+            if type(node[0]) in _LEAVES:  # the worker id: no call for it
+                leaf = node[0]
+                if spans:
+                    return lambda v, s, a: (leaf, second(v, s, a))
+                return lambda b: (leaf, second(b))
             if spans:
                 return lambda v, s, a: (first(v, s, a), second(v, s, a))
             return lambda b: (first(b), second(b))

@@ -46,7 +46,7 @@ import functools
 import struct
 import sys
 import time
-from typing import Any
+from typing import Any, overload
 
 #: bytes per ring entry: 32 of header (kind, two words, padding), the rest a small pickle inline.
 SLOT = 256
@@ -343,26 +343,25 @@ class Channels:
             now = time.monotonic()
         return False
 
-    def poll(self, start: int) -> tuple[int, int, int, int, int] | None:
-        """:meth:`wait` without waiting, then :meth:`take`, in one call (the consumer's
-        path while entries come faster than it takes them).
+    @overload
+    def take(self, start: int) -> tuple[int, int, int, int, int]: ...
+    @overload
+    def take(self, start: int, look: bool) -> tuple[int, int, int, int, int] | None: ...
 
-        :returns: None when no entry is there (or the channel is closed, which
-            :attr:`closed` tells); else what :meth:`take` returns.
-        """
-        if _trywait(self._wake) != 0:
-            return None
-        if self._closed_word[0]:
-            return None
-        return self.take(start)
-
-    def take(self, start: int) -> tuple[int, int, int, int, int]:
+    def take(self, start: int, look: bool = False) -> tuple[int, int, int, int, int] | None:
         """Take the next entry of the first ring from ``start`` on that has one.
 
-        Call it once per successful :meth:`wait`. :returns: (ring, kind, a, b, position of
-        the inline bytes); read those before the next call.
+        Call it once per successful :meth:`wait`; or with ``look``, instead of ``wait(0)``
+        and this (one call, on the consumer's path while entries come faster than it
+        takes them), and then None when no entry is there or the channel is closed
+        (:attr:`closed` tells which).
+
+        :returns: (ring, kind, a, b, position of the inline bytes); read those before the
+            next call.
         """
         trywait = _trywait
+        if look and (trywait(self._wake) != 0 or self._closed_word[0]):
+            return None
         rings = self.rings
         n = len(rings)
         i = start
@@ -411,6 +410,9 @@ class Channels:
         """
         sem = self.rings[ring].free
         post = _post
+        if count == 1:
+            post(sem)
+            return
         for _ in range(count):
             post(sem)
 

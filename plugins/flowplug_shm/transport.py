@@ -647,7 +647,7 @@ class ShmTransport(flowplug.TaskTransport):
             return flowplug.EMPTY
         if self._copy_due is not None:
             return self._copy(self._copy_due, timeout)
-        entry = chan.poll(self._next)
+        entry = chan.take(self._next, look=True)
         if entry is None:
             if chan.closed:
                 raise flowplug.TransportClosed("the shm transport was closed")
