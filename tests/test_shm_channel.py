@@ -132,3 +132,28 @@ def test_runs_of_small_pickles_take_the_slots_they_need_and_wrap_around():
             chan.release(0, len(items))
         assert wraps >= 2
         del chan, mine
+
+
+def test_take_with_look_is_wait_then_take_and_none_when_empty_or_closed():
+    """``take(start, look=True)``, the consumer's path, takes what ``wait(0)`` then
+    ``take(start)`` would, starting at ring ``start``; None with nothing there, and None
+    once the channel is closed even though close() posted the wake."""
+    store, chan = _rings([2, 2])
+    with store:
+        mine = ch.Channels(*store.channel_area(), [2, 2])  # the producers' positions
+        assert chan.take(0, look=True) is None
+        for ring, value in ((0, 10), (1, 11), (0, 12)):
+            mine.put(ring, ch.OBJECT, value, value + 100, None, lambda: None)
+        got = []
+        start = 1
+        while (entry := chan.take(start, look=True)) is not None:
+            ring, kind, a, b, _ = entry
+            assert kind == ch.OBJECT and b == a + 100
+            got.append((ring, a))
+            chan.release(ring)
+            start = 1 - ring
+        assert got == [(1, 11), (0, 10), (0, 12)]
+        chan.close()
+        assert chan.take(0, look=True) is None
+        assert chan.closed
+        del chan, mine
