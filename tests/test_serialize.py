@@ -331,3 +331,22 @@ def test_a_span_recipe_is_there_once_its_stream_was_seen_and_rebuilds_as_from_sp
     other = dumps({"p": _Point(1), "a": ARR}, out_of_band_min=0)
     loader.from_spans(memoryview(other[0]), block, [0, len(other[1])], 0, 1)
     assert loader.span_recipe(memoryview(other[0])) is None  # no recipe for that make
+
+
+def test_a_recipe_refuses_a_buffer_of_another_size_as_pickle_does():
+    """A recipe builds a multi-dimensional array on its buffer in one call; a buffer
+    larger or smaller than the array is refused with pickle's own error, never cut."""
+    obj = (0, ARR.reshape(16, -1))
+    frames = dumps(obj, out_of_band_min=0)
+    loader = Loader()
+    loader(frames[0], [bytearray(f) for f in frames[1:]])  # records the recipe
+    np.testing.assert_array_equal(
+        loader(frames[0], [np.frombuffer(frames[1], np.uint8)])[1], obj[1]
+    )
+    for wrong in (bytes(frames[1]) + b"\0" * 4, bytes(frames[1])[:-4]):
+        with pytest.raises(ValueError) as by_pickle:
+            pickle.loads(frames[0], buffers=[wrong])
+        with pytest.raises(ValueError) as by_recipe:
+            loader(frames[0], [memoryview(wrong)])
+        assert str(by_recipe.value) == str(by_pickle.value)
+    assert loader._hits == 3

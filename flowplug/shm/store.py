@@ -58,6 +58,7 @@ _RECORD, _RAW, _BATCH = 1, 2, 3
 _BLOCK = struct.Struct("<8q")
 _B_MAGIC, _B_REFS, _B_STORED = 0, 3, 4  # the words a block's life changes
 _BLOCK_HEAD = struct.Struct("<4q")  # magic, tag, bytes, references
+_ndarray, _U8 = np.ndarray, np.dtype(np.uint8)
 _ENTRY = struct.Struct("<4q")
 _BLOCK_HEADER = 64
 _OID = struct.Struct("<qq")
@@ -389,7 +390,7 @@ class ObjectStore:
                 if entry is not None and entry[1] == tag:
                     block = self._view(off, tag, transfer=True)  # viewed already (a get())
                 else:  # as _watch(), written out
-                    block = np.frombuffer(mm, np.uint8, count=nbytes, offset=at)
+                    block = _ndarray((nbytes,), _U8, mm, at)  # frombuffer, at half its cost
                     ref = weakref.ref(
                         block,
                         functools.partial(
